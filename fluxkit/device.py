@@ -1,0 +1,151 @@
+"""The device layer: which accelerator we run on, what it can do, and the Accelerator for it.
+
+Every script goes through here so that "npu > cuda > cpu" and the distributed backend are
+decided in one place. torch_npu is imported only when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    type: str  # "npu", "cuda" or "cpu"
+    count: int  # devices visible on this host (1 for cpu)
+    backend: str  # torch.distributed backend for this device type
+
+    @property
+    def has_accelerator(self) -> bool:
+        return self.type != "cpu"
+
+    def supports(self, mixed_precision: str) -> bool:
+        """Whether this device can train/infer in the named precision ("no", "fp16", "bf16")."""
+        if mixed_precision in ("no", "fp32", None):
+            return True
+        if self.type == "cpu":
+            # CPU autocast runs bf16 everywhere torch does; fp16 matmuls are not supported well.
+            return mixed_precision == "bf16"
+        if self.type == "cuda" and mixed_precision == "bf16":
+            return torch.cuda.is_bf16_supported()
+        return mixed_precision in ("fp16", "bf16")
+
+
+def _npu_module():
+    """torch_npu if it is installed (importing it registers torch.npu), else None."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return None
+    try:
+        return importlib.import_module("torch_npu")
+    except Exception:  # a broken CANN install must not break CPU/GPU users
+        return None
+
+
+def npu_available() -> bool:
+    if _npu_module() is None:
+        return False
+    npu = getattr(torch, "npu", None)
+    return bool(npu is not None and npu.is_available())
+
+
+def _count(device_type: str) -> int:
+    if device_type == "npu":
+        return int(torch.npu.device_count())
+    if device_type == "cuda":
+        return int(torch.cuda.device_count())
+    return 1
+
+
+def detect(requested: str = "auto") -> DeviceInfo:
+    """Pick npu, else cuda, else cpu; or check that the requested one is there."""
+    requested = (requested or "auto").lower()
+    if requested not in DEVICE_CHOICES:
+        raise UserError(f"--device {requested!r} is not one of {', '.join(DEVICE_CHOICES)}")
+    if requested == "auto":
+        if npu_available():
+            requested = "npu"
+        elif torch.cuda.is_available():
+            requested = "cuda"
+        else:
+            requested = "cpu"
+    elif requested == "npu" and not npu_available():
+        why = "torch_npu is not installed" if _npu_module() is None else "no NPU is visible"
+        raise UserError(f"--device npu was asked for but {why}; install torch_npu and source CANN's set_env.sh, or use --device auto")
+    elif requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device auto or cpu")
+    return DeviceInfo(type=requested, count=_count(requested), backend=BACKENDS[requested])
+
+
+def check_mixed_precision(info: DeviceInfo, mixed_precision: str | None) -> None:
+    if mixed_precision and not info.supports(mixed_precision):
+        raise UserError(
+            f"--mixed_precision {mixed_precision} is not supported on {info.type}; "
+            f"use {'bf16 or no' if info.type == 'cpu' else 'fp16 or no'}"
+        )
+
+
+def torch_dtype(name: str | None) -> torch.dtype:
+    table = {None: torch.float32, "no": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
+    return table[name]
+
+
+def using_deepspeed() -> bool:
+    """True when accelerate launch was told to use DeepSpeed (config file or flag)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_accelerator(info: DeviceInfo | None = None, **kwargs):
+    """An accelerate.Accelerator for this device.
+
+    On a host without an accelerator, DeepSpeed must be given the gloo backend explicitly,
+    or accelerate sees a single process and DeepSpeed's batch-size check fails.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    info = info or detect()
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    if info.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if info.type == "cpu" and not using_deepspeed():
+        kwargs.setdefault("cpu", True)
+    return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def synchronize(info: DeviceInfo) -> None:
+    if info.type == "cuda":
+        torch.cuda.synchronize()
+    elif info.type == "npu":
+        torch.npu.synchronize()
+
+
+def peak_memory_bytes(info: DeviceInfo) -> int:
+    """Peak device memory on npu/cuda; peak resident set size of this process on cpu."""
+    if info.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    if info.type == "npu":
+        return int(torch.npu.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory(info: DeviceInfo) -> None:
+    if info.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif info.type == "npu":
+        torch.npu.reset_peak_memory_stats()

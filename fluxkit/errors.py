@@ -1,0 +1,49 @@
+"""One place that decides how a user's mistake is reported: one line, non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (a path, a flag, an input file).
+
+    The message must name the culprit and the fix; it is printed as one line, without a
+    traceback, and the process exits with status 2.
+    """
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def report_user_error(err: UserError, prog: str | None = None) -> int:
+    name = prog or _prog_name()
+    message = " ".join(str(err).split())  # one line, whatever the message held
+    print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def _prog_name() -> str:
+    import os
+
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fluxkit"
+
+
+def cli(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Decorate an entry point: UserError -> one line on stderr and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            rc = main(*args, **kwargs)
+        except UserError as err:
+            return report_user_error(err)
+        except KeyboardInterrupt:
+            print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        return int(rc or 0)
+
+    return wrapper

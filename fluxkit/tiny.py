@@ -1,0 +1,328 @@
+"""Build a random FLUX.1 pipeline of a chosen size, and sample training data, fully offline.
+
+The pipeline folder has the same layout and component classes as black-forest-labs/FLUX.1-dev
+(scheduler, vae, text_encoder + tokenizer (CLIP), text_encoder_2 + tokenizer_2 (T5),
+transformer), so every script in the toolkit runs on it unchanged. Tokenizers are trained
+here from a small in-memory corpus: no hub access is ever needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    transformer: dict
+    vae: dict
+    clip: dict
+    t5: dict
+    clip_vocab: int = 1000
+    t5_vocab: int = 1000
+    large: bool = False
+    sample_resolution: int = 64  # image size of the sample data written with --dataset_dir
+    extra: dict = field(default_factory=dict)
+
+
+def _vae(block_out_channels, latent_channels, groups, layers_per_block=1, scaling=0.3611, shift=0.1159):
+    n = len(block_out_channels)
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
+        latent_channels=latent_channels, norm_num_groups=groups, act_fn="silu",
+        sample_size=1024, scaling_factor=scaling, shift_factor=shift,
+        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+    )
+
+
+def _clip(hidden, layers, heads, intermediate, vocab, projection):
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, vocab_size=vocab,
+                projection_dim=projection, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def _t5(d_model, layers, heads, d_kv, d_ff, vocab, gated=True):
+    return dict(d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers,
+                num_heads=heads, vocab_size=vocab, feed_forward_proj="gated-gelu" if gated else "relu",
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                is_encoder_decoder=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                dense_act_fn="gelu_new" if gated else "relu", is_gated_act=gated, tie_word_embeddings=False)
+
+
+def _transformer(in_channels, layers, single_layers, head_dim, heads, joint_dim, pooled_dim, axes):
+    assert sum(axes) == head_dim, "FLUX needs sum(axes_dims_rope) == attention_head_dim"
+    return dict(patch_size=1, in_channels=in_channels, out_channels=None, num_layers=layers,
+                num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+                joint_attention_dim=joint_dim, pooled_projection_dim=pooled_dim, guidance_embeds=True,
+                axes_dims_rope=list(axes))
+
+
+# in_channels of the transformer is 4x the VAE's latent channels: FLUX packs 2x2 latent patches.
+PRESETS = {
+    "tiny": Preset(
+        name="tiny", description="for tests: seconds to build, a few MB; VAE downsamples 2x, 4 latent channels",
+        transformer=_transformer(16, 1, 1, 16, 2, 32, 32, (4, 6, 6)),
+        vae=_vae((8, 16), latent_channels=4, groups=8),
+        clip=_clip(32, 2, 2, 37, 1000, 32), t5=_t5(32, 2, 4, 8, 37, 1000),
+        sample_resolution=32,
+    ),
+    "small": Preset(
+        name="small", description="for CPU benchmarks: VAE downsamples 8x with 16 latent channels like FLUX's; 2 double + 4 single blocks",
+        transformer=_transformer(64, 2, 4, 64, 4, 256, 128, (16, 24, 24)),
+        vae=_vae((32, 64, 64, 64), latent_channels=16, groups=32),
+        clip=_clip(128, 2, 4, 256, 1000, 128), t5=_t5(256, 2, 4, 64, 512, 1000),
+        sample_resolution=256,
+    ),
+    "dev": Preset(
+        name="dev", description="FLUX.1-dev's exact architecture with random weights (about 12B transformer + 4.7B T5): GPU benchmarks only",
+        transformer=_transformer(64, 19, 38, 128, 24, 4096, 768, (16, 56, 56)),
+        vae=_vae((128, 256, 512, 512), latent_channels=16, groups=32, layers_per_block=2),
+        clip=_clip(768, 12, 12, 3072, 49408, 768), t5=_t5(4096, 24, 64, 64, 10240, 32128),
+        clip_vocab=49408, t5_vocab=32128, large=True, sample_resolution=512,
+    ),
+}
+
+SCHEDULER_CONFIG = dict(  # FLUX.1-dev's flow-matching scheduler
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+
+_WORDS = (
+    "a photo of sks dog cat bird person face toy car house tree flower mountain river city street "
+    "red green blue yellow black white orange purple pink brown gray small big tiny large cute old new "
+    "sitting standing running flying on in the with and at by near under over of painting drawing "
+    "style portrait landscape close up picture image render cartoon pokemon creature monster dragon "
+    "sunset beach forest snow night day light dark bright colorful simple detailed high quality"
+).split()
+
+
+def _corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(_WORDS) for _ in range(rnd.randint(3, 12))) for _ in range(n)] + [" ".join(_WORDS)]
+
+
+def build_clip_tokenizer(vocab_size: int = 1000):
+    """A byte-level BPE tokenizer with CLIP's special tokens, trained offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import CLIPTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 1000), special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    return CLIPTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
+
+
+def build_t5_tokenizer(vocab_size: int = 1000):
+    """A Unigram tokenizer with T5's special tokens (pad=0, eos=1, unk=2), trained offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=min(vocab_size, 1000), special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def parameter_count(preset: Preset) -> dict:
+    """Parameter counts per component, computed on the meta device (nothing materialised)."""
+    import torch
+
+    with torch.device("meta"):
+        comps = _build_models(preset)
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in comps.items()}
+
+
+def _build_models(preset: Preset) -> dict:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    return {
+        "transformer": FluxTransformer2DModel(**preset.transformer),
+        "vae": AutoencoderKL(**preset.vae),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**preset.clip)),
+        "text_encoder_2": T5EncoderModel(T5Config(**preset.t5)),
+    }
+
+
+def _check_output_dir(path: str, overwrite: bool, what: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} exists and is not a directory; choose another path")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise UserError(f"{what} {path!r} exists and is not empty; pass --overwrite to replace it or choose another path")
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {path!r} cannot be created: {probe!r} is a file, not a directory; choose another path")
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"{what} {path!r} is not writable (no write permission on {probe!r}); choose another path")
+
+
+def _staging_dir(final: str) -> str:
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(final))}.partial-", dir=parent)
+
+
+def _publish(staging: str, final: str) -> None:
+    """Move a fully written staging folder into place: readers never see a half-written one."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0, overwrite: bool = False,
+                   allow_large: bool = False, dtype: str = "fp32", progress: bool = False) -> str:
+    """Write a random FLUX pipeline folder at output_dir and return its path."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    p = resolve_preset(preset)
+    if p.large and not allow_large:
+        counts = parameter_count(p)
+        total = sum(counts.values())
+        raise UserError(
+            f"--preset {p.name} builds {total / 1e9:.1f}B random parameters "
+            f"(transformer {counts['transformer'] / 1e9:.1f}B, T5 {counts['text_encoder_2'] / 1e9:.1f}B), "
+            f"about {total * 2 / 2**30:.0f} GiB in bf16; pass --allow_large if this machine has the memory and disk for it")
+    _check_output_dir(output_dir, overwrite, "--output_dir")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+    staging = _staging_dir(output_dir)
+    try:
+        torch.manual_seed(seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype if torch_dtype != torch.float16 else torch.float32)
+        try:
+            models = _build_models(p)
+        finally:
+            torch.set_default_dtype(previous)
+        if torch_dtype == torch.float16:  # built in fp32 (fp16 init is unstable), stored in fp16
+            models = {k: m.to(torch_dtype) for k, m in models.items()}
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+            tokenizer=build_clip_tokenizer(p.clip_vocab), tokenizer_2=build_t5_tokenizer(p.t5_vocab), **models,
+        )
+        pipe.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
+        with open(os.path.join(staging, "fluxkit_preset.json"), "w") as f:
+            json.dump({"preset": p.name, "seed": seed, "dtype": dtype}, f, indent=2)
+        _publish(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def resolve_preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+# ---------------------------------------------------------------- sample data
+
+SUBJECT_PROMPT = "a photo of sks dog"
+CLASS_PROMPT = "a photo of dog"
+_COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+           "purple": (150, 50, 190), "orange": (240, 140, 30)}
+_SHAPES = ("circle", "square", "stripes")
+
+
+def pattern_image(size: int, color: tuple, shape: str, rnd: random.Random):
+    """An image with a learnable structure (a coloured shape on a soft gradient), not noise."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size))
+    px = img.load()
+    base = rnd.randint(180, 240)
+    for y in range(size):
+        v = base - (y * 60) // size
+        for x in range(size):
+            px[x, y] = (v, v, min(255, v + 10))
+    draw = ImageDraw.Draw(img)
+    r = size // 4 + rnd.randint(-size // 16, size // 16)
+    cx = size // 2 + rnd.randint(-size // 8, size // 8)
+    cy = size // 2 + rnd.randint(-size // 8, size // 8)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    else:
+        step = max(2, size // 8)
+        for x0 in range(0, size, step * 2):
+            draw.rectangle([x0, 0, x0 + step - 1, size], fill=color)
+    return img
+
+
+def build_datasets(dataset_dir: str, seed: int = 0, resolution: int = 64, num_instance: int = 4,
+                   num_captioned: int = 8, overwrite: bool = False) -> dict:
+    """Write sample data under dataset_dir and return the paths:
+
+    instance/            images of one subject ("a photo of sks dog": a red circle) for DreamBooth
+    captioned/data/train-00000-of-00001.parquet   pokemon-blip-captions layout: image {bytes, path}, text
+    prompts.txt          prompts for inference
+    """
+    import datasets
+
+    _check_output_dir(dataset_dir, overwrite, "--dataset_dir")
+    rnd = random.Random(seed)
+    staging = _staging_dir(dataset_dir)
+    try:
+        inst = os.path.join(staging, "instance")
+        os.makedirs(inst)
+        for i in range(num_instance):
+            pattern_image(resolution, _COLORS["red"], "circle", rnd).save(os.path.join(inst, f"sks_{i:03d}.png"))
+
+        images, texts = [], []
+        for i in range(num_captioned):
+            color = rnd.choice(sorted(_COLORS))
+            shape = rnd.choice(_SHAPES)
+            img = pattern_image(resolution, _COLORS[color], shape, rnd)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            images.append({"bytes": buf.getvalue(), "path": f"{i:04d}.png"})
+            texts.append(f"a {color} {shape} on a gray background")
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        data_dir = os.path.join(staging, "captioned", "data")
+        os.makedirs(data_dir)
+        datasets.Dataset.from_dict({"image": images, "text": texts}, features=features).to_parquet(
+            os.path.join(data_dir, "train-00000-of-00001.parquet"))
+
+        with open(os.path.join(staging, "prompts.txt"), "w") as f:
+            f.write("# one prompt per line; blank lines and comments are skipped\n")
+            f.write(f"{SUBJECT_PROMPT}\n{SUBJECT_PROMPT} on a beach\n\na blue square on a gray background\n")
+        _publish(staging, dataset_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {
+        "instance_dir": os.path.join(dataset_dir, "instance"),
+        "dataset_name": os.path.join(dataset_dir, "captioned"),
+        "prompts_file": os.path.join(dataset_dir, "prompts.txt"),
+    }

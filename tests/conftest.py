@@ -1,0 +1,77 @@
+"""Shared fixtures: one tiny FLUX pipeline and one sample dataset per test session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Keep every test offline and quiet; tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ACCELERATE_CONFIG = os.path.join(ROOT, "pretrain_bf16_accelerate_config.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from fluxkit.tiny import build_pipeline
+
+    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    from fluxkit.tiny import build_datasets
+
+    return build_datasets(str(tmp_path_factory.mktemp("data") / "sample"), seed=0, resolution=32)
+
+
+_port = [29600 + (os.getpid() % 200) * 2]
+
+
+def free_port() -> int:
+    import socket
+
+    while True:
+        _port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", _port[0]))
+            except OSError:
+                continue
+            return _port[0]
+
+
+def run_script(args, timeout=300, env=None, cwd=ROOT, check=False):
+    """Run a command, return CompletedProcess with text output; never hangs past timeout."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def accelerate_launch(script_args, num_processes=2, config=ACCELERATE_CONFIG, timeout=600, env=None, extra=()):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+           "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()), *extra, *script_args]
+    return run_script(cmd, timeout=timeout, env=env)
+
+
+def assert_user_error(proc, *needles):
+    """A user mistake: non-zero exit, one clear error line naming the culprit, no traceback."""
+    assert proc.returncode != 0, f"expected failure, got 0:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1, proc.stderr
+    for n in needles:
+        assert n in errors[0], f"{n!r} not in {errors[0]!r}"
+    return errors[0]

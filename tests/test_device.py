@@ -1,0 +1,77 @@
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import accelerate_launch
+
+
+@pytest.fixture
+def fake_npu(monkeypatch, tmp_path):
+    """A stand-in torch_npu on sys.path: enough to exercise our own npu dispatch."""
+    pkg = tmp_path / "torch_npu"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch, types\n"
+        "torch.npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("torch_npu", None)
+    if hasattr(torch, "npu"):
+        monkeypatch.delattr(torch, "npu", raising=False)
+
+
+def test_cpu_host_picks_cpu_and_gloo():
+    from fluxkit.device import detect
+
+    info = detect()
+    assert (info.type, info.backend, info.count) == ("cpu", "gloo", 1)
+    assert info.supports("bf16") and info.supports("no") and not info.supports("fp16")
+
+
+def test_npu_preferred_when_torch_npu_present(fake_npu):
+    from fluxkit.device import detect
+
+    info = detect()
+    assert (info.type, info.backend, info.count) == ("npu", "hccl", 8)
+    assert detect("cpu").type == "cpu"
+
+
+def test_cuda_preferred_over_cpu(monkeypatch):
+    from fluxkit import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    info = device.detect()
+    assert (info.type, info.backend, info.count) == ("cuda", "nccl", 4)
+
+
+@pytest.mark.parametrize("choice, needle", [("npu", "torch_npu"), ("cuda", "CUDA"), ("tpu", "not one of")])
+def test_unavailable_device_is_a_clear_error(choice, needle):
+    from fluxkit.device import detect
+    from fluxkit.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        detect(choice)
+
+
+def test_mixed_precision_check():
+    from fluxkit.device import DeviceInfo, check_mixed_precision
+    from fluxkit.errors import UserError
+
+    cpu = DeviceInfo("cpu", 1, "gloo")
+    check_mixed_precision(cpu, "bf16")
+    with pytest.raises(UserError, match="fp16"):
+        check_mixed_precision(cpu, "fp16")
+
+
+def test_deepspeed_zero2_bf16_two_cpu_processes():
+    proc = accelerate_launch([os.path.join(os.path.dirname(__file__), "scripts", "ds_step.py")], num_processes=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["num_processes"] == 2
+    assert result["distributed_type"].endswith("DEEPSPEED") and result["mixed_precision"] == "bf16"
+    assert result["last_loss"] < 0.7 * result["first_loss"]
