@@ -1,0 +1,203 @@
+"""LoRA weights in and out of peft-wrapped FLUX models, in diffusers' FLUX LoRA file format.
+
+The file is OUTPUT_DIR/pytorch_lora_weights.safetensors. Its keys are the peft adapter keys
+prefixed with the component name ("transformer." / "text_encoder."), and its safetensors
+metadata carries each component's LoraConfig under "lora_adapter_metadata" (keys prefixed the
+same way), so `FluxPipeline.load_lora_weights` rebuilds the adapter with the trained rank and
+alpha instead of guessing alpha = rank from the tensor shapes.
+
+Everything here works on a live training model without touching it: weights are copied and
+cast, never cast in place (the reference's checkpoint hook upcast the live model to fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from .errors import UserError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# diffusers' key for adapter configs in the safetensors header (diffusers.loaders.lora_base).
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("transformer", "text_encoder")
+
+
+def unwrap_model(model):
+    """The bare model under DeepSpeed's engine, DDP/DataParallel and torch.compile wrappers.
+
+    Wrappers have no `.config`/`.dtype` and prefix state-dict keys with "module." (or
+    "_orig_mod."), so everything that reads or writes weights goes through here first.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and _is_parallel_wrapper(model):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def _is_parallel_wrapper(model) -> bool:
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return True
+    # DeepSpeed is imported only if the script already did: it is slow to import and optional.
+    import sys
+
+    ds = sys.modules.get("deepspeed")
+    engine = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
+    return engine is not None and isinstance(model, engine)
+
+
+def _peft_target(model):
+    """(module holding the adapter, its LoraConfig) or (None, None) when there is no adapter.
+
+    A PeftModel (get_peft_model) is reduced to its base model so keys lose "base_model.model.";
+    models wrapped with `add_adapter` carry `peft_config` themselves.
+    """
+    model = unwrap_model(model)
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None, None
+    if "default" not in configs:
+        raise UserError(f"{type(model).__name__} has LoRA adapters {sorted(configs)} but none named 'default'; "
+                        "train with the default adapter name")
+    return model, configs["default"]
+
+
+def has_lora(model) -> bool:
+    return model is not None and _peft_target(model)[0] is not None
+
+
+def lora_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's adapter weights (keys without wrapper prefixes), cast to dtype."""
+    from peft.utils import get_peft_model_state_dict
+
+    target, _ = _peft_target(model)
+    if target is None:
+        raise UserError(f"{type(unwrap_model(model)).__name__} has no LoRA adapter to save; add one before training")
+    state = get_peft_model_state_dict(target)
+    # .clone() also on the no-cast path: the copy must not alias live parameters.
+    return {k: v.detach().to(dtype=dtype or v.dtype).clone().contiguous().cpu() for k, v in state.items()}
+
+
+def _config_metadata(config) -> dict:
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+
+
+def save_lora(output_dir: str, transformer=None, text_encoder=None, dtype: torch.dtype | None = None) -> str:
+    """Write output_dir/pytorch_lora_weights.safetensors and return its path.
+
+    Models without an adapter are skipped (a frozen text encoder may be passed as is). The file
+    appears complete or not at all: it is written beside its final name and renamed.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, object] = {}
+    for prefix, model in zip(COMPONENTS, (transformer, text_encoder)):
+        if model is None or not has_lora(model):
+            continue
+        tensors.update({f"{prefix}.{k}": v for k, v in lora_state_dict(model, dtype).items()})
+        _, config = _peft_target(model)
+        metadata.update({f"{prefix}.{k}": v for k, v in _config_metadata(config).items()})
+    if not tensors:
+        raise UserError("no LoRA adapter found on the transformer or the text encoder; nothing to save")
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LORA_WEIGHT_NAME)
+    fd, partial = tempfile.mkstemp(prefix=f".{LORA_WEIGHT_NAME}.", dir=output_dir)
+    os.close(fd)
+    try:
+        header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
+        save_file(tensors, partial, metadata=header)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    return path
+
+
+def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter metadata) of a LoRA file or of the folder holding one."""
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, LORA_WEIGHT_NAME)
+    if not os.path.isfile(path):
+        raise UserError(f"LoRA weights {path!r} not found; point at a folder holding {LORA_WEIGHT_NAME} "
+                        "(a training output_dir or checkpoint-STEP)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"LoRA weights {path!r} cannot be read as safetensors ({err}); re-save them with this toolkit") from err
+    raw = header.get(METADATA_KEY)
+    return tensors, (json.loads(raw) if raw else {})
+
+
+def load_lora(input_dir: str, transformer, text_encoder=None) -> None:
+    """Load a file written by save_lora back into models that already carry the same adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    tensors, metadata = read_lora(input_dir)
+    for prefix, model in zip(COMPONENTS, (transformer, text_encoder)):
+        if model is None or not has_lora(model):
+            continue
+        target, config = _peft_target(model)
+        state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not state:
+            raise UserError(f"{input_dir!r} holds no {prefix} LoRA weights but the {prefix} has an adapter; "
+                            f"resume with the same --train_text_encoder / --lora_layers as the run that wrote it")
+        for field in ("r", "lora_alpha"):
+            saved = metadata.get(f"{prefix}.{field}")
+            if saved is not None and saved != getattr(config, field):
+                raise UserError(f"{input_dir!r} was trained with {prefix} {field}={saved} but the model has "
+                                f"{field}={getattr(config, field)}; pass the same --rank/--lora_alpha as that run")
+        result = set_peft_model_state_dict(target, state)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if unexpected:
+            raise UserError(f"{input_dir!r} has {prefix} LoRA weights the model lacks (e.g. {unexpected[0]}); "
+                            "resume with the same --lora_layers as the run that wrote it")
+
+
+def lora_save_load_hooks(accelerator, transformer, text_encoder=None, dtype: torch.dtype | None = None):
+    """(save_hook, load_hook) for accelerator.register_save_state_pre_hook / register_load_state_pre_hook.
+
+    Both run on every rank (save_state must be called on every rank under DeepSpeed, or the
+    collective checkpoint hangs); only the main process writes the LoRA file. Under DeepSpeed
+    accelerate hands the hooks engine-wrapped models and an empty `weights` list (the engine
+    saves the full state itself), so the hooks work from the models given here, unwrapped.
+    """
+    ours = [unwrap_model(m) for m in (transformer, text_encoder) if m is not None]
+
+    def is_ours(model) -> bool:
+        return any(unwrap_model(model) is m for m in ours)
+
+    def save_hook(models, weights, output_dir):
+        # Outside DeepSpeed accelerate would also write each model's full state dict: the
+        # LoRA file replaces it, so drop ours from `weights` (aligned with `models` there).
+        for i in reversed(range(min(len(models), len(weights)))):
+            if is_ours(models[i]):
+                weights.pop(i)
+        if accelerator.is_main_process:
+            save_lora(output_dir, transformer, text_encoder, dtype)
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if is_ours(models[i]):
+                models.pop(i)  # accelerate must not look for a full model file we never wrote
+        path = os.path.join(input_dir, LORA_WEIGHT_NAME)
+        if not os.path.isfile(path) and str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
+            return  # the DeepSpeed engine already restored every weight from its own checkpoint
+        load_lora(input_dir, transformer, text_encoder)
+
+    return save_hook, load_hook
