@@ -107,20 +107,28 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_accelerator(info: DeviceInfo | None = None, **kwargs):
-    """An accelerate.Accelerator for this device.
+def process_group_handlers(info: DeviceInfo, handlers=None) -> list:
+    """accelerate kwargs_handlers for this device: `handlers` plus, when several processes run
+    on a host without an accelerator, the gloo backend.
 
-    On a host without an accelerator, DeepSpeed must be given the gloo backend explicitly,
-    or accelerate sees a single process and DeepSpeed's batch-size check fails.
+    Without it accelerate sees a single process under DeepSpeed and DeepSpeed's batch-size
+    check fails. Shared by build_accelerator and patch_flux's patch for unmodified scripts.
     """
-    from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    info = info or detect()
-    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    handlers = list(handlers or [])
     if info.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return handlers
+
+
+def build_accelerator(info: DeviceInfo | None = None, **kwargs):
+    """An accelerate.Accelerator for this device (see process_group_handlers for the backend)."""
+    from accelerate import Accelerator
+
+    info = info or detect()
+    handlers = process_group_handlers(info, kwargs.pop("kwargs_handlers", None))
     if info.type == "cpu" and not using_deepspeed():
         kwargs.setdefault("cpu", True)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
