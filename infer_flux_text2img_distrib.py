@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Text-to-image with every prompt x seed pair rendered once across processes.
+
+    accelerate launch --num_processes 4 infer_flux_text2img_distrib.py --model_path PIPELINE_DIR \\
+        [--lora_weights LORA] --prompts_file prompts.txt
+
+Each process renders a contiguous share of the pairs that are not on disk yet (a rerun resumes);
+rank 0 writes manifest.jsonl and infer_summary.json once all are done. Every flag: --help.
+"""
+
+import sys
+
+from fluxkit.errors import cli
+from fluxkit.inference import DISTRIB, main
+
+if __name__ == "__main__":
+    sys.exit(cli(main)(DISTRIB))

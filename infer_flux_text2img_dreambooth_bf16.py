@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Text-to-image from a full DreamBooth fine-tune (by default train_flux_dreambooth.py's output_flux_dreambooth).
+
+    python infer_flux_text2img_dreambooth_bf16.py --model_path output_flux_dreambooth --prompt "a photo of sks dog"
+
+Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output_dir.
+"""
+
+import sys
+
+from fluxkit.errors import cli
+from fluxkit.inference import DREAMBOOTH, main
+
+if __name__ == "__main__":
+    sys.exit(cli(main)(DREAMBOOTH))
