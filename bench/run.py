@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Run fluxkit's benchmark suites; print a markdown table last; write the full result as JSON.
+
+    python -m bench                      # every suite (gpu skips itself without an accelerator)
+    python -m bench flops train-lora     # some suites
+    python bench/run.py infer --repeats 5
+
+Timings exclude warm-up; each case runs --repeats times and reports the median with the
+spread (max - min). A comparison whose [min, max] ranges overlap is reported as noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `fluxkit` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import harness  # noqa: E402
+from bench.suites import DEFAULT_SUITES, SUITES  # noqa: E402
+from fluxkit.errors import UserError, cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run: {', '.join(SUITES)} (default: all)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per case; medians and spreads are over these (default 2)")
+    p.add_argument("--train_steps", type=int, default=6,
+                   help="optimizer steps per training run; the trainers leave the first --warmup_steps out (default 6)")
+    p.add_argument("--warmup_steps", type=int, default=2, help="training steps excluded from throughput (default 2)")
+    p.add_argument("--infer_images", type=int, default=4, help="images per inference run, split over the processes (default 4)")
+    p.add_argument("--infer_steps", type=int, default=8, help="denoising steps per image (default 8)")
+    p.add_argument("--infer_resolutions", type=int, nargs="+", default=[256, 512], help="inference image sizes (default 256 512)")
+    p.add_argument("--model_path", default=None, help="a `small` preset pipeline to reuse (default: build one in --work_dir)")
+    p.add_argument("--peak_tflops", type=float, action="append", default=None,
+                   help="flops suite: device bf16 peak(s) in TFLOP/s for the images/s table (repeatable; default 989)")
+    p.add_argument("--gpu_preset", default="dev", help="gpu suite: architecture (dev = FLUX.1-dev; tiny/small to try it on CPU)")
+    p.add_argument("--gpu_compile", choices=("on", "off"), default="on", help="gpu suite: also time torch.compile inference")
+    p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"), help="device for every suite (default auto)")
+    p.add_argument("--results_dir", default=os.path.join(harness.ROOT, "bench", "results"), help="where the JSON goes")
+    p.add_argument("--work_dir", default=None, help="scratch folder for models and run outputs (default: a temp folder, removed)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before one trainer/inference run is killed (default 900)")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        raise UserError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    for flag in ("repeats", "train_steps", "infer_images", "infer_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if args.train_steps <= args.warmup_steps:
+        raise UserError(f"--train_steps {args.train_steps} leaves no measured step after --warmup_steps {args.warmup_steps}; raise it")
+    if args.model_path and not os.path.isfile(os.path.join(args.model_path, "model_index.json")):
+        raise UserError(f"--model_path {args.model_path!r} is not a FLUX pipeline folder (no model_index.json); "
+                        "build one with `python make_tiny_flux.py --preset small --output_dir DIR`")
+    args.suites = args.suites or list(DEFAULT_SUITES)
+    return args
+
+
+def run_suite(name: str, ctx) -> dict:
+    start = time.perf_counter()
+    try:
+        suite = SUITES[name](ctx)
+    except harness.CommandFailed as err:
+        suite = {"status": "failed", "reason": str(err)}
+    except Exception as err:  # one broken suite must not lose the others' numbers
+        traceback.print_exc()
+        suite = {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
+    suite["seconds"] = time.perf_counter() - start
+    return suite
+
+
+@cli
+def main(argv=None):
+    from fluxkit.device import detect
+
+    args = parse_args(argv)
+    info = detect(args.device)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    result = harness.new_result(argv, {k: v for k, v in vars(args).items()}, info)
+    own_work_dir = args.work_dir is None
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="fluxkit-bench-")
+    os.makedirs(work_dir, exist_ok=True)
+    ctx = harness.Context(args, info, work_dir)
+    try:
+        for name in args.suites:
+            ctx.log(f"suite {name}")
+            result["suites"][name] = run_suite(name, ctx)
+            ctx.log(f"suite {name}: {result['suites'][name]['status']} in {result['suites'][name]['seconds']:.0f}s")
+    finally:
+        failed = any(s["status"] == "failed" for s in result["suites"].values())
+        if own_work_dir and not failed:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        elif own_work_dir:
+            ctx.log(f"kept {work_dir} for the failed runs' logs")
+    path = harness.write_result(result, args.results_dir)
+    print(harness.results_markdown(result))
+    print(f"\nfull results: {os.path.relpath(path)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

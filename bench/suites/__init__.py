@@ -1,0 +1,17 @@
+"""The named suites. Each is `run(ctx) -> dict` with status ("ok", "skipped", "failed"),
+reason, rows ([{case, params, metrics, table?}]), comparisons and notes; see bench.harness."""
+
+from __future__ import annotations
+
+import functools
+
+from . import flops, gpu, infer, train
+
+SUITES = {
+    "flops": flops.run,
+    "train-full": functools.partial(train.run, mode="full"),
+    "train-lora": functools.partial(train.run, mode="lora"),
+    "infer": infer.run,
+    "gpu": gpu.run,
+}
+DEFAULT_SUITES = list(SUITES)
