@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Full DreamBooth fine-tuning of FLUX.1; accepts diffusers' train_dreambooth_flux.py flags.
+
+    accelerate launch --config_file pretrain_bf16_accelerate_config.yaml train_flux_dreambooth.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --instance_data_dir dog \\
+        --instance_prompt "a photo of sks dog" --output_dir flux-dreambooth
+"""
+
+import sys
+
+from fluxkit.errors import cli
+
+
+@cli
+def main(argv=None):
+    from fluxkit.train import train
+    from fluxkit.train_args import parse_args
+
+    train(parse_args(argv, lora=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
