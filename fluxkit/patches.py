@@ -1,0 +1,341 @@
+"""Named runtime patches that let unmodified diffusers FLUX scripts run on NPU, GPU and CPU.
+
+Each patch has a name, a one-line reason, and a check that says whether it applies on this
+machine and library versions (and why). Applying is idempotent: a replaced function carries a
+marker, so a second apply (the runner, then the script's own `TorchPatcher.apply_patch()`)
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Opt-in / opt-out switches. A value of "1" (or "true"/"yes") turns the switch on.
+ENV_ROPE_FP32 = "FLUXKIT_ROPE_FP32"  # force float32 RoPE on every device
+ENV_NO_GC_TUNING = "FLUXKIT_NO_GC_TUNING"  # keep Python's default gc thresholds
+ENV_NPU_ATTENTION = "FLUXKIT_NPU_FLASH_ATTENTION"  # use torch_npu.npu_fusion_attention
+NPU_ATTENTION_FLAG = "--enable_npu_flash_attention"  # the upstream scripts' flag asks for it too
+
+GC_THRESHOLDS = (700, 50, 1000)  # the reference's values: fewer full collections in long training loops
+FLOAT64_UNSUPPORTED = ("npu", "mps")  # devices without float64 kernels for RoPE
+_MARK = "__fluxkit_patch__"
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _replace(owner, attr: str, make: Callable, name: str) -> bool:
+    """owner.attr = make(original), unless a fluxkit patch already replaced it. Returns True if replaced."""
+    original = inspect.getattr_static(owner, attr)
+    func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+    if getattr(func, _MARK, None) == name:
+        return False
+    new = make(getattr(owner, attr))
+    setattr(new, _MARK, name)
+    setattr(owner, attr, new)
+    return True
+
+
+@dataclass
+class Patch:
+    name: str
+    reason: str
+    check: Callable[[], tuple[bool, str]]  # -> (applies here, why)
+    install: Callable[[], None]
+
+    def status(self) -> tuple[bool, str]:
+        try:
+            return self.check()
+        except ImportError as err:  # a library the patch targets is missing
+            return False, f"not applicable: {err}"
+
+    def apply(self) -> tuple[bool, str]:
+        applies, why = self.status()
+        if applies:
+            self.install()
+        return applies, why
+
+
+# ------------------------------------------------------------------ 1. ShardedTensor device
+
+def preferred_device(self) -> torch.device:
+    """ShardedTensor._get_preferred_device that knows hccl, and falls back to this host's device."""
+    import torch.distributed as dist
+
+    from .device import detect
+
+    backend = str(dist.get_backend(self._process_group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    info = detect()
+    if info.type == "npu":
+        return torch.device("npu", torch.npu.current_device())
+    if info.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sharded_tensor_check():
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+
+    from .device import _npu_module
+
+    if _npu_module() is None:
+        return False, "not needed: torch_npu is not installed (nccl and gloo are handled by torch)"
+    source = inspect.getsource(ShardedTensor._get_preferred_device)
+    if "get_device_backend_map" in source:
+        return False, f"not needed: torch {torch.__version__} maps hccl to the npu device itself"
+    return True, f"torch {torch.__version__} sends non-nccl collectives to cuda; hccl needs the npu"
+
+
+def _sharded_tensor_install():
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+
+    _replace(ShardedTensor, "_get_preferred_device", lambda _orig: preferred_device, "npu-sharded-tensor-device")
+
+
+# ------------------------------------------------------------------ 2. float32 RoPE
+
+def rope_float32(ids: torch.Tensor, axes_dim, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FluxPosEmbed's (cos, sin) computed in float32 on the ids' device.
+
+    The frequencies are computed in float64 on the CPU (a few dozen numbers) and only then
+    moved: the remaining float32 rounding is in pos * freq and cos/sin, well under 1e-5
+    relative for FLUX.1-dev's axes at 4096 image tokens.
+    """
+    pos = ids.float()
+    cos_parts, sin_parts = [], []
+    for i, dim in enumerate(axes_dim):
+        exponents = torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim
+        freqs = (1.0 / theta**exponents).to(device=ids.device, dtype=torch.float32)
+        angles = torch.outer(pos[:, i], freqs)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=1))
+    return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
+
+
+def _pos_embed_classes() -> list:
+    """Every FluxPosEmbed class of the installed diffusers (it moved between modules)."""
+    import importlib
+
+    found = []
+    for module in ("diffusers.models.transformers.transformer_flux", "diffusers.models.embeddings"):
+        try:
+            cls = getattr(importlib.import_module(module), "FluxPosEmbed", None)
+        except ImportError:
+            continue
+        if cls is not None and cls not in found:
+            found.append(cls)
+    if not found:
+        raise ImportError("the installed diffusers has no FluxPosEmbed")
+    return found
+
+
+def _diffusers_downcasts_rope(cls) -> bool:
+    source = inspect.getsource(cls.forward)
+    return "maybe_adjust_dtype_for_device" in source or "npu" in source
+
+
+def _accelerator_without_float64() -> str | None:
+    from .device import npu_available
+
+    if npu_available():
+        return "npu"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return None
+
+
+def _rope_check():
+    import diffusers
+
+    classes = _pos_embed_classes()
+    if _env_on(ENV_ROPE_FP32):
+        return True, f"forced by {ENV_ROPE_FP32}=1"
+    device = _accelerator_without_float64()
+    if device is None:
+        return False, "not needed: float64 RoPE runs on cpu and cuda"
+    if all(_diffusers_downcasts_rope(c) for c in classes):
+        return False, f"not needed: diffusers {diffusers.__version__} already computes RoPE in float32 on {device}"
+    return True, f"diffusers {diffusers.__version__} computes RoPE in float64, which {device} lacks"
+
+
+def _rope_install():
+    forced = _env_on(ENV_ROPE_FP32)
+
+    def make(original):
+        @functools.wraps(original)
+        def forward(self, ids):
+            if forced or ids.device.type in FLOAT64_UNSUPPORTED:
+                return rope_float32(ids, self.axes_dim, self.theta)
+            return original(self, ids)
+
+        return forward
+
+    for cls in _pos_embed_classes():
+        _replace(cls, "forward", make, "rope-float32")
+
+
+# ------------------------------------------------------------------ 3. gc thresholds
+
+def _gc_check():
+    if _env_on(ENV_NO_GC_TUNING):
+        return False, f"opted out by {ENV_NO_GC_TUNING}=1"
+    return True, f"gc thresholds {GC_THRESHOLDS} (Python's default {(700, 10, 10)})"
+
+
+def _gc_install():
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+# ------------------------------------------------------------------ 4. gloo for DeepSpeed on CPU
+
+def _gloo_check():
+    from .device import detect
+
+    info = detect()
+    if info.has_accelerator:
+        return False, f"not needed: {info.type} uses {info.backend}"
+    return True, "no accelerator: multi-process runs get the gloo backend so accelerate counts every process"
+
+
+def _gloo_install():
+    from accelerate import Accelerator
+
+    from .device import detect, process_group_handlers
+
+    def make(original):
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            kwargs["kwargs_handlers"] = process_group_handlers(detect(), kwargs.get("kwargs_handlers"))
+            original(self, *args, **kwargs)
+
+        return __init__
+
+    _replace(Accelerator, "__init__", make, "deepspeed-cpu-gloo")
+
+
+# ------------------------------------------------------------------ 5. DeepSpeed-aware state hooks
+
+class PopSafeList(list):
+    """The `weights` list a save hook gets under DeepSpeed: empty (the engine saves weights
+    itself), so upstream hooks' unconditional `weights.pop()` must not raise."""
+
+    def pop(self, *args):
+        return super().pop(*args) if self else None
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def _hooks_check():
+    import accelerate
+
+    return True, f"accelerate {accelerate.__version__}: acts only under DeepSpeed (engine-wrapped models, empty weights)"
+
+
+def _hooks_install():
+    from accelerate import Accelerator
+
+    from .lora import unwrap_model
+
+    def make(original):
+        @functools.wraps(original)
+        def register_save_state_pre_hook(self, hook):
+            accelerator = self
+
+            def deepspeed_aware(models, weights, output_dir):
+                if _is_deepspeed(accelerator):
+                    models = [unwrap_model(m) for m in models]
+                    weights = PopSafeList(weights)
+                return hook(models, weights, output_dir)
+
+            return original(self, deepspeed_aware)
+
+        return register_save_state_pre_hook
+
+    _replace(Accelerator, "register_save_state_pre_hook", make, "deepspeed-state-hooks")
+
+
+# ------------------------------------------------------------------ 6. NPU fused attention
+
+NPU_BACKEND = "_native_npu"  # diffusers' AttentionBackendName for torch_npu.npu_fusion_attention
+
+
+def _npu_attention_asked() -> bool:
+    return _env_on(ENV_NPU_ATTENTION) or NPU_ATTENTION_FLAG in sys.argv
+
+
+def _npu_attention_check():
+    import diffusers
+
+    from .device import _npu_module
+
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except ImportError:
+        return False, f"not available: diffusers {diffusers.__version__} has no attention backends (needs >= 0.35)"
+    if NPU_BACKEND not in {b.value for b in AttentionBackendName}:
+        return False, f"not available: diffusers {diffusers.__version__} has no {NPU_BACKEND} attention backend"
+    if _npu_module() is None:
+        return False, "not needed: torch_npu is not installed"
+    if not _npu_attention_asked():
+        return False, f"not asked for: set {ENV_NPU_ATTENTION}=1 or pass {NPU_ATTENTION_FLAG}"
+    return True, f"FLUX transformers use diffusers' {NPU_BACKEND} backend (torch_npu.npu_fusion_attention)"
+
+
+def _npu_attention_install():
+    from diffusers import FluxTransformer2DModel
+
+    def make(original):
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.set_attention_backend(NPU_BACKEND)
+
+        return __init__
+
+    _replace(FluxTransformer2DModel, "__init__", make, "npu-fused-attention")
+
+
+PATCHES = [
+    Patch("npu-sharded-tensor-device", "ShardedTensor collectives must use the NPU (or the CPU when there is no accelerator)",
+          _sharded_tensor_check, _sharded_tensor_install),
+    Patch("rope-float32", "FluxPosEmbed's float64 RoPE fails where float64 is unsupported (npu, mps)",
+          _rope_check, _rope_install),
+    Patch("gc-thresholds", "fewer full garbage collections keep long training steps steady",
+          _gc_check, _gc_install),
+    Patch("deepspeed-cpu-gloo", "without an accelerator DeepSpeed needs gloo, else accelerate counts one process",
+          _gloo_check, _gloo_install),
+    Patch("deepspeed-state-hooks", "under DeepSpeed, save hooks get engine-wrapped models and an empty weights list",
+          _hooks_check, _hooks_install),
+    Patch("npu-fused-attention", "torch_npu's fused attention is much faster than the composed one on NPU",
+          _npu_attention_check, _npu_attention_install),
+]
+BY_NAME = {p.name: p for p in PATCHES}
+
+
+def apply(names=None) -> list[tuple[str, bool, str]]:
+    """Apply the named patches (default: all) where they apply; (name, applied, why) for each."""
+    chosen = [BY_NAME[n] for n in names] if names else PATCHES
+    return [(p.name, *p.apply()) for p in chosen]
+
+
+def describe() -> list[tuple[str, bool, str, str]]:
+    """(name, applies here, why, reason) for every patch, without applying anything."""
+    return [(p.name, *p.status(), p.reason) for p in PATCHES]
