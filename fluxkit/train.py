@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, flops
 from .data import DreamBoothDataset, EpochShuffleSampler, collate, list_images
 from .device import build_accelerator, check_mixed_precision, detect, peak_memory_bytes, synchronize, torch_dtype
 from .errors import UserError
@@ -266,25 +266,22 @@ class Throughput:
 
     def summary(self) -> dict:
         sec = sum(self.times) / len(self.times) if self.times else float("nan")
-        mfu = None
-        if self.flops_per_step and self.peak_flops and self.times:
-            mfu = self.flops_per_step / sec / self.peak_flops
+        mfu = flops.mfu(self.flops_per_step, sec, self.peak_flops) if self.flops_per_step and self.times else None
         return {"images_per_sec": self.images_per_step / sec if self.times else None,
                 "sec_per_step": sec if self.times else None, "measured_steps": len(self.times),
                 "step_seconds": [round(t, 6) for t in self.times],  # per-step spread for bench/
                 "mfu": mfu, "peak_memory_gb": peak_memory_bytes(self.info) / 2**30}
 
 
-def _flops_and_peak(args, transformer_config, device_info, weight_dtype, per_process_images: int):
+def _flops_and_peak(args, m: Models, device_info, weight_dtype, per_process_images: int):
     """Model FLOPs of one optimizer step on one process, and that device's peak FLOP/s (or None)."""
-    try:
-        from .flops import peak_flops, training_step_flops
-    except ImportError:
-        return None, None
-    latent = args.resolution // 8  # FLUX's VAE downsamples 8x; the tiny presets differ but stay close enough to report
-    image_tokens = (latent // 2) ** 2
-    flops = training_step_flops(transformer_config, image_tokens, args.max_sequence_length, batch=per_process_images)
-    return flops, peak_flops(device_info, weight_dtype)
+    from .flops import image_tokens, peak_flops, training_step_flops
+
+    vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
+    tokens = image_tokens(args.resolution, args.resolution, vae_scale)
+    step_flops = training_step_flops(m.transformer.config, tokens, args.max_sequence_length, batch=per_process_images,
+                                     frozen_base=args.lora)
+    return step_flops, peak_flops(device_info, weight_dtype)
 
 
 # ------------------------------------------------------------------------------------ main entry
@@ -394,9 +391,9 @@ def train(args) -> dict:
 
     world = accelerator.num_processes
     per_process_images = args.train_batch_size * args.gradient_accumulation_steps * (2 if class_images else 1)
-    flops, peak = _flops_and_peak(args, unwrap_model(transformer).config, info, weight_dtype, per_process_images)
+    step_flops, peak = _flops_and_peak(args, models, info, weight_dtype, per_process_images)
     meter = Throughput(args.train_batch_size * world * args.gradient_accumulation_steps, args.throughput_warmup_steps,
-                       flops, peak, info)
+                       step_flops, peak, info)
     cache = Cache(enabled=not args.no_cache)
     if main:
         logger.info("%s run: %d samples, %d process(es) on %s, micro batch %d, accumulation %d, %d steps (%d epochs), %s",

@@ -130,10 +130,6 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def parse_args(argv=None, lora: bool = False) -> argparse.Namespace:
     args = build_parser(lora).parse_args(argv)
     args.lora = lora

@@ -1,0 +1,259 @@
+"""The trainers on the tiny FLUX: outputs, checkpoints, resume, LoRA format, caching, bad input."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, accelerate_launch, assert_user_error, run_script
+
+FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
+LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
+
+
+def base_args(model, data, out, steps=4, **extra):
+    args = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
+            "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1",
+            "--max_train_steps", str(steps), "--output_dir", str(out), "--seed", "0", "--report_to", "none",
+            "--lr_warmup_steps", "0"]
+    for k, v in extra.items():
+        args += [f"--{k}"] + ([] if v is True else [str(v)])
+    return args
+
+
+def train_inprocess(script, args):
+    """Run an entry script's main() here (fast: no interpreter start); returns its exit code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(args)
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out, "train_log.jsonl"))]
+
+
+def generate(pipe, seed=0):
+    return pipe("a photo of sks dog", height=32, width=32, num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+# ----------------------------------------------------------------------------- full fine-tune
+
+def test_full_run_checkpoints_resume_and_limit(tiny_flux, sample_data, tmp_path, capsys):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    out = tmp_path / "full"
+    assert train_inprocess(FULL, base_args(tiny_flux, sample_data, out, steps=4, checkpointing_steps=2)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["global_step"] == 4 and summary["run_type"] == "full" and summary["images_per_sec"] > 0
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    pipe = FluxPipeline.from_pretrained(str(out), local_files_only=True)
+    base = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    tuned_img, base_img = generate(pipe), generate(base)
+    assert np.isfinite(tuned_img).all() and not np.allclose(tuned_img, base_img)
+
+    # the intermediate transformer loads on its own and inside a pipeline
+    mid = FluxTransformer2DModel.from_pretrained(str(out / "checkpoint-2" / "transformer"))
+    assert np.isfinite(generate(FluxPipeline.from_pretrained(tiny_flux, transformer=mid, local_files_only=True))).all()
+
+    # resume from checkpoint-4 to 6 steps adds checkpoint-6; the limit keeps the newest two
+    args = base_args(tiny_flux, sample_data, out, steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+                     resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert train_inprocess(FULL, args) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 6
+    assert [json.loads(l)["step"] for l in open(out / "train_log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def lora_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys()), f.metadata()
+
+
+def test_lora_output_format_and_loads_into_pipeline(tiny_flux, sample_data, tmp_path):
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "lora"
+    args = base_args(tiny_flux, sample_data, out, steps=3, rank=4, lora_alpha=8, learning_rate=1e-2)
+    assert train_inprocess(LORA, args) == 0
+    keys, meta = lora_keys(out / "pytorch_lora_weights.safetensors")
+    assert keys and all("lora" in k and k.startswith("transformer.") for k in keys)
+    assert "rank 4" in (out / "README.md").read_text() and "a photo of sks dog" in (out / "README.md").read_text()
+    pipe = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    before = generate(pipe)
+    pipe.load_lora_weights(str(out))
+    after = generate(pipe)
+    assert not np.allclose(before, after)
+
+
+def test_lora_text_encoder_and_layer_selection(tiny_flux, sample_data, tmp_path):
+    out = tmp_path / "lora_te"
+    args = base_args(tiny_flux, sample_data, out, steps=2, train_text_encoder=True)
+    assert train_inprocess(LORA, args) == 0
+    keys, _ = lora_keys(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"} and all("lora" in k for k in keys)
+
+    out2 = tmp_path / "lora_q"
+    assert train_inprocess(LORA, base_args(tiny_flux, sample_data, out2, steps=1, lora_layers="attn.to_q")) == 0
+    keys, _ = lora_keys(out2 / "pytorch_lora_weights.safetensors")
+    assert keys and all(".attn.to_q.lora_" in k for k in keys)
+
+
+def test_caching_does_not_change_the_loss_sequence(tiny_flux, sample_data, tmp_path):
+    # two epochs of 4 samples: the second epoch reads latents and text embeddings from the cache
+    common = dict(steps=8, weighting_scheme="logit_normal", random_flip=True)
+    assert train_inprocess(LORA, base_args(tiny_flux, sample_data, tmp_path / "cached", **common)) == 0
+    assert train_inprocess(LORA, base_args(tiny_flux, sample_data, tmp_path / "uncached", no_cache=True, **common)) == 0
+    a, b = losses(tmp_path / "cached"), losses(tmp_path / "uncached")
+    assert len(a) == 8 and a == b
+
+
+def test_captioned_dataset_with_repeats(tiny_flux, sample_data, tmp_path):
+    out = tmp_path / "captioned"
+    args = base_args(tiny_flux, sample_data, out, steps=2, dataset_name=sample_data["dataset_name"],
+                     caption_column="text", repeats=2)
+    assert train_inprocess(LORA, args) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_prior_preservation_generates_class_images(tiny_flux, sample_data, tmp_path):
+    out, cls = tmp_path / "prior", tmp_path / "class"
+    args = base_args(tiny_flux, sample_data, out, steps=2, with_prior_preservation=True, class_data_dir=cls,
+                     class_prompt="a photo of dog", num_class_images=2, num_validation_steps=1, sample_batch_size=2)
+    assert train_inprocess(LORA, args) == 0
+    assert sorted(os.listdir(cls)) == ["class_00000.png", "class_00001.png"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_validation_images_and_tensorboard(tiny_flux, sample_data, tmp_path):
+    out = tmp_path / "val"
+    args = base_args(tiny_flux, sample_data, out, steps=8, validation_prompt="a photo of sks dog", validation_epochs=1,
+                     num_validation_images=2, num_validation_steps=1)
+    args[args.index("--report_to") + 1] = "tensorboard"
+    assert train_inprocess(LORA, args) == 0
+    names = sorted(os.listdir(out / "validation"))
+    assert "validation-epoch-1.png" in names and "validation-final.png" in names
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "logs") for f in fs)
+    assert "validation-final.png" in (out / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [LORA, FULL], ids=["lora", "full"])
+def test_deepspeed_zero2_two_processes_checkpoint_and_resume(tiny_flux, sample_data, tmp_path, script):
+    out = tmp_path / "ds"
+    args = base_args(tiny_flux, sample_data, out, steps=2, checkpointing_steps=1, gradient_accumulation_steps=2)
+    proc = accelerate_launch([script] + args, num_processes=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["mixed_precision"] == "bf16" and summary["grad_accum"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    proc = accelerate_launch([script] + base_args(tiny_flux, sample_data, out, steps=3, checkpointing_steps=1,
+                                                  gradient_accumulation_steps=2, resume_from_checkpoint="latest"),
+                             num_processes=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoint-3").is_dir()
+    assert [json.loads(l)["step"] for l in open(out / "train_log.jsonl")] == [1, 2, 3]
+    if script == LORA:
+        keys, _ = lora_keys(out / "pytorch_lora_weights.safetensors")
+        assert keys and all(k.startswith("transformer.") and "lora" in k and "module." not in k for k in keys)
+    else:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(str(out), local_files_only=True)
+        assert np.isfinite(generate(pipe)).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _corrupt_dir(tmp_path, sample_data):
+    d = tmp_path / "corrupt"
+    shutil.copytree(sample_data["instance_dir"], d)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return d
+
+
+BAD = {
+    "missing model": (lambda m, d, t: {"pretrained_model_name_or_path": str(t / "nope")}, "nope"),
+    "model missing a component": (lambda m, d, t: {"pretrained_model_name_or_path": _partial_model(m, t)}, "vae"),
+    "instance dir missing": (lambda m, d, t: {"instance_data_dir": str(t / "none")}, "--instance_data_dir"),
+    "instance dir empty": (lambda m, d, t: {"instance_data_dir": str(_mk(t / "empty"))}, "holds no images"),
+    "only non-images": (lambda m, d, t: {"instance_data_dir": str(_mk(t / "txt", "notes.txt"))}, "holds no images"),
+    "corrupt image": (lambda m, d, t: {"instance_data_dir": str(_corrupt_dir(t, d))}, "broken.png"),
+    "missing column": (lambda m, d, t: {"dataset_name": d["dataset_name"], "caption_column": "caption"}, "text"),
+    "resolution": (lambda m, d, t: {"resolution": "40"}, "multiple of 16"),
+    "zero steps": (lambda m, d, t: {"max_train_steps": "0"}, "--max_train_steps"),
+    "negative batch": (lambda m, d, t: {"train_batch_size": "-1"}, "--train_batch_size"),
+    "zero lr": (lambda m, d, t: {"learning_rate": "0"}, "--learning_rate"),
+    "resume missing": (lambda m, d, t: {"resume_from_checkpoint": str(t / "checkpoint-9")}, "checkpoint-9"),
+    "prior without class prompt": (lambda m, d, t: {"with_prior_preservation": True, "class_data_dir": str(t / "c")}, "--class_prompt"),
+    "fp16 on cpu": (lambda m, d, t: {"mixed_precision": "fp16"}, "fp16"),
+    "push to hub offline": (lambda m, d, t: {"push_to_hub": True}, "--push_to_hub"),
+}
+
+
+def _mk(path, *files):
+    path.mkdir()
+    for f in files:
+        (path / f).write_text("x")
+    return path
+
+
+def _partial_model(model, tmp_path):
+    dst = tmp_path / "partial_model"
+    shutil.copytree(model, dst)
+    shutil.rmtree(dst / "vae")
+    return str(dst)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_clear_line(tiny_flux, sample_data, tmp_path, capsys, case):
+    make, needle = BAD[case]
+    args = base_args(tiny_flux, sample_data, tmp_path / "out")
+    for k, v in make(tiny_flux, sample_data, tmp_path).items():
+        flag = f"--{k}"
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+        args += [flag] + ([] if v is True else [v])
+    rc = train_inprocess(LORA, args)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert rc == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_skip_bad_images_counts_and_trains(tiny_flux, sample_data, tmp_path, caplog):
+    args = base_args(tiny_flux, sample_data, tmp_path / "out", steps=1, skip_bad_images=True)
+    args[args.index("--instance_data_dir") + 1] = str(_corrupt_dir(tmp_path, sample_data))
+    assert train_inprocess(LORA, args) == 0
+    assert "skipped 1 unreadable image" in caplog.text
+
+
+def test_resume_across_run_types_is_refused(tiny_flux, sample_data, tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert train_inprocess(LORA, base_args(tiny_flux, sample_data, out, steps=1, checkpointing_steps=1)) == 0
+    capsys.readouterr()
+    rc = train_inprocess(FULL, base_args(tiny_flux, sample_data, out, steps=2, resume_from_checkpoint="latest"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "lora run" in err and "train_flux_dreambooth_lora.py" in err
+
+
+def test_bad_input_through_the_real_entry_point(tiny_flux, sample_data, tmp_path):
+    proc = run_script([sys.executable, LORA] + base_args(tiny_flux, sample_data, tmp_path / "o", resolution=40), timeout=120)
+    assert_user_error(proc, "--resolution")
