@@ -284,8 +284,9 @@ def launch_prefix(processes: int, deepspeed: bool = False) -> list[str]:
     if processes == 1:
         return [sys.executable]
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if deepspeed:
-        cmd += ["--config_file", ACCELERATE_CONFIG]
+    # --multi_gpu is accelerate's torchrun launcher; it starts N processes on CPU hosts too
+    # (--cpu would start one), and the scripts pick gloo there.
+    cmd += ["--config_file", ACCELERATE_CONFIG] if deepspeed else ["--multi_gpu"]
     return cmd + ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
 
 

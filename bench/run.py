@@ -5,8 +5,9 @@
     python -m bench flops train-lora     # some suites
     python bench/run.py infer --repeats 5
 
-Timings exclude warm-up; each case runs --repeats times and reports the median with the
-spread (max - min). A comparison whose [min, max] ranges overlap is reported as noise.
+Timings exclude warm-up and report the median with the spread (max - min) over repeats: the
+measured optimizer steps of a training case, the runs of an inference case. A comparison
+whose [min, max] ranges overlap is reported as noise.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run: {', '.join(SUITES)} (default: all)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per case; medians and spreads are over these (default 2)")
+    p.add_argument("--train_repeats", type=int, default=1,
+                   help="trainer runs per case (default 1: s/step, images/s and MFU spread over the measured steps "
+                        "of all runs; the other metrics over runs)")
     p.add_argument("--train_steps", type=int, default=6,
                    help="optimizer steps per training run; the trainers leave the first --warmup_steps out (default 6)")
+    p.add_argument("--infer_repeats", type=int, default=2, help="inference runs per case; medians and spreads over these (default 2)")
     p.add_argument("--warmup_steps", type=int, default=2, help="training steps excluded from throughput (default 2)")
     p.add_argument("--infer_images", type=int, default=4, help="images per inference run, split over the processes (default 4)")
     p.add_argument("--infer_steps", type=int, default=8, help="denoising steps per image (default 8)")
@@ -51,7 +55,7 @@ def parse_args(argv=None):
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise UserError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
-    for flag in ("repeats", "train_steps", "infer_images", "infer_steps"):
+    for flag in ("train_repeats", "infer_repeats", "train_steps", "infer_images", "infer_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.train_steps <= args.warmup_steps:
@@ -101,7 +105,8 @@ def main(argv=None):
             ctx.log(f"kept {work_dir} for the failed runs' logs")
     path = harness.write_result(result, args.results_dir)
     print(harness.results_markdown(result))
-    print(f"\nfull results: {os.path.relpath(path)}")
+    shown = os.path.relpath(path)
+    print(f"\nfull results: {path if shown.startswith('..') else shown}")
     return 1 if failed else 0
 
 

@@ -121,3 +121,122 @@ def test_peak_env_override_and_bad_value(monkeypatch):
     monkeypatch.setenv("FLUXKIT_PEAK_TFLOPS", "fast")
     with pytest.raises(UserError, match="FLUXKIT_PEAK_TFLOPS"):
         peak_flops(detect("cpu"), torch.bfloat16)
+
+
+# ---------------------------------------------------------------- bench harness
+
+def test_repeat_summary_and_noise_rule():
+    from bench.harness import compare, summarize
+
+    s = summarize([3.0, 1.0, 2.0, None])
+    assert (s["median"], s["min"], s["max"], s["spread"], s["n"]) == (2.0, 1.0, 3.0, 2.0, 3)
+    assert summarize([None, float("nan")]) is None
+    fast, slow = summarize([10.0, 11.0, 12.0]), summarize([5.0, 5.5, 6.0])
+    assert compare(slow, fast)["verdict"] == "higher" and compare(fast, slow)["verdict"] == "lower"
+    assert compare(slow, fast)["ratio"] == pytest.approx(11.0 / 5.5)
+    overlapping = summarize([11.5, 13.0])  # its range touches fast's: the difference is within the spread
+    assert compare(fast, overlapping)["verdict"] == "noise"
+    assert compare(summarize([1.0]), fast)["verdict"] == "unjudged"
+    assert compare(None, fast)["verdict"] == "missing"
+
+
+def test_markdown_table_printer():
+    from bench.harness import fmt_cell, markdown_table, summarize, suite_table
+
+    assert fmt_cell(summarize([1.0, 1.2, 1.1])) == "1.10 ±0.10"
+    assert fmt_cell(summarize([2.5])) == "2.50 (n=1)"
+    assert fmt_cell(None) == "n/a" and fmt_cell(12) == "12" and fmt_cell(7.71e9) == "7.71e+09"
+    table = markdown_table(["case", "value"], [["a|b", 0.12345], ["c", None]])
+    assert table.splitlines() == ["| case | value |", "| --- | --- |", "| a\\|b | 0.123 |", "| c | n/a |"]
+
+    suite = {"status": "ok", "rows": [
+        {"table": "speed", "case": "1p", "params": {"processes": 1}, "metrics": {"images/s": summarize([1.0, 1.2])}},
+        {"table": "speed", "case": "2p", "params": {"processes": 2}, "metrics": {"images/s": summarize([1.9, 2.1])}},
+        {"table": "memory", "case": "1p", "metrics": {"GB": 0.5}}],
+        "comparisons": [{"name": "2p / 1p", "metric": "images/s", "ratio": 1.818, "verdict": "higher"}],
+        "notes": ["a note"]}
+    text = suite_table("train-lora", suite)
+    assert text.startswith("### train-lora")
+    assert "| case | processes | images/s |" in text and "| 2p | 2 | 2.00 ±0.10 |" in text
+    assert "| case | GB |" in text and "| 1p | 0.500 |" in text  # a second table for other metrics
+    assert "| 2p / 1p | images/s | 1.82 | higher |" in text and text.endswith("- a note")
+    skipped = suite_table("gpu", {"status": "skipped", "reason": "no accelerator"})
+    assert "skipped: no accelerator" in skipped
+
+
+def test_schema_validation_rejects_broken_results():
+    from bench.harness import SCHEMA, validate
+
+    good = {"schema": SCHEMA, "created": "2026-01-01T00:00:00Z", "command": "python -m bench", "flags": {},
+            "git": {"commit": "abc", "dirty": False},
+            "machine": {"device": "cpu", "device_name": "cpu", "device_count": 1, "cpu": "x", "cpu_cores": 2, "memory_gb": 1.0},
+            "versions": {"torch": "2.13.0"},
+            "suites": {"s": {"status": "ok", "seconds": 1.0, "rows": [
+                {"case": "c", "metrics": {"m": {"median": 1, "min": 1, "max": 2, "spread": 1, "n": 2, "values": [1, 2]}}}]}}}
+    validate(good)
+    for breakage, needle in [
+        (lambda r: r.update(schema="other"), "schema"),
+        (lambda r: r["git"].pop("commit"), "git"),
+        (lambda r: r["suites"]["s"].update(status="skipped"), "needs a reason"),
+        (lambda r: r["suites"]["s"]["rows"][0]["metrics"]["m"].update(median=5), "outside"),
+        (lambda r: r["suites"]["s"]["rows"][0]["metrics"].update(m={"median": 1}), "not a repeat summary"),
+    ]:
+        broken = json.loads(json.dumps(good))
+        breakage(broken)
+        with pytest.raises(ValueError, match=needle):
+            validate(broken)
+
+
+def test_trainer_and_inference_summaries_are_read_as_documented(tmp_path):
+    from bench.harness import CommandFailed
+    from bench.suites.infer import measured
+    from bench.suites.train import read_summary
+
+    line = json.dumps({"images_per_sec": 2.0, "sec_per_step": 1.0})
+    assert read_summary(f"noise\n{line}\n", str(tmp_path))["sec_per_step"] == 1.0
+    (tmp_path / "train_summary.json").write_text(json.dumps({"images_per_sec": 3.0}))
+    assert read_summary("no summary line", str(tmp_path))["images_per_sec"] == 3.0
+    with pytest.raises(CommandFailed, match="no summary"):
+        read_summary("", str(tmp_path / "missing"))
+    # 2 processes x 3 images; each process's first image (2 s) is warm-up
+    m = measured({"num_processes": 2, "batch_size": 1, "images_written": 6, "seconds": 10.0,
+                  "first_batch_seconds": 2.0, "num_inference_steps": 8})
+    assert m == {"s/image": 2.0, "it/s": 4.0}
+    assert measured({"num_processes": 2, "batch_size": 1, "images_written": 2, "seconds": 3.0,
+                     "first_batch_seconds": 3.0, "num_inference_steps": 8}) is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["nosuch"], "unknown suite 'nosuch'"),
+    (["flops", "--train_steps", "2", "--warmup_steps", "2"], "--train_steps 2"),
+    (["flops", "--model_path", "/nonexistent/model"], "--model_path"),
+])
+def test_bench_cli_bad_input_is_one_line(args, needle, tmp_path):
+    proc = run_script([sys.executable, "-m", "bench", *args, "--results_dir", str(tmp_path)], timeout=120)
+    assert_user_error(proc, needle)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bench_run_writes_a_valid_result_and_prints_the_table_last(tmp_path):
+    """The gpu suite's own code path on CPU with the tiny preset: a real run, end to end."""
+    from bench.harness import validate
+
+    proc = run_script([sys.executable, "-m", "bench", "gpu", "--gpu_preset", "tiny", "--gpu_compile", "off",
+                       "--device", "cpu", "--results_dir", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*-gpu.json")
+    result = json.loads(path.read_text())
+    validate(result)
+    # the commit it ran on (others may commit meanwhile: it is HEAD or an ancestor of it)
+    assert run_script(["git", "merge-base", "--is-ancestor", result["git"]["commit"], "HEAD"]).returncode == 0
+    assert result["versions"]["torch"] == torch.__version__
+    assert result["flags"]["gpu_preset"] == "tiny" and result["machine"]["device"] == "cpu"
+    suite = result["suites"]["gpu"]
+    assert suite["status"] == "ok"
+    lora = next(r for r in suite["rows"] if r["case"].startswith("LoRA"))
+    assert lora["metrics"]["s/step"]["n"] == 8 and lora["metrics"]["s/step"]["median"] > 0
+    image = next(r for r in suite["rows"] if r["case"].endswith("eager"))
+    assert image["metrics"]["s/image"]["n"] == 3
+    out = proc.stdout.strip().splitlines()
+    assert out[-1].startswith("full results:") and str(path.name) in out[-1]
+    assert any(line.startswith("| LoRA r16") for line in out)

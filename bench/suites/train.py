@@ -1,8 +1,9 @@
 """train-full / train-lora: the toolkit's trainers on the `small` preset, 256x256, batch 2, one
 fixed instance prompt; one process and 2-process DeepSpeed ZeRO-2; caching on and off.
 
-Each case runs the trainer --repeats times as a subprocess and reads its JSON summary
-(images/s and s/step exclude the trainer's warm-up steps). MFU is recomputed here from the
+Each case runs the trainer --train_repeats times as a subprocess and reads its JSON summary;
+its measured step times (after the trainer's warm-up steps) are the repeats of s/step,
+images/s and MFU; the other metrics are per run. MFU is recomputed here from the
 summary's s/step with fluxkit.flops, so full and LoRA runs are counted the same way whatever
 the trainer reports (its own figure is kept as `trainer mfu`).
 """
@@ -53,12 +54,6 @@ def read_summary(stdout: str, output_dir: str) -> dict:
     raise harness.CommandFailed(f"the trainer printed no summary line and wrote no {path}")
 
 
-def _mfu_percent(summary: dict, step_flops: float, peak: float | None) -> float | None:
-    if not peak or not summary.get("sec_per_step"):
-        return None
-    return 100 * flops.mfu(step_flops, summary["sec_per_step"], peak)
-
-
 def run(ctx, mode: str) -> dict:
     script = SCRIPTS[mode]
     if not os.path.isfile(os.path.join(harness.ROOT, script)):
@@ -70,11 +65,11 @@ def run(ctx, mode: str) -> dict:
     from tqdm.auto import tqdm
 
     rows, failures = [], []
-    bar = tqdm(total=len(CASES) * ctx.args.repeats, desc=f"train-{mode}", unit="run")
+    bar = tqdm(total=len(CASES) * ctx.args.train_repeats, desc=f"train-{mode}", unit="run")
     for processes, cache in CASES:
         summaries = []
         peak = harness.process_peak_flops(ctx.device, torch.bfloat16, processes)
-        for repeat in range(ctx.args.repeats):
+        for repeat in range(ctx.args.train_repeats):
             name = f"train-{mode}-{processes}p-{'cache' if cache else 'nocache'}-{repeat}"
             out = ctx.path(name)
             cmd = harness.launch_prefix(processes, deepspeed=processes > 1) + [script, *_flags(ctx, mode, assets, out, cache)]
@@ -89,20 +84,23 @@ def run(ctx, mode: str) -> dict:
             continue
         # model FLOPs of one optimizer step on one process, from the summary's own batch geometry
         s0 = summaries[0]
+        images_per_step = s0["micro_batch"] * s0["world_size"] * s0["grad_accum"]
         step_flops = flops.training_step_flops(geometry["transformer"], tokens, T5_TOKENS,
                                                batch=s0["micro_batch"] * s0["grad_accum"], frozen_base=mode == "lora")
+        # every measured step is a repeat when the trainer lists them; else each run's mean step
+        steps = [t for s in summaries for t in s.get("step_seconds") or [s["sec_per_step"]] if t]
         metrics = {
-            "images/s": harness.summarize(s["images_per_sec"] for s in summaries),
-            "s/step": harness.summarize(s["sec_per_step"] for s in summaries),
+            "images/s": harness.summarize(images_per_step / t for t in steps),
+            "s/step": harness.summarize(steps),
+            "MFU %": harness.summarize(100 * flops.mfu(step_flops, t, peak) for t in steps) if peak else None,
             "peak mem GB/process": harness.summarize(s["peak_memory_gb"] for s in summaries),
-            "MFU %": harness.summarize(_mfu_percent(s, step_flops, peak) for s in summaries),
             "trainer mfu %": harness.summarize(None if s.get("mfu") is None else 100 * s["mfu"] for s in summaries),
             "final loss": harness.summarize(s["final_loss"] for s in summaries),
             "e2e s": harness.summarize(s["e2e_seconds"] for s in summaries),
         }
         rows.append({"case": f"{processes}p {'DeepSpeed ZeRO-2' if processes > 1 else 'single'}, cache {'on' if cache else 'off'}",
                      "params": {"processes": processes, "cache": "on" if cache else "off",
-                                "global batch": s0["micro_batch"] * s0["world_size"] * s0["grad_accum"]},
+                                "global batch": images_per_step, "runs": len(summaries), "measured steps": len(steps)},
                      "metrics": {k: v for k, v in metrics.items() if v is not None}})
     bar.close()
 
