@@ -403,6 +403,9 @@ def train(args) -> dict:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main)
+    if main and resume:
+        _truncate_step_log(args.output_dir, global_step)
+    stop = StopRequest()
     # One JSON line per optimizer step (appended across resumes): loss curves without tensorboard.
     step_log = open(os.path.join(args.output_dir, "train_log.jsonl"), "a") if main else None
     last_loss = float("nan")
@@ -451,7 +454,8 @@ def train(args) -> dict:
                 s = meter.summary()
                 logger.info("step %d: loss %.4f, %.3f images/s, %.3f s/step", global_step, last_loss, s["images_per_sec"], s["sec_per_step"])
 
-            if global_step % args.checkpointing_steps == 0:
+            stopping = stop.requested(accelerator)
+            if global_step % args.checkpointing_steps == 0 or stopping:
                 checkpoints.save(accelerator, args.output_dir, global_step,
                                  {"run_type": run_type, "global_step": global_step, "world_size": world,
                                   "train_batch_size": args.train_batch_size,
@@ -459,6 +463,9 @@ def train(args) -> dict:
                                  args.checkpoints_total_limit)
                 if main:
                     logger.info("saved checkpoint-%d", global_step)
+            if stopping:
+                raise Interrupted(f"stopped by {stop.signal_name} at step {global_step}; checkpoint-{global_step} is saved in "
+                                  f"{args.output_dir!r}; resume with the same command plus --resume_from_checkpoint latest")
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
@@ -466,6 +473,7 @@ def train(args) -> dict:
         if main and args.validation_prompt and (epoch + 1) % args.validation_epochs == 0:
             run_validation(args, accelerator, models, transformer, text_encoder, weight_dtype, epoch + 1)
     progress.close()
+    stop.restore()
     if step_log:
         step_log.close()
     train_seconds = time.perf_counter() - train_start
@@ -493,6 +501,65 @@ def train(args) -> dict:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary), flush=True)
     return summary
+
+
+class Interrupted(UserError):
+    """Training stopped on request after writing a checkpoint (exit status 2 with how to resume)."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask for a checkpoint at the next optimizer step, then a clean exit.
+
+    Ranks can see a signal at different steps, and saving is collective, so they agree on it
+    (a max-reduce of the flag) before anyone saves. A second signal stops at once.
+    """
+
+    def __init__(self):
+        import signal
+
+        self.signal_name = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signal_name is not None:  # second signal: give up on the checkpoint
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this step and saving a checkpoint (send again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def requested(self, accelerator) -> bool:
+        flag = self.signal_name is not None
+        if accelerator.num_processes > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+            flag = accelerator.reduce(t, reduction="sum").item() > 0
+            if flag and self.signal_name is None:
+                self.signal_name = "a signal on another process"
+        return flag
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _truncate_step_log(output_dir: str, step: int) -> None:
+    """Drop log lines of steps after the resumed checkpoint (the crashed run's lost work)."""
+    path = os.path.join(output_dir, "train_log.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def _require(module: str, message: str) -> None:
