@@ -167,9 +167,11 @@ def _rope_check():
     if _env_on(ENV_ROPE_FP32):
         return True, f"forced by {ENV_ROPE_FP32}=1"
     device = _accelerator_without_float64()
+    handled = all(_diffusers_downcasts_rope(c) for c in classes)
     if device is None:
-        return False, "not needed: float64 RoPE runs on cpu and cuda"
-    if all(_diffusers_downcasts_rope(c) for c in classes):
+        about = "already computes it in float32 there" if handled else "would need this patch there"
+        return False, f"not needed: float64 RoPE runs on cpu and cuda (on npu/mps diffusers {diffusers.__version__} {about})"
+    if handled:
         return False, f"not needed: diffusers {diffusers.__version__} already computes RoPE in float32 on {device}"
     return True, f"diffusers {diffusers.__version__} computes RoPE in float64, which {device} lacks"
 
