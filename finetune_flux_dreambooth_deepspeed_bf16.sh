@@ -27,7 +27,7 @@ declare -A FK_DEFAULT=(
     [mixed_precision]=bf16
     [checkpointing_steps]=50000
     [seed]=0
-    [output_dir]="output/flux_dreambooth"
+    [output_dir]="output_flux_dreambooth"
     [config_file]="pretrain_bf16_accelerate_config.yaml"
     [num_processes]=""
     [num_machines]=1
@@ -50,7 +50,7 @@ declare -A FK_DEMO=(
     [gradient_accumulation_steps]=2
     [learning_rate]=1e-4
     [max_train_steps]=30
-    [output_dir]="output/demo_flux_dreambooth"
+    [output_dir]="output_flux_dreambooth_demo"
 )
 FK_DEMO_ARGS=(--report_to=none)
 

@@ -30,7 +30,7 @@ declare -A FK_DEFAULT=(
     [mixed_precision]=bf16
     [checkpointing_steps]=5001
     [seed]=0
-    [output_dir]="output/flux_dreambooth_lora"
+    [output_dir]="output_flux_dreambooth_lora"
     [config_file]="pretrain_bf16_accelerate_config.yaml"
     [num_processes]=""
     [num_machines]=1
@@ -54,7 +54,7 @@ declare -A FK_DEMO=(
     [gradient_accumulation_steps]=1
     [learning_rate]=1e-4
     [max_train_steps]=30
-    [output_dir]="output/demo_flux_dreambooth_lora"
+    [output_dir]="output_flux_dreambooth_lora_demo"
 )
 FK_DEMO_ARGS=(--report_to=none --dataloader_num_workers=0 --num_validation_images=1 --num_validation_steps=4)
 

@@ -167,6 +167,8 @@ def run(args, trainer_args) -> list[tuple[str, str]]:
         raise UserError(f"train_script {args.train_script!r}: no such file; pass --train_script=PATH to a training script")
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"output_dir {args.output_dir!r} is a file; pass --output_dir=PATH to a folder")
+    info = detect(args.device)
+    check_mixed_precision(info, args.mixed_precision)
     if not args.skip_paths:
         if args.model_name:
             check_model(args.model_name)
@@ -174,8 +176,6 @@ def run(args, trainer_args) -> list[tuple[str, str]]:
             check_dataset(args.dataset_name)
         if args.instance_dir:
             check_instance_dir(args.instance_dir)
-    info = detect(args.device)
-    check_mixed_precision(info, args.mixed_precision)
     out = [("device_type", info.type), ("device_count", str(info.count))]
     if args.need_port:
         out.append(("main_process_port", str(free_port())))

@@ -196,6 +196,9 @@ fk_validate() {
     if ((10#${FK_OPT[num_machines]} > 1)) && [[ -z "${FK_OPT[main_process_ip]}" ]]; then
         fk_die "--num_machines=${FK_OPT[num_machines]} needs machine 0's address: set MASTER_ADDR or --main_process_ip=HOST"
     fi
+    if [[ -n "${FK_OPT[num_processes]}" ]] && ((10#${FK_OPT[num_processes]} % 10#${FK_OPT[num_machines]} != 0)); then
+        fk_die "--num_processes=${FK_OPT[num_processes]} does not split evenly over --num_machines=${FK_OPT[num_machines]}"
+    fi
     # Exactly one data source: the one the user named wins over the other's default.
     if [[ -n "${FK_OPT[dataset_name]}" && -n "${FK_OPT[instance_dir]}" ]]; then
         if [[ -n "${FK_GIVEN[dataset_name]:-}" && -n "${FK_GIVEN[instance_dir]:-}" ]]; then
@@ -283,9 +286,6 @@ fk_processes() {
         fi
         FK_OPT[num_processes]="$((per_machine * machines))"
     fi
-    if ((10#${FK_OPT[num_processes]} % machines != 0)); then
-        fk_die "--num_processes=${FK_OPT[num_processes]} does not split evenly over --num_machines=$machines"
-    fi
     FK_PROCS_PER_MACHINE="$((10#${FK_OPT[num_processes]} / machines))"
     [[ -n "${FK_OPT[main_process_port]}" ]] || FK_OPT[main_process_port]=29500
 }
@@ -293,7 +293,6 @@ fk_processes() {
 fk_setup_env() {
     local kv name threads
     FK_ENV_NAMES=(PYTHONPATH TOKENIZERS_PARALLELISM OMP_NUM_THREADS)
-    export PYTHONPATH="$FK_ROOT${PYTHONPATH:+:$PYTHONPATH}"
     export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
         threads=1  # the reference's choice next to an accelerator
@@ -402,6 +401,8 @@ fk_demo_infer() {
 fk_main() {
     FK_PROG="$(basename "$0")"
     FK_PYTHON="${PYTHON:-python3}"
+    # fluxkit is imported by the checks, the trainers and patch_flux wherever the caller stands
+    export PYTHONPATH="$FK_ROOT${PYTHONPATH:+:$PYTHONPATH}"
     FK_DRY_RUN="" FK_DEMO_MODE="" FK_EXTERNAL="" FK_DEVICE_TYPE="" FK_DEVICE_COUNT="" FK_LOG=""
     FK_EXTRA=()
     declare -gA FK_OPT=() FK_GIVEN=()
