@@ -450,6 +450,7 @@ def train(args) -> dict:
                 step_log.write(json.dumps({"step": global_step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
                                            "sec": meter.last}) + "\n")
                 step_log.flush()
+            checkpoints.kill_here_for_tests(checkpoints.KILL_AT_STEP_ENV, global_step)
             if main and global_step % args.log_every == 0 and meter.times:
                 s = meter.summary()
                 logger.info("step %d: loss %.4f, %.3f images/s, %.3f s/step", global_step, last_loss, s["images_per_sec"], s["sec_per_step"])
