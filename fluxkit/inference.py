@@ -26,6 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from .errors import UserError
+from .lora import LORA_WEIGHT_NAME
 
 REFERENCE_SEEDS = (8, 23, 42, 1334)
 
@@ -65,7 +66,6 @@ SUBJECT_PROMPTS = (
 HUB_MODEL = "black-forest-labs/FLUX.1-dev"
 FULL_FINETUNE_OUTPUT = "output_flux_dreambooth"  # the full fine-tune launcher's default --output_dir
 LORA_OUTPUT = "output_flux_dreambooth_lora"  # the LoRA launcher's default --output_dir
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers and our trainer write
 MANIFEST = "manifest.jsonl"
 SUMMARY = "infer_summary.json"
 ADAPTER = "fluxkit_lora"  # adapter name we give the LoRA, so we can find exactly its layers
@@ -118,43 +118,47 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES
 
     p = argparse.ArgumentParser(description=defaults.description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_path", default=defaults.model_path,
-                   help="a FluxPipeline folder (e.g. a full fine-tune's output_dir) or a hub id in the local cache")
+                   help="a FluxPipeline folder (e.g. a full fine-tune's output_dir) or a hub id in the local cache (default: %(default)s)")
     g.add_argument("--lora_weights", default=defaults.lora_weights,
                    help=f"LoRA weights: a .safetensors file, or a folder holding {LORA_WEIGHT_NAME} "
-                        "(pickle formats such as .bin/.pt are refused)")
-    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model's images")
+                        "(pickle formats such as .bin/.pt are refused) (default: %(default)s)")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model's images (default: %(default)s)")
     g.add_argument("--fuse_lora", action="store_true",
                    help="merge the LoRA into the weights before generating (faster; same images within rounding)")
     g.add_argument("--local_files_only", action=argparse.BooleanOptionalAction, default=True,
-                   help="never download; --no-local_files_only lets diffusers fetch a hub id")
+                   help="never download (the default); --no-local_files_only lets diffusers fetch a hub id")
     g = p.add_argument_group("what to generate")
     g.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat the flag for several); default: the reference's prompt list")
     g.add_argument("--prompts_file", default=None,
                    help="a UTF-8 text file, one prompt per line; blank lines and lines starting with # are skipped")
     g.add_argument("--seeds", type=_seed, nargs="+", default=list(REFERENCE_SEEDS),
-                   help="one image per prompt and seed (the reference's seeds by default)")
-    g.add_argument("--num_inference_steps", type=int, default=28, help="denoising steps")
-    g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16")
-    g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16")
+                   help="one image per prompt and seed (default: the reference's %(default)s)")
+    g.add_argument("--num_inference_steps", type=int, default=28, help="denoising steps (default: %(default)s)")
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16 (default: %(default)s)")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16 (default: %(default)s)")
     g.add_argument("--guidance_scale", type=float, default=3.5,
-                   help="FLUX.1-dev's distilled guidance (3.5 is its recommended value; the reference scripts used 1.0)")
+                   help="FLUX.1-dev's distilled guidance (default: %(default)s, FLUX.1-dev's recommended value; the reference scripts used 1.0)")
     g.add_argument("--max_sequence_length", type=int, default=MAX_SEQUENCE_LENGTH,
-                   help=f"T5 prompt tokens (at most {MAX_SEQUENCE_LENGTH})")
+                   help=f"T5 prompt tokens, at most {MAX_SEQUENCE_LENGTH} (default: %(default)s)")
     g = p.add_argument_group("how")
-    g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call (per process)")
-    g.add_argument("--output_dir", default=defaults.output_dir, help="where the PNGs, manifest.jsonl and infer_summary.json go")
+    g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call, per process (default: %(default)s)")
+    g.add_argument("--output_dir", default=defaults.output_dir, help="where the PNGs, manifest.jsonl and infer_summary.json go (default: %(default)s)")
     g.add_argument("--overwrite", action="store_true", help="re-render images that already exist (default: skip them)")
-    g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto picks npu, then cuda, then cpu")
+    g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto (the default) picks npu, then cuda, then cpu")
     g.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
-                   help="weight and compute dtype (on a CPU without fast bf16, fp32 may be quicker)")
+                   help="weight and compute dtype (default: %(default)s; on a CPU without fast bf16, fp32 may be quicker)")
+    g.add_argument("--npu_flash_attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="on Ascend, use torch_npu's fused attention via fluxkit.patches (default: on)")
     g.add_argument("--first_block_cache", type=float, default=None, metavar="THRESHOLD",
                    help="skip the remaining transformer blocks when the first block's output changes less than "
                         "THRESHOLD (diffusers' first-block cache, e.g. 0.05-0.12; faster, slightly different images); off by default")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first image, faster after)")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend for --compile (inductor on CUDA/CPU; on Ascend the one torch_npu's torchair registers; default: %(default)s)")
     return p
 
 
@@ -249,12 +253,12 @@ def shard(items: list, index: int, count: int) -> list:
 # ---------------------------------------------------------------- files
 
 def prepare_output_dir(path: str) -> str:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output_dir {path!r} is a file, not a folder; choose another path")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         raise UserError(f"--output_dir {path!r} cannot be created ({err.strerror}); choose another folder") from None
-    if not os.path.isdir(path):
-        raise UserError(f"--output_dir {path!r} is a file, not a folder; choose another path")
     try:  # os.access is not enough: root passes it on read-only mounts
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
         os.close(fd)
@@ -349,15 +353,13 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
         raise UserError(f"--model_path {model_path!r} is a file; give the pipeline folder (the one with model_index.json)")
     if not _HUB_ID.match(model_path):
         raise UserError(f"--model_path {model_path!r} does not exist; give a FLUX pipeline folder")
+    if local_files_only:
+        from huggingface_hub import try_to_load_from_cache
 
-
-def _pipeline_loading_error(model_path: str, local_files_only: bool, err: Exception) -> UserError:
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if not os.path.isdir(model_path) and local_files_only:
-        return UserError(f"--model_path {model_path!r} is not a local folder and is not in the Hugging Face cache; "
-                         f"pass --model_path DIR (a FLUX pipeline folder) or download it first "
-                         f"(huggingface-cli download {model_path}), or allow downloads with --no-local_files_only")
-    return UserError(f"--model_path {model_path!r} could not be loaded as a FLUX pipeline: {first_line}")
+        if not isinstance(try_to_load_from_cache(model_path, "model_index.json"), str):
+            raise UserError(f"--model_path {model_path!r} is not a local folder and is not in the Hugging Face cache; "
+                            f"pass --model_path DIR (a FLUX pipeline folder) or download it first "
+                            f"(huggingface-cli download {model_path}), or allow downloads with --no-local_files_only")
 
 
 def _dtype_kwarg(dtype) -> dict:
@@ -374,7 +376,8 @@ def load_pipeline(model_path: str, dtype, local_files_only: bool):
     try:
         pipe = FluxPipeline.from_pretrained(model_path, local_files_only=local_files_only, **_dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise _pipeline_loading_error(model_path, local_files_only, err) from None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--model_path {model_path!r} could not be loaded as a FLUX pipeline: {first_line}") from None
     return pipe
 
 
@@ -434,8 +437,9 @@ def _expected_lora_layers(shapes: dict) -> dict:
 
 
 def _check_lora_fits(pipe, path: str, expected: dict) -> None:
-    """Every LoRA layer must name an existing Linear of matching size. diffusers would otherwise
-    skip unknown layers with a warning, or even widen the model's layers to fit a bigger LoRA."""
+    """Every LoRA layer on an existing Linear must match its size: diffusers would otherwise widen
+    the model's layers to fit a LoRA made for a bigger model. Unknown layers are caught by the
+    count of attached layers after loading."""
     import torch
 
     for component, layers in expected.items():
@@ -444,8 +448,7 @@ def _check_lora_fits(pipe, path: str, expected: dict) -> None:
             try:
                 module = model.get_submodule(module_path)
             except AttributeError:
-                raise UserError(f"--lora_weights {path!r} was made for another model: this pipeline's {component} has no "
-                                f"layer {module_path!r}; use a LoRA trained on this base model") from None
+                continue  # diffusers may rename it (e.g. older CLIP layouts); the count after loading decides
             if not isinstance(module, torch.nn.Linear) or "A" not in ab or "B" not in ab:
                 continue
             rank_in, rank_out = ab["A"][-1], ab["B"][0]
@@ -507,11 +510,27 @@ def enable_first_block_cache(pipe, threshold: float) -> None:
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
-def apply_npu_patches() -> None:
-    """Fused attention and float32 RoPE on Ascend, from the toolkit's patch module (imported only on npu)."""
-    from .patches import TorchPatcher
+def compile_transformer(pipe, backend: str) -> None:
+    import torch
 
-    TorchPatcher.apply_patch()
+    try:
+        pipe.transformer.compile(backend=backend)
+    except Exception as err:  # torch reports an unknown backend with its own exception types
+        known = ", ".join(torch.compiler.list_backends())
+        raise UserError(f"--compile_backend {backend!r} is not available ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                        f"known here: {known}") from None
+
+
+def apply_npu_patches(fused_attention: bool) -> list:
+    """float32 RoPE and torch_npu's fused attention from the toolkit's patch module (imported
+    only on npu, and before the pipeline is built: the attention patch acts on construction).
+    Returns (name, applied, why) per patch."""
+    from . import patches
+
+    if fused_attention:
+        # the patch is opt-in for training scripts; an explicit FLUXKIT_NPU_FLASH_ATTENTION=0 still wins
+        os.environ.setdefault(patches.ENV_NPU_ATTENTION, "1")
+    return patches.apply(["rope-float32", "npu-fused-attention"])
 
 
 def _distributed_state(info):
@@ -570,7 +589,9 @@ def run(args, defaults: ScriptDefaults) -> dict:
 
     state = _distributed_state(info)
     if info.type == "npu":
-        apply_npu_patches()
+        for name, applied, why in apply_npu_patches(args.npu_flash_attention):
+            if state.is_main_process:
+                print(f"patch {name}: {'applied' if applied else 'skipped'} ({why})", flush=True)
     pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
@@ -579,7 +600,7 @@ def run(args, defaults: ScriptDefaults) -> dict:
     if args.first_block_cache is not None:
         enable_first_block_cache(pipe, args.first_block_cache)
     if args.compile:
-        pipe.transformer.compile()
+        compile_transformer(pipe, args.compile_backend)
     load_seconds = time.perf_counter() - t_start
 
     # Every rank must list existing files before any rank writes one, or the shares would differ.
