@@ -438,3 +438,50 @@ def test_distrib_64_pairs_two_processes_once_each_same_pixels_and_resume(tiny_fl
     assert (s["images_written"], s["images_skipped"], s["images_per_process"]) == (10, 54, [5, 5])
     assert pngs(two) == names and max_diff(one, two, removed) == 0
     assert manifest(two) == records
+
+
+# ---------------------------------------------------------------- weights from our trainers
+
+def _train(script, tiny_flux, sample_data, out, extra):
+    """A few steps of one of our trainers, in-process (same flags as diffusers' scripts)."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(["--pretrained_model_name_or_path", tiny_flux, "--instance_data_dir", sample_data["instance_dir"],
+                      "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1",
+                      "--max_train_steps", "3", "--output_dir", str(out), "--seed", "0", "--report_to", "none",
+                      "--lr_warmup_steps", "0", *extra])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert rc == 0
+
+
+def test_lora_from_our_trainer(tiny_flux, sample_data, tmp_path):
+    trained = tmp_path / "output_flux_dreambooth_lora"
+    _train(os.path.join(ROOT, "train_flux_dreambooth_lora.py"), tiny_flux, sample_data, trained,
+           ["--rank", "4", "--learning_rate", "5e-2"])
+    common = ["--model_path", tiny_flux, "--prompt", "a photo of sks dog", "--seeds", "8", "23", *FAST]
+    assert infer("BASE", common + ["--output_dir", tmp_path / "base"]) == 0
+    # the LoRA script's default --lora_weights is the LoRA launcher's output folder, relative to the cwd
+    proc = run_script([sys.executable, SCRIPTS["lora"], *map(str, common), "--output_dir", "lora"], cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert infer("LORA", common + ["--lora_weights", trained, "--lora_scale", "0", "--output_dir", tmp_path / "zero"]) == 0
+    base, lora, zero = tmp_path / "base", tmp_path / "lora", tmp_path / "zero"
+    assert len(pngs(lora)) == 2
+    assert min(int(np.abs(pixels(base / b) - pixels(lora / l)).max()) for b, l in zip(pngs(base), pngs(lora))) > 2
+    assert all(np.array_equal(pixels(base / b), pixels(zero / z)) for b, z in zip(pngs(base), pngs(zero)))
+    assert manifest(lora)[0]["lora"] == os.path.realpath(trained / "pytorch_lora_weights.safetensors")
+
+
+def test_dreambooth_script_on_our_full_finetune(tiny_flux, sample_data, tmp_path):
+    trained = tmp_path / "output_flux_dreambooth"
+    _train(os.path.join(ROOT, "train_flux_dreambooth.py"), tiny_flux, sample_data, trained, ["--learning_rate", "1e-3"])
+    common = ["--prompt", "a photo of sks dog", "--seeds", "8", *FAST]
+    assert infer("BASE", common + ["--model_path", tiny_flux, "--output_dir", tmp_path / "base"]) == 0
+    assert infer("DREAMBOOTH", common + ["--model_path", trained, "--output_dir", tmp_path / "tuned"]) == 0
+    (b,), (t,) = pngs(tmp_path / "base"), pngs(tmp_path / "tuned")
+    assert b != t and not np.array_equal(pixels(tmp_path / "base" / b), pixels(tmp_path / "tuned" / t))
+    assert manifest(tmp_path / "tuned")[0]["model"] == os.path.realpath(trained)
