@@ -338,7 +338,7 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
         if not os.path.isfile(index):
             hint = ""
             if os.path.isfile(os.path.join(model_path, LORA_WEIGHT_NAME)):
-                hint = f" (it holds LoRA weights: pass it as --lora_weights with a base --model_path)"
+                hint = " (it holds LoRA weights: pass it as --lora_weights with a base --model_path)"
             raise UserError(f"--model_path {model_path!r} is not a FLUX pipeline folder: it has no model_index.json{hint}")
         try:
             with open(index, encoding="utf-8") as f:

@@ -36,7 +36,7 @@ def _fresh_process_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def infer(defaults, argv, capsys=None):
+def infer(defaults, argv):
     """Run one script's main in-process through the same `cli` wrapper the script uses."""
     from fluxkit import inference
     from fluxkit.errors import cli
