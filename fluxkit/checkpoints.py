@@ -9,11 +9,13 @@ checkpoint is in place, and never removes the newest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import tempfile
 
 from .errors import UserError
 
@@ -100,7 +102,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(partial)
-    except OSError as err:
+    except Exception as err:  # judged below, after every rank is done: a full disk or a bug
         error = err
     accelerator.wait_for_everyone()
     kill_here_for_tests(KILL_IN_CHECKPOINT_ENV, step)
@@ -113,19 +115,83 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.exists(final):  # the same step written again after a resume: replace it
-                shutil.rmtree(final)
+                _discard(final)
             os.replace(partial, final)
-        except OSError as err:
+        except Exception as err:
+            reason = write_failure(err, output_dir)
             shutil.rmtree(partial, ignore_errors=True)
+            if reason is None:
+                raise
             previous = complete_checkpoints(output_dir)
             keep = f"the previous checkpoint {previous[-1][1]!r} is intact" if previous else "no earlier checkpoint exists"
-            raise UserError(f"could not write checkpoint {final!r}: {err.strerror or err}; {keep}; "
+            raise UserError(f"could not write checkpoint {final!r}: {reason}; {keep}; "
                             "free disk space or fix permissions, then resume with --resume_from_checkpoint latest") from None
         prune(output_dir, total_limit)
     elif error is not None:
-        raise UserError(f"could not write checkpoint {final!r} on this rank: {error}")
+        reason = write_failure(error, output_dir)
+        if reason is None:
+            raise error
+        raise UserError(f"could not write checkpoint {final!r} on this rank: {reason}")
     accelerator.wait_for_everyone()
     return final
+
+
+def write_failure(err: BaseException, folder: str) -> str | None:
+    """Why a write into folder failed when storage is to blame (full, read-only, no permission), else None.
+
+    torch.save and safetensors report a full disk as RuntimeError or SafetensorError, not OSError,
+    so for those a probe write decides: storage problems get one clear line, bugs keep their traceback.
+    """
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    text = str(err)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(code) in text:  # e.g. safetensors: "I/O error: No space left on device (os error 28)"
+            return os.strerror(code)
+    return storage_problem(folder)
+
+
+def storage_problem(folder: str, probe_bytes: int = 1 << 20) -> str | None:
+    """Why folder cannot take a new file of probe_bytes now (e.g. 'No space left on device'), or None."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fluxkit-write-probe-", dir=folder)
+    except OSError as err:
+        return err.strerror or str(err)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(probe_bytes))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    return None
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create output_dir and make sure it takes files, before hours of training depend on it."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output_dir {output_dir!r} cannot be created ({err.strerror or err}); choose another folder") from None
+    problem = storage_problem(output_dir, probe_bytes=4096)
+    if problem:
+        raise UserError(f"--output_dir {output_dir!r} is not writable ({problem}); free space, fix its permissions "
+                        "or choose another folder")
+
+
+def _discard(path: str) -> None:
+    """Remove a checkpoint folder so that a crash midway never leaves a complete-looking half of it:
+    renamed first (atomically) to a partial name, which resume ignores and the next run cleans up."""
+    parent, name = os.path.split(path)
+    doomed = os.path.join(parent, f"{PARTIAL_PREFIX}{name}.discarded")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def prune(output_dir: str, total_limit: int | None) -> list[str]:
@@ -135,5 +201,5 @@ def prune(output_dir: str, total_limit: int | None) -> list[str]:
     found = complete_checkpoints(output_dir)
     doomed = found[: max(0, len(found) - max(1, total_limit))]
     for _, path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        _discard(path)
     return [p for _, p in doomed]

@@ -320,7 +320,7 @@ def train(args) -> dict:
     if args.allow_tf32 and info.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if main:
-        os.makedirs(args.output_dir, exist_ok=True)
+        checkpoints.prepare_output_dir(args.output_dir)
         stale = checkpoints.remove_partials(args.output_dir)
         if stale:
             logger.info("removed incomplete checkpoint folders from an interrupted run: %s", ", ".join(stale))
@@ -403,7 +403,7 @@ def train(args) -> dict:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main)
-    if main and resume:
+    if main:  # a fresh start (also 'latest' with no checkpoint yet) keeps no lines of a dead run
         _truncate_step_log(args.output_dir, global_step)
     stop = StopRequest()
     # One JSON line per optimizer step (appended across resumes): loss curves without tensorboard.
@@ -720,11 +720,25 @@ def run_validation(args, accelerator, m: Models, transformer, text_encoder, weig
 
 
 def save_final(args, accelerator, m: Models, transformer, text_encoder, weight_dtype) -> None:
+    try:
+        _write_final(args, m, transformer, text_encoder, weight_dtype)
+    except Exception as err:
+        reason = checkpoints.write_failure(err, args.output_dir)
+        if reason is None:
+            raise
+        found = checkpoints.complete_checkpoints(args.output_dir)
+        keep = f"{found[-1][1]!r} is intact" if found else "no checkpoint was written"
+        raise UserError(f"could not write the final weights to {args.output_dir!r}: {reason}; {keep}; free disk space "
+                        "or fix permissions, then rerun with --resume_from_checkpoint latest") from None
+
+
+def _write_final(args, m: Models, transformer, text_encoder, weight_dtype) -> None:
     if args.lora:
         dtype = torch.float32 if args.upcast_before_saving else weight_dtype
         save_lora(args.output_dir, transformer, text_encoder, dtype)
         return
     # Full fine-tune: a complete pipeline folder; untouched components are copied from the base model.
+    # Each component is staged and renamed into place, so a failure never leaves half a component.
     trained = {"transformer": unwrap_model(transformer)}
     if text_encoder is not None:
         trained["text_encoder"] = unwrap_model(text_encoder)
@@ -740,10 +754,8 @@ def save_final(args, accelerator, m: Models, transformer, text_encoder, weight_d
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(staging, final)
-        except OSError as err:
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"could not write {final!r}: {err.strerror or err}; free disk space or fix permissions, "
-                            "then rerun with --resume_from_checkpoint latest") from None
     shutil.copy2(os.path.join(m.model_dir, "model_index.json"), os.path.join(args.output_dir, "model_index.json"))
 
 
