@@ -92,6 +92,36 @@ def resolve_resume(output_dir: str, spec: str | None, run_type: str) -> tuple[st
     return path, state
 
 
+def load(accelerator, path: str) -> None:
+    """accelerator.load_state(path), with a tampered state file reported in one line.
+
+    accelerate reads optimizer, scheduler and RNG states with torch's weights-only unpickler, which
+    refuses (never runs) pickled objects other than tensors and plain data.
+    """
+    import pickle
+
+    try:
+        accelerator.load_state(path)
+    except pickle.UnpicklingError:
+        culprit = _first_unsafe_file(path)
+        raise UserError(f"checkpoint {path!r}: {culprit or 'a state file'} holds objects other than tensors and plain data, "
+                        "which could run code when loaded, so it was refused; resume from a checkpoint this trainer wrote") from None
+
+
+def _first_unsafe_file(path: str) -> str | None:
+    import pickle
+
+    from accelerate.utils import load as safe_load  # weights_only=True with accelerate's allow-list, as load_state
+
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".bin", ".pkl", ".pt", ".pth")) and os.path.isfile(os.path.join(path, name)):
+            try:
+                safe_load(os.path.join(path, name), map_location="cpu")
+            except pickle.UnpicklingError:
+                return name
+    return None
+
+
 def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int | None) -> str:
     """Write checkpoint-STEP atomically on every rank; returns its path. Errors leave older ones intact."""
     final = os.path.join(output_dir, checkpoint_name(step))

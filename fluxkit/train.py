@@ -109,9 +109,12 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
 
         targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()] if args.lora_layers else DEFAULT_LORA_TARGETS
         m.transformer.to(dtype=weight_dtype)
-        m.transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                             init_lora_weights="gaussian", target_modules=targets))
-        found = [n for n, p in m.transformer.named_parameters() if "lora" in n]
+        try:
+            m.transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 init_lora_weights="gaussian", target_modules=targets))
+            found = [n for n, p in m.transformer.named_parameters() if "lora" in n]
+        except ValueError:  # peft's NoMatchingPeftModuleError: no module has any of these names
+            found = []
         if not found:
             raise UserError(f"--lora_layers {args.lora_layers!r} matched no module of the transformer; "
                             "use names like attn.to_q,attn.to_k,attn.to_v,attn.to_out.0")
@@ -381,7 +384,7 @@ def train(args) -> dict:
     global_step, first_epoch, skip_batches = 0, 0, 0
     if resume:
         path, state = resume
-        accelerator.load_state(path)
+        checkpoints.load(accelerator, path)
         global_step = state["global_step"]
         first_epoch = global_step // updates_per_epoch
         skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
@@ -639,10 +642,13 @@ def register_state_hooks(args, accelerator, m: Models) -> None:
                     continue
                 models.pop(i)
                 folder = os.path.join(input_dir, name)
+                shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+                if not shards:  # never fall back to pickle formats: loading those can run code
+                    raise UserError(f"checkpoint {input_dir!r} holds no {name} weights as .safetensors in {folder!r} "
+                                    "(.bin/.pt pickles are refused); resume from a checkpoint this trainer wrote")
                 state = {}
-                for f in sorted(os.listdir(folder)):
-                    if f.endswith(".safetensors"):
-                        state.update(load_file(os.path.join(folder, f)))
+                for f in shards:
+                    state.update(load_file(os.path.join(folder, f)))
                 ours[name].load_state_dict(state)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
