@@ -96,6 +96,10 @@ def suite_table(name: str, suite: dict) -> str:
     """The markdown for one suite: its rows (case, params, metrics in first-seen order), its
     comparisons, its notes; or why it was skipped or failed."""
     out = [f"### {name}"]
+    load = suite.get("load_average")
+    if load and None not in load:
+        out.append(f"host load average (1 min) {load[0]:.1f} at start, {load[1]:.1f} at end, on {os.cpu_count()} cores; "
+                   f"{suite['seconds']:.0f} s")
     if suite["status"] != "ok":
         out.append(f"{suite['status']}: {suite.get('reason') or 'no reason given'}")
     groups: dict[str, list[dict]] = {}

@@ -67,8 +67,12 @@ def parse_args(argv=None):
     return args
 
 
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def run_suite(name: str, ctx) -> dict:
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), _load()
     try:
         suite = SUITES[name](ctx)
     except harness.CommandFailed as err:
@@ -77,6 +81,8 @@ def run_suite(name: str, ctx) -> dict:
         traceback.print_exc()
         suite = {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
     suite["seconds"] = time.perf_counter() - start
+    # other work on the host skews timings: keep the evidence with the numbers
+    suite["load_average"] = [load_before, _load()]
     return suite
 
 

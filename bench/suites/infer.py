@@ -30,11 +30,11 @@ def measured(summary: dict) -> dict | None:
 def run(ctx) -> dict:
     if not os.path.isfile(os.path.join(harness.ROOT, SCRIPT)):
         return {"status": "skipped", "reason": f"{SCRIPT} is not in this checkout"}
-    assets = ctx.small_assets()
-    cases = [(res, procs) for res in ctx.args.infer_resolutions for procs in (1, 2)]
     if ctx.args.infer_images < 2 * 2:
         return {"status": "skipped", "reason": f"--infer_images {ctx.args.infer_images} leaves no image after warm-up "
                                                "with 2 processes; use 4 or more"}
+    assets = ctx.small_assets()
+    cases = [(res, procs) for res in ctx.args.infer_resolutions for procs in (1, 2)]
     from tqdm.auto import tqdm
 
     rows, failures = [], []
