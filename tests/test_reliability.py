@@ -194,7 +194,8 @@ def checkpoint_2(tiny_flux, sample_data, tmp_path_factory):
     """A LoRA run's output folder holding checkpoint-2 (and its log), to resume on a small disk."""
     out = tmp_path_factory.mktemp("seed") / "out"
     assert train_inprocess(LORA, train_args(tiny_flux, sample_data, out, 2, checkpointing_steps=2)) == 0
-    os.remove(out / "pytorch_lora_weights.safetensors")
+    for name in ("pytorch_lora_weights.safetensors", "train_summary.json", "README.md"):  # as if it stopped at step 2
+        os.remove(out / name)
     return out
 
 
@@ -295,6 +296,12 @@ def test_unwritable_output_dir_is_refused_before_training(tiny_flux, sample_data
     rc = train_inprocess(LORA, train_args(tiny_flux, sample_data, blocker / "out", 1))
     err = capsys.readouterr().err
     assert rc == 2 and "--output_dir" in err and "cannot be created" in err and "Traceback" not in err
+    if os.geteuid() != 0:  # root writes through permission bits; the tmpfs test covers read-only there
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc = train_inprocess(LORA, train_args(tiny_flux, sample_data, locked, 1))
+        err = capsys.readouterr().err
+        assert rc == 2 and "not writable" in err and "Permission denied" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------ 5: SIGINT / SIGTERM
