@@ -292,8 +292,10 @@ fk_processes() {
 
 fk_setup_env() {
     local kv name threads
-    FK_ENV_NAMES=(PYTHONPATH TOKENIZERS_PARALLELISM OMP_NUM_THREADS)
+    FK_ENV_NAMES=(PYTHONPATH TOKENIZERS_PARALLELISM PYTHONUNBUFFERED OMP_NUM_THREADS)
     export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+    # lines reach the log as they happen, not when a pipe buffer fills
+    export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
         threads=1  # the reference's choice next to an accelerator
         if [[ "$FK_DEVICE_TYPE" == cpu ]]; then
@@ -444,7 +446,9 @@ fk_main() {
     start="$(date +%s)"
     fk_print_plan | tee "$FK_LOG"
     set +e
-    "${FK_CMD[@]}" 2>&1 | tee -a "$FK_LOG"
+    # Ctrl-C reaches the whole foreground group; tee ignores it so that the trainer can still
+    # print while it saves its interrupt checkpoint (a dead tee would break its stdout).
+    "${FK_CMD[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$FK_LOG")
     rc="${PIPESTATUS[0]}"
     set -e
     if ((rc != 0)); then

@@ -146,6 +146,21 @@ def test_one_data_source_wins():
     assert_user_error(launch(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
 
 
+def test_toolkit_in_a_folder_with_spaces(tmp_path):
+    kit = tmp_path / "my tool kit"
+    kit.mkdir()
+    for name in ("finetune_flux_dreambooth_lora_deepspeed_bf16.sh", "pretrain_bf16_accelerate_config.yaml",
+                 "train_flux_dreambooth_lora.py"):
+        shutil.copy2(os.path.join(ROOT, name), kit / name)
+    shutil.copytree(os.path.join(ROOT, "fluxkit"), kit / "fluxkit", ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "a work dir"
+    elsewhere.mkdir()
+    p = dry(str(kit / "finetune_flux_dreambooth_lora_deepspeed_bf16.sh"), "--output_dir=out put", cwd=elsewhere)
+    assert p.script == str(kit / "train_flux_dreambooth_lora.py")
+    assert p.acc("--config_file") == str(kit / "pretrain_bf16_accelerate_config.yaml")
+    assert p.env["PYTHONPATH"].split(os.pathsep)[0] == str(kit) and p.flag("output_dir") == "out put"
+
+
 def test_train_script_runs_through_patch_flux(tmp_path):
     upstream = tmp_path / "train_dreambooth_lora_flux.py"
     upstream.write_text("raise SystemExit('not run in a dry run')\n")
