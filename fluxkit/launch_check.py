@@ -41,7 +41,7 @@ def _offline() -> bool:
     return _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
 
 
-def check_config(path: str, grad_accum: int, batch_size: int, num_processes: int | None) -> dict:
+def check_config(path: str, grad_accum: int, batch_size: int) -> dict:
     """Load the accelerate config and refuse anything that would change the effective batch."""
     import yaml
 
@@ -67,19 +67,21 @@ def check_config(path: str, grad_accum: int, batch_size: int, num_processes: int
                 ds_json = json.load(f)
         except (OSError, ValueError) as err:
             raise UserError(f"deepspeed_config_file {ds_file!r} named in {path!r} cannot be read ({err})") from None
+        # (a fixed train_batch_size that disagrees is already a loud error in accelerate/DeepSpeed)
         expected = {"gradient_accumulation_steps": ("gradient_accumulation_steps", grad_accum),
                     "train_micro_batch_size_per_gpu": ("batch_size", batch_size)}
-        if num_processes:
-            expected["train_batch_size"] = ("batch_size x gradient_accumulation_steps x num_processes",
-                                            batch_size * grad_accum * num_processes)
         for field, (key, want) in expected.items():
             have = ds_json.get(field, "auto")
-            if have != "auto" and int(have) != want:
+            if have == "auto":
+                continue
+            if not isinstance(have, int) or isinstance(have, bool):
+                raise UserError(f"{ds_file} sets {field}={have!r}; use a whole number or \"auto\"")
+            if have != want:
                 raise UserError(f"{ds_file} sets {field}={have} but the launcher's {key} gives {want}; DeepSpeed would "
-                                f"silently use {have}: set it to \"auto\" in {ds_file} or pass --{key.split(' ')[0]}={have}")
+                                f"silently use {have}: set it to \"auto\" in {ds_file} or pass --{key}={have}")
     elif "gradient_accumulation_steps" in ds:
         # harmless under the launcher (its --gradient_accumulation_steps wins), but say so once
-        if int(ds["gradient_accumulation_steps"]) != grad_accum:
+        if str(ds["gradient_accumulation_steps"]) != str(grad_accum):
             print(f"note: {path} sets gradient_accumulation_steps={ds['gradient_accumulation_steps']}; "
                   f"the launcher's value {grad_accum} is used for both accelerate and the trainer", file=sys.stderr)
     return config
@@ -122,10 +124,13 @@ def check_instance_dir(path: str) -> None:
 def check_trainer_args(trainer_args: list[str]) -> None:
     for arg in trainer_args:
         flag = arg.split("=", 1)[0]
-        if flag in _LAUNCHER_OWNED:
-            key = _LAUNCHER_OWNED[flag]
-            raise UserError(f"{flag} after -- would disagree with what the launcher hands to accelerate/DeepSpeed; "
-                            f"use the launcher's --{key}=VALUE (before --) instead")
+        if not flag.startswith("--") or len(flag) < 4:
+            continue
+        # argparse also takes unambiguous prefixes (--gradient_acc=8), so those count too
+        for owned, key in _LAUNCHER_OWNED.items():
+            if owned.startswith(flag):
+                raise UserError(f"{flag} after -- would disagree with what the launcher hands to accelerate/DeepSpeed; "
+                                f"use the launcher's --{key}=VALUE (before --) instead")
 
 
 def free_port() -> int:
@@ -141,7 +146,6 @@ def parse_args(argv):
     p.add_argument("--config_file", required=True)
     p.add_argument("--gradient_accumulation_steps", type=int, required=True)
     p.add_argument("--batch_size", type=int, required=True)
-    p.add_argument("--num_processes", type=int, default=None, help="total processes, when the user gave them")
     p.add_argument("--mixed_precision", default=None)
     p.add_argument("--model_name", default=None)
     p.add_argument("--dataset_name", default=None)
@@ -162,7 +166,7 @@ def run(args, trainer_args) -> list[tuple[str, str]]:
     from .device import check_mixed_precision, detect
 
     check_trainer_args(trainer_args)
-    check_config(args.config_file, args.gradient_accumulation_steps, args.batch_size, args.num_processes)
+    check_config(args.config_file, args.gradient_accumulation_steps, args.batch_size)
     if args.train_script and not os.path.isfile(args.train_script):
         raise UserError(f"train_script {args.train_script!r}: no such file; pass --train_script=PATH to a training script")
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):

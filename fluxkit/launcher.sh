@@ -261,7 +261,6 @@ fk_preflight() {
         --model_name "${FK_OPT[model_name]}" --train_script "$FK_SCRIPT")
     [[ -n "${FK_OPT[dataset_name]}" ]] && check+=(--dataset_name "${FK_OPT[dataset_name]}")
     [[ -n "${FK_OPT[instance_dir]}" ]] && check+=(--instance_dir "${FK_OPT[instance_dir]}")
-    [[ -n "${FK_OPT[num_processes]}" ]] && check+=(--num_processes "${FK_OPT[num_processes]}")
     [[ -z "${FK_OPT[main_process_port]}" && "${FK_OPT[num_machines]}" == 1 ]] && check+=(--need_port)
     [[ -n "$FK_DRY_RUN" ]] && check+=(--skip_paths)
     check+=(-- "${FK_EXTRA[@]}")

@@ -186,6 +186,7 @@ def test_train_script_runs_through_patch_flux(tmp_path):
     (["--mixed_precision=fp16"], ["fp16", "not supported on cpu"]),
     (["--", "--gradient_accumulation_steps=8"], ["--gradient_accumulation_steps", "launcher's --gradient_accumulation_steps"]),
     (["--", "--train_batch_size", "2"], ["--train_batch_size", "--batch_size=VALUE"]),
+    (["--", "--report_to=none", "--mixed_prec=fp32"], ["--mixed_prec", "--mixed_precision=VALUE"]),  # argparse prefix
     (["--num_machines=2"], ["MASTER_ADDR", "--main_process_ip"]),
     (["--num_machines=2", "--machine_rank=2", "--main_process_ip=h"], ["--machine_rank=2", "below"]),
     (["--num_processes=3", "--num_machines=2", "--main_process_ip=h"], ["--num_processes=3", "evenly"]),
@@ -219,6 +220,8 @@ def test_deepspeed_json_that_would_change_the_batch_is_refused(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(open(CONFIG).read().replace("deepspeed_config:\n", f"deepspeed_config:\n  deepspeed_config_file: {ds}\n"))
     assert_user_error(launch(FULL, "--dry_run", f"--config_file={config}"), "gradient_accumulation_steps=2", "gives 4")
+    ds.write_text(json.dumps({"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": 3}))
+    assert_user_error(launch(FULL, "--dry_run", f"--config_file={config}"), "train_micro_batch_size_per_gpu=3", "gives 16")
     ds.write_text(json.dumps({"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto"}))
     assert dry(FULL, f"--config_file={config}").acc("--config_file") == str(config)
 
