@@ -251,6 +251,18 @@ def test_npu_host_gets_the_ascend_environment_and_a_process_per_npu(fake_npu):
     assert cpu.acc("--num_processes") == "1" and not set(ASCEND_VARS) & set(cpu.env)
 
 
+def test_gpu_host_gets_a_process_per_gpu_and_no_ascend_settings(tmp_path):
+    # torch on this host has no CUDA: a sitecustomize makes it report 4 GPUs to fluxkit.device
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.device_count = lambda: 4\n"
+        "torch.cuda.is_bf16_supported = lambda *a, **k: True\n")
+    p = dry(LORA, env={"PYTHONPATH": str(tmp_path)})
+    assert p.acc("--num_processes") == "4" and p.flag("device") == "cuda"
+    assert p.env["OMP_NUM_THREADS"] == "1" and not set(ASCEND_VARS) & set(p.env)
+
+
 def test_multi_node_from_the_environment_and_keys(fake_npu):
     env = {**fake_npu, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29123"}
     p = dry(LORA, env=env)
