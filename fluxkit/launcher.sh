@@ -365,14 +365,26 @@ fk_build_command() {
 }
 
 fk_print_plan() {
-    local name line
+    local name line arg hide=""
+    local shown=()
+    # the plan is also teed into logs/train_*.log: never show a hub token given after --
+    for arg in "${FK_CMD[@]}"; do
+        if [[ -n "$hide" ]]; then
+            shown+=("***"); hide=""
+        elif [[ "$arg" == --hub_token=* ]]; then
+            shown+=("--hub_token=***")
+        else
+            shown+=("$arg")
+            [[ "$arg" == --hub_token ]] && hide=1
+        fi
+    done
     echo "device: $FK_DEVICE_TYPE x $FK_DEVICE_COUNT per machine; machines: ${FK_OPT[num_machines]} (this one: rank ${FK_OPT[machine_rank]}); processes: ${FK_OPT[num_processes]}"
     echo "global batch: ${FK_OPT[batch_size]} per device x ${FK_OPT[num_processes]} processes x ${FK_OPT[gradient_accumulation_steps]} accumulation = $((10#${FK_OPT[batch_size]} * 10#${FK_OPT[num_processes]} * 10#${FK_OPT[gradient_accumulation_steps]})) images per optimizer step"
     echo "environment:"
     for name in "${FK_ENV_NAMES[@]}"; do
         printf '  %s=%q\n' "$name" "${!name}"
     done
-    line="$(printf '%q ' "${FK_CMD[@]}")"
+    line="$(printf '%q ' "${shown[@]}")"
     echo "command:"
     echo "  ${line% }"
 }
