@@ -343,16 +343,9 @@ def model_geometry(model_path: str) -> dict:
 
 def process_peak_flops(device_info, dtype, processes: int) -> float | None:
     """Peak FLOP/s one process of a `processes`-process run can use: a device each on
-    accelerators; on CPU the matmul peak at that process's share of the cores."""
-    import torch
+    accelerators; on CPU its share of the whole CPU's measured peak."""
+    from fluxkit.flops import cpu_peak_flops, peak_flops
 
-    from fluxkit.flops import peak_flops
-
-    if device_info.type != "cpu":
-        return peak_flops(device_info, dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
-    try:
-        return peak_flops(device_info, dtype)
-    finally:
-        torch.set_num_threads(before)
+    if device_info.type == "cpu" and not os.environ.get("FLUXKIT_PEAK_TFLOPS"):
+        return cpu_peak_flops(dtype) / processes
+    return peak_flops(device_info, dtype)

@@ -3,7 +3,7 @@
 
     python -m bench                      # every suite (gpu skips itself without an accelerator)
     python -m bench flops train-lora     # some suites
-    python bench/run.py infer --repeats 5
+    python bench/run.py infer --infer_repeats 5
 
 Timings exclude warm-up and report the median with the spread (max - min) over repeats: the
 measured optimizer steps of a training case, the runs of an inference case. A comparison

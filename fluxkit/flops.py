@@ -13,8 +13,8 @@ knows both halves:
   step is 2x their forward; attention has no weights and stays 3x. Adapter matmuls are not
   counted (2*rank/dim of an adapted layer: 1% at rank 16 on FLUX.1-dev), so LoRA MFU errs low.
 * `peak_flops` is the peak of one device: a table of vendor dense-matmul figures for known
-  accelerators, FLUXKIT_PEAK_TFLOPS to override, and on CPU a short matmul measurement that is
-  cached on disk so that no script pays for it twice.
+  accelerators, FLUXKIT_PEAK_TFLOPS to override, and on CPU a short all-core matmul
+  measurement, cached on disk so that no script pays for it twice, shared by the processes.
 
 The text encoders and the VAE are not counted: the trainers cache their outputs where exact,
 and the transformer is where the time goes at any real resolution.
@@ -238,16 +238,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cached_cpu_peak(dtype) -> float:
-    """The CPU matmul peak for this CPU, thread count, dtype and torch, measured once per host.
+def _host_busy() -> bool:
+    """Whether other work keeps more than half the cores busy (1-minute load average)."""
+    if not hasattr(os, "getloadavg"):
+        return False
+    return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
 
-    A file lock serialises concurrent callers (every rank of a multi-process run asks at the
-    same moment): one measures while the others wait, so none measures a contended CPU.
+
+def cpu_peak_flops(dtype) -> float:
+    """The whole CPU's matmul peak (every core) in `dtype`, measured once per host and cached.
+
+    Other work on the host can only slow a matmul down, so the cache keeps the best value
+    seen, and a value measured on a busy host is measured again by the next caller that finds
+    the host quiet. A file lock serialises concurrent callers (every rank of a multi-process
+    run asks at the same moment): one measures while the others wait.
     """
     import torch
 
-    threads = torch.get_num_threads()
-    key = f"cpu|{_cpu_model()}|threads={threads}|{str(dtype).replace('torch.', '')}|torch={torch.__version__}"
+    cores = os.cpu_count() or 1
+    key = f"cpu|{_cpu_model()}|cores={cores}|{str(dtype).replace('torch.', '')}|torch={torch.__version__}"
     path = _cache_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".lock", "a+") as lock:
@@ -264,21 +273,36 @@ def _cached_cpu_peak(dtype) -> float:
                     cache = json.load(f)
             except (OSError, ValueError):
                 cache = {}  # a corrupt cache is re-measured, never fatal
-        if key not in cache:
-            cache[key] = measure_matmul_peak("cpu", dtype)
+        entry = cache.get(key) if isinstance(cache.get(key), dict) else None
+        busy = _host_busy()
+        if entry is None or (not entry.get("quiet") and not busy):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(cores)
+            try:
+                measured = measure_matmul_peak("cpu", dtype, size=2048, seconds=1.0)
+            finally:
+                torch.set_num_threads(previous)
+            entry = {"flops": max(measured, float(entry["flops"]) if entry else 0.0), "quiet": not busy}
+            cache[key] = entry
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 json.dump(cache, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
-        return float(cache[key])
+        return float(entry["flops"])
+
+
+def local_processes() -> int:
+    """Processes of this run on this host (torchrun/accelerate set LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
 
 
 def peak_flops(device_info, dtype) -> float | None:
     """Peak FLOP/s of ONE device of this kind in `dtype`, or None when it is not known.
 
     Order: FLUXKIT_PEAK_TFLOPS (TFLOP/s per device), the datasheet table for accelerators,
-    a cached matmul measurement on CPU (per thread count: each process of a multi-process
-    CPU run gets its own share of the cores).
+    on CPU the cached all-core matmul measurement divided by the processes of this run on
+    this host: they share one CPU, and cores may be SMT siblings, so a per-thread-count
+    measurement would overstate what each process can get.
     """
     override = os.environ.get(PEAK_ENV)
     if override:
@@ -290,5 +314,5 @@ def peak_flops(device_info, dtype) -> float | None:
             raise UserError(f"{PEAK_ENV}={override!r} is not a positive number of TFLOP/s per device; fix or unset it")
         return value * 1e12
     if device_info.type == "cpu":
-        return _cached_cpu_peak(dtype)
+        return cpu_peak_flops(dtype) / local_processes()
     return table_peak_flops(_device_name(device_info), dtype)

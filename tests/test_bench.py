@@ -95,20 +95,25 @@ def test_peak_table_knows_datasheet_gpus_only_in_half_precision():
     assert table_peak_flops("Some Future Chip", torch.bfloat16) is None
 
 
-def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+def test_cpu_peak_is_measured_once_cached_and_shared_by_local_processes(tmp_path, monkeypatch):
     from fluxkit.device import detect
     from fluxkit.flops import peak_flops
 
     monkeypatch.setenv("FLUXKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FLUXKIT_PEAK_TFLOPS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     first = peak_flops(detect("cpu"), torch.bfloat16)
     assert first > 1e8  # any CPU of this century does over 0.1 GFLOP/s
     cache = tmp_path / "peak_flops.json"
     entries = json.loads(cache.read_text())
-    (key,) = [k for k in entries if "bfloat16" in k and f"threads={torch.get_num_threads()}" in k]
-    entries[key] = 123.0  # a value no measurement gives: proves the next call reads the cache
+    (key,) = [k for k in entries if "bfloat16" in k]
+    assert entries[key]["flops"] == first
+    entries[key] = {"flops": 123.0, "quiet": True}  # no measurement gives this: the next calls read the cache
     cache.write_text(json.dumps(entries))
     assert peak_flops(detect("cpu"), torch.bfloat16) == 123.0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one run share the CPU
+    assert peak_flops(detect("cpu"), torch.bfloat16) == 61.5
 
 
 def test_peak_env_override_and_bad_value(monkeypatch):
