@@ -75,3 +75,25 @@ def assert_user_error(proc, *needles):
     for n in needles:
         assert n in errors[0], f"{n!r} not in {errors[0]!r}"
     return errors[0]
+
+
+def trainer_args(model, data, out, steps=4, **extra):
+    """Trainer flags for the tiny model: 32x32, micro batch 1, seeded, no trackers; extra as flag=value
+    (True for a bare flag; a later flag of the same name overrides an earlier one)."""
+    args = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
+            "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1",
+            "--max_train_steps", str(steps), "--output_dir", str(out), "--seed", "0", "--report_to", "none",
+            "--lr_warmup_steps", "0"]
+    for k, v in extra.items():
+        args += [f"--{k}"] + ([] if v is True else [str(v)])
+    return args
+
+
+def run_entry_inprocess(script, args):
+    """An entry script's main() in this process (no interpreter start): its exit status."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(args)

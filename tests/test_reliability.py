@@ -21,7 +21,7 @@ import time
 import pytest
 
 from bad_inputs import CASES, ENTRY_POINTS
-from conftest import ROOT, accelerate_launch, assert_user_error, run_script
+from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_script, trainer_args
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
@@ -32,23 +32,7 @@ SIGKILLED = -signal.SIGKILL
 
 def train_args(model, data, out, steps, **extra):
     """fp32, one process, seeded: the setting where resume must be bit-identical."""
-    args = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
-            "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1",
-            "--max_train_steps", str(steps), "--output_dir", str(out), "--seed", "0", "--report_to", "none",
-            "--lr_warmup_steps", "0", "--mixed_precision", "no"]
-    for k, v in extra.items():
-        args += [f"--{k}"] + ([] if v is True else [str(v)])
-    return args
-
-
-def train_inprocess(script, args):
-    """An entry script's main() in this process (no interpreter start): its exit status."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(args)
+    return trainer_args(model, data, out, steps, mixed_precision="no", **extra)
 
 
 def train_subprocess(script, args, env=None, **kw):

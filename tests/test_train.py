@@ -9,30 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, assert_user_error, run_script
+from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_script
+from conftest import trainer_args as base_args
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
-
-
-def base_args(model, data, out, steps=4, **extra):
-    args = ["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
-            "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1",
-            "--max_train_steps", str(steps), "--output_dir", str(out), "--seed", "0", "--report_to", "none",
-            "--lr_warmup_steps", "0"]
-    for k, v in extra.items():
-        args += [f"--{k}"] + ([] if v is True else [str(v)])
-    return args
-
-
-def train_inprocess(script, args):
-    """Run an entry script's main() here (fast: no interpreter start); returns its exit code."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(args)
 
 
 def losses(out):
