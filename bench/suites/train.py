@@ -118,7 +118,7 @@ def run(ctx, mode: str) -> dict:
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH} per process, {ctx.args.train_steps} steps of which "
              f"{ctx.args.warmup_steps} warm-up, bf16; prompt {INSTANCE_PROMPT!r}",
              "MFU: model FLOPs of the transformer (fluxkit.flops; LoRA counts no base weight gradients) per process / "
-             f"s/step / that process's peak ({'measured bf16 matmul peak at its share of the cores' if ctx.device.type == 'cpu' else 'datasheet'})",
+             f"s/step / that process's peak ({'measured all-core bf16 matmul peak / processes' if ctx.device.type == 'cpu' else 'datasheet'})",
              "peak memory: per process (resident set size on CPU, allocated device memory on accelerators)"]
     notes += [f"failed run: {f}" for f in failures]
     status = "ok" if rows and not failures else "failed"
