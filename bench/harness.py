@@ -57,6 +57,16 @@ def compare(base: dict | None, other: dict | None) -> dict:
 
 # ---------------------------------------------------------------- formatting
 
+def suite_result(rows: list, comparisons: list, notes: list[str], failures: list[str]) -> dict:
+    """A measuring suite's result: failed when any run failed or nothing was measured."""
+    notes = notes + [f"failed run: {f}" for f in failures]
+    status = "ok" if rows and not failures else "failed"
+    result = {"status": status, "rows": rows, "comparisons": comparisons, "notes": notes}
+    if status == "failed":
+        result["reason"] = failures[0] if failures else "no run produced a summary"
+    return result
+
+
 def fmt_number(value: Any, digits: int = 3) -> str:
     """A number with `digits` significant digits, no exponent for everyday magnitudes."""
     if value is None:

@@ -74,9 +74,4 @@ def run(ctx) -> dict:
              "2 processes via accelerate launch, each with half the cores",
              "s/image and it/s cover the whole pipeline call (text encoders, denoising steps, VAE decode, PNG write), "
              "after each process's first image; it/s = images x steps / seconds over all processes"]
-    notes += [f"failed run: {f}" for f in failures]
-    status = "ok" if rows and not failures else "failed"
-    result = {"status": status, "rows": rows, "comparisons": comparisons, "notes": notes}
-    if status == "failed":
-        result["reason"] = failures[0] if failures else "no run produced a summary"
-    return result
+    return harness.suite_result(rows, comparisons, notes, failures)

@@ -120,9 +120,4 @@ def run(ctx, mode: str) -> dict:
              "MFU: model FLOPs of the transformer (fluxkit.flops; LoRA counts no base weight gradients) per process / "
              f"s/step / that process's peak ({'measured all-core bf16 matmul peak / processes' if ctx.device.type == 'cpu' else 'datasheet'})",
              "peak memory: per process (resident set size on CPU, allocated device memory on accelerators)"]
-    notes += [f"failed run: {f}" for f in failures]
-    status = "ok" if rows and not failures else "failed"
-    result = {"status": status, "rows": rows, "comparisons": comparisons, "notes": notes}
-    if status == "failed":
-        result["reason"] = failures[0] if failures else "no run produced a summary"
-    return result
+    return harness.suite_result(rows, comparisons, notes, failures)
