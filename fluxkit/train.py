@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoints, flops
-from .data import DreamBoothDataset, EpochShuffleSampler, collate, list_images
+from .data import IMAGE_EXTENSIONS, DreamBoothDataset, EpochShuffleSampler, collate, list_images
 from .device import build_accelerator, check_mixed_precision, detect, peak_memory_bytes, synchronize, torch_dtype
 from .errors import UserError
 from .lora import save_lora, lora_save_load_hooks, unwrap_model
@@ -332,7 +332,7 @@ def train(args) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     models = load_models(args, model_dir, weight_dtype)
     if args.with_prior_preservation:
-        class_images = prepare_class_images(args, accelerator, models, info)
+        class_images = prepare_class_images(args, accelerator, info)
     else:
         class_images = None
     trainables = setup_trainables(args, models, weight_dtype)
@@ -503,7 +503,8 @@ def train(args) -> dict:
     if main:
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        print(json.dumps(summary), flush=True)
+        # the printed line stays one short line however long the run: per-step times are in the file
+        print(json.dumps({k: v for k, v in summary.items() if k != "step_seconds"}), flush=True)
     return summary
 
 
@@ -656,11 +657,10 @@ def register_state_hooks(args, accelerator, m: Models) -> None:
 
 # ------------------------------------------------------------------------------ class images
 
-def prepare_class_images(args, accelerator, m_unused, info) -> list[str]:
+def prepare_class_images(args, accelerator, info) -> list[str]:
     """Fill --class_data_dir up to --num_class_images with images from the base model."""
     os.makedirs(args.class_data_dir, exist_ok=True)
-    existing = [f for f in os.listdir(args.class_data_dir)] if os.path.isdir(args.class_data_dir) else []
-    have = len([f for f in existing if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))])
+    have = len([f for f in os.listdir(args.class_data_dir) if f.lower().endswith(IMAGE_EXTENSIONS)])
     if have < args.num_class_images:
         from diffusers import FluxPipeline
 

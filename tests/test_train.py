@@ -34,6 +34,9 @@ def test_full_run_checkpoints_resume_and_limit(tiny_flux, sample_data, tmp_path,
     assert train_inprocess(FULL, base_args(tiny_flux, sample_data, out, steps=4, checkpointing_steps=2)) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["global_step"] == 4 and summary["run_type"] == "full" and summary["images_per_sec"] > 0
+    # the printed line stays short; the per-step times (after 2 warm-up steps) are in the file
+    saved = json.loads((out / "train_summary.json").read_text())
+    assert "step_seconds" not in summary and len(saved["step_seconds"]) == 2
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "scheduler" / "scheduler_config.json").is_file()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

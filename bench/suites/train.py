@@ -43,14 +43,15 @@ def _flags(ctx, mode: str, assets: dict, output_dir: str, cache: bool) -> list[s
 
 
 def read_summary(stdout: str, output_dir: str) -> dict:
-    """The trainer's summary: its JSON line on stdout, else OUTPUT_DIR/train_summary.json."""
-    lines = [line for line in stdout.splitlines() if line.startswith(SUMMARY_PREFIX)]
-    if lines:
-        return json.loads(lines[-1])
+    """The trainer's summary: OUTPUT_DIR/train_summary.json (it has the per-step times), else its
+    JSON line on stdout."""
     path = os.path.join(output_dir, "train_summary.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    lines = [line for line in stdout.splitlines() if line.startswith(SUMMARY_PREFIX)]
+    if lines:
+        return json.loads(lines[-1])
     raise harness.CommandFailed(f"the trainer printed no summary line and wrote no {path}")
 
 
