@@ -12,8 +12,7 @@ FK_NETWORK=FluxDreambooth
 FK_TRAINER=train_flux_dreambooth.py
 FK_DESCRIPTION="Full DreamBooth fine-tuning of FLUX.1 (every transformer weight trains; output: a complete pipeline folder)."
 FK_KEYS=(model_name instance_dir dataset_name instance_prompt batch_size resolution gradient_accumulation_steps
-    learning_rate max_train_steps mixed_precision checkpointing_steps seed output_dir config_file num_processes
-    num_machines machine_rank main_process_ip main_process_port device train_script)
+    learning_rate max_train_steps mixed_precision checkpointing_steps seed output_dir)
 declare -A FK_DEFAULT=(
     [model_name]="black-forest-labs/FLUX.1-dev"
     [instance_dir]="dog"
@@ -28,14 +27,6 @@ declare -A FK_DEFAULT=(
     [checkpointing_steps]=50000
     [seed]=0
     [output_dir]="output_flux_dreambooth"
-    [config_file]="pretrain_bf16_accelerate_config.yaml"
-    [num_processes]=""
-    [num_machines]=1
-    [machine_rank]=0
-    [main_process_ip]=""
-    [main_process_port]=""
-    [device]=auto
-    [train_script]=""
 )
 # the reference's fixed settings
 FK_FIXED_ARGS=(--guidance_scale=1 --gradient_checkpointing --max_grad_norm=1 --dataloader_num_workers=0

@@ -12,8 +12,7 @@ FK_NETWORK=FluxLora
 FK_TRAINER=train_flux_dreambooth_lora.py
 FK_DESCRIPTION="DreamBooth-LoRA fine-tuning of FLUX.1 (output: pytorch_lora_weights.safetensors for FluxPipeline.load_lora_weights)."
 FK_KEYS=(model_name dataset_name instance_dir caption_column instance_prompt validation_prompt batch_size resolution
-    gradient_accumulation_steps learning_rate rank max_train_steps mixed_precision checkpointing_steps seed output_dir
-    config_file num_processes num_machines machine_rank main_process_ip main_process_port device train_script)
+    gradient_accumulation_steps learning_rate rank max_train_steps mixed_precision checkpointing_steps seed output_dir)
 declare -A FK_DEFAULT=(
     [model_name]="black-forest-labs/FLUX.1-dev"
     [dataset_name]="pokemon-blip-captions"
@@ -31,14 +30,6 @@ declare -A FK_DEFAULT=(
     [checkpointing_steps]=5001
     [seed]=0
     [output_dir]="output_flux_dreambooth_lora"
-    [config_file]="pretrain_bf16_accelerate_config.yaml"
-    [num_processes]=""
-    [num_machines]=1
-    [machine_rank]=0
-    [main_process_ip]=""
-    [main_process_port]=""
-    [device]=auto
-    [train_script]=""
 )
 # the reference's fixed settings
 FK_FIXED_ARGS=(--gradient_checkpointing --dataloader_num_workers=8 --lr_scheduler=constant --lr_warmup_steps=0

@@ -6,11 +6,25 @@
 #   FK_NETWORK     the reference's network name, used in CASE_NAME.log (FluxDreambooth, FluxLora)
 #   FK_TRAINER     our trainer script, relative to FK_ROOT
 #   FK_DESCRIPTION one line for --help
-#   FK_KEYS        the --key=value options this launcher knows, in --help order
+#   FK_KEYS        the --key=value options particular to this launcher, in --help order
+#                  (FK_COMMON_KEYS below are appended: every launcher has them)
 #   FK_DEFAULT     associative array key -> default (the reference's values)
 #   FK_DEMO        associative array key -> value under --demo (a key the user gives still wins)
 #   FK_FIXED_ARGS  trainer flags always passed (the reference's fixed settings)
 #   FK_DEMO_ARGS   trainer flags added under --demo, before the user's `--` arguments
+
+# Keys every launcher has, with their defaults (a launcher's FK_DEFAULT may still override one).
+FK_COMMON_KEYS=(config_file num_processes num_machines machine_rank main_process_ip main_process_port device train_script)
+declare -A FK_COMMON_DEFAULT=(
+    [config_file]="pretrain_bf16_accelerate_config.yaml"
+    [num_processes]=""
+    [num_machines]=1
+    [machine_rank]=0
+    [main_process_ip]=""
+    [main_process_port]=""
+    [device]=auto
+    [train_script]=""
+)
 
 # Ascend settings the reference exports; only on NPU hosts, and a value already in the caller's
 # environment wins.
@@ -420,6 +434,10 @@ fk_main() {
     FK_EXTRA=()
     declare -gA FK_OPT=() FK_GIVEN=()
     local k
+    FK_KEYS+=("${FK_COMMON_KEYS[@]}")
+    for k in "${FK_COMMON_KEYS[@]}"; do
+        [[ -v "FK_DEFAULT[$k]" ]] || FK_DEFAULT["$k"]="${FK_COMMON_DEFAULT[$k]}"
+    done
     for k in "${FK_KEYS[@]}"; do
         FK_OPT[$k]="${FK_DEFAULT[$k]:-}"
     done
