@@ -38,12 +38,30 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
-            rc = main(*args, **kwargs)
+            rc = int(main(*args, **kwargs) or 0)
         except UserError as err:
-            return report_user_error(err)
+            rc = report_user_error(err)
         except KeyboardInterrupt:
             print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
-        return int(rc or 0)
+            rc = EXIT_INTERRUPTED
+        _record_exit_status(rc)
+        return rc
 
     return wrapper
+
+
+EXIT_STATUS_ENV = "FLUXKIT_EXIT_STATUS_FILE"
+
+
+def _record_exit_status(rc: int) -> None:
+    """Leave our exit status where a launcher asked for it: `accelerate launch` itself only
+    reports 1 for any failed process, and the launchers promise the trainer's own status."""
+    import os
+
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{rc}\n")
+        except OSError:
+            pass  # the status is a courtesy; never turn it into a second failure

@@ -474,12 +474,19 @@ fk_main() {
     FK_LOG="$out/logs/train_${FK_OPT[mixed_precision]}_${FK_NETWORK}_$(date +%Y%m%d_%H%M%S).log"
     start="$(date +%s)"
     fk_print_plan | tee "$FK_LOG"
+    # our trainers write their own exit status here (accelerate reports 1 for any failure)
+    export FLUXKIT_EXIT_STATUS_FILE="$out/logs/.trainer_exit_status"
+    rm -f "$FLUXKIT_EXIT_STATUS_FILE"
     set +e
     # Ctrl-C reaches the whole foreground group; tee ignores it so that the trainer can still
     # print while it saves its interrupt checkpoint (a dead tee would break its stdout).
     "${FK_CMD[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$FK_LOG")
     rc="${PIPESTATUS[0]}"
     set -e
+    if ((rc != 0)) && [[ -s "$FLUXKIT_EXIT_STATUS_FILE" ]]; then
+        read -r rc < "$FLUXKIT_EXIT_STATUS_FILE"
+        ((rc != 0)) || rc=1  # the trainer ended well but another process did not
+    fi
     if ((rc != 0)); then
         printf '%s: error: training failed with exit status %s; see %s\n' "$FK_PROG" "$rc" "$FK_LOG" >&2
         exit "$rc"

@@ -353,6 +353,18 @@ def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample
     assert len(logs) == 1 and "train_lora_flux_2024_shape.py: error:" in logs[0].read_text()  # its argparse said why
 
 
+@pytest.mark.slow
+def test_failed_run_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
+    # our trainer rejects a value only it checks: the launcher's status is the trainer's 2, not accelerate's 1
+    out = tmp_path / "out"
+    proc = launch(LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}",
+                  f"--output_dir={out}", "--num_processes=1", "--", "--max_sequence_length=9999", timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training failed with exit status 2" in proc.stderr and "Final Performance" not in proc.stdout
+    (log,) = (out / "logs").glob("train_*.log")
+    assert "--max_sequence_length 9999 must be between 1 and 512" in log.read_text()
+
+
 def _check_run(proc, out, network):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
