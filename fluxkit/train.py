@@ -299,8 +299,7 @@ def train(args) -> dict:
     if args.optimizer.lower() == "prodigy":
         _require("prodigyopt", "--optimizer prodigy needs prodigyopt; pip install prodigyopt")
     if args.push_to_hub:
-        raise UserError("--push_to_hub needs network access to the hub, which this run does not have; "
-                        "train without it and upload the output folder later with `huggingface-cli upload`")
+        check_hub_reachable()
     model_dir = resolve_model_dir(args)
     if args.enable_npu_flash_attention and info.type != "npu":
         raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
@@ -490,6 +489,8 @@ def train(args) -> dict:
             sample_images = run_validation(args, accelerator, models, transformer, text_encoder, weight_dtype, "final")
         if args.lora:
             write_model_card(args, sample_images)
+        if args.push_to_hub:
+            push_to_hub(args)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -763,6 +764,38 @@ def _write_final(args, m: Models, transformer, text_encoder, weight_dtype) -> No
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     shutil.copy2(os.path.join(m.model_dir, "model_index.json"), os.path.join(args.output_dir, "model_index.json"))
+
+
+def check_hub_reachable() -> None:
+    """Fail before training, not after hours of it, when --push_to_hub cannot work."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    fix = "train without --push_to_hub and upload the output folder later with `hf upload`"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"--push_to_hub needs the hub, but HF_HUB_OFFLINE is set; {fix}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"--push_to_hub cannot reach {constants.ENDPOINT} ({err}); {fix}") from None
+
+
+def push_to_hub(args) -> None:
+    """Upload the final weights (not checkpoints or logs) to --hub_model_id (default: the folder's name)."""
+    from huggingface_hub import HfApi
+
+    repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        api = HfApi(token=args.hub_token)
+        repo_id = api.create_repo(repo, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="fluxkit DreamBooth training",
+                          ignore_patterns=["checkpoint-*", ".partial-*", "logs/*", "train_log.jsonl"])
+    except Exception as err:  # network and auth errors come in many types; the weights are safe on disk
+        raise UserError(f"--push_to_hub: upload to {repo!r} failed ({type(err).__name__}: {str(err)[:200]}); the trained "
+                        f"weights are complete in {args.output_dir!r}; upload them with `hf upload {repo} {args.output_dir}`") from None
 
 
 def write_model_card(args, sample_images: list[str]) -> None:
