@@ -8,6 +8,7 @@ import os
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -456,3 +457,46 @@ def test_deepspeed_lora_run_checkpoints_twice_and_resumes(tiny_flux, sample_data
         pipe.load_lora_weights(str(ckpt))
         tuned = pipe.transformer(**x)[0]
     assert (tuned - base).abs().max() > 1e-3, "the LoRA trained under DeepSpeed must change the output"
+
+
+@pytest.mark.slow
+def test_deepspeed_full_finetune_shape_checkpoints_prunes_resumes_and_saves_a_pipeline(tiny_flux, sample_data, tmp_path):
+    """The full fine-tune shape (train_dreambooth_flux.py): the save hook save_pretrained()s the
+    transformer, the checkpoint block is rank 0's, the end saves a whole pipeline."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    out = tmp_path / "out"
+    script = os.path.join(FIXTURES, "train_full_flux_2024_shape.py")
+    common = [RUNNER, script, "--pretrained_model_name_or_path", tiny_flux, "--instance_data_dir", sample_data["instance_dir"],
+              "--output_dir", str(out), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--mixed_precision", "bf16"]
+    first = accelerate_launch(common + ["--max_train_steps", "4", "--validation_prompt", "a photo of sks dog"], timeout=180)
+    assert first.returncode == 0, first.stderr[-5000:]
+    summary = [l for l in first.stderr.splitlines() if l.startswith("patch_flux.py: ")]
+    assert len(summary) == 1, first.stderr[-3000:]  # rank 0 only
+    assert "fixes applied: checkpoint-io-rank0, checkpoint-every-rank, validation-dtype" in summary[0]
+    assert "not needed: lora-save-hook, lora-load-hook" in summary[0]
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert result["num_processes"] == 2 and result["distributed_type"].endswith("DEEPSPEED") and result["global_step"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4"]  # 2 was pruned
+    assert (out / "validation-epoch-1.png").exists() and (out / "validation-final.png").exists()
+
+    second = accelerate_launch(common + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"], timeout=180)
+    assert second.returncode == 0, second.stderr[-5000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"] == 4 and result["global_step"] == 6 and len(result["losses"]) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-6"]
+
+    base = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
+    ckpt = FluxTransformer2DModel.from_pretrained(str(out / "checkpoint-6"), subfolder="transformer")
+    base_sd, ckpt_sd = base.state_dict(), ckpt.state_dict()
+    assert base_sd.keys() == ckpt_sd.keys()
+    assert any(not torch.equal(ckpt_sd[k], base_sd[k].to(ckpt_sd[k].dtype)) for k in base_sd), \
+        "six full fine-tune steps must change the saved transformer"
+
+    pipe = FluxPipeline.from_pretrained(str(out), local_files_only=True, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    final_sd = pipe.transformer.state_dict()
+    assert all(torch.equal(final_sd[k], ckpt_sd[k].float()) for k in ckpt_sd), "the final pipeline holds step 6's transformer"
+    image = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
