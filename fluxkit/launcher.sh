@@ -125,9 +125,13 @@ Environment:
                  demo cache (default: \${XDG_CACHE_HOME:-\$HOME/.cache}/fluxkit/demo)
   OMP_NUM_THREADS, TOKENIZERS_PARALLELISM
                  set everywhere (1 per process on NPU/GPU, cores / processes on CPU; false)
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+                 seconds a signalled run may take to save its checkpoint before it is killed (600)
   On NPU only, each unless already set (the reference's Ascend settings):
 $(printf '                 %s\n' "${FK_ASCEND_ENV[@]}")
 
+SIGINT/SIGTERM to this launcher reach the trainer, which saves a checkpoint and exits 2 with the
+command to resume.
 Exit status: the trainer's; 2 for bad input (one line naming the culprit, before anything starts).
 EOF
 }
@@ -305,8 +309,11 @@ fk_processes() {
 
 fk_setup_env() {
     local kv name threads
-    FK_ENV_NAMES=(PYTHONPATH TOKENIZERS_PARALLELISM PYTHONUNBUFFERED OMP_NUM_THREADS)
+    FK_ENV_NAMES=(PYTHONPATH TOKENIZERS_PARALLELISM PYTHONUNBUFFERED OMP_NUM_THREADS TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
     export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+    # seconds torchrun lets its workers finish after passing on a signal before it kills them
+    # (torch's 30 would cut short a step plus the interrupt checkpoint of a 12B model)
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
     # lines reach the log as they happen, not when a pipe buffer fills
     export PYTHONUNBUFFERED="${PYTHONUNBUFFERED:-1}"
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
@@ -425,6 +432,37 @@ fk_demo_infer() {
     echo "  training log : $FK_LOG"
 }
 
+fk_forward_signal() {
+    # the run may have just ended: nothing left to tell
+    kill -s "$1" -- "-$FK_RUN_PGID" 2>/dev/null || true
+}
+
+# Runs FK_CMD with its output teed into FK_LOG; sets FK_RC to the trainer's status. A SIGINT or
+# SIGTERM sent to this launcher alone (`kill PID`, a batch scheduler) is passed on to the run's
+# process group, so that the trainer saves its interrupt checkpoint; the launcher then waits for it.
+# bash runs no trap while a foreground command runs, hence a background job and `wait`.
+fk_run_training() {
+    local tee_pid
+    trap 'fk_forward_signal INT' INT
+    trap 'fk_forward_signal TERM' TERM
+    # job control gives the run a process group of its own; at a terminal, Ctrl-C then reaches
+    # only this shell, which forwards it once. tee ignores both signals so that the trainer can
+    # still print while it saves (a dead tee would break its stdout).
+    set -m
+    "${FK_CMD[@]}" 2>&1 </dev/null | (trap '' INT TERM && exec tee -a "$FK_LOG") &
+    tee_pid="$!"
+    FK_RUN_PGID="$(jobs -p %+)"
+    set +m
+    # wait returns early each time a trap runs; the run has ended when its leader is gone
+    while :; do
+        FK_RC=0
+        wait "$FK_RUN_PGID" || FK_RC="$?"
+        kill -0 "$FK_RUN_PGID" 2>/dev/null || break
+    done
+    wait "$tee_pid" || true
+    trap - INT TERM
+}
+
 fk_main() {
     FK_PROG="$(basename "$0")"
     FK_PYTHON="${PYTHON:-python3}"
@@ -477,12 +515,8 @@ fk_main() {
     # our trainers write their own exit status here (accelerate reports 1 for any failure)
     export FLUXKIT_EXIT_STATUS_FILE="$out/logs/.trainer_exit_status"
     rm -f "$FLUXKIT_EXIT_STATUS_FILE"
-    set +e
-    # Ctrl-C reaches the whole foreground group; tee ignores it so that the trainer can still
-    # print while it saves its interrupt checkpoint (a dead tee would break its stdout).
-    "${FK_CMD[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$FK_LOG")
-    rc="${PIPESTATUS[0]}"
-    set -e
+    fk_run_training
+    rc="$FK_RC"
     if ((rc != 0)) && [[ -s "$FLUXKIT_EXIT_STATUS_FILE" ]]; then
         read -r rc < "$FLUXKIT_EXIT_STATUS_FILE"
         ((rc != 0)) || rc=1  # the trainer ended well but another process did not

@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -447,3 +448,41 @@ def test_two_machines_on_loopback(tmp_path, tiny_flux, sample_data):
     assert (node0 / "pytorch_lora_weights.safetensors").is_file()
     assert "Final Performance images/sec" in results[0][0]
     assert "machine 1: training finished" in results[1][0] and "Final Performance" not in results[1][0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
+    """`kill PID` (a batch scheduler's SIGTERM) reaches only the launcher's shell: it must pass the
+    signal on, so the trainer saves a checkpoint and the launcher exits with the trainer's 2."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env["PYTHON"] = sys.executable
+    args = [LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}", "--resolution=32",
+            "--batch_size=1", "--max_train_steps=2000", "--checkpointing_steps=100000", "--learning_rate=1e-4",
+            "--validation_prompt=", "--num_processes=1", f"--output_dir={out}",
+            "--", "--report_to=none", "--dataloader_num_workers=0"]  # minutes of training, not seconds
+    # a session of its own: if the signal is lost, the clean-up can end the launcher and all it started
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    step_log = out / "train_log.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (step_log.is_file() and step_log.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher's PID only, not its process group
+        output, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:  # the signal was lost: end the whole run, not just the shell
+            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+            proc.wait()
+    assert proc.returncode == 2, output[-3000:]
+    assert "stopped by SIGTERM" in output and "--resume_from_checkpoint latest" in output
+    assert "Final Performance" not in output
+    assert took < 60, f"took {took:.1f} s to stop"
+    last = json.loads(step_log.read_text().splitlines()[-1])["step"]
+    assert (out / f"checkpoint-{last}").is_dir()
+    (log,) = (out / "logs").glob("train_*.log")
+    assert "--resume_from_checkpoint latest" in log.read_text()  # tee kept logging while the trainer saved
