@@ -433,6 +433,7 @@ fk_demo_infer() {
 }
 
 fk_forward_signal() {
+    FK_SIGNALLED="$1"
     # the run may have just ended: nothing left to tell
     kill -s "$1" -- "-$FK_RUN_PGID" 2>/dev/null || true
 }
@@ -468,7 +469,7 @@ fk_main() {
     FK_PYTHON="${PYTHON:-python3}"
     # fluxkit is imported by the checks, the trainers and patch_flux wherever the caller stands
     export PYTHONPATH="$FK_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    FK_DRY_RUN="" FK_DEMO_MODE="" FK_EXTERNAL="" FK_DEVICE_TYPE="" FK_DEVICE_COUNT="" FK_LOG=""
+    FK_SIGNALLED="" FK_DRY_RUN="" FK_DEMO_MODE="" FK_EXTERNAL="" FK_DEVICE_TYPE="" FK_DEVICE_COUNT="" FK_LOG=""
     FK_EXTRA=()
     declare -gA FK_OPT=() FK_GIVEN=()
     local k
@@ -522,7 +523,12 @@ fk_main() {
         ((rc != 0)) || rc=1  # the trainer ended well but another process did not
     fi
     if ((rc != 0)); then
-        printf '%s: error: training failed with exit status %s; see %s\n' "$FK_PROG" "$rc" "$FK_LOG" >&2
+        if [[ -n "$FK_SIGNALLED" ]]; then
+            printf '%s: stopped on SIG%s (exit status %s); the trainer'"'"'s last lines in %s say how to resume\n' \
+                "$FK_PROG" "$FK_SIGNALLED" "$rc" "$FK_LOG" >&2
+        else
+            printf '%s: error: training failed with exit status %s; see %s\n' "$FK_PROG" "$rc" "$FK_LOG" >&2
+        fi
         exit "$rc"
     fi
     if ((10#${FK_OPT[machine_rank]} != 0)); then

@@ -481,6 +481,7 @@ def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_with_the_trainers_s
     assert proc.returncode == 2, output[-3000:]
     assert "stopped by SIGTERM" in output and "--resume_from_checkpoint latest" in output
     assert "Final Performance" not in output
+    assert "stopped on SIGTERM (exit status 2)" in output and "training failed" not in output
     assert took < 60, f"took {took:.1f} s to stop"
     last = json.loads(step_log.read_text().splitlines()[-1])["step"]
     assert (out / f"checkpoint-{last}").is_dir()
