@@ -626,9 +626,8 @@ def run(args, defaults: ScriptDefaults) -> dict:
             first_batch_seconds = time.perf_counter() - t_batch
         bar.update(len(batch))
     bar.close()
-    from accelerate.utils import gather_object
-
-    per_process = gather_object([len(mine)])
+    # every rank computed the same `pending`, so the shares are known without exchanging objects
+    per_process = [len(shard(pending, rank, state.num_processes)) for rank in range(state.num_processes)]
     state.wait_for_everyone()
     seconds = time.perf_counter() - t_render
     written = sum(per_process)
@@ -657,6 +656,9 @@ def run(args, defaults: ScriptDefaults) -> dict:
         per_image = f"{summary['sec_per_image']:.3f} s/image" if written else "nothing to render"
         print(f"wrote {written} images ({summary['images_skipped']} already there, skipped) to {output_dir} "
               f"in {seconds:.1f} s: {per_image}", flush=True)
+    # Tear gloo down explicitly: left to interpreter exit, its threads can abort the process
+    # ("terminate called without an active exception") after all the work is done.
+    state.destroy_process_group()
     return summary
 
 
