@@ -107,6 +107,11 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def is_deepspeed(accelerator) -> bool:
+    """True when this Accelerator (or anything with accelerate's distributed_type) runs DeepSpeed."""
+    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
 def process_group_handlers(info: DeviceInfo, handlers=None) -> list:
     """accelerate kwargs_handlers for this device: `handlers` plus, when several processes run
     on a host without an accelerator, the gloo backend.

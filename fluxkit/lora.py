@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 
+from .device import is_deepspeed
 from .errors import UserError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -196,7 +197,7 @@ def lora_save_load_hooks(accelerator, transformer, text_encoder=None, dtype: tor
             if is_ours(models[i]):
                 models.pop(i)  # accelerate must not look for a full model file we never wrote
         path = os.path.join(input_dir, LORA_WEIGHT_NAME)
-        if not os.path.isfile(path) and str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
+        if not os.path.isfile(path) and is_deepspeed(accelerator):
             return  # the DeepSpeed engine already restored every weight from its own checkpoint
         load_lora(input_dir, transformer, text_encoder)
 

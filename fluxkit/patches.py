@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .device import is_deepspeed
+
 # Opt-in / opt-out switches. A value of "1" (or "true"/"yes") turns the switch on.
 ENV_ROPE_FP32 = "FLUXKIT_ROPE_FP32"  # force float32 RoPE on every device
 ENV_NO_GC_TUNING = "FLUXKIT_NO_GC_TUNING"  # keep Python's default gc thresholds
@@ -241,10 +243,6 @@ class PopSafeList(list):
         return super().pop(*args) if self else None
 
 
-def _is_deepspeed(accelerator) -> bool:
-    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
-
-
 def _hooks_check():
     import accelerate
 
@@ -262,7 +260,7 @@ def _hooks_install():
             accelerator = self
 
             def deepspeed_aware(models, weights, output_dir):
-                if _is_deepspeed(accelerator):
+                if is_deepspeed(accelerator):
                     models = [unwrap_model(m) for m in models]
                     weights = PopSafeList(weights)
                 return hook(models, weights, output_dir)

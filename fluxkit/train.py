@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoints, flops
 from .data import IMAGE_EXTENSIONS, DreamBoothDataset, EpochShuffleSampler, collate, list_images
-from .device import build_accelerator, check_mixed_precision, detect, peak_memory_bytes, synchronize, torch_dtype
+from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, peak_memory_bytes, synchronize, torch_dtype
 from .errors import UserError
 from .lora import save_lora, lora_save_load_hooks, unwrap_model
 
@@ -432,7 +432,7 @@ def train(args) -> dict:
             with accelerator.accumulate(*trained):
                 loss = flow_matching_loss(args, models, transformer, batch, cache, device, weight_dtype, text_encoder)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and not _is_deepspeed(accelerator):
+                if accelerator.sync_gradients and not is_deepspeed(accelerator):
                     accelerator.clip_grad_norm_(trainables.transformer_params + trainables.text_encoder_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -573,10 +573,6 @@ def _require(module: str, message: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise UserError(message)
-
-
-def _is_deepspeed(accelerator) -> bool:
-    return str(accelerator.distributed_type).endswith("DEEPSPEED")
 
 
 def _sync_deepspeed_accumulation(accelerator, args) -> None:
