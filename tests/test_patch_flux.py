@@ -418,15 +418,20 @@ def test_check_reports_without_running(tmp_path):
 
 # ------------------------------------------------------------------ end to end under DeepSpeed
 
+def fixture_run(tiny_flux, sample_data, out, fixture):
+    """The runner on an upstream-shaped fixture: checkpoint every 2 steps, keep 1, bf16."""
+    return [RUNNER, os.path.join(FIXTURES, fixture), "--pretrained_model_name_or_path", tiny_flux,
+            "--instance_data_dir", sample_data["instance_dir"], "--output_dir", str(out), "--checkpointing_steps", "2",
+            "--checkpoints_total_limit", "1", "--mixed_precision", "bf16"]
+
+
 @pytest.mark.slow
 def test_deepspeed_lora_run_checkpoints_twice_and_resumes(tiny_flux, sample_data, tmp_path):
     from diffusers import FluxPipeline
     from safetensors import safe_open
 
     out = tmp_path / "out"
-    script = os.path.join(FIXTURES, "train_lora_flux_2024_shape.py")
-    common = [RUNNER, script, "--pretrained_model_name_or_path", tiny_flux, "--instance_data_dir", sample_data["instance_dir"],
-              "--output_dir", str(out), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--mixed_precision", "bf16"]
+    common = fixture_run(tiny_flux, sample_data, out, "train_lora_flux_2024_shape.py")
     first = accelerate_launch(common + ["--max_train_steps", "4", "--validation_prompt", "a photo of sks dog"], timeout=240)
     assert first.returncode == 0, first.stderr[-5000:]
     result = json.loads(first.stdout.strip().splitlines()[-1])
@@ -466,9 +471,7 @@ def test_deepspeed_full_finetune_shape_checkpoints_prunes_resumes_and_saves_a_pi
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     out = tmp_path / "out"
-    script = os.path.join(FIXTURES, "train_full_flux_2024_shape.py")
-    common = [RUNNER, script, "--pretrained_model_name_or_path", tiny_flux, "--instance_data_dir", sample_data["instance_dir"],
-              "--output_dir", str(out), "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--mixed_precision", "bf16"]
+    common = fixture_run(tiny_flux, sample_data, out, "train_full_flux_2024_shape.py")
     first = accelerate_launch(common + ["--max_train_steps", "4", "--validation_prompt", "a photo of sks dog"], timeout=180)
     assert first.returncode == 0, first.stderr[-5000:]
     summary = [l for l in first.stderr.splitlines() if l.startswith("patch_flux.py: ")]
