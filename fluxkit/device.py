@@ -125,7 +125,30 @@ def process_group_handlers(info: DeviceInfo, handlers=None) -> list:
     if info.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        _destroy_process_group_at_exit()
     return handlers
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear gloo down while Python still runs: left to interpreter exit, its threads can abort a
+    process that finished all its work ("terminate called without an active exception")."""
+    import atexit
+
+    def destroy():
+        import datetime
+
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:  # no rank may close its connections while a peer still uses them
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            except Exception:  # a peer already died: nothing left to wait for
+                pass
+            dist.destroy_process_group()
+
+    if not getattr(_destroy_process_group_at_exit, "registered", False):
+        atexit.register(destroy)
+        _destroy_process_group_at_exit.registered = True
 
 
 def build_accelerator(info: DeviceInfo | None = None, **kwargs):
