@@ -37,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     preset = tiny.resolve_preset(args.preset)
     if args.dataset_dir:  # check both destinations before writing either
-        tiny._check_output_dir(args.dataset_dir, args.overwrite, "--dataset_dir")
+        tiny.check_output_dir(args.dataset_dir, args.overwrite, "--dataset_dir")
     if args.output_dir:
         dtype = args.dtype or ("bf16" if preset.large else "fp32")
         tiny.build_pipeline(args.output_dir, preset, seed=args.seed, overwrite=args.overwrite,

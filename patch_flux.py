@@ -25,6 +25,7 @@ import sys
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 from fluxkit import patches, script_fixes  # noqa: E402
+from fluxkit.environment import is_rank0  # noqa: E402
 from fluxkit.errors import UserError, cli  # noqa: E402
 
 PROG = "patch_flux.py"
@@ -52,10 +53,6 @@ def create_save_model_hook(accelerator, unwrap_model, transformer, text_encoder_
     """
     del unwrap_model
     return script_fixes.upstream_lora_hooks(accelerator, transformer, text_encoder_one, args, weight_dtype)[0]
-
-
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _print_list() -> None:
@@ -134,7 +131,7 @@ def main(argv=None) -> int:
             print(ast.unparse(tree))
         return 0
     applied = patches.apply()
-    if _is_rank_zero():
+    if is_rank0():
         print(_summary(applied, fixes), file=sys.stderr, flush=True)
     run_fixed(tree, path, args.script_args)
     return 0

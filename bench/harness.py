@@ -20,6 +20,9 @@ import sys
 import time
 from typing import Any, Iterable
 
+from fluxkit.environment import free_port
+from fluxkit.fsio import atomic_write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "fluxkit-bench/1"
 STATUSES = ("ok", "skipped", "failed")
@@ -241,11 +244,7 @@ def write_result(result: dict, results_dir: str) -> str:
     while os.path.exists(path):
         i += 1
         path = f"{base}-{i}.json"
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, result)
     return path
 
 
@@ -282,14 +281,6 @@ def run_command(cmd: list[str], log_path: str, env: dict | None = None, timeout:
 # ---------------------------------------------------------------- what suites are given
 
 ACCELERATE_CONFIG = os.path.join(ROOT, "pretrain_bf16_accelerate_config.yaml")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_prefix(processes: int, deepspeed: bool = False) -> list[str]:

@@ -29,6 +29,7 @@ import time
 from typing import Any, Mapping
 
 from .errors import UserError
+from .fsio import atomic_write_text
 
 PEAK_ENV = "FLUXKIT_PEAK_TFLOPS"
 CACHE_ENV = "FLUXKIT_CACHE_DIR"
@@ -284,10 +285,7 @@ def cpu_peak_flops(dtype) -> float:
                 torch.set_num_threads(previous)
             entry = {"flops": max(measured, float(entry["flops"]) if entry else 0.0), "quiet": not busy}
             cache[key] = entry
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(cache, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
         return float(entry["flops"])
 
 

@@ -56,10 +56,16 @@ def atomic_write_json(path: str, obj, indent: int | None = 2) -> str:
 
 
 def staging_dir(final: str) -> str:
-    """A fresh hidden sibling of final to build a folder in before publish_dir."""
-    parent = os.path.dirname(os.path.abspath(final)) or "."
-    staging = os.path.join(parent, f"{PARTIAL_PREFIX}{os.path.basename(os.path.abspath(final))}")
-    shutil.rmtree(staging, ignore_errors=True)
+    """A new, empty hidden sibling of final to build a folder in before publish_dir.
+
+    Its name is unique (two builders never share one) and starts with PARTIAL_PREFIX, so readers
+    that look for complete folders never pick it; its mode is a plain mkdir's, not mkdtemp's 0700.
+    """
+    final = os.path.abspath(final)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.path.basename(final)}.", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())
     return staging
 
 

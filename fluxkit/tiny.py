@@ -9,13 +9,12 @@ here from a small in-memory corpus: no hub access is ever needed.
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 
+from . import fsio
 from .errors import UserError
 
 
@@ -151,11 +150,11 @@ def parameter_count(preset: Preset) -> dict:
     import torch
 
     with torch.device("meta"):
-        comps = _build_models(preset)
+        comps = build_models(preset)
     return {name: sum(p.numel() for p in m.parameters()) for name, m in comps.items()}
 
 
-def _build_models(preset: Preset) -> dict:
+def build_models(preset: Preset) -> dict:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -167,7 +166,8 @@ def _build_models(preset: Preset) -> dict:
     }
 
 
-def _check_output_dir(path: str, overwrite: bool, what: str) -> None:
+def check_output_dir(path: str, overwrite: bool, what: str) -> None:
+    """Refuse a destination that is a file, holds something (unless overwrite) or cannot be created."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path!r} exists and is not a directory; choose another path")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -182,24 +182,13 @@ def _check_output_dir(path: str, overwrite: bool, what: str) -> None:
         raise UserError(f"{what} {path!r} is not writable (no write permission on {probe!r}); choose another path")
 
 
-def _staging_dir(final: str) -> str:
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(final))}.partial-", dir=parent)
-
-
-def _publish(staging: str, final: str) -> None:
-    """Move a fully written staging folder into place: readers never see a half-written one."""
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
-
-
 def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0, overwrite: bool = False,
                    allow_large: bool = False, dtype: str = "fp32", progress: bool = False) -> str:
     """Write a random FLUX pipeline folder at output_dir and return its path."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from .device import torch_dtype as device_dtype
 
     p = resolve_preset(preset)
     if p.large and not allow_large:
@@ -209,16 +198,16 @@ def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0
             f"--preset {p.name} builds {total / 1e9:.1f}B random parameters "
             f"(transformer {counts['transformer'] / 1e9:.1f}B, T5 {counts['text_encoder_2'] / 1e9:.1f}B), "
             f"about {total * 2 / 2**30:.0f} GiB in bf16; pass --allow_large if this machine has the memory and disk for it")
-    _check_output_dir(output_dir, overwrite, "--output_dir")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    check_output_dir(output_dir, overwrite, "--output_dir")
+    torch_dtype = device_dtype(dtype)
 
-    staging = _staging_dir(output_dir)
+    staging = fsio.staging_dir(output_dir)
     try:
         torch.manual_seed(seed)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch_dtype if torch_dtype != torch.float16 else torch.float32)
         try:
-            models = _build_models(p)
+            models = build_models(p)
         finally:
             torch.set_default_dtype(previous)
         if torch_dtype == torch.float16:  # built in fp32 (fp16 init is unstable), stored in fp16
@@ -228,9 +217,8 @@ def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0
             tokenizer=build_clip_tokenizer(p.clip_vocab), tokenizer_2=build_t5_tokenizer(p.t5_vocab), **models,
         )
         pipe.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
-        with open(os.path.join(staging, "fluxkit_preset.json"), "w") as f:
-            json.dump({"preset": p.name, "seed": seed, "dtype": dtype}, f, indent=2)
-        _publish(staging, output_dir)
+        fsio.atomic_write_json(os.path.join(staging, "fluxkit_preset.json"), {"preset": p.name, "seed": seed, "dtype": dtype})
+        fsio.publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -248,7 +236,6 @@ def resolve_preset(preset: str | Preset) -> Preset:
 # ---------------------------------------------------------------- sample data
 
 SUBJECT_PROMPT = "a photo of sks dog"
-CLASS_PROMPT = "a photo of dog"
 _COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
            "purple": (150, 50, 190), "orange": (240, 140, 30)}
 _SHAPES = ("circle", "square", "stripes")
@@ -290,9 +277,9 @@ def build_datasets(dataset_dir: str, seed: int = 0, resolution: int = 64, num_in
     """
     import datasets
 
-    _check_output_dir(dataset_dir, overwrite, "--dataset_dir")
+    check_output_dir(dataset_dir, overwrite, "--dataset_dir")
     rnd = random.Random(seed)
-    staging = _staging_dir(dataset_dir)
+    staging = fsio.staging_dir(dataset_dir)
     try:
         inst = os.path.join(staging, "instance")
         os.makedirs(inst)
@@ -317,7 +304,7 @@ def build_datasets(dataset_dir: str, seed: int = 0, resolution: int = 64, num_in
         with open(os.path.join(staging, "prompts.txt"), "w") as f:
             f.write("# one prompt per line; blank lines and comments are skipped\n")
             f.write(f"{SUBJECT_PROMPT}\n{SUBJECT_PROMPT} on a beach\n\na blue square on a gray background\n")
-        _publish(staging, dataset_dir)
+        fsio.publish_dir(staging, dataset_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

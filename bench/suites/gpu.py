@@ -39,14 +39,14 @@ def _sizes(preset) -> dict:
 
 def _build(preset, device):
     """The pipeline's models with random weights, made directly on the device in bf16."""
-    from fluxkit.tiny import _build_models
+    from fluxkit.tiny import build_models
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            return _build_models(preset)
+            return build_models(preset)
     finally:
         torch.set_default_dtype(previous)
 
