@@ -1,8 +1,19 @@
-"""Training data for DreamBooth: instance folders, captioned datasets, prior-preservation classes.
+"""Training data, streamed: images are decoded and transformed when a batch needs them.
 
-Images are decoded and transformed once, when the dataset is built (resize, crop, flip), with a
-seeded generator, as diffusers' DreamBooth examples do. A sample's pixels therefore depend only on
-its index, which is what makes caching its latents by index exact. No torchvision: PIL and numpy.
+The dataset object holds only what the up-front scan found (fluxkit.scan): where each image is,
+its size and its caption. Pixels are made in __getitem__, inside DataLoader workers, so host memory
+does not grow with the dataset or with --repeats (a repeat is index arithmetic: sample i shows image
+i % images).
+
+Randomness is a pure function of the seed and the sample index, never of the worker, the process
+or the order samples are drawn in:
+- the crop and flip of sample i come from (seed, i) and are the same in every epoch. A cached
+  latent is therefore exact, cached and uncached runs give the same losses, and the cache holds one
+  entry per sample (repeats of an image with --center_crop and no flip share one). Different
+  repeats of an image get different crops: use --repeats for more crop variants.
+- caption dropout of sample i in epoch e comes from (seed, i, e): a different subset each epoch.
+  The sampler passes the epoch inside the index (epoch * len + i) so that workers never need it.
+No torchvision: PIL and numpy.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INTERPOLATION_MODES = ("lanczos", "bilinear", "bicubic", "nearest", "box", "hamming")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def _resample(mode: str):
@@ -30,49 +43,112 @@ def _resample(mode: str):
     return table[mode.lower()]
 
 
-@dataclass(frozen=True)
-class ImageTransform:
-    resolution: int
-    center_crop: bool = False
-    random_flip: bool = False
-    interpolation: str = "lanczos"
+def parse_color(value: str, flag: str = "--alpha_background") -> tuple[int, int, int]:
+    """'white', 'black', '#808080', 'rgb(1,2,3)' ... -> (r, g, b)."""
+    from PIL import ImageColor
 
-    def __call__(self, image, rnd: random.Random) -> torch.Tensor:
-        """PIL image -> float tensor (3, R, R) in [-1, 1]: resize shorter side, crop, maybe flip."""
-        from PIL import Image, ImageOps
-
-        image = ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        r = self.resolution
-        w, h = image.size
-        scale = r / min(w, h)
-        new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
-        image = image.resize((new_w, new_h), resample=_resample(self.interpolation))
-        if self.center_crop:
-            left, top = (new_w - r) // 2, (new_h - r) // 2
-        else:
-            left, top = rnd.randint(0, new_w - r), rnd.randint(0, new_h - r)
-        image = image.crop((left, top, left + r, top + r))
-        if self.random_flip and rnd.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    try:
+        rgb = ImageColor.getrgb(value)
+    except (ValueError, AttributeError):
+        raise UserError(f"{flag} {value!r} is not a colour; use a name like white or black, or #rrggbb") from None
+    return tuple(rgb[:3])
 
 
-def _open_image(path_or_image, name: str, skip_bad: bool):
-    """Decode fully (so a truncated file fails here, naming itself), or None when skipping."""
+# ------------------------------------------------------------------------------------ decoding
+
+def to_rgb(image, background: tuple[int, int, int] = (255, 255, 255)):
+    """Any image PIL opens -> an 8-bit RGB image, upright.
+
+    EXIF orientation is applied. 16-bit grey (I;16*) and 32-bit integer grey (I, which PIL also uses
+    for 16-bit data) are scaled from 0..65535, float grey (F) from 0..1: PIL's own conversion clips
+    them at 255 (a 16-bit photo turns almost white). Transparent images (RGBA, LA, PA, P with a
+    transparency key) are composited on `background`. CMYK, YCbCr, P, L, 1 convert as PIL does.
+    """
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        arr = np.asarray(image).astype(np.float64)
+        scale = 255.0 if mode == "F" else 255.0 / 65535.0
+        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def open_image(source, name: str):
+    """Decode a file path, raw bytes or an {bytes, path} dict (datasets' undecoded Image) fully."""
+    import io
+
     from PIL import Image
 
     try:
-        img = Image.open(path_or_image) if not hasattr(path_or_image, "load") else path_or_image
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         img.load()
         return img
     except Exception as err:  # PIL raises many types for bad files
-        if skip_bad:
-            return None
         raise UserError(f"cannot read image {name!r} ({type(err).__name__}: {err}); "
                         "fix or remove it, or pass --skip_bad_images to skip unreadable images") from None
+
+
+# ------------------------------------------------------------------------------------ transforms
+
+@dataclass(frozen=True)
+class Placement:
+    """How one sample's image becomes its training pixels: resize to (resize_w, resize_h), crop the
+    (width x height) box at (left, top), maybe flip. A pure function of the image size, the target
+    size, the flags and the sample's seed, so it is known (and part of the cache key) before decoding."""
+    width: int
+    height: int
+    resize_w: int
+    resize_h: int
+    left: int
+    top: int
+    flip: bool
+
+    def key(self) -> str:
+        return f"{self.resize_w}x{self.resize_h}+{self.left}+{self.top}:{self.width}x{self.height}:{int(self.flip)}"
+
+
+def sample_rng(seed: int, index: int, purpose: str = "crop") -> random.Random:
+    """A generator for one sample: string seeds hash with SHA-512, so this never depends on the
+    process, the worker or PYTHONHASHSEED."""
+    return random.Random(f"fluxkit:{purpose}:{seed}:{index}")
+
+
+def place(size: tuple[int, int], target: tuple[int, int], center_crop: bool, random_flip: bool,
+          rng: random.Random) -> Placement:
+    """Resize so the image covers target (keeping its aspect ratio), then crop target out of it."""
+    w, h = size
+    tw, th = target
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    if center_crop:
+        left, top = (rw - tw) // 2, (rh - th) // 2
+    else:
+        left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
+    flip = bool(random_flip and rng.random() < 0.5)
+    return Placement(tw, th, rw, rh, left, top, flip)
+
+
+def apply_placement(image, p: Placement, interpolation: str) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    from PIL import Image
+
+    image = image.resize((p.resize_w, p.resize_h), resample=_resample(interpolation))
+    image = image.crop((p.left, p.top, p.left + p.width, p.top + p.height))
+    if p.flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def list_images(folder: str, flag: str) -> list[str]:
@@ -85,88 +161,71 @@ def list_images(folder: str, flag: str) -> list[str]:
     return files
 
 
-def load_captioned_dataset(args) -> tuple[list, list[str]]:
-    """--dataset_name as a local folder/parquet dataset (pokemon-blip-captions layout) or a hub id."""
-    import datasets
-
-    name = args.dataset_name
-    is_local = os.path.exists(name)
-    if is_local and os.path.isfile(name) and name.endswith(".parquet"):
-        spec = dict(path="parquet", data_files={"train": name})
-    elif is_local:
-        spec = dict(path=name)
-    else:
-        spec = dict(path=name, name=args.dataset_config_name)
-    try:
-        ds = datasets.load_dataset(**spec, cache_dir=args.cache_dir, split="train")
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise UserError(f"--dataset_name {name!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); "
-                        "give a local dataset folder or parquet file") from None
-    except Exception as err:  # offline hub errors come in many types
-        raise UserError(f"--dataset_name {name!r} could not be loaded ({type(err).__name__}); "
-                        "give a local dataset folder or parquet file, or check the hub id and network") from None
-    columns = ds.column_names
-    image_column = args.image_column or columns[0]
-    if image_column not in columns:
-        raise UserError(f"--image_column {image_column!r} is not in dataset {name!r}; its columns are: {', '.join(columns)}")
-    captions = None
-    if args.caption_column is not None:
-        if args.caption_column not in columns:
-            raise UserError(f"--caption_column {args.caption_column!r} is not in dataset {name!r}; its columns are: {', '.join(columns)}")
-        captions = [str(c) for c in ds[args.caption_column]]
-    return ds[image_column], captions
-
+# ------------------------------------------------------------------------------------ the dataset
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance samples (and class samples for prior preservation), transformed once.
+    """Instance samples (and class partners for prior preservation) from a DatasetScan, streamed.
 
-    Item i is a dict: index (i), pixel_values, prompt, and class_pixel_values/class_prompt when
-    prior preservation is on (class images cycle so every instance sample has a partner).
+    len = max(images x repeats, class images). Item i (or epoch * len + i, see the module notes) is a
+    dict: index (i), pixel_values, prompt, and class_pixel_values/class_prompt with prior
+    preservation (class images cycle; a partner takes its instance sample's shape).
     """
 
-    def __init__(self, args, class_images: list[str] | None = None, seed: int = 0):
-        transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-        rnd = random.Random(seed)
-        skip_bad = getattr(args, "skip_bad_images", False)
-        self.skipped = 0
+    def __init__(self, args, class_images: list[str] | None = None, seed: int = 0, scan=None):
+        from .scan import scan_dataset
 
-        if args.dataset_name:
-            sources, captions = load_captioned_dataset(args)
-            names = [f"{args.dataset_name}[{i}]" for i in range(len(sources))]
-        else:
-            sources = list_images(args.instance_data_dir, "--instance_data_dir")
-            names, captions = sources, None
+        self.scan = scan if scan is not None else scan_dataset(args, world_size=1, class_images=class_images, quiet=True)
+        self.seed = seed
+        self.center_crop, self.random_flip = bool(args.center_crop), bool(args.random_flip)
+        self.interpolation = args.image_interpolation_mode
+        _resample(self.interpolation)
+        self.background = parse_color(getattr(args, "alpha_background", "white") or "white")
+        self.caption_dropout_rate = float(getattr(args, "caption_dropout_rate", 0.0) or 0.0)
+        self.resolution = args.resolution
+        self.class_prompt = args.class_prompt if self.scan.class_samples else None
 
-        pixels, prompts = [], []
-        for i, (src, name) in enumerate(zip(sources, names)):
-            image = _open_image(src, name, skip_bad)
-            if image is None:
-                self.skipped += 1
-                continue
-            caption = captions[i] if captions is not None else args.instance_prompt
-            for _ in range(max(1, args.repeats)):
-                pixels.append(transform(image, rnd))
-                prompts.append(caption)
-        if not pixels:
-            raise UserError("no readable training images (all were skipped); check --instance_data_dir or --dataset_name")
-        self.pixel_values, self.prompts = pixels, prompts
-
-        self.class_pixel_values, self.class_prompt = [], None
-        if class_images:
-            for path in class_images:
-                image = _open_image(path, path, skip_bad)
-                if image is not None:
-                    self.class_pixel_values.append(transform(image, rnd))
-            self.class_prompt = args.class_prompt
+    @property
+    def skipped(self) -> int:
+        return len(self.scan.skipped)
 
     def __len__(self) -> int:
-        return max(len(self.pixel_values), len(self.class_pixel_values))
+        return self.scan.num_samples
 
-    def __getitem__(self, index: int) -> dict:
-        item = {"index": index, "pixel_values": self.pixel_values[index % len(self.pixel_values)],
-                "prompt": self.prompts[index % len(self.prompts)]}
-        if self.class_pixel_values:
-            item["class_pixel_values"] = self.class_pixel_values[index % len(self.class_pixel_values)]
+    def instance_of(self, index: int):
+        return self.scan.samples[index % len(self.scan.samples)]
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of sample index: its bucket, or the square crop."""
+        if self.scan.buckets:
+            return self.scan.buckets[self.scan.sample_bucket[index % len(self.scan.samples)]]
+        return (self.resolution, self.resolution)
+
+    def placement(self, index: int) -> Placement:
+        return place(self.instance_of(index).size, self.target_size(index), self.center_crop, self.random_flip,
+                     sample_rng(self.seed, index))
+
+    def class_placement(self, index: int) -> Placement:
+        sample = self.scan.class_samples[index % len(self.scan.class_samples)]
+        return place(sample.size, self.target_size(index), self.center_crop, self.random_flip,
+                     sample_rng(self.seed, index, "class-crop"))
+
+    def caption(self, index: int, epoch: int) -> str:
+        text = self.instance_of(index).caption
+        if self.caption_dropout_rate > 0 and sample_rng(self.seed, index, f"caption-dropout:{epoch}").random() < self.caption_dropout_rate:
+            return ""
+        return text
+
+    def pixels(self, sample, placement: Placement) -> torch.Tensor:
+        image = to_rgb(open_image(self.scan.source(sample), sample.name), self.background)
+        return apply_placement(image, placement, self.interpolation)
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(int(key), len(self))
+        item = {"index": index, "pixel_values": self.pixels(self.instance_of(index), self.placement(index)),
+                "prompt": self.caption(index, epoch)}
+        if self.scan.class_samples:
+            sample = self.scan.class_samples[index % len(self.scan.class_samples)]
+            item["class_pixel_values"] = self.pixels(sample, self.class_placement(index))
             item["class_prompt"] = self.class_prompt
         return item
 
@@ -187,8 +246,15 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
+# ------------------------------------------------------------------------------------ samplers
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
+
+
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch): resuming at any step replays the same order."""
+    """A permutation that depends only on (seed, epoch): resuming at any step replays the same order.
+    Yields epoch * length + i (the dataset splits it again) so per-epoch randomness needs no state."""
 
     def __init__(self, length: int, seed: int):
         self.length, self.seed, self.epoch = length, seed, 0
@@ -197,8 +263,18 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
+        offset = self.epoch * self.length
+        return iter((torch.randperm(self.length, generator=_epoch_generator(self.seed, self.epoch)) + offset).tolist())
 
     def __len__(self) -> int:
         return self.length
+
+
+def default_num_workers(processes_per_machine: int = 1) -> int:
+    """DataLoader workers per process: the cores this process may use, less one for the process
+    itself, shared among the processes on the machine; never more cores than there are."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, processes_per_machine) - 1))

@@ -1,0 +1,357 @@
+"""The up-front data scan: what the training data is, and every data mistake, before any model loads.
+
+`scan_dataset(args, world_size)` reads image headers only (size, mode, EXIF orientation, the file's
+structure; pixels are not decoded), finds each image's caption, assigns aspect-ratio buckets and
+checks that every process gets at least a full micro batch. It writes nothing. A bad input is one
+UserError line; with --skip_bad_images an unreadable image is skipped and named instead.
+
+Where the captions come from (first found wins, per image):
+1. a metadata.jsonl or metadata.csv beside the images (imagefolder layout: a file_name column and a
+   caption column: --caption_column, else `text`, else `caption`),
+2. IMAGE.txt beside IMAGE.png (--caption_extension, default .txt; UTF-8),
+3. for --dataset_name parquet/hub datasets, --caption_column,
+4. --instance_prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import IMAGE_EXTENSIONS, list_images
+from .errors import UserError
+
+logger = logging.getLogger("fluxkit.scan")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+DEFAULT_CAPTION_COLUMNS = ("text", "caption")
+_ORIENTATION_TAG = 0x0112
+HEADER_CHECKED_FORMATS = ("PNG", "JPEG", "WEBP")  # whose truncation the structural check catches
+
+
+@dataclass
+class ImageInfo:
+    name: str           # what messages call it: a path, or DATASET[row]
+    ref: object         # a path, or a row number of the scan's datasets table
+    size: tuple         # (width, height), upright (EXIF orientation applied)
+    mode: str           # PIL mode
+    caption: str = ""
+    caption_source: str = "--instance_prompt"
+
+
+@dataclass
+class DatasetScan:
+    samples: list                      # readable instance images, in a fixed order
+    class_samples: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)    # "NAME (reason)" per skipped image
+    repeats: int = 1
+    buckets: list | None = None        # (width, height) per bucket, when --aspect_ratio_buckets
+    sample_bucket: np.ndarray | None = None  # bucket index per instance image
+    table: object = None               # the datasets table rows refer to (parquet/hub), else None
+    image_column: str | None = None
+    origin: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        """Dataset length: images x repeats, or the class images when there are more of them."""
+        return max(len(self.samples) * self.repeats, len(self.class_samples))
+
+    def source(self, info: ImageInfo):
+        """What data.open_image reads: the path, or the row's undecoded image."""
+        if self.table is None:
+            return info.ref
+        return _row_image(self.table[int(info.ref)][self.image_column])
+
+    def report(self) -> str:
+        sizes = Counter(f"{w}x{h}" for w, h in (s.size for s in self.samples))
+        modes = Counter(s.mode for s in self.samples)
+        captions = Counter(s.caption_source for s in self.samples)
+        lines = [f"data: {len(self.samples)} image(s) from {self.origin}; repeats {self.repeats} -> "
+                 f"{self.num_samples} sample(s)" + (f"; {len(self.class_samples)} class image(s)" if self.class_samples else "")]
+        lines.append("  sizes: " + _top(sizes) + f"; modes: {_top(modes)}")
+        lines.append("  captions: " + ", ".join(f"{n} from {src}" for src, n in captions.most_common()))
+        if self.buckets:
+            used = Counter(f"{self.buckets[b][0]}x{self.buckets[b][1]}" for b in self.sample_bucket)
+            lines.append(f"  buckets: {len(used)} used of {len(self.buckets)}: " + _top(used, 8))
+        for s in self.skipped:
+            lines.append(f"  skipped unreadable image {s}")
+        return "\n".join(lines)
+
+
+def _top(counter: Counter, n: int = 5) -> str:
+    items = counter.most_common()
+    text = ", ".join(f"{k} x{v}" for k, v in items[:n])
+    return text + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _row_image(value):
+    """A datasets image cell, undecoded: {bytes, path} dict, bytes or a path."""
+    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+        return value["path"]
+    return value
+
+
+# ------------------------------------------------------------------------------------ headers
+
+def inspect_image(source, name: str) -> tuple[tuple[int, int], str]:
+    """(upright size, mode) from the header, plus a structural check of the file (PNG chunk CRCs up
+    to the end, a JPEG's end marker, WebP's container) that catches truncated files without decoding
+    pixels. Other formats (BMP, GIF, TIFF) are decoded once, as verify() misses their truncation."""
+    from PIL import Image
+
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    def opened():
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+    with opened() as img:
+        size, mode, fmt = img.size, img.mode, img.format
+        try:
+            orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+        except Exception:  # a broken EXIF block: exif_transpose ignores it too
+            orientation = 1
+    with opened() as img:  # verify() must come first after open, and leaves the image unusable
+        img.verify()
+    if fmt not in HEADER_CHECKED_FORMATS:  # verify() does not see truncation there: decode (rare formats)
+        with opened() as img:
+            img.load()
+    if orientation in (5, 6, 7, 8):
+        size = (size[1], size[0])
+    if fmt == "JPEG":
+        tail = _tail(source, 1024)
+        if b"\xff\xd9" not in tail:
+            raise OSError("truncated JPEG (no end-of-image marker)")
+    return size, mode
+
+
+def _tail(source, n: int) -> bytes:
+    if isinstance(source, bytes):
+        return source[-n:]
+    with open(source, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - n))
+        return f.read()
+
+
+def _bad_image_error(name: str, err: BaseException) -> UserError:
+    return UserError(f"cannot read image {name!r} ({type(err).__name__}: {str(err)[:160]}); "
+                     "fix or remove it, or pass --skip_bad_images to skip unreadable images")
+
+
+# ------------------------------------------------------------------------------------ captions
+
+def read_caption_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise UserError(f"caption file {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "re-save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read caption file {path!r} ({err.strerror or err})") from None
+
+
+def read_metadata(folder: str, caption_column: str | None) -> tuple[str, dict[str, str]] | None:
+    """(metadata file name, {file_name: caption}) of an imagefolder's metadata.jsonl/.csv, or None."""
+    for name in METADATA_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                if name.endswith(".jsonl"):
+                    rows = []
+                    for n, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                rows.append(json.loads(line))
+                            except json.JSONDecodeError as err:
+                                raise UserError(f"{path!r} line {n} is not JSON ({err.msg}); fix that line") from None
+                else:
+                    rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path!r} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
+        columns = list(rows[0].keys()) if rows else []
+        if "file_name" not in columns:
+            raise UserError(f"{path!r} has no file_name column (columns: {', '.join(columns) or 'none'}); "
+                            "each row needs file_name and a caption")
+        column = caption_column or next((c for c in DEFAULT_CAPTION_COLUMNS if c in columns), None)
+        if column is None or column not in columns:
+            wanted = f"--caption_column {caption_column!r}" if caption_column else "a text or caption column"
+            raise UserError(f"{path!r} has no {wanted} (columns: {', '.join(columns)}); "
+                            "pass --caption_column naming its caption column")
+        return name, {os.path.normpath(str(r["file_name"])): ("" if r.get(column) is None else str(r[column])) for r in rows}
+    return None
+
+
+# ------------------------------------------------------------------------------------ sources
+
+def _is_image_folder(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return any(n in METADATA_FILES for n in names) or any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
+
+
+def _folder_entries(folder: str, flag: str, args) -> list[tuple[str, str, str]]:
+    """(path, caption, caption source) for each image of an image folder."""
+    caption_ext = getattr(args, "caption_extension", ".txt") or ".txt"
+    meta = read_metadata(folder, getattr(args, "caption_column", None)) if os.path.isdir(folder) else None
+    listed = {}
+    if meta:
+        meta_name, listed = meta
+        missing = [f for f in listed if not os.path.isfile(os.path.join(folder, f))]
+        if missing and not getattr(args, "skip_bad_images", False):
+            raise UserError(f"{os.path.join(folder, meta_name)!r} names {len(missing)} file(s) that do not exist, e.g. "
+                            f"{missing[0]!r}; fix file_name or pass --skip_bad_images")
+        paths = sorted(set(list_images(folder, flag) if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder)) else [])
+                       | {os.path.join(folder, f) for f in listed if f not in missing})
+        if not paths:
+            raise UserError(f"{flag} {folder!r} holds no images; add some or fix the path")
+    else:
+        paths = list_images(folder, flag)
+    entries = []
+    for path in paths:
+        rel = os.path.normpath(os.path.relpath(path, folder))
+        if rel in listed:
+            entries.append((path, listed[rel], meta[0]))
+            continue
+        txt = os.path.splitext(path)[0] + caption_ext
+        if os.path.isfile(txt):
+            entries.append((path, read_caption_file(txt), f"{caption_ext} files"))
+        else:
+            entries.append((path, args.instance_prompt or "", "--instance_prompt"))
+    return entries
+
+
+def _load_table(args):
+    """--dataset_name as a parquet file, a datasets folder or a hub id: (table, image column, captions)."""
+    import datasets
+
+    name = args.dataset_name
+    is_local = os.path.exists(name)
+    if is_local and os.path.isfile(name) and name.endswith(".parquet"):
+        spec = dict(path="parquet", data_files={"train": name})
+    elif is_local:
+        spec = dict(path=name)
+    else:
+        spec = dict(path=name, name=args.dataset_config_name)
+    try:
+        ds = datasets.load_dataset(**spec, cache_dir=args.cache_dir, split="train")
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        raise UserError(f"--dataset_name {name!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); "
+                        "give a local dataset folder or parquet file") from None
+    except Exception as err:  # offline hub errors come in many types
+        raise UserError(f"--dataset_name {name!r} could not be loaded ({type(err).__name__}); "
+                        "give a local dataset folder or parquet file, or check the hub id and network") from None
+    columns = ds.column_names
+    image_column = args.image_column or columns[0]
+    if image_column not in columns:
+        raise UserError(f"--image_column {image_column!r} is not in dataset {name!r}; its columns are: {', '.join(columns)}")
+    captions = None
+    if args.caption_column is not None:
+        if args.caption_column not in columns:
+            raise UserError(f"--caption_column {args.caption_column!r} is not in dataset {name!r}; its columns are: {', '.join(columns)}")
+        captions = ds[args.caption_column]
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes stay on disk until a batch needs them
+    return ds, image_column, captions
+
+
+# ------------------------------------------------------------------------------------ the scan
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    from .environment import is_rank0
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet or not is_rank0() or total < 64, file=sys.stderr)
+
+
+def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = None, quiet: bool = False) -> DatasetScan:
+    """Scan the training data of a trainer's args (see the module notes). Raises UserError on bad input."""
+    skip_bad = bool(getattr(args, "skip_bad_images", False))
+    skipped: list[str] = []
+    samples: list[ImageInfo] = []
+    table, image_column = None, None
+
+    if args.dataset_name and not _is_image_folder(args.dataset_name):
+        table, image_column, captions = _load_table(args)
+        origin = f"--dataset_name {args.dataset_name}"
+        bar = _progress(len(table), "scanning images", quiet)
+        row = 0
+        for chunk in table.select_columns([image_column]).iter(batch_size=64):
+            for value in chunk[image_column]:
+                name = f"{args.dataset_name}[{row}]"
+                caption = captions[row] if captions is not None else None
+                try:
+                    size, mode = inspect_image(_row_image(value), name)
+                except Exception as err:
+                    if not skip_bad:
+                        raise _bad_image_error(name, err) from None
+                    skipped.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
+                else:
+                    source = "--instance_prompt" if caption is None else f"column {args.caption_column}"
+                    text = (args.instance_prompt or "") if caption is None else str(caption)
+                    samples.append(ImageInfo(name, row, size, mode, text, source))
+                row += 1
+                bar.update(1)
+        bar.close()
+    else:
+        folder, flag = (args.dataset_name, "--dataset_name") if args.dataset_name else (args.instance_data_dir, "--instance_data_dir")
+        origin = f"{flag} {folder}"
+        entries = _folder_entries(folder, flag, args)
+        bar = _progress(len(entries), "scanning images", quiet)
+        for path, caption, source in entries:
+            info = _inspect_path(path, skip_bad, skipped)
+            if info is not None:
+                samples.append(ImageInfo(path, path, info[0], info[1], caption, source))
+            bar.update(1)
+        bar.close()
+    if not samples:
+        raise UserError(f"no readable training images in {origin} (all {len(skipped)} were skipped); "
+                        "check --instance_data_dir or --dataset_name")
+
+    class_samples = []
+    for path in class_images or []:
+        info = _inspect_path(path, skip_bad, skipped)
+        if info is not None:
+            class_samples.append(ImageInfo(path, path, info[0], info[1], args.class_prompt or "", "--class_prompt"))
+
+    scan = DatasetScan(samples, class_samples, skipped, max(1, int(args.repeats)), table=table,
+                       image_column=image_column, origin=origin)
+    if getattr(args, "aspect_ratio_buckets", False):
+        from .buckets import assign, make_buckets
+
+        scan.buckets = make_buckets(args.resolution, getattr(args, "bucket_step", 64),
+                                    getattr(args, "min_bucket_side", None), getattr(args, "max_bucket_side", None))
+        scan.sample_bucket = assign([s.size for s in samples], scan.buckets)
+
+    per_process = scan.num_samples // max(1, world_size)
+    if args.train_batch_size > per_process:
+        raise UserError(f"--train_batch_size {args.train_batch_size} is larger than the {per_process} sample(s) each of "
+                        f"{world_size} process(es) gets ({scan.num_samples} in all); lower it, add images or raise --repeats")
+    if not quiet:
+        from .environment import is_rank0
+
+        if is_rank0():
+            print(scan.report(), file=sys.stderr, flush=True)
+    return scan
+
+
+def _inspect_path(path: str, skip_bad: bool, skipped: list) -> tuple | None:
+    try:
+        return inspect_image(path, path)
+    except Exception as err:
+        if not skip_bad:
+            raise _bad_image_error(path, err) from None
+        skipped.append(f"{path} ({type(err).__name__}: {str(err)[:120]})")
+        return None
