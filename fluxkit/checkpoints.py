@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 
 from .errors import UserError
@@ -22,17 +21,6 @@ from .errors import UserError
 STATE_FILE = "fluxkit_state.json"
 PARTIAL_PREFIX = ".partial-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-# Test hooks (tests/test_reliability.py): a real SIGKILL at a chosen point, so crash-resume is tested
-# against a process that really died there. Unset in normal runs; nothing else reads them.
-KILL_AT_STEP_ENV = "FLUXKIT_TEST_KILL_AT_STEP"  # after optimizer step N is logged, before its checkpoint
-KILL_IN_CHECKPOINT_ENV = "FLUXKIT_TEST_KILL_IN_CHECKPOINT"  # checkpoint N written but not yet renamed into place
-
-
-def kill_here_for_tests(env_var: str, step: int) -> None:
-    if os.environ.get(env_var) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_name(step: int) -> str:
@@ -135,7 +123,6 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
     except Exception as err:  # judged below, after every rank is done: a full disk or a bug
         error = err
     accelerator.wait_for_everyone()
-    kill_here_for_tests(KILL_IN_CHECKPOINT_ENV, step)
     if accelerator.is_main_process:
         try:
             if error is not None:

@@ -444,15 +444,7 @@ def train(args) -> dict:
             meter.record(time.perf_counter() - step_start)
             step_start = None
             global_step += 1
-            last_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            if main:
-                step_log.write(json.dumps({"step": global_step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                                           "sec": meter.last}) + "\n")
-                step_log.flush()
-            checkpoints.kill_here_for_tests(checkpoints.KILL_AT_STEP_ENV, global_step)
+            last_loss = record_step(accelerator, step_log, progress, global_step, loss, lr_scheduler.get_last_lr()[0], meter.last)
             if main and global_step % args.log_every == 0 and meter.times:
                 s = meter.summary()
                 logger.info("step %d: loss %.4f, %.3f images/s, %.3f s/step", global_step, last_loss, s["images_per_sec"], s["sec_per_step"])
@@ -507,6 +499,19 @@ def train(args) -> dict:
         # the printed line stays one short line however long the run: per-step times are in the file
         print(json.dumps({k: v for k, v in summary.items() if k != "step_seconds"}), flush=True)
     return summary
+
+
+def record_step(accelerator, step_log, progress, step: int, loss, lr: float, seconds: float) -> float:
+    """Report optimizer step `step` (every rank calls it): the loss averaged over processes goes to
+    the trackers, the progress bar and train_log.jsonl. Returns that loss."""
+    value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+    progress.update(1)
+    progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"loss": value, "lr": lr}, step=step)
+    if step_log is not None:
+        step_log.write(json.dumps({"step": step, "loss": value, "lr": lr, "sec": seconds}) + "\n")
+        step_log.flush()
+    return value
 
 
 class Interrupted(UserError):

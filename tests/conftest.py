@@ -17,6 +17,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ACCELERATE_CONFIG = os.path.join(ROOT, "pretrain_bf16_accelerate_config.yaml")
+FAULTS = os.path.join(ROOT, "tests", "faults")  # sitecustomize.py: SIGKILL at a chosen point of a child run
+
+
+def with_faults(env=None):
+    """env for a child process that loads tests/faults/sitecustomize.py (its FLUXKIT_TEST_* variables
+    choose where the run dies; without them it changes nothing)."""
+    env = dict(env or {})
+    env["PYTHONPATH"] = FAULTS + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 @pytest.fixture(scope="session")

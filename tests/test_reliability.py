@@ -1,8 +1,9 @@
 """Reliability and security (issue 8): crash-resume exactness, checkpoint atomicity, full disks,
 signals, bad input across every entry point, safe weights and secrets.
 
-Crashes are real: the trainer SIGKILLs itself at a chosen point through the test hooks in
-fluxkit/checkpoints.py (FLUXKIT_TEST_KILL_AT_STEP, FLUXKIT_TEST_KILL_IN_CHECKPOINT). Full disks are
+Crashes are real: the trainer is SIGKILLed at a chosen point by tests/faults/sitecustomize.py, which
+the child process loads from its PYTHONPATH (FLUXKIT_TEST_KILL_AT_STEP, FLUXKIT_TEST_KILL_IN_CHECKPOINT
+choose the point; fluxkit itself has no test hooks). Full disks are
 real where this host lets us mount a small tmpfs in a private mount namespace; elsewhere the
 trainer runs under RLIMIT_FSIZE, where the kernel refuses writes past a size (EFBIG) just as a
 full disk refuses them (ENOSPC).
@@ -22,10 +23,11 @@ import pytest
 
 from bad_inputs import CASES, ENTRY_POINTS
 from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_script, trainer_args
+from conftest import with_faults
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
-KILL_AT_STEP = "FLUXKIT_TEST_KILL_AT_STEP"
+KILL_AT_STEP = "FLUXKIT_TEST_KILL_AT_STEP"  # read by tests/faults/sitecustomize.py
 KILL_IN_CHECKPOINT = "FLUXKIT_TEST_KILL_IN_CHECKPOINT"
 SIGKILLED = -signal.SIGKILL
 
@@ -36,7 +38,7 @@ def train_args(model, data, out, steps, **extra):
 
 
 def train_subprocess(script, args, env=None, **kw):
-    return run_script([sys.executable, script] + args, env=env, timeout=600, **kw)
+    return run_script([sys.executable, script] + args, env=with_faults(env), timeout=600, **kw)
 
 
 def weights(out, script):
@@ -136,7 +138,7 @@ def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path)
     def launch(out, env=None, **extra):
         args = train_args(tiny_flux, sample_data, out, 4, checkpointing_steps=2, **extra)
         args[args.index("--mixed_precision") + 1] = "bf16"
-        return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=env)
+        return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=with_faults(env))
 
     reference = tmp_path / "uninterrupted"
     proc = launch(reference)
