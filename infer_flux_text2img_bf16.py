@@ -9,7 +9,8 @@ Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output
 import sys
 
 from fluxkit.errors import cli
-from fluxkit.inference import BASE, main
+from fluxkit.infer_args import BASE
+from fluxkit.inference import main
 
 if __name__ == "__main__":
     sys.exit(cli(main)(BASE))

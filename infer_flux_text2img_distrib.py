@@ -11,7 +11,8 @@ rank 0 writes manifest.jsonl and infer_summary.json once all are done. Every fla
 import sys
 
 from fluxkit.errors import cli
-from fluxkit.inference import DISTRIB, main
+from fluxkit.infer_args import DISTRIB
+from fluxkit.inference import main
 
 if __name__ == "__main__":
     sys.exit(cli(main)(DISTRIB))

@@ -10,7 +10,8 @@ Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output
 import sys
 
 from fluxkit.errors import cli
-from fluxkit.inference import LORA, main
+from fluxkit.infer_args import LORA
+from fluxkit.inference import main
 
 if __name__ == "__main__":
     sys.exit(cli(main)(LORA))

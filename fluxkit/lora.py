@@ -8,23 +8,31 @@ alpha instead of guessing alpha = rank from the tensor shapes.
 
 Everything here works on a live training model without touching it: weights are copied and
 cast, never cast in place (the reference's checkpoint hook upcast the live model to fp32).
+
+Both directions live here, as in diffusers' loaders: saving and resuming a training adapter
+(save_lora / load_lora and the accelerate hooks), and, for inference, finding a LoRA file,
+refusing pickles, checking that it was made for this model and attaching it to a pipeline
+(resolve_lora_file / read_lora_shapes / attach_lora).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 
 import torch
 
 from .device import is_deepspeed
 from .errors import UserError
+from .fsio import atomic_write_bytes
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # diffusers' key for adapter configs in the safetensors header (diffusers.loaders.lora_base).
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("transformer", "text_encoder")
+ADAPTER = "fluxkit_lora"  # adapter name inference gives a loaded LoRA, so we can find exactly its layers
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def unwrap_model(model):
@@ -98,7 +106,7 @@ def save_lora(output_dir: str, transformer=None, text_encoder=None, dtype: torch
     Models without an adapter are skipped (a frozen text encoder may be passed as is). The file
     appears complete or not at all: it is written beside its final name and renamed.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, object] = {}
@@ -112,18 +120,8 @@ def save_lora(output_dir: str, transformer=None, text_encoder=None, dtype: torch
         raise UserError("no LoRA adapter found on the transformer or the text encoder; nothing to save")
 
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LORA_WEIGHT_NAME)
-    fd, partial = tempfile.mkstemp(prefix=f".{LORA_WEIGHT_NAME}.", dir=output_dir)
-    os.close(fd)
-    try:
-        header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
-        save_file(tensors, partial, metadata=header)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-    return path
+    header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
+    return atomic_write_bytes(os.path.join(output_dir, LORA_WEIGHT_NAME), save(tensors, metadata=header))
 
 
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -168,6 +166,124 @@ def load_lora(input_dir: str, transformer, text_encoder=None) -> None:
         if unexpected:
             raise UserError(f"{input_dir!r} has {prefix} LoRA weights the model lacks (e.g. {unexpected[0]}); "
                             "resume with the same --lora_layers as the run that wrote it")
+
+
+# ---------------------------------------------------------------- reading a LoRA into a pipeline (inference)
+
+def resolve_lora_file(path: str) -> str:
+    """The one .safetensors file to load; pickle formats are refused without being opened."""
+    if not os.path.exists(path):
+        raise UserError(f"--lora_weights {path!r} does not exist; pass the LoRA trainer's output folder or its {LORA_WEIGHT_NAME}")
+    if os.path.isdir(path):
+        preferred = os.path.join(path, LORA_WEIGHT_NAME)
+        if os.path.isfile(preferred):
+            return preferred
+        names = sorted(os.listdir(path))
+        found = [n for n in names if n.endswith(".safetensors")]
+        if len(found) == 1:
+            return os.path.join(path, found[0])
+        if len(found) > 1:
+            raise UserError(f"--lora_weights folder {path!r} holds several .safetensors files ({', '.join(found)}); pass the file itself")
+        pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickled:
+            raise UserError(f"--lora_weights folder {path!r} holds only pickle weights ({', '.join(pickled)}), which are refused "
+                            f"because loading them can run code; convert them to .safetensors")
+        raise UserError(f"--lora_weights folder {path!r} holds no {LORA_WEIGHT_NAME} (no .safetensors file at all)")
+    if path.endswith(PICKLE_SUFFIXES):
+        raise UserError(f"--lora_weights {path!r} is a pickle file, refused because loading it can run code; "
+                        f"convert it to .safetensors (safetensors.torch.save_file) or pass the trainer's {LORA_WEIGHT_NAME}")
+    if not path.endswith(".safetensors"):
+        raise UserError(f"--lora_weights {path!r} is not a .safetensors file; pass a .safetensors LoRA or its folder")
+    return path
+
+
+def read_lora_shapes(path: str) -> dict:
+    """Tensor name -> shape, read from the safetensors header only (no tensor data, no pickle)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for any malformed header
+        raise UserError(f"--lora_weights {path!r} is not a valid safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if not any("lora" in k for k in shapes):
+        raise UserError(f"--lora_weights {path!r} holds no LoRA tensors (no tensor name contains 'lora'); is it a full model checkpoint?")
+    return shapes
+
+
+# diffusers' FLUX LoRA format: <component>.<module path>.lora_A.weight / .lora_B.weight
+_DIFFUSERS_LORA_KEY = re.compile(r"^(transformer|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+
+
+def _expected_lora_layers(shapes: dict) -> dict:
+    """component -> {module path: {"A": shape, "B": shape}} for keys in diffusers' format."""
+    layers: dict = {}
+    for key, shape in shapes.items():
+        m = _DIFFUSERS_LORA_KEY.match(key)
+        if m:
+            layers.setdefault(m.group(1), {}).setdefault(m.group(2), {})[m.group(3)] = shape
+    return layers
+
+
+def _check_lora_fits(pipe, path: str, expected: dict) -> None:
+    """Every LoRA layer on an existing Linear must match its size: diffusers would otherwise widen
+    the model's layers to fit a LoRA made for a bigger model. Unknown layers are caught by the
+    count of attached layers after loading."""
+    import torch
+
+    for component, layers in expected.items():
+        model = getattr(pipe, component, None)
+        for module_path, ab in sorted(layers.items()):
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                continue  # diffusers may rename it (e.g. older CLIP layouts); the count after loading decides
+            if not isinstance(module, torch.nn.Linear) or "A" not in ab or "B" not in ab:
+                continue
+            rank_in, rank_out = ab["A"][-1], ab["B"][0]
+            if (rank_in, rank_out) != (module.in_features, module.out_features):
+                raise UserError(f"--lora_weights {path!r} was made for another model size: {component}.{module_path} is "
+                                f"{module.in_features}->{module.out_features} here but {rank_in}->{rank_out} in the LoRA; "
+                                f"use a LoRA trained on this base model")
+
+
+def count_attached_layers(model) -> int:
+    """Layers of `model` that carry our adapter."""
+    if model is None:
+        return 0
+    return sum(1 for m in model.modules() if ADAPTER in (getattr(m, "lora_A", None) or {}))
+
+
+def attach_lora(pipe, path: str, scale: float, fuse: bool) -> dict:
+    """Load the LoRA file into the pipeline, check it attached where it should, apply the scale.
+
+    Returns {component: layers attached}. Fails with a UserError rather than run the base model
+    when the adapter did not attach ("loaded nothing").
+    """
+    shapes = read_lora_shapes(path)
+    expected = _expected_lora_layers(shapes)
+    _check_lora_fits(pipe, path, expected)
+    try:
+        pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
+                               adapter_name=ADAPTER, use_safetensors=True, local_files_only=True)
+    except (ValueError, RuntimeError, KeyError, OSError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--lora_weights {path!r} does not fit this FLUX pipeline: {first_line}") from None
+    attached = {c: count_attached_layers(getattr(pipe, c, None)) for c in ("transformer", "text_encoder")}
+    if not any(attached.values()):
+        raise UserError(f"--lora_weights {path!r} attached to no layer of this FLUX pipeline (its tensors name layers of "
+                        f"another architecture, e.g. {sorted(shapes)[0]!r}); use a FLUX LoRA")
+    for component, layers in expected.items():
+        if attached[component] != len(layers):
+            raise UserError(f"--lora_weights {path!r}: only {attached[component]} of its {len(layers)} {component} layers "
+                            f"attached; it was made for another model")
+    components = [c for c, n in attached.items() if n]
+    if fuse:
+        pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER])
+        pipe.unload_lora_weights()  # the LoRA now lives in the base weights; drop the side layers
+    else:
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    return attached
 
 
 def lora_save_load_hooks(accelerator, transformer, text_encoder=None, dtype: torch.dtype | None = None):

@@ -8,6 +8,9 @@ also run as a real subprocess at least once to cover its wiring and its one-line
 import json
 import os
 import pickle
+import shlex
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -38,10 +41,10 @@ def _fresh_process_state():
 
 def infer(defaults, argv):
     """Run one script's main in-process through the same `cli` wrapper the script uses."""
-    from fluxkit import inference
+    from fluxkit import infer_args, inference
     from fluxkit.errors import cli
 
-    return cli(inference.main)(getattr(inference, defaults), [str(a) for a in argv])
+    return cli(inference.main)(getattr(infer_args, defaults), [str(a) for a in argv])
 
 
 def pngs(folder):
@@ -109,7 +112,7 @@ def test_shard_covers_every_item_once_balanced():
 
 
 def test_prompts_file_and_flags(tmp_path):
-    from fluxkit.inference import BASE, collect_prompts, parse_args
+    from fluxkit.infer_args import BASE, collect_prompts, parse_args
 
     f = tmp_path / "prompts.txt"
     f.write_text("# a comment\n\n  a red circle  \n#another\na photo of sks dog\n\na red circle\n", encoding="utf-8")
@@ -203,6 +206,20 @@ def test_first_block_cache_and_compile(tiny_flux, tmp_path):
     assert infer("BASE", common + ["--output_dir", tmp_path / "compiled", "--compile", "--compile_backend", "eager"]) == 0
     assert pngs(tmp_path / "compiled") == pngs(tmp_path / "plain")
     assert max_diff(tmp_path / "compiled", tmp_path / "plain") <= 1
+
+
+def test_first_block_cache_threshold_changes_pixels(tiny_flux, tmp_path):
+    """The cache really skips blocks: a threshold every step passes reuses the first step's residual
+    (other pixels), one no step passes gives exactly the uncached image (under another name)."""
+    common = ["--model_path", tiny_flux, "--prompt", PROMPTS[0], "--seeds", "8", *FAST]
+    assert infer("BASE", common + ["--output_dir", tmp_path / "off"]) == 0
+    assert infer("BASE", common + ["--output_dir", tmp_path / "always", "--first_block_cache", "1e6"]) == 0
+    assert infer("BASE", common + ["--output_dir", tmp_path / "never", "--first_block_cache", "1e-12"]) == 0
+    (off,), (always,), (never,) = pngs(tmp_path / "off"), pngs(tmp_path / "always"), pngs(tmp_path / "never")
+    assert len({off, always, never}) == 3
+    # (the tiny random transformer's steps differ little, so reused residuals move pixels by ~2/255)
+    assert int(np.abs(pixels(tmp_path / "off" / off) - pixels(tmp_path / "always" / always)).max()) >= 1
+    assert np.array_equal(pixels(tmp_path / "off" / off), pixels(tmp_path / "never" / never))
 
 
 def test_npu_branch_applies_the_patches(tmp_path):
@@ -379,6 +396,37 @@ def test_unwritable_output_dir(tiny_flux, tmp_path, capfd):
     locked.mkdir(mode=0o500)
     rc = infer("BASE", ["--model_path", tiny_flux, "--prompt", "x", "--seeds", "1", "--output_dir", locked, *FAST])
     assert rc == 2 and "not writable" in one_error_line(capfd)
+
+
+def _private_mount_prefix(probe):
+    """The unshare prefix that mounts a tmpfs privately here (as tests/test_reliability.py does), or None."""
+    if shutil.which("unshare") is None:
+        return None
+    probe.mkdir()
+    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
+        proc = subprocess.run(prefix + ["sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', str(probe)],
+                              capture_output=True, timeout=60)
+        if proc.returncode == 0:
+            return prefix
+    return None
+
+
+def test_read_only_output_dir_is_refused_before_loading(tiny_flux, tmp_path):
+    """The write probe, also as root (CI): a read-only tmpfs refuses the probe file whatever the
+    permission bits say, so the run stops with one line before it loads the model."""
+    prefix = _private_mount_prefix(tmp_path / "probe")
+    if prefix is None:
+        pytest.skip("this host does not let us mount a tmpfs in a private namespace")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    q = shlex.quote
+    argv = ["--model_path", tiny_flux, "--prompt", "x", "--seeds", "1", "--output_dir", mnt, *FAST]
+    script = (f"mount -t tmpfs -o size=64k,ro tmpfs {q(str(mnt))} || exit 90\n"
+              f"exec {q(sys.executable)} {q(SCRIPTS['base'])} {' '.join(q(str(a)) for a in argv)}")
+    proc = subprocess.run(prefix + ["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert_user_error(proc, "--output_dir", "not writable", "Read-only file system")
+    assert proc.returncode == 2 and "Loading" not in proc.stderr
 
 
 def test_script_defaults_fail_clearly(tmp_path):

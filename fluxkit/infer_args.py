@@ -1,0 +1,185 @@
+"""Command line of the four infer_flux_text2img_*.py scripts: the flags (the same for all four),
+what each script defaults to (`ScriptDefaults`), the reference's prompt lists, and the prompts a
+run asks for. Values are checked here, before anything heavy is imported."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .errors import UserError
+from .lora import LORA_WEIGHT_NAME
+
+REFERENCE_SEEDS = (8, 23, 42, 1334)
+
+# The reference's prompt lists, kept verbatim (typos included) so that images can be compared
+# with the ones the reference produced.
+STYLE_PROMPTS = (
+    "masterpiece, best quality, Cute dragon creature, pokemon style, night, moonlight, dim lighting",
+    "masterpiece, best quality, Pikachu walking in beijing city, pokemon style, night, moonlight, dim lighting",
+    "masterpiece, best quality, red panda , pokemon style, evening light, sunset, rim lighting",
+    "masterpiece, best quality, Photo of (Lion:1.2) on a couch, flower in vase, dof, film grain, crystal clear, "
+    "pokemon style, dark studio",
+    "masterpiece, best quality, siberian cat pokemon on river, pokemon style, evening light, sunset, rim lighting, "
+    "depth of field",
+    "masterpiece, best quality, pig, Exquisite City, (sky:1.3), (Miniature tree:1.3), Miniature object, many flowers, "
+    "glowing mushrooms, (creek:1.3), lots of fruits, cute colorful animal protagonist, Firefly, meteor, Colorful cloud, "
+    "pokemon style, Complicated background, rainbow,",
+    "masterpiece, best quality, (pokemon), a cute pikachu, girl with glasses, (masterpiece, top quality, best quality, "
+    "official art, beautiful and aesthetic:1.2),",
+    r"masterpiece, best quality, sugimori ken \(style\), (pokemon \(creature\)), pokemon electric type, grey and yellow "
+    r"skin, mechanical arms, cyberpunk city background, night, neon light",
+)
+SUBJECT_PROMPTS = (
+    "masterpiece, best quality, a sks dog in a bucket, night, moonlight, dim lighting",
+    "masterpiece, best quality, a dog is walking in beijing city, night, moonlight, dim lighting",
+    "masterpiece, best quality, a dog is holding a sign that sys hello world, evening light, sunset, rim lighting",
+    "masterpiece, best quality, three big dogs on a couch, flower in vase, film grain, crystal clear, dark studio",
+    "masterpiece, best quality, 8 cats and 8 dogs on river, evening light, sunset, rim lighting, depth of field",
+    "masterpiece, best quality, 2 dogs, Exquisite City, (sky:1.3), (Miniature tree:1.3), Miniature object, many "
+    "flowers, glowing mushrooms, (creek:1.3), lots of fruits, cute colorful animal protagonist, Firefly, meteor, "
+    "Colorful cloud, Complicated background, rainbow,",
+    "masterpiece, best quality, a cat is holding a sign that says hello world, girl with glasses, (masterpiece, top "
+    "quality, best quality, official art, beautiful and aesthetic:1.2),",
+    "masterpiece, best quality, two dog with grey and yellow skin, mechanical arms, cyberpunk city background, night, "
+    "neon light",
+)
+
+HUB_MODEL = "black-forest-labs/FLUX.1-dev"
+FULL_FINETUNE_OUTPUT = "output_flux_dreambooth"  # the full fine-tune launcher's default --output_dir
+LORA_OUTPUT = "output_flux_dreambooth_lora"  # the LoRA launcher's default --output_dir
+MAX_SEQUENCE_LENGTH = 512  # T5's limit in FluxPipeline
+
+
+@dataclass(frozen=True)
+class ScriptDefaults:
+    """What one entry script defaults to; the flags are the same for all four."""
+
+    description: str
+    model_path: str
+    output_dir: str
+    prompts: tuple
+    lora_weights: str | None = None
+
+
+BASE = ScriptDefaults(
+    description="Text-to-image from a FLUX pipeline (the base model or a full fine-tune).",
+    model_path=HUB_MODEL, output_dir="infer_result", prompts=STYLE_PROMPTS)
+DREAMBOOTH = ScriptDefaults(
+    description="Text-to-image from a full DreamBooth fine-tune (train_flux_dreambooth.py's output folder).",
+    model_path=FULL_FINETUNE_OUTPUT, output_dir="infer_result_dreambooth", prompts=SUBJECT_PROMPTS)
+LORA = ScriptDefaults(
+    description="Text-to-image from a base FLUX pipeline plus DreamBooth-LoRA weights.",
+    model_path=HUB_MODEL, output_dir="infer_result_lora", prompts=SUBJECT_PROMPTS, lora_weights=LORA_OUTPUT)
+DISTRIB = ScriptDefaults(
+    description="Text-to-image with prompts x seeds split over processes: "
+                "accelerate launch --num_processes N infer_flux_text2img_distrib.py [FLAGS]. "
+                "LoRA is optional (--lora_weights).",
+    model_path=HUB_MODEL, output_dir="infer_result_distrib", prompts=STYLE_PROMPTS)
+
+
+# ---------------------------------------------------------------- arguments
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seeds must be between 0 and 2**63-1, got {value}")
+    return value
+
+
+def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
+    from .device import DEVICE_CHOICES
+
+    p = argparse.ArgumentParser(description=defaults.description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_path", default=defaults.model_path,
+                   help="a FluxPipeline folder (e.g. a full fine-tune's output_dir) or a hub id in the local cache (default: %(default)s)")
+    g.add_argument("--lora_weights", default=defaults.lora_weights,
+                   help=f"LoRA weights: a .safetensors file, or a folder holding {LORA_WEIGHT_NAME} "
+                        "(pickle formats such as .bin/.pt are refused) (default: %(default)s)")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model's images (default: %(default)s)")
+    g.add_argument("--fuse_lora", action="store_true",
+                   help="merge the LoRA into the weights before generating (faster; same images within rounding)")
+    g.add_argument("--local_files_only", action=argparse.BooleanOptionalAction, default=True,
+                   help="never download (the default); --no-local_files_only lets diffusers fetch a hub id")
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat the flag for several); default: the reference's prompt list")
+    g.add_argument("--prompts_file", default=None,
+                   help="a UTF-8 text file, one prompt per line; blank lines and lines starting with # are skipped")
+    g.add_argument("--seeds", type=_seed, nargs="+", default=list(REFERENCE_SEEDS),
+                   help="one image per prompt and seed (default: the reference's %(default)s)")
+    g.add_argument("--num_inference_steps", type=int, default=28, help="denoising steps (default: %(default)s)")
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16 (default: %(default)s)")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16 (default: %(default)s)")
+    g.add_argument("--guidance_scale", type=float, default=3.5,
+                   help="FLUX.1-dev's distilled guidance (default: %(default)s, FLUX.1-dev's recommended value; the reference scripts used 1.0)")
+    g.add_argument("--max_sequence_length", type=int, default=MAX_SEQUENCE_LENGTH,
+                   help=f"T5 prompt tokens, at most {MAX_SEQUENCE_LENGTH} (default: %(default)s)")
+    g = p.add_argument_group("how")
+    g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call, per process (default: %(default)s)")
+    g.add_argument("--output_dir", default=defaults.output_dir, help="where the PNGs, manifest.jsonl and infer_summary.json go (default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true", help="re-render images that already exist (default: skip them)")
+    g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto (the default) picks npu, then cuda, then cpu")
+    g.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="weight and compute dtype (default: %(default)s; on a CPU without fast bf16, fp32 may be quicker)")
+    g.add_argument("--npu_flash_attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="on Ascend, use torch_npu's fused attention via fluxkit.patches (default: on)")
+    g.add_argument("--first_block_cache", type=float, default=None, metavar="THRESHOLD",
+                   help="skip the remaining transformer blocks when the first block's output changes less than "
+                        "THRESHOLD (diffusers' first-block cache, e.g. 0.05-0.12; faster, slightly different images); off by default")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first image, faster after)")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend for --compile (inductor on CUDA/CPU; on Ascend the one torch_npu's torchair registers; default: %(default)s)")
+    return p
+
+
+def parse_args(defaults: ScriptDefaults, argv=None) -> argparse.Namespace:
+    args = build_parser(defaults).parse_args(argv)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % 16:
+            raise UserError(f"--{name} {value} is not a positive multiple of 16 (FLUX packs 2x2 latent patches of the 8x VAE); "
+                            f"use e.g. {max(16, (value // 16) * 16)}")
+    if args.num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} must be at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size} must be at least 1")
+    if not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and {MAX_SEQUENCE_LENGTH}")
+    if args.first_block_cache is not None and not args.first_block_cache > 0:
+        raise UserError(f"--first_block_cache {args.first_block_cache} must be a positive threshold such as 0.08")
+    if args.fuse_lora and not args.lora_weights:
+        raise UserError("--fuse_lora needs --lora_weights")
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would render the same file twice
+    return args
+
+
+def read_prompts_file(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts_file {path!r} does not exist or is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prompts_file {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in lines]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts_file {path!r} has no prompts (only blank lines or # comments); add one prompt per line")
+    return prompts
+
+
+def collect_prompts(args, defaults: ScriptDefaults) -> list[str]:
+    """--prompt flags, then --prompts_file lines; the script's default list when neither is given."""
+    prompts = list(args.prompt or [])
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt is empty; give the text of the prompt")
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    return list(dict.fromkeys(prompts or defaults.prompts))
