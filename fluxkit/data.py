@@ -183,6 +183,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.caption_dropout_rate = float(getattr(args, "caption_dropout_rate", 0.0) or 0.0)
         self.resolution = args.resolution
         self.class_prompt = args.class_prompt if self.scan.class_samples else None
+        # False once every latent is cached: items then carry no pixels, and workers decode nothing
+        self.decode_pixels = True
 
     @property
     def skipped(self) -> int:
@@ -221,26 +223,31 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self))
-        item = {"index": index, "pixel_values": self.pixels(self.instance_of(index), self.placement(index)),
-                "prompt": self.caption(index, epoch)}
+        item = {"index": index, "prompt": self.caption(index, epoch)}
+        if self.decode_pixels:
+            item["pixel_values"] = self.pixels(self.instance_of(index), self.placement(index))
         if self.scan.class_samples:
             sample = self.scan.class_samples[index % len(self.scan.class_samples)]
-            item["class_pixel_values"] = self.pixels(sample, self.class_placement(index))
+            if self.decode_pixels:
+                item["class_pixel_values"] = self.pixels(sample, self.class_placement(index))
             item["class_prompt"] = self.class_prompt
         return item
 
 
 def collate(examples: list[dict]) -> dict:
-    """Instance samples first, then their class partners (the loss splits the batch in two)."""
+    """Instance samples first, then their class partners (the loss splits the batch in two).
+    pixel_values is None when the dataset decodes none (every latent cached)."""
+    pixels = "pixel_values" in examples[0]
     batch = {
         "index": torch.tensor([e["index"] for e in examples]),
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]) if pixels else None,
         "prompts": [e["prompt"] for e in examples],
         "is_class": torch.zeros(len(examples), dtype=torch.bool),
     }
-    if "class_pixel_values" in examples[0]:
+    if "class_prompt" in examples[0]:
         batch["index"] = torch.cat([batch["index"], -1 - batch["index"]])  # class samples: negative keys
-        batch["pixel_values"] = torch.cat([batch["pixel_values"], torch.stack([e["class_pixel_values"] for e in examples])])
+        if pixels:
+            batch["pixel_values"] = torch.cat([batch["pixel_values"], torch.stack([e["class_pixel_values"] for e in examples])])
         batch["prompts"] = batch["prompts"] + [e["class_prompt"] for e in examples]
         batch["is_class"] = torch.cat([batch["is_class"], torch.ones(len(examples), dtype=torch.bool)])
     return batch

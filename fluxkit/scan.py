@@ -320,14 +320,8 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
         raise UserError(f"no readable training images in {origin} (all {len(skipped)} were skipped); "
                         "check --instance_data_dir or --dataset_name")
 
-    class_samples = []
-    for path in class_images or []:
-        info = _inspect_path(path, skip_bad, skipped)
-        if info is not None:
-            class_samples.append(ImageInfo(path, path, info[0], info[1], args.class_prompt or "", "--class_prompt"))
-
-    scan = DatasetScan(samples, class_samples, skipped, max(1, int(args.repeats)), table=table,
-                       image_column=image_column, origin=origin)
+    scan = DatasetScan(samples, [], skipped, max(1, int(args.repeats)), table=table, image_column=image_column, origin=origin)
+    add_class_images(scan, class_images or [], args)
     if getattr(args, "aspect_ratio_buckets", False):
         from .buckets import assign, make_buckets
 
@@ -344,6 +338,16 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
 
         if is_rank0():
             print(scan.report(), file=sys.stderr, flush=True)
+    return scan
+
+
+def add_class_images(scan: DatasetScan, paths: list[str], args) -> DatasetScan:
+    """Prior preservation's class images (known only once generated) join a scan."""
+    skip_bad = bool(getattr(args, "skip_bad_images", False))
+    for path in paths:
+        info = _inspect_path(path, skip_bad, scan.skipped)
+        if info is not None:
+            scan.class_samples.append(ImageInfo(path, path, info[0], info[1], args.class_prompt or "", "--class_prompt"))
     return scan
 
 
