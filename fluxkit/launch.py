@@ -89,7 +89,7 @@ LAUNCHERS = {
                   "gradient_accumulation_steps": "1", "learning_rate": "1e-6", "rank": "4", "lora_alpha": "4",
                   "max_train_steps": "5000", "mixed_precision": "bf16", "checkpointing_steps": "5001", "seed": "0",
                   "output_dir": "output_flux_dreambooth_lora",
-                  "dataloader_num_workers": "auto",  # the reference's 8, at most the cores each process has
+                  "dataloader_num_workers": "auto",  # the reference's 8, at most the cores each process has (data.py)
                   "gradient_checkpointing": True, "validation_epochs": "500"},
         demo={"model_name": "{cache}/tiny_flux", "dataset_name": "{cache}/data/captioned", "instance_dir": "",
               "validation_prompt": "a red circle on a gray background", "resolution": "32", "batch_size": "2",
@@ -109,7 +109,6 @@ LAUNCHER_ONLY = ("config_file", "num_processes", "num_machines", "machine_rank",
 # disagree with what DeepSpeed uses, so they go through the keys.
 OWNED_FLAGS = {"--gradient_accumulation_steps": "gradient_accumulation_steps", "--train_batch_size": "batch_size",
                "--mixed_precision": "mixed_precision", "--output_dir": "output_dir"}
-REFERENCE_WORKERS = 8
 SECRET_FLAGS = ("hub_token",)
 
 KEY_HELP = {
@@ -518,16 +517,13 @@ def check_data(opts: dict) -> None:
             raise UserError(f"instance_dir {folder!r} is empty; put the subject's images there")
 
 
-def scan_training_data(args) -> None:
-    """The trainer's own data checks, before any process starts (unreadable images, missing columns).
+def scan_training_data(args, world_size: int) -> None:
+    """The trainer's data scan (fluxkit.scan: image headers, captions, columns, enough samples per
+    process), run here so that a data mistake is one line before any process starts."""
+    from .scan import scan_dataset
 
-    The call point for the data module's scan; until it has one, the captioned dataset's columns
-    are checked by loading it the way the trainer does.
-    """
-    from . import data
-
-    if args.dataset_name and os.path.exists(args.dataset_name):
-        data.load_captioned_dataset(args)
+    with contextlib.redirect_stderr(io.StringIO()):  # datasets' progress bars; mistakes come as UserError
+        scan_dataset(args, world_size=world_size, quiet=True)
 
 
 def validate_trainer_args(argv: list[str], lora: bool):
@@ -626,7 +622,9 @@ def trainer_arguments(req: Request, device_type: str, per_machine: int, external
     else:
         values.pop("caption_column", None)
     if values.get("dataloader_num_workers") == "auto":
-        values["dataloader_num_workers"] = str(min(REFERENCE_WORKERS, max(0, cores() // max(1, per_machine) - 1)))
+        from .data import default_num_workers
+
+        values["dataloader_num_workers"] = str(default_num_workers(per_machine))
     given_after_dash = trainer_flags_given(req.extra, req.spec.kind == "lora")
     if ("lr_scheduler" not in req.given and "lr_scheduler" not in given_after_dash
             and values.get("lr_scheduler") == "constant"):
@@ -929,7 +927,7 @@ def run(req: Request) -> int:
         check_model(o["model_name"])
         check_data(o)
         if trainer_args is not None:
-            scan_training_data(trainer_args)
+            scan_training_data(trainer_args, plan.processes)
             check_run_folder(trainer_args, plan.processes)
 
     if req.dry_run:
