@@ -579,7 +579,7 @@ def apply_demo(req: Request) -> None:
             req.opts[key] = value.replace("{cache}", cache) if isinstance(value, str) else value
 
 
-def build_demo_cache(dry_run: bool) -> None:
+def build_demo_cache(dry_run: bool, verbose: bool = False) -> None:
     cache = demo_cache()
     model, data = os.path.join(cache, "tiny_flux"), os.path.join(cache, "data")
     todo_model = not os.path.isfile(os.path.join(model, "model_index.json"))
@@ -595,10 +595,48 @@ def build_demo_cache(dry_run: bool) -> None:
 
     os.makedirs(cache, exist_ok=True)
     preset = tiny.resolve_preset("tiny")
-    if todo_model:
-        tiny.build_pipeline(model, preset, seed=0, overwrite=True)
-    if todo_data:
-        tiny.build_datasets(data, seed=0, resolution=preset.sample_resolution, overwrite=True)
+    # the tokenizer trainers and dataset writers print progress from native code: kept to show on failure
+    with captured_output(show_on_error=True, keep=verbose):
+        if todo_model:
+            tiny.build_pipeline(model, preset, seed=0, overwrite=True)
+        if todo_data:
+            tiny.build_datasets(data, seed=0, resolution=preset.sample_resolution, overwrite=True)
+
+
+@contextlib.contextmanager
+def captured_output(show_on_error: bool, keep: bool = False):
+    """Output written to this process's stdout/stderr file descriptors (native code included) goes to a
+    temporary file instead; it is shown if the block fails (or if keep)."""
+    if keep:
+        yield
+        return
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except UserError:
+            raise  # one line says it all
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            if failed and show_on_error:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode("utf-8", errors="replace"))
+                sys.stderr.flush()
 
 
 def python() -> str:
@@ -685,6 +723,9 @@ def make_plan(req: Request, info, external: bool, script: str) -> Plan:
     if not threads:  # 1 beside an accelerator (the reference's), the cores shared out on a CPU
         threads = str(max(1, cores() // per_machine)) if info.type == "cpu" else "1"
     env["OMP_NUM_THREADS"] = threads
+    # DeepSpeed told the device the launcher chose, rather than guessing it in every process (and
+    # warning "Setting accelerator to CPU" four times on a CPU host)
+    env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", info.type)
     if info.type == "npu":
         for name, value in ASCEND_ENV.items():
             env[name] = os.environ.get(name, value)
@@ -809,9 +850,9 @@ class Run:
     """Runs a command in a process group of its own, its stdout/stderr through a ConsoleFilter to ours and
     everything into a log file. SIGINT/SIGTERM sent to the launcher go to the command (once per signal)."""
 
-    def __init__(self, log_path: str | None, verbose: bool, filt: ConsoleFilter | None = None):
+    def __init__(self, log_path: str | None, verbose: bool):
         self.log_path = log_path
-        self.filter = filt or ConsoleFilter(verbose)
+        self.filter = ConsoleFilter(verbose)
         self.signalled: str | None = None
         self.proc = None
 
@@ -910,15 +951,18 @@ def run(req: Request) -> int:
             raise UserError(f"train_script {script!r}: no such file; pass --train_script=PATH to a training script")
     else:
         script = os.path.join(ROOT, spec.trainer)
-    if req.demo:
-        build_demo_cache(req.dry_run)
     accelerate_config = check_accelerate_config(o["config_file"], int(o["gradient_accumulation_steps"]), int(o["batch_size"]))
     check_output_dir(o["output_dir"])
 
+    from . import quiet
     from .device import check_mixed_precision, detect
 
+    quiet.install(req.verbose)
     info = detect(o["device"])
     check_mixed_precision(info, o["mixed_precision"])
+    os.environ.setdefault("DS_ACCELERATOR", info.type)  # see make_plan
+    if req.demo:
+        build_demo_cache(req.dry_run, req.verbose)
     plan = make_plan(req, info, external, script)
     trainer_args = None
     if not external:  # our trainer's own parser and checks judge its arguments (upstream scripts judge theirs)
@@ -939,7 +983,11 @@ def run(req: Request) -> int:
     os.makedirs(logs, exist_ok=True)
     plan.log = os.path.join(logs, f"train_{o['mixed_precision']}_{spec.network}_{time.strftime('%Y%m%d_%H%M%S')}.log")
     start = time.time()
-    tee_print(plan_text(req, plan), plan.log)
+    text = plan_text(req, plan)
+    with open(plan.log, "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+    # the console gets the devices and the batch; the environment and the command are in the log
+    print(text if req.verbose else "\n".join(text.splitlines()[:2]), flush=True)
     from .run_config import write_run_config
 
     write_run_config(out, req, trainer_args, accelerate_config, plan)
@@ -979,13 +1027,18 @@ def run(req: Request) -> int:
     lines = run_summary.final_report(os.path.join(out, run_summary.SUMMARY_FILE), spec.network, logs,
                                      int(o["batch_size"]), since=start, allow_missing=external)
     tee_print("\n".join(lines), plan.log)
-    tee_print(f"log: {plan.log}", plan.log)
+    if not req.demo:  # the demo names its log at the end
+        tee_print(f"log: {plan.log}", plan.log)
     if req.demo:
         demo_infer(req, plan, info.type)
     return 0
 
 
 def demo_infer(req: Request, plan: Plan, device_type: str) -> None:
+    """Render the demo's prompts with the result, in this process (the inference scripts' main)."""
+    from .infer_args import DREAMBOOTH, LORA
+    from .inference import main as infer
+
     o = req.opts
     out = o["output_dir"]
     images = os.path.join(out, "demo_images")
@@ -993,18 +1046,9 @@ def demo_infer(req: Request, plan: Plan, device_type: str) -> None:
             "--num_inference_steps", "4", "--height", o["resolution"], "--width", o["resolution"],
             "--output_dir", images, "--device", device_type, "--overwrite"]
     if req.spec.kind == "lora":
-        command = [python(), os.path.join(ROOT, "infer_flux_text2img_lora_bf16.py"), "--model_path", o["model_name"],
-                   "--lora_weights", out]
+        infer(LORA, ["--model_path", o["model_name"], "--lora_weights", out] + args)
     else:
-        command = [python(), os.path.join(ROOT, "infer_flux_text2img_dreambooth_bf16.py"), "--model_path", out]
-    print("demo: generating images with the result", flush=True)
-    env = dict(os.environ)
-    env.update(plan.env)
-    if req.verbose:
-        env[VERBOSE_ENV] = "1"
-    rc = Run(None, req.verbose)(command + args, env)
-    if rc != 0:
-        raise UserError(f"the demo's inference failed with exit status {rc}; the trained weights are in {out!r}")
+        infer(DREAMBOOTH, ["--model_path", out] + args)
     print("demo: done.")
     if req.spec.kind == "lora":
         print(f"  LoRA weights : {out}/pytorch_lora_weights.safetensors (base model: {o['model_name']})")

@@ -188,3 +188,33 @@ def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_wo
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 60
     steps = [json.loads(line)["step"] for line in step_log.read_text().splitlines()]
     assert steps == list(range(1, 61))  # the resumed run continued where the stopped one left off
+
+
+@pytest.mark.slow
+def test_lora_demo_console_is_short(tmp_path):
+    """The LoRA demo end to end (build, 2-process training, summary, images) in under 20 lines a user reads;
+    known library noise is filtered where it is made, and --verbose would show it."""
+    env = {"FLUXKIT_DEMO_DIR": str(tmp_path / "demo cache")}
+    proc = launch(LORA, "--demo", f"--output_dir={tmp_path / 'out'}", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = _console_lines(proc.stdout + proc.stderr)
+    assert len(lines) < 20, "\n".join(lines)
+    for noise in ("Setting accelerator to CPU", "requires torchvision", "kept in float32: []", "FutureWarning"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    assert "Final Performance images/sec" in proc.stdout and "demo: done." in proc.stdout
+
+
+# ------------------------------------------------------------------ drop-in defaults
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_every_upstream_default_is_ours(lora):
+    from upstream_defaults import upstream_defaults
+
+    from fluxkit.train_args import build_parser
+
+    ours = {a.dest: a.default for a in build_parser(lora)._actions if a.option_strings and a.dest != "help"}
+    table = upstream_defaults(lora)
+    missing = sorted(set(table) - set(ours))
+    assert not missing, f"upstream flags our trainer lacks: {missing}"
+    differ = {k: (ours[k], v) for k, v in table.items() if ours[k] != v or type(ours[k]) is not type(v)}
+    assert not differ, f"(ours, upstream) for defaults that differ: {differ}"
