@@ -9,17 +9,20 @@ checkpoint is in place, and never removes the newest.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import tempfile
+
+import torch
 
 from .errors import UserError
+from .fsio import PARTIAL_PREFIX, discard_dir, write_failure
+from .lora import lora_save_load_hooks, unwrap_model
 
 STATE_FILE = "fluxkit_state.json"
-PARTIAL_PREFIX = ".partial-"
+# A storage error's cause is judged by a probe write of this size (room for a small file is not enough).
+_PROBE_BYTES = 1 << 20
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -132,10 +135,10 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.exists(final):  # the same step written again after a resume: replace it
-                _discard(final)
+                discard_dir(final)
             os.replace(partial, final)
         except Exception as err:
-            reason = write_failure(err, output_dir)
+            reason = write_failure(err, output_dir, _PROBE_BYTES)
             shutil.rmtree(partial, ignore_errors=True)
             if reason is None:
                 raise
@@ -145,70 +148,12 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
                             "free disk space or fix permissions, then resume with --resume_from_checkpoint latest") from None
         prune(output_dir, total_limit)
     elif error is not None:
-        reason = write_failure(error, output_dir)
+        reason = write_failure(error, output_dir, _PROBE_BYTES)
         if reason is None:
             raise error
         raise UserError(f"could not write checkpoint {final!r} on this rank: {reason}")
     accelerator.wait_for_everyone()
     return final
-
-
-def write_failure(err: BaseException, folder: str) -> str | None:
-    """Why a write into folder failed when storage is to blame (full, read-only, no permission), else None.
-
-    torch.save and safetensors report a full disk as RuntimeError or SafetensorError, not OSError,
-    so for those a probe write decides: storage problems get one clear line, bugs keep their traceback.
-    """
-    if isinstance(err, OSError):
-        return err.strerror or str(err)
-    text = str(err)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
-        if os.strerror(code) in text:  # e.g. safetensors: "I/O error: No space left on device (os error 28)"
-            return os.strerror(code)
-    return storage_problem(folder)
-
-
-def storage_problem(folder: str, probe_bytes: int = 1 << 20) -> str | None:
-    """Why folder cannot take a new file of probe_bytes now (e.g. 'No space left on device'), or None."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".fluxkit-write-probe-", dir=folder)
-    except OSError as err:
-        return err.strerror or str(err)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(bytes(probe_bytes))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        return err.strerror or str(err)
-    finally:
-        try:
-            os.remove(probe)
-        except OSError:
-            pass
-    return None
-
-
-def prepare_output_dir(output_dir: str) -> None:
-    """Create output_dir and make sure it takes files, before hours of training depend on it."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--output_dir {output_dir!r} cannot be created ({err.strerror or err}); choose another folder") from None
-    problem = storage_problem(output_dir, probe_bytes=4096)
-    if problem:
-        raise UserError(f"--output_dir {output_dir!r} is not writable ({problem}); free space, fix its permissions "
-                        "or choose another folder")
-
-
-def _discard(path: str) -> None:
-    """Remove a checkpoint folder so that a crash midway never leaves a complete-looking half of it:
-    renamed first (atomically) to a partial name, which resume ignores and the next run cleans up."""
-    parent, name = os.path.split(path)
-    doomed = os.path.join(parent, f"{PARTIAL_PREFIX}{name}.discarded")
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def prune(output_dir: str, total_limit: int | None) -> list[str]:
@@ -218,5 +163,50 @@ def prune(output_dir: str, total_limit: int | None) -> list[str]:
     found = complete_checkpoints(output_dir)
     doomed = found[: max(0, len(found) - max(1, total_limit))]
     for _, path in doomed:
-        _discard(path)
+        discard_dir(path)
     return [p for _, p in doomed]
+
+
+def register_state_hooks(args, accelerator, m) -> None:
+    """What save_state/load_state write and read for our models (m: the run's Models): LoRA files for
+    LoRA runs, diffusers-format model folders for full runs (checkpoint-STEP/transformer loads alone)."""
+    if args.lora:
+        te = m.text_encoder if args.train_text_encoder else None
+        save_dtype = torch.float32 if args.upcast_before_saving else None
+        save_hook, load_hook = lora_save_load_hooks(accelerator, m.transformer, te, save_dtype)
+    else:
+        ours = {"transformer": m.transformer}
+        if args.train_text_encoder:
+            ours["text_encoder"] = m.text_encoder
+
+        def which(model):
+            bare = unwrap_model(model)
+            return next((name for name, mod in ours.items() if mod is bare), None)
+
+        def save_hook(models, weights, output_dir):
+            for i in reversed(range(min(len(models), len(weights)))):
+                if which(models[i]):
+                    weights.pop(i)  # saved below in diffusers' layout instead of accelerate's
+            if accelerator.is_main_process:
+                for name, module in ours.items():
+                    module.save_pretrained(os.path.join(output_dir, name), safe_serialization=True)
+
+        def load_hook(models, input_dir):
+            from safetensors.torch import load_file
+
+            for i in reversed(range(len(models))):
+                name = which(models[i])
+                if name is None:
+                    continue
+                models.pop(i)
+                folder = os.path.join(input_dir, name)
+                shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+                if not shards:  # never fall back to pickle formats: loading those can run code
+                    raise UserError(f"checkpoint {input_dir!r} holds no {name} weights as .safetensors in {folder!r} "
+                                    "(.bin/.pt pickles are refused); resume from a checkpoint this trainer wrote")
+                state = {}
+                for f in shards:
+                    state.update(load_file(os.path.join(folder, f)))
+                ours[name].load_state_dict(state)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

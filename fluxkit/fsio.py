@@ -123,7 +123,7 @@ def ensure_writable_dir(path: str, flag: str = "--output_dir", probe_bytes: int 
     return path
 
 
-def write_failure(err: BaseException, folder: str) -> str | None:
+def write_failure(err: BaseException, folder: str, probe_bytes: int = 4096) -> str | None:
     """Why a write into folder failed when storage is to blame (full, read-only, no permission), else None.
 
     torch.save and safetensors report a full disk as RuntimeError or SafetensorError, not OSError,
@@ -135,4 +135,4 @@ def write_failure(err: BaseException, folder: str) -> str | None:
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
         if os.strerror(code) in text:  # e.g. safetensors: "I/O error: No space left on device (os error 28)"
             return os.strerror(code)
-    return storage_problem(folder)
+    return storage_problem(folder, probe_bytes)

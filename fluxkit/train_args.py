@@ -71,7 +71,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="overrides accelerate's setting")
     g.add_argument("--prior_generation_precision", default=None, choices=("no", "fp32", "fp16", "bf16"), help="dtype for class image generation")
-    g.add_argument("--local_rank", type=int, default=-1, help="set by launchers")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="accepted for compatibility with diffusers' scripts; unused (accelerate sets LOCAL_RANK)")
     g.add_argument("--enable_npu_flash_attention", action="store_true", help="fused attention on Ascend NPUs (needs torch_npu)")
     g.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"), help="(ours) device; auto = npu > cuda > cpu")
     g.add_argument("--no_cache", action="store_true", help="(ours) never cache latents or text embeddings (for comparisons)")
@@ -116,7 +117,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
         g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
         g.add_argument("--lora_layers", default=None,
                        help="comma-separated module names to adapt, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' (default: all attention and MLP linears)")
-        g.add_argument("--cache_latents", action="store_true", help="cache VAE latents (we cache by default where exact; kept for compatibility)")
+        g.add_argument("--cache_latents", action="store_true",
+                       help="accepted for compatibility with diffusers' script; latents are always cached (see --no_cache)")
         g.add_argument("--upcast_before_saving", action="store_true", help="save LoRA weights in fp32 (default: training dtype)")
     return p
 
@@ -135,10 +137,7 @@ def parse_args(argv=None, lora: bool = False) -> argparse.Namespace:
     args.lora = lora
     if not lora:  # the full fine-tune has no LoRA flags; keep attribute access uniform
         args.rank = args.lora_alpha = None
-        args.lora_dropout, args.lora_layers, args.cache_latents, args.upcast_before_saving = 0.0, None, False, False
-    env_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_rank != -1:
-        args.local_rank = env_rank
+        args.lora_dropout, args.lora_layers, args.upcast_before_saving = 0.0, None, False
     validate(args)
     return args
 

@@ -54,7 +54,7 @@ def _build(preset, device):
 def _lora_step(ctx, transformer, res: int, vae_scale: int) -> tuple[dict, dict]:
     from peft import LoraConfig
 
-    from fluxkit.train import DEFAULT_LORA_TARGETS
+    from fluxkit.models import DEFAULT_LORA_TARGETS
 
     device = next(transformer.parameters()).device
     cfg = transformer.config

@@ -1,0 +1,147 @@
+"""The FLUX models of a training run and what trains in them.
+
+`resolve_model_dir` finds the pipeline folder (downloading a hub id unless offline), `load_models`
+loads its seven components, `setup_trainables` decides what trains (the whole transformer, or LoRA
+adapters; optionally CLIP) and in which dtype, and `build_optimizer` builds AdamW, 8-bit AdamW or
+Prodigy over those parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .environment import check_pipeline_folder, hf_offline, is_hub_id
+from .errors import UserError
+
+PIPELINE_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+DEFAULT_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                        "ff_context.net.2", "proj_mlp", "proj_out"]
+CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    vae: torch.nn.Module
+    transformer: torch.nn.Module
+    scheduler: object
+    model_dir: str
+
+
+def resolve_model_dir(args) -> str:
+    """A local folder for --pretrained_model_name_or_path, checked component by component."""
+    path = args.pretrained_model_name_or_path
+    if not os.path.isdir(path):
+        if not is_hub_id(path):
+            raise UserError(f"--pretrained_model_name_or_path {path!r} is not a FLUX pipeline folder; "
+                            "give a local folder (make_tiny_flux.py builds one) or a hub id like black-forest-labs/FLUX.1-dev")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, revision=args.revision, cache_dir=args.cache_dir, local_files_only=hf_offline())
+        except Exception as err:
+            raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} could not be "
+                            f"downloaded ({type(err).__name__}); download it first or give a local folder") from None
+    return check_pipeline_folder(path, "--pretrained_model_name_or_path")
+
+
+def load_models(args, model_dir: str) -> Models:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    common = dict(revision=args.revision, local_files_only=True)
+    try:
+        models = Models(
+            tokenizer=AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer", **common),
+            tokenizer_2=AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", **common),
+            text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=args.variant, **common),
+            text_encoder_2=T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", variant=args.variant, **common),
+            vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant=args.variant, **common),
+            transformer=FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", variant=args.variant, **common),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler", **common),
+            model_dir=model_dir,
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load the FLUX pipeline from {model_dir!r}: {str(err).splitlines()[0][:300]}") from None
+    return models
+
+
+@dataclass
+class Trainables:
+    """What trains: the whole transformer (full) or LoRA adapters; optionally the CLIP text encoder."""
+    transformer_params: list
+    text_encoder_params: list = field(default_factory=list)
+
+    @property
+    def all(self) -> list:
+        return self.transformer_params + self.text_encoder_params
+
+
+def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
+    from diffusers.training_utils import cast_training_params
+
+    for module in (m.vae, m.text_encoder_2, m.text_encoder, m.transformer):
+        module.requires_grad_(False)
+    # Frozen parts run in the compute dtype; trained full weights stay fp32 (masters for mixed precision).
+    m.vae.to(dtype=weight_dtype)
+    m.text_encoder_2.to(dtype=weight_dtype)
+    if args.lora:
+        from peft import LoraConfig
+
+        targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()] if args.lora_layers else DEFAULT_LORA_TARGETS
+        m.transformer.to(dtype=weight_dtype)
+        try:
+            m.transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 init_lora_weights="gaussian", target_modules=targets))
+            found = [n for n, p in m.transformer.named_parameters() if "lora" in n]
+        except ValueError:  # peft's NoMatchingPeftModuleError: no module has any of these names
+            found = []
+        if not found:
+            raise UserError(f"--lora_layers {args.lora_layers!r} matched no module of the transformer; "
+                            "use names like attn.to_q,attn.to_k,attn.to_v,attn.to_out.0")
+        cast_training_params(m.transformer, dtype=torch.float32)
+        t_params = [p for p in m.transformer.parameters() if p.requires_grad]
+        te_params = []
+        if args.train_text_encoder:
+            m.text_encoder.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                  init_lora_weights="gaussian", target_modules=CLIP_LORA_TARGETS))
+            cast_training_params(m.text_encoder, dtype=torch.float32)
+            te_params = [p for p in m.text_encoder.parameters() if p.requires_grad]
+        else:
+            m.text_encoder.to(dtype=weight_dtype)
+        return Trainables(t_params, te_params)
+    m.transformer.requires_grad_(True)
+    te_params = []
+    if args.train_text_encoder:
+        m.text_encoder.requires_grad_(True)
+        te_params = list(m.text_encoder.parameters())
+    else:
+        m.text_encoder.to(dtype=weight_dtype)
+    return Trainables(list(m.transformer.parameters()), te_params)
+
+
+def build_optimizer(args, t: Trainables, lr: float):
+    groups = [{"params": t.transformer_params, "lr": lr}]
+    if t.text_encoder_params:
+        groups.append({"params": t.text_encoder_params, "lr": args.text_encoder_lr if args.lora else lr,
+                       "weight_decay": args.adam_weight_decay_text_encoder})
+    if args.optimizer.lower() == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), beta3=args.prodigy_beta3,
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
+                                  use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup)
+    cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        cls = bitsandbytes.optim.AdamW8bit
+    return cls(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
