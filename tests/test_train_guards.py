@@ -201,14 +201,13 @@ def test_tensorboard_gets_loss_lr_and_validation_images(tiny_flux, sample_data, 
 
 # ------------------------------------------------------------------ --compile (inference)
 
-def test_compile_really_runs_the_transformer_through_dynamo(tiny_flux, tmp_path):
+def test_compile_really_runs_the_transformer_through_dynamo(tiny_flux, tmp_path, monkeypatch):
     """A backend registered here counts the graphs dynamo hands it: --compile must produce some,
-    and the image must match the uncompiled one."""
+    and the image must match the uncompiled one. The real entry script runs in this process."""
+    import runpy
+
     import torch
     from PIL import Image
-
-    from fluxkit import inference
-    from fluxkit.errors import cli
 
     graphs = []
 
@@ -223,11 +222,18 @@ def test_compile_really_runs_the_transformer_through_dynamo(tiny_flux, tmp_path)
         torch._dynamo.backends.registry._COMPILER_FNS[name] = counting_backend
     common = ["--model_path", tiny_flux, "--prompt", "a photo of sks dog", "--seeds", "8", "--height", "32",
               "--width", "32", "--num_inference_steps", "2", "--dtype", "fp32"]
+
+    def infer(*argv):
+        script = os.path.join(ROOT, "infer_flux_text2img_bf16.py")
+        monkeypatch.setattr(sys, "argv", [script, *common, *argv])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(script, run_name="__main__")
+        return done.value.code
+
     try:
-        assert cli(inference.main)(inference.BASE, common + ["--output_dir", str(tmp_path / "plain")]) == 0
+        assert infer("--output_dir", str(tmp_path / "plain")) == 0
         assert not graphs
-        assert cli(inference.main)(inference.BASE, common + ["--output_dir", str(tmp_path / "compiled"),
-                                                             "--compile", "--compile_backend", name]) == 0
+        assert infer("--output_dir", str(tmp_path / "compiled"), "--compile", "--compile_backend", name) == 0
     finally:
         torch._dynamo.reset()
         from accelerate.state import AcceleratorState
