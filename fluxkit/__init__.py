@@ -1,8 +1,34 @@
 """fluxkit: the shared library behind the FLUX.1 toolkit's entry scripts.
 
-Entry scripts (train_*.py, infer_*.py, make_tiny_flux.py, patch_flux.py) stay thin and call
-into the modules here: `device` picks hardware, `tiny` builds random FLUX pipelines offline,
-`errors` turns user mistakes into one-line errors.
+Entry scripts (train_*.py, infer_*.py, the finetune_*.sh launchers, make_tiny_flux.py,
+patch_flux.py) stay thin: parse, call a module here, exit. One module per idea:
+
+Training
+    train        the run, read top to bottom: setup, resume, loop, finish around one `Run`
+    train_args   the trainers' flags (diffusers' names and defaults) and their checks
+    models       loading the FLUX pipeline's components; what trains (full or LoRA); the optimizer
+    loss         text encoding and the flow-matching loss with prior preservation
+    cache        latent/text cache keyed by sample index and prompt
+    data, scan, buckets   the dataset (streamed, scanned up front), aspect-ratio buckets
+    checkpoints  complete-or-absent checkpoint-STEP folders, resume, pruning, save/load hooks
+    outputs      class images, validation grids, final weights, model card, hub upload
+    runcontrol   SIGINT/SIGTERM as "checkpoint, then stop"; throughput and MFU
+Inference
+    infer_args   the inference scripts' flags, defaults per script, prompt lists
+    inference    the run: jobs, pipeline, split over processes, images and manifest
+    lora         LoRA files: writing (training) and reading, checking, attaching (inference)
+Launching
+    launch       the launchers' logic; run_config, run_summary, quiet (known library noise)
+Shared facts, one home each
+    device       npu > cuda > cpu, backends, the Accelerator, dtype names
+    environment  env flags, HF offline, rank 0, hub ids, the pipeline-folder rule, free ports
+    fsio         atomic writes, staging and publishing folders, the writable-folder probe
+    errors       user mistakes as one `error:` line and exit status 2
+    flops        model FLOPs and device peaks
+    patches, script_fixes   runtime patches and source fixes for upstream scripts (patch_flux.py)
+    tiny         random FLUX pipelines and sample data, offline
+
+docs/architecture.md follows a launcher call to checkpoints and an inference call to images.
 """
 
 __version__ = "0.1.0"
