@@ -19,6 +19,7 @@ import torch
 from .errors import UserError
 from .fsio import PARTIAL_PREFIX, discard_dir, write_failure
 from .lora import lora_save_load_hooks, unwrap_model
+from .zero3 import save_pretrained_gathered
 
 STATE_FILE = "fluxkit_state.json"
 # A storage error's cause is judged by a probe write of this size (room for a small file is not enough).
@@ -169,7 +170,9 @@ def prune(output_dir: str, total_limit: int | None) -> list[str]:
 
 def register_state_hooks(args, accelerator, m) -> None:
     """What save_state/load_state write and read for our models (m: the run's Models): LoRA files for
-    LoRA runs, diffusers-format model folders for full runs (checkpoint-STEP/transformer loads alone)."""
+    LoRA runs, diffusers-format model folders for full runs (checkpoint-STEP/transformer loads alone).
+    Both are written with full weights under ZeRO-3 too (gathered; see fluxkit.zero3); under
+    DeepSpeed, resuming reads the engine's own sharded checkpoint and these files are for people."""
     if args.lora:
         te = m.text_encoder if args.train_text_encoder else None
         save_dtype = torch.float32 if args.upcast_before_saving else None
@@ -187,9 +190,8 @@ def register_state_hooks(args, accelerator, m) -> None:
             for i in reversed(range(min(len(models), len(weights)))):
                 if which(models[i]):
                     weights.pop(i)  # saved below in diffusers' layout instead of accelerate's
-            if accelerator.is_main_process:
-                for name, module in ours.items():
-                    module.save_pretrained(os.path.join(output_dir, name), safe_serialization=True)
+            for name, module in ours.items():  # every rank: under ZeRO-3 saving gathers the shards
+                save_pretrained_gathered(module, os.path.join(output_dir, name), accelerator.is_main_process)
 
         def load_hook(models, input_dir):
             from safetensors.torch import load_file

@@ -26,6 +26,7 @@ import torch
 from .device import is_deepspeed
 from .errors import UserError
 from .fsio import atomic_write_bytes
+from .zero3 import gathered_parameters
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # diffusers' key for adapter configs in the safetensors header (diffusers.loaders.lora_base).
@@ -122,6 +123,17 @@ def save_lora(output_dir: str, transformer=None, text_encoder=None, dtype: torch
     os.makedirs(output_dir, exist_ok=True)
     header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
     return atomic_write_bytes(os.path.join(output_dir, LORA_WEIGHT_NAME), save(tensors, metadata=header))
+
+
+def save_lora_gathered(output_dir: str, main: bool, transformer=None, text_encoder=None,
+                       dtype: torch.dtype | None = None) -> None:
+    """save_lora on the main process, with the adapter weights gathered first when ZeRO-3 shards
+    them. Every rank must call it (the gather is a collective); only the main process writes."""
+    adapters = [p for m in (transformer, text_encoder) if m is not None
+                for name, p in unwrap_model(m).named_parameters() if "lora_" in name]
+    with gathered_parameters(adapters):
+        if main:
+            save_lora(output_dir, transformer, text_encoder, dtype)
 
 
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -290,7 +302,8 @@ def lora_save_load_hooks(accelerator, transformer, text_encoder=None, dtype: tor
     """(save_hook, load_hook) for accelerator.register_save_state_pre_hook / register_load_state_pre_hook.
 
     Both run on every rank (save_state must be called on every rank under DeepSpeed, or the
-    collective checkpoint hangs); only the main process writes the LoRA file. Under DeepSpeed
+    collective checkpoint hangs); only the main process writes the LoRA file, after a ZeRO-3
+    gather in which every rank takes part. Under DeepSpeed
     accelerate hands the hooks engine-wrapped models and an empty `weights` list (the engine
     saves the full state itself), so the hooks work from the models given here, unwrapped.
     """
@@ -305,16 +318,16 @@ def lora_save_load_hooks(accelerator, transformer, text_encoder=None, dtype: tor
         for i in reversed(range(min(len(models), len(weights)))):
             if is_ours(models[i]):
                 weights.pop(i)
-        if accelerator.is_main_process:
-            save_lora(output_dir, transformer, text_encoder, dtype)
+        save_lora_gathered(output_dir, accelerator.is_main_process, transformer, text_encoder, dtype)
 
     def load_hook(models, input_dir):
         for i in reversed(range(len(models))):
             if is_ours(models[i]):
                 models.pop(i)  # accelerate must not look for a full model file we never wrote
-        path = os.path.join(input_dir, LORA_WEIGHT_NAME)
-        if not os.path.isfile(path) and is_deepspeed(accelerator):
-            return  # the DeepSpeed engine already restored every weight from its own checkpoint
+        if is_deepspeed(accelerator):
+            # The engine already restored every weight (each rank its shard under ZeRO-3) from its
+            # own checkpoint; the LoRA file beside it is for people, not for resuming.
+            return
         load_lora(input_dir, transformer, text_encoder)
 
     return save_hook, load_hook

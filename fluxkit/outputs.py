@@ -17,8 +17,9 @@ from .data import IMAGE_EXTENSIONS, list_images
 from .device import torch_dtype
 from .environment import hf_offline
 from .errors import UserError
-from .lora import save_lora, unwrap_model
+from .lora import save_lora_gathered, unwrap_model
 from .models import PIPELINE_COMPONENTS, resolve_model_dir
+from .zero3 import save_pretrained_gathered
 
 # A storage error's cause is judged by a probe write of this size (room for a safetensors header is not enough).
 _PROBE_BYTES = 1 << 20
@@ -57,7 +58,10 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
 
 def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype, tag) -> list[str]:
     """Render num_validation_images for validation_prompt (m: the run's Models); save a PNG grid
-    and log the images to TensorBoard. tag: the epoch number, or a name such as 'final'."""
+    and log the images to TensorBoard. tag: the epoch number, or a name such as 'final'.
+
+    Under ZeRO-3 every rank calls it: each layer of the sharded transformer gathers its parameters
+    from all ranks, so all render the same images in lockstep; only the main process writes."""
     from diffusers import FluxPipeline
     from diffusers.utils import make_image_grid
     from PIL import Image
@@ -77,6 +81,8 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
                                generator=g, max_sequence_length=args.max_sequence_length).images[0])
     if was_training:
         pipe.transformer.train()
+    if not accelerator.is_main_process:
+        return []
     out_dir = os.path.join(args.output_dir, "validation")
     os.makedirs(out_dir, exist_ok=True)
     cols = min(4, len(images))
@@ -95,10 +101,13 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
 
 # ------------------------------------------------------------------------------ final weights
 
-def save_final(args, m, transformer, text_encoder, weight_dtype) -> None:
-    """The trained weights in output_dir; a full disk or a read-only folder is one clear line."""
+def save_final(args, m, transformer, text_encoder, weight_dtype, main: bool = True) -> None:
+    """The trained weights in output_dir; a full disk or a read-only folder is one clear line.
+
+    Every rank calls it: under ZeRO-3 the weights are gathered from all ranks first (a collective);
+    only the main process (main=True) writes."""
     try:
-        _write_final(args, m, transformer, text_encoder, weight_dtype)
+        _write_final(args, m, transformer, text_encoder, weight_dtype, main)
     except Exception as err:
         reason = fsio.write_failure(err, args.output_dir, probe_bytes=_PROBE_BYTES)
         if reason is None:
@@ -109,10 +118,10 @@ def save_final(args, m, transformer, text_encoder, weight_dtype) -> None:
                         "or fix permissions, then rerun with --resume_from_checkpoint latest") from None
 
 
-def _write_final(args, m, transformer, text_encoder, weight_dtype) -> None:
+def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -> None:
     if args.lora:
         dtype = torch.float32 if args.upcast_before_saving else weight_dtype
-        save_lora(args.output_dir, transformer, text_encoder, dtype)
+        save_lora_gathered(args.output_dir, main, transformer, text_encoder, dtype)
         return
     # Full fine-tune: a complete pipeline folder; untouched components are copied from the base model.
     # Each component is staged and published, so a failure never leaves half a component.
@@ -120,17 +129,22 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype) -> None:
     if text_encoder is not None:
         trained["text_encoder"] = unwrap_model(text_encoder)
     for name in PIPELINE_COMPONENTS:
+        if not main:
+            if name in trained:  # take part in the ZeRO-3 gather; rank 0 writes
+                save_pretrained_gathered(trained[name], None, main=False)
+            continue
         final = os.path.join(args.output_dir, name)
         staging = fsio.staging_dir(final)
         try:
             if name in trained:
-                trained[name].save_pretrained(staging, safe_serialization=True)
+                save_pretrained_gathered(trained[name], staging, main=True)
             else:
                 shutil.copytree(os.path.join(m.model_dir, name), staging, dirs_exist_ok=True)
             fsio.publish_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    shutil.copy2(os.path.join(m.model_dir, "model_index.json"), os.path.join(args.output_dir, "model_index.json"))
+    if main:
+        shutil.copy2(os.path.join(m.model_dir, "model_index.json"), os.path.join(args.output_dir, "model_index.json"))
 
 
 # ------------------------------------------------------------------------------ model card and hub

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoints, fsio, outputs
+from . import checkpoints, fsio, outputs, zero3
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
@@ -79,6 +79,11 @@ class Run:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def validates(self) -> bool:
+        """Whether this process renders validation images: the main one, or all of them under ZeRO-3."""
+        return bool(self.args.validation_prompt) and (self.main or zero3.is_zero3(self.accelerator))
 
     @property
     def run_type(self) -> str:
@@ -169,6 +174,7 @@ def start_accelerator(args, info):
         log_with=log_with, project_config=ProjectConfiguration(project_dir=args.output_dir,
                                                                logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     _sync_deepspeed_accumulation(accelerator, args)
+    zero3.check_supported(args, accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if args.seed is not None:
@@ -199,8 +205,9 @@ def _sync_deepspeed_accumulation(accelerator, args) -> None:
 
 def prepare_models(args, accelerator, info, model_dir: str, weight_dtype):
     """(models on the device, what trains, class images for prior preservation or None)."""
-    models = load_models(args, model_dir)
-    class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
+    with zero3.whole_models(accelerator):  # frozen encoders stay whole; prepare() shards the transformer
+        models = load_models(args, model_dir)
+        class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
     trainables = setup_trainables(args, models, weight_dtype)
     for module in (models.vae, models.text_encoder_2, models.text_encoder, models.transformer):
         module.to(accelerator.device)
@@ -288,7 +295,7 @@ def loop(run: Run) -> None:
                     break
             if run.step >= run.schedule.max_steps:
                 break
-            if run.main and args.validation_prompt and (epoch + 1) % args.validation_epochs == 0:
+            if run.validates and (epoch + 1) % args.validation_epochs == 0:
                 outputs.run_validation(args, run.accelerator, run.models, run.transformer, run.text_encoder,
                                        run.weight_dtype, epoch + 1)
     finally:
@@ -380,12 +387,13 @@ def finish(run: Run) -> dict:
     """Final weights, validation images, model card and upload (main process), then the summary."""
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
+    # every rank: under ZeRO-3 saving gathers the sharded weights; the main process writes
+    outputs.save_final(args, run.models, run.transformer, run.text_encoder, run.weight_dtype, main=run.main)
+    samples = []
+    if run.validates:
+        samples = outputs.run_validation(args, accelerator, run.models, run.transformer, run.text_encoder,
+                                         run.weight_dtype, "final")
     if run.main:
-        outputs.save_final(args, run.models, run.transformer, run.text_encoder, run.weight_dtype)
-        samples = []
-        if args.validation_prompt:
-            samples = outputs.run_validation(args, accelerator, run.models, run.transformer, run.text_encoder,
-                                             run.weight_dtype, "final")
         if args.lora:
             outputs.write_model_card(args, samples)
         if args.push_to_hub:
