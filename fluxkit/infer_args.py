@@ -74,8 +74,9 @@ LORA = ScriptDefaults(
     model_path=HUB_MODEL, output_dir="infer_result_lora", prompts=SUBJECT_PROMPTS, lora_weights=LORA_OUTPUT)
 DISTRIB = ScriptDefaults(
     description="Text-to-image with prompts x seeds split over processes: "
-                "accelerate launch --num_processes N infer_flux_text2img_distrib.py [FLAGS]. "
-                "LoRA is optional (--lora_weights).",
+                "accelerate launch --multi_gpu --num_processes N infer_flux_text2img_distrib.py [FLAGS] "
+                "(--multi_gpu also on CPU and NPU: without it accelerate starts one process). "
+                "--ulysses_degree/--ring_degree also split each image over processes. LoRA is optional (--lora_weights).",
     model_path=HUB_MODEL, output_dir="infer_result_distrib", prompts=STYLE_PROMPTS)
 
 
@@ -122,7 +123,9 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g.add_argument("--max_sequence_length", type=int, default=MAX_SEQUENCE_LENGTH,
                    help=f"T5 prompt tokens, at most {MAX_SEQUENCE_LENGTH} (default: %(default)s)")
     g = p.add_argument_group("how")
-    g.add_argument("--batch_size", type=int, default=1, help="images per pipeline call, per process (default: %(default)s)")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="images per pipeline call, per process group; in bf16/fp16 it changes pixels slightly, so it "
+                        "is part of the file names there and a short last batch is padded (default: %(default)s)")
     g.add_argument("--output_dir", default=defaults.output_dir, help="where the PNGs, manifest.jsonl and infer_summary.json go (default: %(default)s)")
     g.add_argument("--overwrite", action="store_true", help="re-render images that already exist (default: skip them)")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto (the default) picks npu, then cuda, then cpu")
@@ -136,6 +139,17 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first image, faster after)")
     g.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend for --compile (inductor on CUDA/CPU; on Ascend the one torch_npu's torchair registers; default: %(default)s)")
+    g.add_argument("--attention_backend", default="auto",
+                   help="diffusers attention backend: auto (the default) is torch SDPA ('native') on CPU and CUDA and "
+                        "torch_npu's fused kernel ('_native_npu') on Ascend; others (flash, _native_cudnn, sage, ...) "
+                        "only when asked for and installed")
+    g = p.add_argument_group("several processes (accelerate launch --multi_gpu --num_processes N SCRIPT ...)")
+    g.add_argument("--ulysses_degree", type=int, default=1, metavar="U",
+                   help="split each image over U processes with Ulysses sequence parallelism (all-to-all around "
+                        "attention); the N processes form N/(U*R) groups that each render their own share (default: 1)")
+    g.add_argument("--ring_degree", type=int, default=1, metavar="R",
+                   help="split each image over R processes with ring attention (needs a backend with log-sum-exp, "
+                        "e.g. flash on CUDA; not native or _native_npu) (default: 1)")
     return p
 
 
@@ -154,6 +168,9 @@ def parse_args(defaults: ScriptDefaults, argv=None) -> argparse.Namespace:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and {MAX_SEQUENCE_LENGTH}")
     if args.first_block_cache is not None and not args.first_block_cache > 0:
         raise UserError(f"--first_block_cache {args.first_block_cache} must be a positive threshold such as 0.08")
+    for name in ("ulysses_degree", "ring_degree"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1 (1 = not split)")
     if args.fuse_lora and not args.lora_weights:
         raise UserError("--fuse_lora needs --lora_weights")
     args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would render the same file twice

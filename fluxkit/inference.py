@@ -21,14 +21,17 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 import unicodedata
 from dataclasses import dataclass
 
 from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0
 from .errors import UserError
-from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir
+from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
 from .infer_args import ScriptDefaults, collect_prompts, parse_args
+from .infer_parallel import (check_backend_for_grid, check_sequence_split, choose_attention_backend, distributed_state,
+                             enable_context_parallel, launch_shortfall, plan_grid, world_size)
 from .lora import LORA_WEIGHT_NAME, attach_lora, read_lora_shapes, resolve_lora_file
 
 MANIFEST = "manifest.jsonl"
@@ -80,6 +83,29 @@ def shard(items: list, index: int, count: int) -> list:
 
 
 # ---------------------------------------------------------------- files
+
+def check_output_dir(path: str) -> str:
+    """Refuse an --output_dir that cannot take files, without creating it (make_output_dir does
+    that once rendering starts, so a run that fails before leaves no empty folder behind)."""
+    if os.path.isdir(path):
+        return ensure_writable_dir(path)
+    if os.path.exists(path):
+        raise UserError(f"--output_dir {path!r} is a file, not a folder; choose another path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    problem = f"{parent!r} is a file" if not os.path.isdir(parent) else storage_problem(parent)
+    if problem:
+        raise UserError(f"--output_dir {path!r} cannot be created ({problem}); choose another folder")
+    return path
+
+
+def make_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output_dir {path!r} cannot be created ({err.strerror or err}); choose another folder") from None
+
 
 def save_png(image, path: str, record: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
@@ -200,22 +226,16 @@ def apply_npu_patches(fused_attention: bool) -> list:
     return patches.apply(["rope-float32", "npu-fused-attention"])
 
 
-def _distributed_state(info):
-    from accelerate import PartialState
-
-    if info.type == "cpu":
-        # Without an accelerator, several processes talk over gloo.
-        return PartialState(cpu=True, **({"backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}))
-    return PartialState()
-
-
 # ---------------------------------------------------------------- the run
 
 def settings_of(args, model_id: str, lora_file: str | None) -> dict:
     """Everything besides prompt and seed that changes an image's pixels (and so its file name).
-    The device is left out on purpose: the same recipe on another machine is the same image up to
-    kernel rounding, and a run resumed elsewhere must not start over."""
-    return {
+
+    Left out on purpose, because they change only kernel rounding and a run resumed elsewhere must
+    not start over: the device, the process grid (context-parallel images match single-process ones
+    within 1e-5 in fp32, 2/255 in bf16), and the batch size in fp32 (at most 1/255). In bf16 and fp16
+    the batch size moves pixels by up to 2/255, so there it is part of the recipe."""
+    settings = {
         "model": model_id,
         "lora": lora_file,
         "lora_scale": args.lora_scale if lora_file else None,
@@ -228,11 +248,14 @@ def settings_of(args, model_id: str, lora_file: str | None) -> dict:
         "dtype": args.dtype,
         "first_block_cache": args.first_block_cache,
     }
+    if args.dtype != "fp32":
+        settings["batch_size"] = args.batch_size
+    return settings
 
 
 def run(args, defaults: ScriptDefaults) -> dict:
     t_start = time.perf_counter()
-    from .device import detect, torch_dtype
+    from .device import detect
 
     # Everything that can be checked without the model is checked first, on every rank alike.
     prompts = collect_prompts(args, defaults)
@@ -243,57 +266,37 @@ def run(args, defaults: ScriptDefaults) -> dict:
     info = detect(args.device)
     if not info.supports(args.dtype):
         raise UserError(f"--dtype {args.dtype} is not supported on {info.type}; use bf16 or fp32")
-    output_dir = ensure_writable_dir(args.output_dir)
+    grid = plan_grid(world_size(), args.ulysses_degree, args.ring_degree)
+    backend = choose_attention_backend(args.attention_backend, info.type, args.npu_flash_attention, grid)
+    check_backend_for_grid(backend, grid)
+    if grid.group_size > 1 and args.first_block_cache is not None:
+        raise UserError("--first_block_cache cannot be combined with --ulysses_degree/--ring_degree: each process "
+                        "would decide on its own share of the tokens whether to skip blocks; drop one of them")
+    output_dir = check_output_dir(args.output_dir)
     model_id = os.path.realpath(args.model_path) if os.path.isdir(args.model_path) else args.model_path
     jobs = plan_jobs(prompts, args.seeds, settings_of(args, model_id, lora_file))
 
-    import torch
-    from tqdm import tqdm
-
-    state = _distributed_state(info)
-    if info.type == "npu":
-        for name, applied, why in apply_npu_patches(args.npu_flash_attention):
-            if state.is_main_process:
-                print(f"patch {name}: {'applied' if applied else 'skipped'} ({why})", flush=True)
-    pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only)
-    if lora_file:
-        attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
-    pipe.to(state.device)
-    pipe.set_progress_bar_config(disable=True)  # ours counts images; the pipeline's would count steps
-    if args.first_block_cache is not None:
-        enable_first_block_cache(pipe, args.first_block_cache)
-    if args.compile:
-        compile_transformer(pipe, args.compile_backend)
+    state = distributed_state(info.type)
+    shortfall = launch_shortfall(state.num_processes, info.type, info.count)
+    if shortfall and state.is_main_process:
+        print(f"warning: {shortfall}", file=sys.stderr, flush=True)
+    pipe = prepare_pipeline(args, info, state, lora_file, grid, backend)
     load_seconds = time.perf_counter() - t_start
 
     # Every rank must list existing files before any rank writes one, or the shares would differ.
     pending = [j for j in jobs if args.overwrite or not os.path.isfile(os.path.join(output_dir, j.file))]
+    make_output_dir(output_dir)  # only now: a run that fails before rendering leaves nothing behind
     state.wait_for_everyone()
-    mine = shard(pending, state.process_index, state.num_processes)
+    group, member = grid.place(state.process_index)
     t_render = time.perf_counter()
-    first_batch_seconds = None
-    bar = tqdm(total=len(mine), unit="image", disable=not state.is_main_process,
-               desc=f"rank 0 of {state.num_processes}" if state.num_processes > 1 else "images")
-    for start in range(0, len(mine), args.batch_size):
-        batch = mine[start:start + args.batch_size]
-        t_batch = time.perf_counter()
-        images = pipe(
-            prompt=[j.prompt for j in batch],
-            generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-            height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
-        ).images
-        for job, image in zip(batch, images):
-            save_png(image, os.path.join(output_dir, job.file), job.record)
-        if first_batch_seconds is None:
-            first_batch_seconds = time.perf_counter() - t_batch
-        bar.update(len(batch))
-    bar.close()
-    # every rank computed the same `pending`, so the shares are known without exchanging objects
-    per_process = [len(shard(pending, rank, state.num_processes)) for rank in range(state.num_processes)]
+    first_batch_seconds = render(pipe, shard(pending, group, grid.groups), args, output_dir,
+                                 write=member == 0, show=state.is_main_process, grid=grid)
     state.wait_for_everyone()
     seconds = time.perf_counter() - t_render
-    written = sum(per_process)
+    # every rank computed the same `pending`, so the shares are known without exchanging objects
+    per_group = [len(shard(pending, g, grid.groups)) for g in range(grid.groups)]
+    per_process = [per_group[g] if m == 0 else 0 for g, m in map(grid.place, range(grid.processes))]
+    written = sum(per_group)
     summary = {
         "images_written": written,
         "images_skipped": len(jobs) - len(pending),
@@ -301,7 +304,10 @@ def run(args, defaults: ScriptDefaults) -> dict:
         "sec_per_image": round(seconds / written, 4) if written else None,
         "transformer_steps_per_sec": round(written * args.num_inference_steps / seconds, 4) if written else None,
         "num_processes": state.num_processes,
+        "grid": grid.as_dict(),
         "images_per_process": per_process,
+        "images_per_group": per_group,
+        "attention_backend": backend,
         "first_batch_seconds": None if first_batch_seconds is None else round(first_batch_seconds, 4),
         "load_seconds": round(load_seconds, 4),
         "e2e_seconds": round(time.perf_counter() - t_start, 4),
@@ -318,11 +324,68 @@ def run(args, defaults: ScriptDefaults) -> dict:
         atomic_write_json(os.path.join(output_dir, SUMMARY), summary)
         per_image = f"{summary['sec_per_image']:.3f} s/image" if written else "nothing to render"
         print(f"wrote {written} images ({summary['images_skipped']} already there, skipped) to {output_dir} "
-              f"in {seconds:.1f} s: {per_image}", flush=True)
+              f"in {seconds:.1f} s: {per_image}; {state.num_processes} process(es), grid {grid.describe()}", flush=True)
     # Tear gloo down explicitly: left to interpreter exit, its threads can abort the process
     # ("terminate called without an active exception") after all the work is done.
     state.destroy_process_group()
     return summary
+
+
+def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: str):
+    """The pipeline on this process's device with the LoRA, the attention split and the speed-ups asked for."""
+    from .device import torch_dtype
+
+    if info.type == "npu":
+        for name, applied, why in apply_npu_patches(args.npu_flash_attention):
+            if state.is_main_process:
+                print(f"patch {name}: {'applied' if applied else 'skipped'} ({why})", flush=True)
+    pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only)
+    if lora_file:
+        attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
+    pipe.to(state.device)
+    pipe.set_progress_bar_config(disable=True)  # ours counts images; the pipeline's would count steps
+    if args.attention_backend != "auto" or grid.group_size > 1:
+        check_sequence_split(pipe, grid, args.height, args.width, args.max_sequence_length)
+        enable_context_parallel(pipe.transformer, grid, backend, info.type)
+    if args.first_block_cache is not None:
+        enable_first_block_cache(pipe, args.first_block_cache)
+    if args.compile:
+        compile_transformer(pipe, args.compile_backend)
+    return pipe
+
+
+def render(pipe, jobs: list[Job], args, output_dir: str, write: bool, show: bool, grid) -> float | None:
+    """Render jobs batch by batch (every member of a group runs the same calls); write them if `write`.
+    Returns the first batch's seconds (None when there was nothing to render).
+
+    In bf16/fp16 the batch size changes pixels (it is in the file names there), so a short last
+    batch is padded with copies of its last image: every image is rendered in a batch of exactly
+    --batch_size, the recipe its name promises."""
+    import torch
+    from tqdm import tqdm
+
+    pad = args.dtype != "fp32"
+    first_batch_seconds = None
+    label = "images" if grid.processes == 1 else f"rank 0 of {grid.processes}, group 0 of {grid.groups}"
+    bar = tqdm(total=len(jobs), unit="image", disable=not show, desc=label)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        call = batch + [batch[-1]] * (args.batch_size - len(batch)) if pad else batch
+        t_batch = time.perf_counter()
+        images = pipe(
+            prompt=[j.prompt for j in call],
+            generator=[torch.Generator("cpu").manual_seed(j.seed) for j in call],
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+        ).images
+        if write:
+            for job, image in zip(batch, images):
+                save_png(image, os.path.join(output_dir, job.file), job.record)
+        if first_batch_seconds is None:
+            first_batch_seconds = time.perf_counter() - t_batch
+        bar.update(len(batch))
+    bar.close()
+    return first_batch_seconds
 
 
 def main(defaults: ScriptDefaults, argv=None) -> int:

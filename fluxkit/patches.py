@@ -313,6 +313,65 @@ def _npu_attention_install():
     _replace(FluxTransformer2DModel, "__init__", make, "npu-fused-attention")
 
 
+# ------------------------------------------------------------------ 7. context parallelism without an accelerator
+
+_CP_DEVICE_EXPR = "rank % torch.accelerator.device_count()"
+
+
+def _cp_device_target():
+    """(class, method) of the installed diffusers that picks the context-parallel device by
+    `rank % torch.accelerator.device_count()`, or None when no method does any more."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    for name in ("_resolve_parallel_config", "enable_parallelism"):
+        method = getattr(ModelMixin, name, None)
+        if method is not None:
+            func = inspect.unwrap(method)
+            if getattr(method, _MARK, None) == "context-parallel-cpu-device" or _CP_DEVICE_EXPR in inspect.getsource(func):
+                return ModelMixin, name
+    return None
+
+
+def _cp_device_check():
+    import diffusers
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if not hasattr(ModelMixin, "enable_parallelism"):
+        return False, f"not available: diffusers {diffusers.__version__} has no context parallelism (needs >= 0.36)"
+    if _cp_device_target() is None:
+        return False, f"already handled: diffusers {diffusers.__version__} no longer divides by the accelerator count"
+    count = torch.accelerator.device_count() if hasattr(torch, "accelerator") else 0
+    if count > 0:
+        return False, f"not needed: {count} accelerator(s) here, so rank % device_count is defined"
+    return True, (f"diffusers {diffusers.__version__} computes {_CP_DEVICE_EXPR}, which divides by zero "
+                  "without an accelerator; CPU processes count as one device while it runs")
+
+
+def _cp_device_install():
+    import contextlib
+
+    owner, name = _cp_device_target()
+
+    @contextlib.contextmanager
+    def at_least_one_device():
+        original = torch.accelerator.device_count
+        torch.accelerator.device_count = lambda *a, **k: max(1, original(*a, **k))
+        try:
+            yield
+        finally:
+            torch.accelerator.device_count = original
+
+    def make(original):
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            with at_least_one_device():
+                return original(self, *args, **kwargs)
+
+        return method
+
+    _replace(owner, name, make, "context-parallel-cpu-device")
+
+
 PATCHES = [
     Patch("npu-sharded-tensor-device", "ShardedTensor collectives must use the NPU (or the CPU when there is no accelerator)",
           _sharded_tensor_check, _sharded_tensor_install),
@@ -326,6 +385,8 @@ PATCHES = [
           _hooks_check, _hooks_install),
     Patch("npu-fused-attention", "torch_npu's fused attention is much faster than the composed one on NPU",
           _npu_attention_check, _npu_attention_install),
+    Patch("context-parallel-cpu-device", "diffusers' enable_parallelism divides the rank by the accelerator count, "
+          "0 on a CPU-only host (ZeroDivisionError)", _cp_device_check, _cp_device_install),
 ]
 BY_NAME = {p.name: p for p in PATCHES}
 
