@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Text-to-image with every prompt x seed pair rendered once across processes.
 
-    accelerate launch --num_processes 4 infer_flux_text2img_distrib.py --model_path PIPELINE_DIR \\
-        [--lora_weights LORA] --prompts_file prompts.txt
+    accelerate launch --multi_gpu --num_processes 4 infer_flux_text2img_distrib.py --model_path PIPELINE_DIR \\
+        [--lora_weights LORA] [--ulysses_degree 2] --prompts_file prompts.txt
 
-Each process renders a contiguous share of the pairs that are not on disk yet (a rerun resumes);
-rank 0 writes manifest.jsonl and infer_summary.json once all are done. Every flag: --help.
+(--multi_gpu on CPU and NPU hosts too: without it accelerate starts one process.) The processes
+form N / (ulysses x ring) groups; each group renders a contiguous share of the pairs that are not
+on disk yet (a rerun resumes), splitting every image over its processes; rank 0 writes
+manifest.jsonl and infer_summary.json once all are done. Every flag: --help.
 """
 
 import sys

@@ -26,7 +26,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 
-from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0
+from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0, pipeline_folder_problem
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
 from .infer_args import ScriptDefaults, collect_prompts, parse_args
@@ -164,11 +164,16 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
     if local_files_only or hf_offline():
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(model_path, "model_index.json"), str):
+        cached = try_to_load_from_cache(model_path, "model_index.json")
+        if not isinstance(cached, str):
             raise UserError(f"--model_path {model_path!r} is not a local folder and is not in the Hugging Face cache; "
                             f"pass --model_path DIR (a FLUX pipeline folder) or download it first "
                             f"(huggingface-cli download {model_path}), or allow downloads with "
                             + ("--no-local_files_only" if local_files_only else "HF_HUB_OFFLINE=0"))
+        problem = pipeline_folder_problem(os.path.dirname(cached))  # the cached snapshot: name what is missing
+        if problem:
+            raise UserError(f"--model_path {model_path!r}: its copy in the Hugging Face cache {problem}; complete the "
+                            f"download (huggingface-cli download {model_path})")
 
 
 def _dtype_kwarg(dtype) -> dict:

@@ -329,3 +329,21 @@ def test_batch_size_is_in_bf16_names_and_a_name_is_its_pixels(tiny_flux, tmp_pat
     assert infer("BASE", common + ["--output_dir", tmp_path / "b3", "--batch_size", "3"]) == 0
     assert summary(tmp_path / "b3")["images_written"] == 1
     assert np.array_equal(pixels(tmp_path / "b3" / victim), pixels(tmp_path / "first" / victim))
+
+
+def test_hub_cache_copy_missing_a_component_is_named(tiny_flux, tmp_path):
+    """A hub id whose cached snapshot lacks text_encoder/: the line names the component, not a file in the root."""
+    snapshot = tmp_path / "hf" / "hub" / "models--org--flux" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hf" / "hub" / "models--org--flux" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--org--flux" / "refs" / "main").write_text("0" * 40)
+    for name in os.listdir(tiny_flux):
+        if name != "text_encoder":
+            os.symlink(os.path.join(tiny_flux, name), snapshot / name)
+    out = tmp_path / "out"
+    proc = run_script([sys.executable, os.path.join(ROOT, "infer_flux_text2img_bf16.py"), "--model_path", "org/flux",
+                       "--prompt", "x", "--seeds", "1", "--output_dir", str(out), *FAST],
+                      env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and "text_encoder/" in lines[0] and "cache" in lines[0], proc.stderr[-2000:]
+    assert not out.exists()

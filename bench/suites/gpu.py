@@ -3,7 +3,11 @@
 1. the device's measured bf16 matmul peak (the MFU denominator) beside its datasheet figure;
 2. a LoRA rank-16 training step at 512x512, batch 1, gradient checkpointing: s/step, MFU, peak memory;
 3. 1024x1024, 28-step text-to-image through FluxPipeline: s/image and transformer it/s, eager
-   and torch.compile'd.
+   and torch.compile'd;
+4. the same image split over every accelerator here with Ulysses context parallelism
+   (--ulysses_degree = all devices, bench/suites/gpu_cp.py under accelerate launch): s/image
+   (anchor: xDiT, 1.63 s on 4 x H100). Needs 2 or more devices; on CPU with a small preset it
+   runs over 2 gloo processes to check the code path.
 
 Everything is built in device memory from configs (fluxkit.tiny's `dev` preset), nothing is
 read from disk or a hub; the whole suite is sized to fit in 10 minutes on an H100-class GPU.
@@ -13,6 +17,9 @@ code on CPU.
 
 from __future__ import annotations
 
+import gc
+import json
+import os
 import time
 
 import torch
@@ -29,6 +36,7 @@ T5_TRAIN_TOKENS = 77  # the trainers' default --max_sequence_length
 T5_INFER_TOKENS = 512  # FluxPipeline's default
 TARGET_LORA_MFU = 0.40
 TARGET_COMPILED_S_PER_IMAGE = 4.3  # xDiT's published H100 figure for FLUX.1-dev 1024x1024, 28 steps
+XDIT_ULYSSES_4_H100_S = 1.63  # xDiT's FLUX.1-dev 1024x1024 28 steps over 4 x H100 (sequence parallel)
 
 
 def _sizes(preset) -> dict:
@@ -141,6 +149,37 @@ def _infer(ctx, pipe, res: int, compiled: bool) -> dict:
             "peak mem GB": peak_memory_bytes(ctx.device) / 2**30, "warm-up s": warmup}
 
 
+def _context_parallel(ctx, preset, res: int) -> tuple[dict | None, str]:
+    """(row, note): one image over every device with --ulysses_degree = device count."""
+    if ctx.device.has_accelerator:
+        processes = ctx.device.count
+        if processes < 2:
+            return None, f"context parallel: skipped, 1 {ctx.device.type} device here (it needs 2 or more)"
+    elif preset.large:
+        return None, "context parallel: skipped, no accelerator"
+    else:
+        processes = 2  # gloo on CPU: the code path, not a measurement
+    out = ctx.path("gpu-context-parallel.json")
+    cmd = harness.launch_prefix(processes) + [os.path.join(harness.ROOT, "bench", "suites", "gpu_cp.py"),
+                                              "--preset", preset.name, "--resolution", str(res), "--steps", str(INFER_STEPS),
+                                              "--repeats", str(INFER_REPEATS), "--out", out]
+    ctx.log(f"gpu: {res}x{res} inference, ulysses {processes} over {processes} processes")
+    try:
+        harness.run_command(cmd, ctx.path("logs", "gpu-context-parallel.log"),
+                            env=None if ctx.device.has_accelerator else harness.threads_env(processes), timeout=ctx.args.timeout)
+        with open(out, encoding="utf-8") as f:
+            result = json.load(f)
+    except (harness.CommandFailed, OSError, ValueError) as err:
+        return None, f"context parallel: failed ({err})"
+    row = {"table": "text-to-image", "case": f"{res}x{res}, {INFER_STEPS} steps, ulysses {processes}",
+           "params": {"T5 tokens": T5_INFER_TOKENS, "ulysses_degree": processes, "attention backend": result["attention_backend"]},
+           "metrics": {"s/image": harness.summarize(result["s/image"]), "warm-up s": result["warm-up s"]}}
+    s = row["metrics"]["s/image"]["median"]
+    anchor = (f"xDiT: {XDIT_ULYSSES_4_H100_S} s on 4 x H100" if preset.large
+              else "a check of the code path over gloo, not a measurement")
+    return row, f"context parallel: ulysses {processes}, {s:.2f} s/image ({anchor})"
+
+
 def run(ctx) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -181,16 +220,27 @@ def run(ctx) -> dict:
         rows.append({"table": "text-to-image", "case": f"{sizes['infer']}x{sizes['infer']}, {INFER_STEPS} steps, {mode}",
                      "params": {"T5 tokens": T5_INFER_TOKENS}, "metrics": _infer(ctx, pipe, sizes["infer"], mode == "compiled")})
 
+    eager = rows[2]["metrics"]["s/image"]
     comparisons = []
     if len(rows) == 4:
         comparisons.append({"name": "compiled / eager", "metric": "s/image",
-                            **harness.compare(rows[2]["metrics"]["s/image"], rows[3]["metrics"]["s/image"])})
+                            **harness.compare(eager, rows[3]["metrics"]["s/image"])})
+    del pipe, models  # the context-parallel processes need the device memory
+    gc.collect()
+    if ctx.device.has_accelerator:
+        getattr(torch, device).empty_cache()
+    cp_row, cp_note = _context_parallel(ctx, preset, sizes["infer"])
+    notes.append(cp_note)
+    if cp_row:
+        rows.append(cp_row)
+        comparisons.append({"name": f"ulysses {cp_row['params']['ulysses_degree']} / 1 device (eager)", "metric": "s/image",
+                            **harness.compare(eager, cp_row["metrics"]["s/image"])})
     if preset.large:
         mfu = train_metrics["MFU % (measured peak)"]["median"] / 100
         notes.append(f"target: LoRA step MFU >= {TARGET_LORA_MFU:.0%} of the measured peak: "
                      f"{'met' if mfu >= TARGET_LORA_MFU else 'NOT met'} ({mfu:.1%})")
         if "compiled" in modes:
-            s = rows[-1]["metrics"]["s/image"]["median"]
+            s = rows[3]["metrics"]["s/image"]["median"]
             notes.append(f"target: compiled 1024x1024 28 steps under {TARGET_COMPILED_S_PER_IMAGE} s/image (xDiT, H100): "
                          f"{'met' if s < TARGET_COMPILED_S_PER_IMAGE else 'NOT met'} ({s:.2f} s)")
     else:
