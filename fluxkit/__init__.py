@@ -16,6 +16,8 @@ Training
 Inference
     infer_args   the inference scripts' flags, defaults per script, prompt lists
     inference    the run: jobs, pipeline, split over processes, images and manifest
+    infer_parallel   the process grid (data-parallel groups x Ulysses x ring), attention backend,
+                 context parallelism, launches that start fewer processes
     lora         LoRA files: writing (training) and reading, checking, attaching (inference)
 Launching
     launch       the launchers' logic; run_config, run_summary, quiet (known library noise)
