@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .lora import unwrap_model
+from .offload import encoders_visiting
 
 
 def encode_prompts(prompts: list[str], m, max_sequence_length: int, device, text_encoder=None):
@@ -38,14 +39,19 @@ def flow_matching_loss(args, m, transformer, batch, cache, device, weight_dtype,
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
     keys = batch["index"].tolist()
-    mean, logvar = cache.latent_moments(keys, batch["pixel_values"], lambda pixels: latent_moments(m.vae, pixels))
+    def encode_images(pixels):
+        with encoders_visiting(args, m, device):  # --offload_encoders: on the device only while encoding
+            return latent_moments(m.vae, pixels)
+
+    mean, logvar = cache.latent_moments(keys, batch["pixel_values"], encode_images)
     # Sampled here (not inside the VAE) so cached and uncached runs draw the same random numbers.
     x0 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     cfg = m.vae.config
     x0 = ((x0 - cfg.shift_factor) * cfg.scaling_factor).to(weight_dtype)
 
     def encode(prompts):
-        return encode_prompts(prompts, m, args.max_sequence_length, device)
+        with encoders_visiting(args, m, device):
+            return encode_prompts(prompts, m, args.max_sequence_length, device)
 
     if text_encoder is not None:  # CLIP trains: pooled embeddings need gradients; T5 stays cached
         seq, _ = cache.text_embeddings(batch["prompts"], encode)

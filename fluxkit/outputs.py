@@ -19,6 +19,7 @@ from .environment import hf_offline
 from .errors import UserError
 from .lora import save_lora_gathered, unwrap_model
 from .models import PIPELINE_COMPONENTS, resolve_model_dir
+from .offload import encoders_visiting
 from .zero3 import save_pretrained_gathered
 
 # A storage error's cause is judged by a probe write of this size (room for a safetensors header is not enough).
@@ -73,7 +74,7 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
     was_training = pipe.transformer.training
     pipe.transformer.eval()
     images = []
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), encoders_visiting(args, m, accelerator.device):
         for i in range(args.num_validation_images):
             g = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
             images.append(pipe(args.validation_prompt, height=args.resolution, width=args.resolution,

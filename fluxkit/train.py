@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoints, fsio, outputs, zero3
+from . import checkpoints, fsio, offload, outputs, zero3
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
@@ -209,7 +209,7 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype):
         models = load_models(args, model_dir)
         class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
     trainables = setup_trainables(args, models, weight_dtype)
-    for module in (models.vae, models.text_encoder_2, models.text_encoder, models.transformer):
+    for module in offload.resident(args, models):  # --offload_encoders leaves the frozen encoders in host memory
         module.to(accelerator.device)
     if args.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()

@@ -76,6 +76,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--enable_npu_flash_attention", action="store_true", help="fused attention on Ascend NPUs (needs torch_npu)")
     g.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"), help="(ours) device; auto = npu > cuda > cpu")
     g.add_argument("--no_cache", action="store_true", help="(ours) never cache latents or text embeddings (for comparisons)")
+    g.add_argument("--offload_encoders", action="store_true",
+                   help="(ours) keep the frozen text encoders and the VAE in host memory; they visit the device only while encoding")
     g.add_argument("--throughput_warmup_steps", type=int, default=2, help="(ours) optimizer steps left out of the throughput figures")
     g.add_argument("--log_every", type=int, default=10, help="(ours) log throughput every N optimizer steps")
 

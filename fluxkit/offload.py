@@ -1,0 +1,42 @@
+"""--offload_encoders: the frozen text encoders and the VAE live in host memory and visit the
+device only while they encode.
+
+FLUX.1-dev's T5-XXL alone is 9.5 GB in bf16; a run whose latents and text embeddings are all
+cached after the first epoch does not need it on the device afterwards, and a run that cannot
+cache everything up front (many captions, --no_cache) needs it only for the moments it encodes.
+The price is the transfer on every visit (host-to-device copies of the encoder weights), paid
+only when the cache misses. A CLIP that trains (--train_text_encoder) is no encoder to offload:
+it stays on the device with the transformer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def frozen_encoders(args, m) -> list:
+    """The modules --offload_encoders keeps in host memory (m: the run's Models)."""
+    return [m.vae, m.text_encoder_2] + ([] if args.train_text_encoder else [m.text_encoder])
+
+
+def resident(args, m) -> list:
+    """The modules that live on the device for the whole run."""
+    away = frozen_encoders(args, m) if args.offload_encoders else []
+    return [mod for mod in (m.vae, m.text_encoder_2, m.text_encoder, m.transformer) if not any(mod is a for a in away)]
+
+
+@contextlib.contextmanager
+def encoders_visiting(args, m, device):
+    """With --offload_encoders, the frozen encoders on `device` for the duration and back in host
+    memory after it (also when encoding fails); without it they already live on `device`."""
+    if not args.offload_encoders:
+        yield
+        return
+    visitors = frozen_encoders(args, m)
+    for mod in visitors:
+        mod.to(device)
+    try:
+        yield
+    finally:
+        for mod in visitors:
+            mod.to("cpu")
