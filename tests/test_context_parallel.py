@@ -122,10 +122,18 @@ def test_bad_combinations_one_line_before_loading(tiny_flux, tmp_path, capfd, mo
         (1, ["--ulysses_degree", "0"], "--ulysses_degree 0 must be at least 1"),
         (1, ["--ring_degree", "-1"], "--ring_degree -1 must be at least 1"),
     ]
-    for world, extra, needle in cases:
+    # the other three scripts take the same flags
+    cases += [(1, ["--ulysses_degree", "2"], "accelerate launch --multi_gpu --num_processes 2", s) for s in ("BASE", "DREAMBOOTH")]
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "lora.safetensors"  # checked only for being a LoRA file before the grid is
+    save_file({"transformer.x.lora_A.weight": torch.zeros(1, 1)}, str(lora))
+    cases += [(2, ["--ring_degree", "2", "--lora_weights", lora], "--ring_degree 2 needs", "LORA")]
+    for world, extra, needle, *script in cases:
         monkeypatch.setenv("WORLD_SIZE", str(world))
         out = tmp_path / "never"
-        rc = infer("DISTRIB", ok + ["--output_dir", out] + extra)
+        rc = infer(script[0] if script else "DISTRIB", ok + ["--output_dir", out] + extra)
         err = capfd.readouterr().err
         lines = error_lines(err)
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (extra, err[-2000:])
@@ -190,6 +198,7 @@ def single_process(tiny_flux, tmp_path_factory):
     return out, np.array(seen), np.concatenate(latents), argv
 
 
+@pytest.mark.slow
 def test_ulysses_two_processes_match_one(single_process, tmp_path):
     one, seen_one, latents_one, argv = single_process
     argv = [str(a) for a in argv]
@@ -216,6 +225,7 @@ def test_ulysses_two_processes_match_one(single_process, tmp_path):
         assert np.abs(rec["latents"] - latents_one).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_grid_2x1_and_1x2_cover_the_same_pairs(single_process, tmp_path):
     """Two processes data-parallel (2 groups of 1) render each pair once, like one group of two."""
     one, _, _, argv = single_process
@@ -231,6 +241,7 @@ def test_grid_2x1_and_1x2_cover_the_same_pairs(single_process, tmp_path):
     assert sorted((r["prompt"], r["seed"]) for r in manifest(out)) == sorted((p, s) for p in PROMPTS for s in (8, 23))
 
 
+@pytest.mark.slow
 def test_ulysses_bf16_within_two_levels(tiny_flux, tmp_path):
     argv = ["--model_path", tiny_flux, "--prompt", PROMPTS[0], "--seeds", "8", "--height", "32", "--width", "32",
             "--num_inference_steps", "2", "--dtype", "bf16"]
@@ -244,6 +255,7 @@ def test_ulysses_bf16_within_two_levels(tiny_flux, tmp_path):
 
 # ---------------------------------------------------------------- the defects
 
+@pytest.mark.slow
 def test_launch_that_starts_fewer_processes_is_reported(tiny_flux, tmp_path):
     """`accelerate launch --num_processes 2` without --multi_gpu starts one process on a CPU host: say so."""
     env = {"HF_HOME": str(tmp_path / "hf")}  # no default accelerate config
