@@ -125,8 +125,9 @@ def check_sequence_split(pipe, grid: Grid, height: int, width: int, max_sequence
                             f"{grid.group_size}")
 
 
-def enable_context_parallel(transformer, grid: Grid, backend: str, device_type: str) -> None:
-    """Split the transformer's attention over each group's processes (a no-op for groups of one)."""
+def enable_context_parallel(transformer, grid: Grid, backend: str, device_type: str) -> list:
+    """Split the transformer's attention over each group's processes (only the backend for groups
+    of one). Returns the runtime patches it asked for as (name, applied, why)."""
     import torch
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
@@ -135,14 +136,15 @@ def enable_context_parallel(transformer, grid: Grid, backend: str, device_type: 
 
     transformer.set_attention_backend(backend)
     if grid.group_size == 1:
-        return
-    patches.apply(["context-parallel-cpu-device"])
+        return []
+    applied = patches.apply(["context-parallel-cpu-device"])
     # One mesh over all processes: diffusers takes the ("ring", "ulysses") part for this rank's group.
     mesh = init_device_mesh(device_type, (grid.groups, grid.ring, grid.ulysses),
                             mesh_dim_names=("data", "ring", "ulysses"))
     with torch.no_grad():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=grid.ulysses, ring_degree=grid.ring,
                                                                     mesh=mesh))
+    return applied
 
 
 def distributed_state(device_type: str):

@@ -340,10 +340,13 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
     """The pipeline on this process's device with the LoRA, the attention split and the speed-ups asked for."""
     from .device import torch_dtype
 
-    if info.type == "npu":
-        for name, applied, why in apply_npu_patches(args.npu_flash_attention):
+    def report(results):
+        for name, applied, why in results:
             if state.is_main_process:
                 print(f"patch {name}: {'applied' if applied else 'skipped'} ({why})", flush=True)
+
+    if info.type == "npu":
+        report(apply_npu_patches(args.npu_flash_attention))
     pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
@@ -351,7 +354,7 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
     pipe.set_progress_bar_config(disable=True)  # ours counts images; the pipeline's would count steps
     if args.attention_backend != "auto" or grid.group_size > 1:
         check_sequence_split(pipe, grid, args.height, args.width, args.max_sequence_length)
-        enable_context_parallel(pipe.transformer, grid, backend, info.type)
+        report(enable_context_parallel(pipe.transformer, grid, backend, info.type))
     if args.first_block_cache is not None:
         enable_first_block_cache(pipe, args.first_block_cache)
     if args.compile:

@@ -213,6 +213,7 @@ def test_ulysses_two_processes_match_one(single_process, tmp_path):
     s = summary(out)
     assert s["grid"] == {"data_parallel": 1, "ulysses_degree": 2, "ring_degree": 1} and s["num_processes"] == 2
     assert s["images_per_process"] == [4, 0] and s["attention_backend"] == "native"
+    assert "patch context-parallel-cpu-device: applied" in proc.stdout
 
     assert pngs(out) == pngs(one) and len(pngs(out)) == 4  # identical names
     assert max_diff(one, out) <= 1
