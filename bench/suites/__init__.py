@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import functools
 
-from . import flops, gpu, infer, train
+from . import flops, gpu, infer, memory, train
 
 SUITES = {
     "flops": flops.run,
     "train-full": functools.partial(train.run, mode="full"),
     "train-lora": functools.partial(train.run, mode="lora"),
     "infer": infer.run,
+    "memory": memory.run,
     "gpu": gpu.run,
 }
 DEFAULT_SUITES = list(SUITES)

@@ -1,7 +1,8 @@
 """gpu: FLUX.1-dev's architecture with random bf16 weights on one accelerator (CUDA or NPU).
 
 1. the device's measured bf16 matmul peak (the MFU denominator) beside its datasheet figure;
-2. a LoRA rank-16 training step at 512x512, batch 1, gradient checkpointing: s/step, MFU, peak memory;
+2. a LoRA rank-16 training step at 512x512, batch 1, gradient checkpointing, as the LoRA trainer runs it (fp32
+   adapters, bf16 autocast): s/step, MFU, peak memory beside fluxkit.plan's planned peak (within 10% wanted);
 3. 1024x1024, 28-step text-to-image through FluxPipeline: s/image and transformer it/s, eager
    and torch.compile'd;
 4. the same image split over every accelerator here with Ulysses context parallelism
@@ -72,6 +73,8 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int) -> tuple[dict, dict]:
     transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                        target_modules=DEFAULT_LORA_TARGETS))
     params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:  # as the LoRA trainer runs: fp32 adapters over the bf16 base, under bf16 autocast
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -87,8 +90,9 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int) -> tuple[dict, dict]:
     def step():
         sigma = torch.rand(1, generator=gen).to(device, torch.bfloat16)
         noisy = (1 - sigma) * latents + sigma * noise  # rectified flow: predict noise - latents
-        pred = transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma,
-                           guidance=guidance, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            pred = transformer(hidden_states=noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma,
+                               guidance=guidance, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
         loss.backward()
         opt.step()
@@ -104,13 +108,28 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int) -> tuple[dict, dict]:
         if i >= TRAIN_WARMUP:
             times.append(time.perf_counter() - start)
     peak_mem = peak_memory_bytes(ctx.device) / 2**30
+    planned = _planned_peak(ctx, res) / 2**30
+    metrics = {"s/step": harness.summarize(times), "peak mem GB": peak_mem, "planned GB": planned}
+    if ctx.device.has_accelerator:  # on CPU the peak is the whole process's RSS: not what the plan counts
+        metrics["plan error %"] = 100 * (planned / peak_mem - 1)
     step_flops = flops.training_step_flops(cfg, tokens, T5_TRAIN_TOKENS, batch=1, frozen_base=True)
     # back to the plain model for inference
     del opt, params
     transformer.unload_lora()
     transformer.disable_gradient_checkpointing()
-    return {"s/step": harness.summarize(times), "peak mem GB": peak_mem}, {"step_flops": step_flops, "times": times,
+    return metrics, {"step_flops": step_flops, "times": times,
                                                                           "tokens": tokens}
+
+
+def _planned_peak(ctx, res: int) -> int:
+    """fluxkit.plan's peak for this step: every component resident in bf16, no caches."""
+    from fluxkit.plan import build_parser, plan_memory
+
+    args = build_parser().parse_args([
+        "--pretrained_model_name_or_path", ctx.args.gpu_preset, "--architecture", ctx.args.gpu_preset, "--lora",
+        "--rank", str(LORA_RANK), "--lora_alpha", str(LORA_RANK), "--resolution", str(res), "--train_batch_size", "1",
+        "--gradient_checkpointing", "--mixed_precision", "bf16", "--max_sequence_length", str(T5_TRAIN_TOKENS)])
+    return plan_memory(args, 1, 0, ctx.device.type).peak_bytes
 
 
 def _infer(ctx, pipe, res: int, compiled: bool) -> dict:

@@ -1,0 +1,164 @@
+"""The memory plan (fluxkit.plan): architecture from configs, parameter counts that match the
+real libraries, activation constants that match autograd, the fit check, and plan vs the
+trainers' measured peak on CPU (bench's memory suite covers the whole grid)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+
+from fluxkit.errors import UserError
+from fluxkit.plan import (ACTIVATION_CONSTANTS, GiB, check_fits, lora_parameter_count, measure_activation_constants,
+                          plan_memory, read_architecture)
+from fluxkit.train_args import parse_args
+
+
+def _args(model, data, *extra, lora=False):
+    return parse_args(["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
+                       "--instance_prompt", "a photo of sks dog", *extra], lora=lora)
+
+
+def test_dev_architecture_needs_no_weights():
+    arch = read_architecture("black-forest-labs/FLUX.1-dev")
+    assert arch.params["transformer"] == 11_901_408_320
+    assert arch.params["text_encoder_2"] == 4_762_310_656
+    assert arch.hidden == 3072 and arch.vae_scale == 8
+
+
+def test_lora_count_matches_peft(tiny_flux):
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from fluxkit.train import DEFAULT_LORA_TARGETS
+
+    arch = read_architecture(tiny_flux)
+    t = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
+    t.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=DEFAULT_LORA_TARGETS))
+    real = sum(p.numel() for n, p in t.named_parameters() if "lora" in n)
+    assert lora_parameter_count(arch.linear_shapes, DEFAULT_LORA_TARGETS, 3) == real
+    assert sum(p.numel() for n, p in t.named_parameters() if "lora" not in n) == arch.params["transformer"]
+    del torch
+
+
+@pytest.mark.parametrize("key", [("deepspeed", "full", False), ("autocast", "lora", False), ("autocast", "lora", True)])
+def test_activation_constants_match_autograd(key):
+    """The table's constants are what autograd saves, measured again at another width."""
+    measured = measure_activation_constants(*key, heads=2, head_dim=64)
+    for table, got in zip(ACTIVATION_CONSTANTS[key], measured):
+        assert abs(got - table) <= 0.06 * table + 0.3, (key, ACTIVATION_CONSTANTS[key], measured)
+
+
+def test_plan_terms_follow_the_flags(tiny_flux, sample_data):
+    one = ("--resolution", "256", "--train_batch_size", "1")
+    base = plan_memory(_args(tiny_flux, sample_data, *one, lora=True), device="cuda")
+    by = lambda p, name: sum(i.bytes for i in p.items if i.name.startswith(name))  # noqa: E731
+    # activations scale with batch; checkpointing keeps a small share
+    four = plan_memory(_args(tiny_flux, sample_data, "--resolution", "256", "--train_batch_size", "4", lora=True), device="cuda")
+    assert by(four, "saved") == pytest.approx(4 * by(base, "saved"), rel=1e-6)
+    ckpt = plan_memory(_args(tiny_flux, sample_data, *one, "--gradient_checkpointing", lora=True), device="cuda")
+    assert by(ckpt, "saved") < 0.2 * by(base, "saved")
+    # a longer T5 sequence costs activations too
+    long = plan_memory(_args(tiny_flux, sample_data, *one, "--max_sequence_length", "512", lora=True), device="cuda")
+    double, single, _ = ACTIVATION_CONSTANTS[("fp32", "lora", False)]  # no --mixed_precision: fp32
+    arch = read_architecture(tiny_flux)
+    extra = (512 - 77) * arch.hidden * (arch.transformer["num_layers"] * double + arch.transformer["num_single_layers"] * single)
+    assert by(long, "saved") - by(base, "saved") == pytest.approx(extra, abs=2)
+    # ZeRO-2 over 4 processes splits the optimizer states of a full fine-tune by 4
+    full = plan_memory(_args(tiny_flux, sample_data, "--mixed_precision", "bf16"), 1, 0, "cuda")
+    zero = plan_memory(_args(tiny_flux, sample_data, "--mixed_precision", "bf16"), 4, 2, "cuda")
+    assert by(zero, "AdamW") * 4 == pytest.approx(by(full, "AdamW"), abs=8)
+
+
+def test_quantized_base_shrinks_the_frozen_transformer():
+    import argparse
+
+    from fluxkit.plan import build_parser
+
+    def plan(quant):
+        args = build_parser().parse_args(["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--lora",
+                                          "--rank", "16", "--mixed_precision", "bf16", "--base_quantization", quant])
+        return plan_memory(args, device="cuda")
+
+    base = {q: next(i.bytes for i in plan(q).items if i.name.startswith("transformer base")) for q in ("none", "int8", "nf4")}
+    assert base["none"] / GiB == pytest.approx(22.2, abs=0.1)
+    assert base["int8"] / GiB == pytest.approx(11.1, abs=0.2)
+    assert base["nf4"] / GiB == pytest.approx(6.2, abs=0.2)
+    del argparse
+
+
+def test_cli_table_json_and_fit_line(tmp_path, tiny_flux):
+    out = tmp_path / "plan.json"
+    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev",
+                       "--lora", "--rank", "16", "--resolution", "512", "--train_batch_size", "1", "--gradient_checkpointing",
+                       "--mixed_precision", "bf16", "--base_quantization", "nf4", "--device_memory_gb", "24",
+                       "--json", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("memory plan: ") and "fits in 24.0 GiB" in last
+    plan = json.loads(out.read_text())
+    assert plan["fits"] is True
+    assert plan["peak_bytes"] == plan["static_bytes"] + max(plan["backward_bytes"], plan["step_bytes"], plan["encode_bytes"])
+    assert plan["static_bytes"] == sum(i["bytes"] for i in plan["items"] if i["group"] in ("weights", "optimizer", "caches")
+                                       or (i["group"] == "trainable" and not i["name"].startswith("autocast")))
+    # the same run unquantized does not fit on a 24 GB card: one line says so, exit status 1
+    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev",
+                       "--lora", "--rank", "16", "--resolution", "512", "--train_batch_size", "1", "--gradient_checkpointing",
+                       "--mixed_precision", "bf16", "--device_memory_gb", "24"], timeout=120)
+    assert proc.returncode == 1
+    assert [line for line in proc.stdout.splitlines() if "does NOT fit in 24.0 GiB" in line]
+
+
+def test_check_fits_refuses_in_one_line(tiny_flux, sample_data):
+    from fluxkit.device import DeviceInfo
+
+    args = _args(tiny_flux, sample_data, "--resolution", "256")
+    gpu = DeviceInfo(type="cuda", count=1, backend="nccl")
+    with pytest.raises(UserError, match=r"does NOT fit in 0\.0 GiB.*--ignore_memory_plan"):
+        check_fits(args, 1, 0, gpu, device_memory_gb=0.001)
+    assert check_fits(args, 1, 0, gpu, device_memory_gb=0.001, ignore=True).fits is False
+    assert check_fits(args, 1, 0, gpu, device_memory_gb=80).fits is True
+
+
+def test_refusals(tiny_flux):
+    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", tiny_flux,
+                       "--base_quantization", "nf4"], timeout=120)
+    assert proc.returncode == 2 and "error: --base_quantization nf4 quantizes the frozen base of a LoRA run" in proc.stderr
+    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "no/such-model"], timeout=120)
+    assert proc.returncode == 2 and "--architecture dev" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------- plan vs measured (CPU)
+
+@pytest.fixture(scope="module")
+def small_flux(tmp_path_factory):
+    from fluxkit.tiny import build_datasets, build_pipeline
+
+    root = tmp_path_factory.mktemp("small")
+    model = build_pipeline(str(root / "small_flux"), "small", seed=0)
+    data = build_datasets(str(root / "data"), seed=0, resolution=256)
+    return model, data["instance_dir"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,resolution,batch,checkpointing", [("full", 256, 1, False), ("lora", 256, 4, True)])
+def test_plan_within_15_percent_of_measured(tmp_path, small_flux, mode, resolution, batch, checkpointing):
+    sys.path.insert(0, ROOT)
+    from bench.suites import memory
+
+    model, instance = small_flux
+    flags = memory.trainer_flags(model, instance, str(tmp_path / "out"), mode, resolution, batch, checkpointing)
+    prefix = str(tmp_path / "probe")
+    proc = run_script([sys.executable, "-m", "bench.memprobe", prefix, memory.SCRIPTS[mode], *flags],
+                      env={**memory.PROBE_ENV, "OMP_NUM_THREADS": "2"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(prefix + ".rank0.json") as f:
+        probe = json.load(f)
+    measured = probe["loop_peak_bytes"] - probe["baseline_bytes"]
+    planned = memory.planned_bytes(flags, mode, 1)
+    assert abs(planned / measured - 1) <= memory.TOLERANCE, (planned / 2**20, measured / 2**20)
+    assert os.path.isdir(tmp_path / "out")
