@@ -54,24 +54,27 @@ def toolkit_commit(root: str) -> str | None:
         return None
 
 
-def settings(opts: dict, trainer_args, key_of_flag: dict, given: set) -> dict:
-    """Launcher keys and trainer flags with the values the run used (the trainer's reading wins)."""
+def settings(opts: dict, trainer_args, flags: set, key_of_flag: dict, given: set) -> dict:
+    """Launcher keys and trainer flags (`flags`: the trainer parser's) with the values the run used
+    (the trainer's reading wins)."""
     out = {k: v for k, v in opts.items() if k not in SECRETS and (k not in _PER_LAUNCH or k in given)}
     if trainer_args is not None:
         for name, value in vars(trainer_args).items():
-            if name in _NOT_SETTINGS or name in SECRETS or value is None:
+            if name not in flags or name in _NOT_SETTINGS or name in SECRETS or value is None:
                 continue
             out[key_of_flag.get(name, name)] = value
     return out
 
 
 def write_run_config(output_dir: str, req, trainer_args, accelerate_config: dict, plan) -> str:
-    from .launch import KEY_OF_FLAG, ROOT, masked
+    from .launch import KEY_OF_FLAG, ROOT, masked, trainer_flags
+
+    flags = {a.dest for a in trainer_flags(req.spec.kind == "lora").values()}
 
     record = {
         "launcher": req.prog,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": settings(req.opts, trainer_args, KEY_OF_FLAG, req.given),
+        "settings": settings(req.opts, trainer_args, flags, KEY_OF_FLAG, req.given),
         "trainer": plan.command[len(plan.command) - len(plan.trainer_args) - 1],
         "trainer_args": masked(plan.trainer_args),
         "accelerate_config": accelerate_config,

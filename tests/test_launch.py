@@ -221,3 +221,93 @@ def test_every_upstream_default_is_ours(lora):
     assert not missing, f"upstream flags our trainer lacks: {missing}"
     differ = {k: (ours[k], v) for k, v in table.items() if ours[k] != v or type(ours[k]) is not type(v)}
     assert not differ, f"(ours, upstream) for defaults that differ: {differ}"
+
+
+# ------------------------------------------------------------------ run lifecycle (through the launcher)
+
+def _run_keys(tiny_flux, sample_data, out, *more):
+    return [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--resolution=32",
+            "--batch_size=1", "--gradient_accumulation_steps=1", "--max_train_steps=2", "--checkpointing_steps=1",
+            "--learning_rate=1e-4", "--num_processes=1", f"--output_dir={out}", "--report_to=none", *more]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_flux, sample_data):
+    """A 2-step full fine-tune through the launcher, with checkpoint-1 and checkpoint-2 (copied per test)."""
+    out = tmp_path_factory.mktemp("lifecycle") / "run"
+    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _copy(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def _listing(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+@pytest.mark.slow
+def test_a_fresh_run_in_a_folder_with_another_runs_checkpoints_is_refused(finished_run, tmp_path, tiny_flux, sample_data):
+    out = _copy(finished_run, tmp_path)
+    before = _listing(out)
+    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.splitlines()
+    for needle in ("checkpoint-2", "--resume_from_checkpoint latest", "--overwrite_output_dir"):
+        assert needle in line, (needle, line)
+    assert _listing(out) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_moves_the_old_run_aside(finished_run, tmp_path, tiny_flux, sample_data):
+    out = _copy(finished_run, tmp_path)
+    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=1", "--overwrite_output_dir"),
+                  timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert (old / "checkpoint-2").is_dir() and (old / "train_summary.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.slow
+def test_resume_with_changed_settings_is_refused_naming_them(finished_run, tmp_path, tiny_flux, sample_data):
+    out = _copy(finished_run, tmp_path)
+    before = _listing(out)
+    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--learning_rate=3e-4", "--batch_size=2",
+                                   "--resume_from_checkpoint", "latest"))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.splitlines()
+    for needle in ("checkpoint-2", "learning_rate 0.0001 -> 0.0003", "1x1x1 -> 1x2x1", "--allow_changed_settings"):
+        assert needle in line, (needle, line)
+    assert "rank" not in line.split("differ:", 1)[-1].replace("--allow", "")  # only what differs is named
+    assert _listing(out) == before
+
+
+@pytest.mark.slow
+def test_resume_by_checkpoint_name_inside_output_dir(finished_run, tmp_path, tiny_flux, sample_data):
+    out = _copy(finished_run, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # the name is looked up in --output_dir, not in the current folder (as diffusers does)
+    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=3", "--resume_from_checkpoint",
+                                   "checkpoint-1"), cwd=elsewhere, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-1'} at step 1" in proc.stdout + proc.stderr
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, sample_data):
+    record = json.loads((finished_run / "run_config.json").read_text())
+    assert record["settings"]["learning_rate"] == 1e-4 and record["settings"]["model_name"] == tiny_flux
+    assert record["versions"]["torch"] and record["accelerate_config"]["distributed_type"] == "DEEPSPEED"
+    assert "main_process_port" not in record["settings"]
+    from fluxkit.train_args import parse_args
+
+    again = dry(FULL, f"--config={finished_run / 'run_config.json'}")
+    replayed, ran = vars(parse_args(again.trainer)), vars(parse_args(record["trainer_args"]))
+    assert replayed == ran, {k: (ran[k], replayed[k]) for k in ran if ran[k] != replayed[k]}
