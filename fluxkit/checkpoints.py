@@ -63,6 +63,15 @@ def read_state(path: str) -> dict:
         return json.load(f)
 
 
+def resume_path(output_dir: str, spec: str) -> str | None:
+    """Where --resume_from_checkpoint NAME points: a folder of that name inside output_dir (as diffusers
+    looks it up), else the path itself; None when neither is a folder."""
+    for path in (os.path.join(output_dir, spec), spec):
+        if os.path.isdir(path):
+            return path
+    return None
+
+
 def resolve_resume(output_dir: str, spec: str | None, run_type: str) -> tuple[str, dict] | None:
     """The checkpoint to resume from and its state, or None to start fresh ('latest' with none yet)."""
     if not spec:
@@ -73,9 +82,10 @@ def resolve_resume(output_dir: str, spec: str | None, run_type: str) -> tuple[st
             return None
         path = found[-1][1]
     else:
-        path = spec if os.path.isabs(spec) or os.path.isdir(spec) else os.path.join(output_dir, spec)
-        if not os.path.isdir(path):
-            raise UserError(f"--resume_from_checkpoint {spec!r} does not exist; give a checkpoint-STEP folder or 'latest'")
+        path = resume_path(output_dir, spec)
+        if path is None:
+            raise UserError(f"--resume_from_checkpoint {spec!r} is neither a checkpoint inside --output_dir {output_dir!r} "
+                            "nor a folder; give 'latest', a checkpoint-STEP name or a path")
     state = read_state(path)
     if state.get("run_type") != run_type:
         other = "train_flux_dreambooth_lora.py" if state.get("run_type") == "lora" else "train_flux_dreambooth.py"
@@ -212,3 +222,89 @@ def register_state_hooks(args, accelerator, m) -> None:
                 ours[name].load_state_dict(state)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ------------------------------------------------------------------------------ the run's lifecycle
+
+PREVIOUS_RUN_SUFFIX = ".old-"
+# files a finished or interrupted run leaves in output_dir (the launcher's logs/ and run_config.json are not among them)
+_RUN_FILES = ("train_log.jsonl", "train_summary.json")
+
+
+def run_settings(args, world_size: int) -> dict:
+    """What a checkpoint records about the run that wrote it: a resume with other values would silently
+    continue a different run (another learning rate, global batch, LoRA rank or base model)."""
+    model = args.pretrained_model_name_or_path
+    return {"run_type": "lora" if args.lora else "full", "world_size": world_size,
+            "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "learning_rate": args.learning_rate, "rank": args.rank,
+            "model": os.path.abspath(model) if os.path.exists(model) else model}
+
+
+def changed_settings(recorded: dict, now: dict) -> list[str]:
+    """'name old -> new' for each recorded setting that differs (settings a checkpoint lacks are not judged)."""
+    changes = []
+    batch = ("world_size", "train_batch_size", "gradient_accumulation_steps")
+    if all(k in recorded for k in batch) and any(recorded[k] != now[k] for k in batch):
+        changes.append("world size x batch x accumulation " + "x".join(str(recorded[k]) for k in batch) + " -> "
+                       + "x".join(str(now[k]) for k in batch))
+    for key in ("learning_rate", "rank", "model"):
+        if key in recorded and recorded[key] != now[key]:
+            changes.append(f"{key} {recorded[key]} -> {now[key]}")
+    return changes
+
+
+def previous_run(output_dir: str) -> list[str]:
+    """What of another run output_dir holds: its checkpoints (complete or partial) and run files."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    found = [checkpoint_name(step) for step, _ in complete_checkpoints(output_dir)]
+    found += [n for n in names if n.startswith(PARTIAL_PREFIX + "checkpoint-")]
+    return found + [n for n in _RUN_FILES if n in names]
+
+
+def check_run_folder(args, world_size: int) -> tuple[str, dict] | None:
+    """The lifecycle rules, before anything is written: a fresh run never mixes with another run's
+    checkpoints, and a resume continues only the run it names. Returns (checkpoint, state) or None."""
+    output_dir = args.output_dir
+    if args.resume_from_checkpoint and getattr(args, "overwrite_output_dir", False):
+        raise UserError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir moves it "
+                        "aside; give only one of them")
+    if not args.resume_from_checkpoint:
+        found = [checkpoint_name(step) for step, _ in complete_checkpoints(output_dir)]
+        if found and not getattr(args, "overwrite_output_dir", False):
+            raise UserError(f"--output_dir {output_dir!r} holds another run's checkpoints ({', '.join(found)}); continue "
+                            "that run with --resume_from_checkpoint latest, or start over with --overwrite_output_dir "
+                            f"(the old run moves to {output_dir.rstrip(os.sep)}{PREVIOUS_RUN_SUFFIX}TIME)")
+        return None
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, "lora" if args.lora else "full")
+    if resume is not None and not getattr(args, "allow_changed_settings", False):
+        path, state = resume
+        changes = changed_settings(state, run_settings(args, world_size))
+        if changes:
+            raise UserError(f"--resume_from_checkpoint {path!r} was written by a run whose settings differ: "
+                            f"{'; '.join(changes)}; resume with that run's settings, or pass --allow_changed_settings "
+                            "to continue it with these")
+    return resume
+
+
+def move_aside_previous_run(output_dir: str) -> str | None:
+    """--overwrite_output_dir: rename an output_dir that holds another run to OUTPUT_DIR.old-TIME (kept,
+    never deleted: the user removes it when sure). Returns the new name, or None when there was no run."""
+    import time
+
+    if not previous_run(output_dir):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = output_dir.rstrip(os.sep)
+    target, n = f"{base}{PREVIOUS_RUN_SUFFIX}{stamp}", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}{PREVIOUS_RUN_SUFFIX}{stamp}-{n}"
+    try:
+        os.rename(output_dir, target)
+    except OSError as err:
+        raise UserError(f"--overwrite_output_dir: cannot move the previous run in {output_dir!r} aside to {target!r} "
+                        f"({err.strerror or err}); move or delete it yourself") from None
+    return target

@@ -158,7 +158,6 @@ ASCEND_ENV = {
     "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True",  # less fragmentation with gradient checkpointing
     "CPU_AFFINITY_CONF": "1",  # bind each rank's threads near its NPU
 }
-VERBOSE_ENV = "FLUXKIT_VERBOSE"
 
 
 # ------------------------------------------------------------------------------------- the keys
@@ -542,15 +541,6 @@ def validate_trainer_args(argv: list[str], lora: bool):
 def check_output_dir(path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"output_dir {path!r} is a file; pass --output_dir=PATH to a folder")
-
-
-def check_run_folder(args, world_size: int) -> None:
-    """The call point for the trainer's run-lifecycle checks (another run's checkpoints in output_dir,
-    a resume whose recorded settings differ)."""
-    from . import checkpoints
-
-    if hasattr(checkpoints, "check_run_folder"):
-        checkpoints.check_run_folder(args, world_size)
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -972,13 +962,22 @@ def run(req: Request) -> int:
         check_data(o)
         if trainer_args is not None:
             scan_training_data(trainer_args, plan.processes)
-            check_run_folder(trainer_args, plan.processes)
+            # the trainer's run-lifecycle rules (another run's checkpoints, a resume with other settings)
+            from . import checkpoints
+
+            checkpoints.check_run_folder(trainer_args, plan.processes)
 
     if req.dry_run:
         print(plan_text(req, plan))
         return 0
 
     out = o["output_dir"]
+    if trainer_args is not None and trainer_args.overwrite_output_dir:
+        from . import checkpoints
+
+        moved = checkpoints.move_aside_previous_run(out)  # before this run writes its logs there
+        if moved:
+            print(f"--overwrite_output_dir: the previous run in {out} moved to {moved}", flush=True)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     plan.log = os.path.join(logs, f"train_{o['mixed_precision']}_{spec.network}_{time.strftime('%Y%m%d_%H%M%S')}.log")
@@ -998,8 +997,9 @@ def run(req: Request) -> int:
     env = dict(os.environ)
     env.update(plan.env)
     env[EXIT_STATUS_ENV] = status_file  # our trainers leave their own status (accelerate reports 1 for any failure)
+    env[quiet.LAUNCHER_ENV] = req.prog
     if req.verbose:
-        env[VERBOSE_ENV] = "1"
+        env[quiet.VERBOSE_ENV] = "1"
     runner = Run(plan.log, req.verbose)
     rc = runner(plan.command, env)
     if rc != 0:

@@ -14,6 +14,8 @@ import warnings
 from .environment import env_flag
 
 VERBOSE_ENV = "FLUXKIT_VERBOSE"
+# set by the launchers, which report the trainer's summary themselves (its one JSON line would repeat it)
+LAUNCHER_ENV = "FLUXKIT_LAUNCHER"
 
 # logger name -> pieces of messages it emits that are noise here
 LOG_NOISE = {

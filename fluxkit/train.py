@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoints, fsio, offload, outputs, zero3
+from . import checkpoints, fsio, offload, outputs, quiet, zero3
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
@@ -92,6 +92,7 @@ class Run:
 
 def train(args) -> dict:
     """The whole run; returns the summary it also prints and writes to train_summary.json."""
+    quiet.install()
     run = setup(args)
     resume(run)
     loop(run)
@@ -151,7 +152,8 @@ def preflight(args):
     model_dir = resolve_model_dir(args)
     if args.enable_npu_flash_attention and info.type != "npu":
         raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
-    resume_from = checkpoints.resolve_resume(args.output_dir, args.resume_from_checkpoint, "lora" if args.lora else "full")
+    # the processes accelerate started (WORLD_SIZE), before the Accelerator exists
+    resume_from = checkpoints.check_run_folder(args, int(os.environ.get("WORLD_SIZE", "1") or 1))
     return info, model_dir, resume_from
 
 
@@ -182,6 +184,10 @@ def start_accelerator(args, info):
     if args.allow_tf32 and info.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            moved = checkpoints.move_aside_previous_run(args.output_dir)
+            if moved:
+                logger.info("--overwrite_output_dir: the previous run in %s moved to %s", args.output_dir, moved)
         fsio.ensure_writable_dir(args.output_dir)
         stale = checkpoints.remove_partials(args.output_dir)
         if stale:
@@ -374,8 +380,7 @@ def record_step(run: Run, loss) -> None:
 
 def save_checkpoint(run: Run) -> None:
     args = run.args
-    state = {"run_type": run.run_type, "global_step": run.step, "world_size": run.accelerator.num_processes,
-             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps}
+    state = {"global_step": run.step, **checkpoints.run_settings(args, run.accelerator.num_processes)}
     checkpoints.save(run.accelerator, args.output_dir, run.step, state, args.checkpoints_total_limit)
     if run.main:
         logger.info("saved checkpoint-%d", run.step)
@@ -411,6 +416,7 @@ def finish(run: Run) -> dict:
     })
     if run.main:
         fsio.atomic_write_json(os.path.join(args.output_dir, "train_summary.json"), summary)
-        # the printed line stays one short line however long the run: per-step times are in the file
-        print(json.dumps({k: v for k, v in summary.items() if k != "step_seconds"}), flush=True)
+        if not os.environ.get(quiet.LAUNCHER_ENV):  # a launcher reports it itself
+            # the printed line stays one short line however long the run: per-step times are in the file
+            print(json.dumps({k: v for k, v in summary.items() if k != "step_seconds"}), flush=True)
     return summary

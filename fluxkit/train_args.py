@@ -45,7 +45,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
     g.add_argument("--random_flip", action="store_true", help="randomly flip images horizontally")
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
-    g.add_argument("--max_sequence_length", type=int, default=77, help="T5 tokens per prompt (at most 512)")
+    g.add_argument("--max_sequence_length", type=int, default=512 if lora else 77,
+                   help="T5 tokens per prompt (at most 512; upstream's defaults: 77 full, 512 LoRA)")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
     g.add_argument("--skip_bad_images", action="store_true", help="(ours) skip unreadable images with a count instead of stopping")
 
@@ -59,7 +60,12 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest', a checkpoint-STEP name inside --output_dir, or a checkpoint folder")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="(ours) start over in an --output_dir that holds another run: it moves to OUTPUT_DIR.old-TIME")
+    g.add_argument("--allow_changed_settings", action="store_true",
+                   help="(ours) resume although the checkpoint's run settings (learning rate, global batch, rank, model) differ")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro batches per optimizer step")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     g.add_argument("--guidance_scale", type=float, default=3.5, help="guidance embedding value for guidance-distilled FLUX.1-dev")
@@ -178,5 +184,9 @@ def validate(args) -> None:
             raise UserError(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UserError(f"--report_to {args.report_to!r} must be tensorboard, wandb, all or none")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and not os.path.isdir(args.resume_from_checkpoint):
-        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist; give a checkpoint-STEP folder or 'latest'")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        from .checkpoints import resume_path
+
+        if resume_path(args.output_dir, args.resume_from_checkpoint) is None:
+            raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a checkpoint inside "
+                            f"--output_dir {args.output_dir!r} nor a folder; give 'latest', a checkpoint-STEP name or a path")

@@ -191,7 +191,6 @@ def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_wo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the trainer installs fluxkit.quiet after issue 11's split lands")
 def test_lora_demo_console_is_short(tmp_path):
     """The LoRA demo end to end (build, 2-process training, summary, images) in under 20 lines a user reads;
     known library noise is filtered where it is made, and --verbose would show it."""
@@ -207,9 +206,7 @@ def test_lora_demo_console_is_short(tmp_path):
 
 # ------------------------------------------------------------------ drop-in defaults
 
-@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="LoRA --max_sequence_length 512 lands with the trainer-side change (after issue 11's split)"))],
-    ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_every_upstream_default_is_ours(lora):
     from upstream_defaults import upstream_defaults
 
