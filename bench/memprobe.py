@@ -70,7 +70,7 @@ def warm_up_kernels() -> None:
     from peft import LoraConfig
 
     from fluxkit.tiny import PRESETS, build_models
-    from fluxkit.train import DEFAULT_LORA_TARGETS
+    from fluxkit.models import DEFAULT_LORA_TARGETS
 
     preset = PRESETS["tiny"]
     models = build_models(preset)

@@ -400,7 +400,7 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
 
 
 def _default_targets() -> list[str]:
-    from .train import DEFAULT_LORA_TARGETS
+    from .models import DEFAULT_LORA_TARGETS
 
     return list(DEFAULT_LORA_TARGETS)
 

@@ -33,7 +33,7 @@ def test_lora_count_matches_peft(tiny_flux):
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from fluxkit.train import DEFAULT_LORA_TARGETS
+    from fluxkit.models import DEFAULT_LORA_TARGETS
 
     arch = read_architecture(tiny_flux)
     t = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
