@@ -216,7 +216,8 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype):
         class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
     trainables = setup_trainables(args, models, weight_dtype)
     for module in offload.resident(args, models):  # --offload_encoders leaves the frozen encoders in host memory
-        module.to(accelerator.device)
+        if not (module is models.transformer and zero3.is_zero3(accelerator)):  # DeepSpeed moves it, cast to bf16, to shard it
+            module.to(accelerator.device)
     if args.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()
         if args.train_text_encoder:
