@@ -279,11 +279,17 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
     P = arch.params
     train_clip = bool(args.train_text_encoder)
 
-    # ---- frozen weights
-    add("weights", "VAE (frozen)", P["vae"] * cb, f"{P['vae'] / 1e6:.1f}M params, {mixed if cb == 2 else 'fp32'}")
-    add("weights", "T5 text encoder (frozen)", P["text_encoder_2"] * cb, f"{P['text_encoder_2'] / 1e9:.2f}B params")
-    if not train_clip or lora:  # LoRA on CLIP keeps CLIP's base frozen
-        add("weights", "CLIP text encoder (frozen)", P["text_encoder"] * cb, f"{P['text_encoder'] / 1e6:.0f}M params")
+    # ---- frozen weights (with --offload_encoders in host memory, on the device only while encoding)
+    encoders = [("VAE (frozen)", P["vae"] * cb, f"{P['vae'] / 1e6:.1f}M params, {mixed if cb == 2 else 'fp32'}"),
+                ("T5 text encoder (frozen)", P["text_encoder_2"] * cb, f"{P['text_encoder_2'] / 1e9:.2f}B params")]
+    if not train_clip:  # a CLIP that trains stays on the device with the transformer
+        encoders.append(("CLIP text encoder (frozen)", P["text_encoder"] * cb, f"{P['text_encoder'] / 1e6:.0f}M params"))
+    offloaded = bool(getattr(args, "offload_encoders", False)) and not on_cpu  # on a CPU the host is the device
+    visiting = sum(b for _, b, _ in encoders) if offloaded else 0
+    for name, size, note in encoders:
+        add("weights", name, 0 if offloaded else size, "in host memory (--offload_encoders)" if offloaded else note)
+    if train_clip and lora:
+        add("weights", "CLIP text encoder (LoRA base)", P["text_encoder"] * cb, f"{P['text_encoder'] / 1e6:.0f}M params")
 
     # ---- what trains
     if lora:
@@ -387,6 +393,9 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
     # (bench: small and dev VAEs at 256 and 512 px), plus the fp32 pixel batch.
     encode = batch * args.resolution ** 2 * (arch.vae_first_channels * (4 + arch.vae_layers_per_block) * cb + 3 * 4)
     items.append(Item("transient", "VAE encoding", encode, f"{batch} image(s) at {args.resolution}px, first epoch or --no_cache"))
+    if visiting:
+        items.append(Item("transient", "offloaded encoders visiting", visiting, "--offload_encoders, while encoding"))
+        encode += visiting
     # On CPU the runtime's caches form during the first forward/backward, after the first encoding.
     encode_phase = encode - (CPU_RUNTIME_BYTES[mode] if on_cpu and caching else 0)
     peak = static + max(backward, step, encode_phase)
@@ -422,6 +431,17 @@ def device_memory_bytes(device_info, processes_per_host: int = 1) -> int | None:
         return int(psutil.virtual_memory().total // max(1, processes_per_host))
     except Exception:  # a broken driver must not stop a launch: the plan is advice
         return None
+
+
+def startup_line(args, model_dir: str, world_size: int, zero_stage: int, device_info) -> str:
+    """The one line the trainer logs as a run starts; never stops a run (the plan is advice)."""
+    try:
+        processes_here = world_size if device_info.type == "cpu" else 1
+        memory = device_memory_bytes(device_info, processes_here)
+        return plan_memory(args, world_size, zero_stage, device_info.type, memory,
+                           read_architecture(model_dir)).one_line()
+    except Exception as err:  # noqa: BLE001 - an unreadable config must not stop training
+        return f"memory plan: unavailable ({type(err).__name__}: {str(err)[:200]})"
 
 
 def check_fits(args, world_size: int, zero_stage: int, device_info, device_memory_gb: float | None = None,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoints, fsio, offload, outputs, quiet, zero3
+from . import checkpoints, fsio, offload, outputs, plan, quiet, zero3
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
@@ -105,6 +105,8 @@ def setup(args) -> Run:
     started = time.perf_counter()
     info, model_dir, resume_from = preflight(args)
     accelerator = start_accelerator(args, info)
+    if accelerator.is_main_process:  # before anything loads: what this run should take per device
+        logger.info(plan.startup_line(args, model_dir, accelerator.num_processes, zero3.zero_stage(accelerator), info))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     models, trainables, class_images = prepare_models(args, accelerator, info, model_dir, weight_dtype)
     dataset, loader = build_data(args, class_images)

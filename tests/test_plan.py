@@ -162,3 +162,23 @@ def test_plan_within_15_percent_of_measured(tmp_path, small_flux, mode, resoluti
     planned = memory.planned_bytes(flags, mode, 1)
     assert abs(planned / measured - 1) <= memory.TOLERANCE, (planned / 2**20, measured / 2**20)
     assert os.path.isdir(tmp_path / "out")
+
+
+def test_trainer_logs_the_plan_before_loading(tmp_path, tiny_flux, sample_data):
+    from conftest import trainer_args
+
+    proc = run_script([sys.executable, "train_flux_dreambooth_lora.py",
+                       *trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "memory plan: " in line]
+    assert len(lines) == 1 and "GiB peak per device (LoRA 32px batch 1 on 1 process(es), no DeepSpeed)" in lines[0], lines
+    # logged before the models load (the run's first model-loading message comes after it)
+    assert proc.stderr.index("memory plan: ") < proc.stderr.index("run: ")
+
+
+def test_offloaded_encoders_leave_the_device(tiny_flux, sample_data):
+    resident = plan_memory(_args(tiny_flux, sample_data, "--resolution", "256", lora=True), device="cuda")
+    away = plan_memory(_args(tiny_flux, sample_data, "--resolution", "256", "--offload_encoders", lora=True), device="cuda")
+    encoders = sum(i.bytes for i in resident.items if i.name.endswith("(frozen)") and not i.name.startswith("transformer"))
+    assert resident.static_bytes - away.static_bytes == encoders > 0
+    assert away.encode_bytes == resident.encode_bytes + encoders
