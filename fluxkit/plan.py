@@ -558,9 +558,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--architecture", default=None, help="plan a tiny.py preset's architecture (dev = FLUX.1-dev) instead of the folder's")
     g.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     g.add_argument("--calibrate", action="store_true", help="measure the activation constants on this CPU and compare")
+    p.set_defaults(max_sequence_length=None)  # the full and LoRA trainers differ: filled in by parse()
     if "base_quantization" not in have:
         g.add_argument("--base_quantization", default="none", choices=QUANTIZATIONS, help="LoRA: frozen base quantization")
     return p
+
+
+def parse(argv, parser=None) -> argparse.Namespace:
+    """The plan's flags; defaults the two trainers disagree on (T5 tokens) follow --lora."""
+    from .train_args import build_parser as trainer_parser
+
+    args = (parser or build_parser()).parse_args(argv)
+    if args.max_sequence_length is None:
+        args.max_sequence_length = trainer_parser(lora=args.lora).get_default("max_sequence_length")
+    return args
 
 
 def _calibrate() -> int:
@@ -578,7 +589,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--calibrate" in argv:
         return _calibrate()
-    args = parser.parse_args(argv)
+    args = parse(argv, parser)
     if args.resolution <= 0 or args.resolution % 16:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 16")
     if args.train_batch_size <= 0:

@@ -53,11 +53,11 @@ def test_activation_constants_match_autograd(key):
 
 
 def test_plan_terms_follow_the_flags(tiny_flux, sample_data):
-    one = ("--resolution", "256", "--train_batch_size", "1")
+    one = ("--resolution", "256", "--train_batch_size", "1", "--max_sequence_length", "77")
     base = plan_memory(_args(tiny_flux, sample_data, *one, lora=True), device="cuda")
     by = lambda p, name: sum(i.bytes for i in p.items if i.name.startswith(name))  # noqa: E731
     # activations scale with batch; checkpointing keeps a small share
-    four = plan_memory(_args(tiny_flux, sample_data, "--resolution", "256", "--train_batch_size", "4", lora=True), device="cuda")
+    four = plan_memory(_args(tiny_flux, sample_data, *one, "--train_batch_size", "4", lora=True), device="cuda")
     assert by(four, "saved") == pytest.approx(4 * by(base, "saved"), rel=1e-6)
     ckpt = plan_memory(_args(tiny_flux, sample_data, *one, "--gradient_checkpointing", lora=True), device="cuda")
     assert by(ckpt, "saved") < 0.2 * by(base, "saved")
@@ -76,10 +76,10 @@ def test_plan_terms_follow_the_flags(tiny_flux, sample_data):
 def test_quantized_base_shrinks_the_frozen_transformer():
     import argparse
 
-    from fluxkit.plan import build_parser
+    from fluxkit.plan import parse
 
     def plan(quant):
-        args = build_parser().parse_args(["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--lora",
+        args = parse(["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--lora",
                                           "--rank", "16", "--mixed_precision", "bf16", "--base_quantization", quant])
         return plan_memory(args, device="cuda")
 

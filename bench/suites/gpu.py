@@ -123,9 +123,9 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int) -> tuple[dict, dict]:
 
 def _planned_peak(ctx, res: int) -> int:
     """fluxkit.plan's peak for this step: every component resident in bf16, no caches."""
-    from fluxkit.plan import build_parser, plan_memory
+    from fluxkit.plan import parse, plan_memory
 
-    args = build_parser().parse_args([
+    args = parse([
         "--pretrained_model_name_or_path", ctx.args.gpu_preset, "--architecture", ctx.args.gpu_preset, "--lora",
         "--rank", str(LORA_RANK), "--lora_alpha", str(LORA_RANK), "--resolution", str(res), "--train_batch_size", "1",
         "--gradient_checkpointing", "--mixed_precision", "bf16", "--max_sequence_length", str(T5_TRAIN_TOKENS)])
