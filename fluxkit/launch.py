@@ -1026,7 +1026,11 @@ def run(req: Request) -> int:
         return 0
     lines = run_summary.final_report(os.path.join(out, run_summary.SUMMARY_FILE), spec.network, logs,
                                      int(o["batch_size"]), since=start, allow_missing=external)
-    tee_print("\n".join(lines), plan.log)
+    with open(plan.log, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    # the trainer's global batch is shown again only when it is not the one the plan showed
+    shown_batch = text.splitlines()[1].split(": ", 1)[1]
+    print("\n".join(line for line in lines if req.verbose or line.split(" : ", 1)[-1] != shown_batch), flush=True)
     if not req.demo:  # the demo names its log at the end
         tee_print(f"log: {plan.log}", plan.log)
     if req.demo:

@@ -85,7 +85,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--offload_encoders", action="store_true",
                    help="(ours) keep the frozen text encoders and the VAE in host memory; they visit the device only while encoding")
     g.add_argument("--throughput_warmup_steps", type=int, default=2, help="(ours) optimizer steps left out of the throughput figures")
-    g.add_argument("--log_every", type=int, default=10, help="(ours) log throughput every N optimizer steps")
+    g.add_argument("--log_every", type=int, default=100,
+                   help="(ours) log throughput every N optimizer steps (the progress bar shows loss and lr every step)")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="learning rate after warm-up")

@@ -136,12 +136,18 @@ def test_config_file_with_an_unknown_key_is_one_line(tmp_path):
 
 # ------------------------------------------------------------------ real runs (DeepSpeed, CPU)
 
+# a tqdm bar: "desc:  33%|###   | 10/30 [00:04<00:06,  3.22it/s, loss=1.4]" or "desc: 8 examples [00:00, 1050 examples/s]"
+_BAR = re.compile(r"^.*?\[\d+:\d+(<[\d:?]+)?,[^\]]*\]")
+
+
 def _console_lines(text):
-    """Lines a user reads: progress-bar redraws (\\r) and tqdm bars left out."""
+    """Lines a user reads: progress-bar redraws left out, and text printed right after a bar counted."""
     lines = []
-    for line in text.replace("\r", "\n").splitlines():
-        if line.strip() and not re.search(r"\d+%\|", line) and "it/s]" not in line:
-            lines.append(line.strip())
+    for line in text.split("\n"):
+        for segment in line.split("\r"):
+            rest = _BAR.sub("", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", segment)).strip()  # cursor moves are not text
+            if rest:
+                lines.append(rest)
     return lines
 
 
