@@ -1,51 +1,523 @@
-"""The in-memory cache of a training run: VAE latent distributions per sample, text embeddings
-per prompt. It knows nothing of models: callers pass the function that encodes what is missing.
+"""The persistent latent / text-embedding cache: encode each image and caption once, ever.
 
-Keys are sample indices (class samples have negative keys) and prompt strings, never step
-numbers, so a shuffled loader can never pair a caption with another image's latents. Filling on
-first use spreads the encoding over the first epoch and over processes.
+Layout (--latent_cache_dir, default OUTPUT_DIR's parent/.fluxkit-cache; a flag of its own because
+diffusers' --cache_dir already names the hub download cache):
+
+    CACHE/v1/latents/VAE_ID/shard-HASH.safetensors     VAE latent moments (mean, logvar) per image variant
+    CACHE/v1/text/TEXT_ID/shard-HASH.safetensors       T5 sequence + CLIP pooled embeddings per prompt
+
+VAE_ID and TEXT_ID fingerprint the encoders (config, weight files' names, sizes, first and last MiB,
+tokenizer files, the compute dtype), so a cache from another model is never read (it is rebuilt,
+with one line saying so). Inside a namespace an entry is keyed by content: image bytes hash + crop
+box + flip + bucket + resize filter + alpha background; prompt + max_sequence_length. Anything
+that changes gets a new key, so a stale entry is never reused, and unchanged entries are.
+
+Shards are written whole (temporary file + rename) and named by the hash of their bytes. Reading
+checks the hash: a corrupt or truncated shard is reported, deleted and its entries re-encoded.
+A crash mid-fill loses at most the entries not yet in a finished shard. Tensors are read through
+safetensors' memory map.
+
+Filling: every process encodes its share (entries sorted by key, dealt round-robin), then all
+wait; entries still missing after that (processes on machines that do not share the folder) are
+encoded locally, with a line saying the cache folder is not shared.
+
+Each image is encoded alone (batch of 1), cached or not: on CPU (and with some GPU kernels) a
+VAE's output depends slightly on which other images share the batch, and a cached latent must be a
+pure function of its key. With that, cached and uncached runs give identical losses.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import logging
+import os
+import sys
+import time
 
 import torch
 
-TensorPair = tuple[torch.Tensor, torch.Tensor]
+from . import fsio
+from .errors import UserError
+
+logger = logging.getLogger("fluxkit.cache")
+FORMAT = "v1"
+SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
+SHARD_TARGET_BYTES = 256 * 2**20  # a shard is written when its entries reach this size,
+SHARD_MAX_SECONDS = 60.0          # or when its first pending entry is this old (a crash loses at most that)
+FINGERPRINT_SAMPLE = 2**20
+LATENT_FIELDS = ("mean", "logvar")
+TEXT_FIELDS = ("seq", "pooled")
+
+
+def default_cache_dir(output_dir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(output_dir)), ".fluxkit-cache")
+
+
+def digest(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        data = p if isinstance(p, bytes) else str(p).encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _file_sample(path: str) -> bytes:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(FINGERPRINT_SAMPLE)
+        f.seek(max(0, size - FINGERPRINT_SAMPLE))
+        tail = f.read(FINGERPRINT_SAMPLE)
+    return size.to_bytes(8, "little") + head + tail
+
+
+def component_fingerprint(folder: str) -> str:
+    """Identity of a pipeline component folder from its files: small files whole, weights sampled."""
+    parts = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if os.path.getsize(path) <= 4 * FINGERPRINT_SAMPLE:
+            with open(path, "rb") as f:
+                parts += [name, f.read()]
+        else:
+            parts += [name, _file_sample(path)]
+    return digest(*parts)
+
+
+def content_digest(path_or_bytes) -> str:
+    """Hash of a file's bytes (or of bytes): the same value either way."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(path_or_bytes, bytes):
+        h.update(path_or_bytes)
+        return h.hexdigest()
+    with open(path_or_bytes, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ shards
+
+class ShardStore:
+    """A folder of immutable safetensors shards, each named by the hash of its bytes."""
+
+    def __init__(self, folder: str, fields: tuple[str, ...]):
+        self.folder, self.fields = folder, fields
+        self.index: dict[str, str] = {}     # entry key -> shard path
+        self.seen: set[str] = set()         # shard names already verified (or found corrupt)
+        self.handles: dict[str, object] = {}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.pending_since = None
+        self.corrupt: list[str] = []
+
+    def refresh(self) -> None:
+        """Index shards written since the last refresh (by any process); drop corrupt ones."""
+        from safetensors import safe_open
+
+        if not os.path.isdir(self.folder):
+            return
+        for name in sorted(os.listdir(self.folder)):
+            if not (name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)) or name in self.seen:
+                continue
+            self.seen.add(name)
+            path = os.path.join(self.folder, name)
+            try:
+                problem = None if content_digest(path) == name[len(SHARD_PREFIX):-len(SHARD_SUFFIX)] else "its bytes do not match its hash"
+                if problem is None:
+                    handle = safe_open(path, framework="pt")
+                    keys = {k.rsplit(".", 1)[0] for k in handle.keys()}
+            except FileNotFoundError:  # another process found it corrupt and removed it
+                continue
+            except Exception as err:  # safetensors rejects a damaged header in several ways
+                problem = f"{type(err).__name__}: {str(err)[:120]}"
+            if problem:
+                self.corrupt.append(name)
+                logger.warning("cache shard %s is corrupt (%s): discarded, its entries will be encoded again", path, problem)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            self.handles[path] = handle
+            for k in keys:
+                self.index.setdefault(k, path)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index or f"{key}.{self.fields[0]}" in self.pending
+
+    def get(self, key: str) -> tuple[torch.Tensor, ...]:
+        if key in self.index:
+            handle = self.handles[self.index[key]]
+            return tuple(handle.get_tensor(f"{key}.{f}") for f in self.fields)
+        return tuple(self.pending[f"{key}.{f}"] for f in self.fields)
+
+    def add(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
+        for f, t in zip(self.fields, tensors):
+            t = t.detach().to("cpu").contiguous()
+            self.pending[f"{key}.{f}"] = t
+            self.pending_bytes += t.numel() * t.element_size()
+        self.pending_since = self.pending_since or time.monotonic()
+        if self.pending_bytes >= SHARD_TARGET_BYTES or time.monotonic() - self.pending_since >= SHARD_MAX_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending entries as one shard: temporary file, hash, rename to its hashed name."""
+        from safetensors.torch import save
+
+        if not self.pending:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        data = save(self.pending, metadata={"fluxkit_cache": FORMAT})
+        name = f"{SHARD_PREFIX}{content_digest(data)}{SHARD_SUFFIX}"
+        path = os.path.join(self.folder, name)
+        fsio.atomic_write_bytes(path, data)
+        self.pending, self.pending_bytes, self.pending_since = {}, 0, None
+        self.seen.discard(name)
+        self.refresh()
+
+
+# ------------------------------------------------------------------------------------ keys
+
+def vae_identity(model_dir: str, dtype: torch.dtype) -> str:
+    return digest("vae", component_fingerprint(os.path.join(model_dir, "vae")), str(dtype))
+
+
+def text_identity(model_dir: str, dtype: torch.dtype) -> str:
+    parts = [component_fingerprint(os.path.join(model_dir, c)) for c in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
+    return digest("text", *parts, str(dtype))
+
+
+def text_key(prompt: str, max_sequence_length: int) -> str:
+    return digest("prompt", prompt, max_sequence_length)
+
+
+class ImageHashes:
+    """Content hash per image, remembered by (path, size, mtime) in CACHE/v1/image-hashes.json so a
+    warm run does not read every image again. Table rows (parquet/hub) hash their bytes."""
+
+    def __init__(self, root: str):
+        import json
+
+        self.path = os.path.join(root, "image-hashes.json")
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                self.known = json.load(f)
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def __call__(self, source) -> str:
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+        if isinstance(source, bytes):
+            return content_digest(source)
+        st = os.stat(source)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        path = os.path.abspath(source)
+        entry = self.known.get(path)
+        if entry and entry[0] == stamp:
+            return entry[1]
+        value = content_digest(source)
+        self.known[path] = [stamp, value]
+        self.changed = True
+        return value
+
+    def save(self) -> None:
+        if self.changed:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fsio.atomic_write_json(self.path, self.known, indent=None)
+            self.changed = False
+
+
+def latent_keys(dataset, hashes: ImageHashes) -> dict[int, str]:
+    """Content key of every sample's latent: sample index i, and -1 - i for its class partner."""
+    scan = dataset.scan
+    image_hash = [hashes(scan.source(s)) for s in scan.samples]
+    class_hash = [hashes(scan.source(s)) for s in scan.class_samples]
+    common = (dataset.interpolation, dataset.background)
+    keys = {}
+    for i in range(len(dataset)):
+        keys[i] = digest("image", image_hash[i % len(image_hash)], dataset.placement(i).key(), *common)
+        if class_hash:
+            keys[-1 - i] = digest("image", class_hash[i % len(class_hash)], dataset.class_placement(i).key(), *common)
+    return keys
+
+
+def training_prompts(dataset, args) -> list[str]:
+    """Every prompt the run can encode: captions, the dropped caption, class and validation prompts."""
+    prompts = {s.caption for s in dataset.scan.samples}
+    if dataset.caption_dropout_rate > 0:
+        prompts.add("")
+    if dataset.class_prompt is not None:
+        prompts.add(dataset.class_prompt)
+    if getattr(args, "validation_prompt", None):
+        prompts.add(args.validation_prompt)
+    return sorted(prompts)
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+def _one(encode, batch):
+    """encode() on a batch of one, under no_grad: ((B, ...) pair) -> (...) pair."""
+    with torch.no_grad():
+        a, b = encode(batch)
+    return a[0], b[0]
 
 
 class Cache:
-    """latent_moments(keys, pixels, encode) and text_embeddings(prompts, encode); off = encode every time."""
+    """What the loss asks for: latent moments by sample index, text embeddings by prompt.
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.latents: dict[int, TensorPair] = {}
-        self.text: dict[str, TensorPair] = {}
+    Persistent when `root` is given (see the module notes); without it (--no_cache) everything is
+    encoded every time, the same way (one image or prompt at a time), so both give the same numbers.
+    Keys are sample indices (class partners negative) and prompts, never step numbers, so a shuffled
+    loader can never pair a caption with another image's latents. Callers pass the encoders as
+    functions: encode(pixels (B, 3, H, W)) -> (mean, logvar); encode(prompts) -> (sequence, pooled).
+    """
 
-    def latent_moments(self, keys: list[int], pixels: torch.Tensor, encode: Callable[[torch.Tensor], TensorPair]) -> TensorPair:
-        """(mean, logvar) for each sample key; encode(pixels of the missing ones) -> (mean, logvar)."""
-        missing = [i for i, k in enumerate(keys) if k not in self.latents] if self.enabled else list(range(len(keys)))
-        fresh = {}
-        if missing:
-            with torch.no_grad():
-                mean, logvar = encode(pixels[missing])
-            for j, i in enumerate(missing):
-                fresh[i] = (mean[j], logvar[j])
-                if self.enabled:
-                    self.latents[keys[i]] = fresh[i]
-        pairs = [fresh[i] if i in fresh else self.latents[k] for i, k in enumerate(keys)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    def __init__(self, root: str | None, vae_id: str = "", text_id: str = "", max_sequence_length: int = 77,
+                 latent_keys: dict[int, str] | None = None, device="cpu"):
+        self.root = os.path.join(root, FORMAT) if root else None
+        self.device = device
+        self.max_sequence_length = max_sequence_length
+        self.latent_keys = latent_keys or {}
+        self.latents = ShardStore(os.path.join(self.root, "latents", vae_id), LATENT_FIELDS) if root else None
+        self.text = ShardStore(os.path.join(self.root, "text", text_id), TEXT_FIELDS) if root else None
+        self.encoded = {"latents": 0, "text": 0}
+        if root:
+            self.latents.refresh()
+            self.text.refresh()
 
-    def text_embeddings(self, prompts: list[str], encode: Callable[[list[str]], TensorPair]) -> TensorPair:
-        """(sequence, pooled) embeddings per prompt; encode(distinct missing prompts) -> (sequence, pooled)."""
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def missing_latents(self) -> list[tuple[str, int]]:
+        """(key, sample index) of each distinct latent not in the cache, in key order."""
         if not self.enabled:
-            with torch.no_grad():
-                return encode(prompts)
-        todo = sorted({p for p in prompts if p not in self.text})
-        if todo:
-            with torch.no_grad():
-                seq, pooled = encode(todo)
-            for i, p in enumerate(todo):
-                self.text[p] = (seq[i], pooled[i])
-        return torch.stack([self.text[p][0] for p in prompts]), torch.stack([self.text[p][1] for p in prompts])
+            return []
+        first = {}
+        for index, key in self.latent_keys.items():
+            if key not in self.latents and key not in first:
+                first[key] = index
+        return sorted(first.items())
+
+    def missing_prompts(self, prompts: list[str]) -> list[str]:
+        if not self.enabled:
+            return sorted(set(prompts))
+        return sorted(p for p in set(prompts) if text_key(p, self.max_sequence_length) not in self.text)
+
+    def latent_moments(self, keys: list[int], pixels, encode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar) for each sample index; encode(pixels of one sample) for what is not cached."""
+        pairs = []
+        for j, index in enumerate(keys):
+            key = self.latent_keys.get(index) if self.enabled else None
+            if key is not None and key in self.latents:
+                pairs.append(self.latents.get(key))
+                continue
+            if pixels is None:
+                raise RuntimeError(f"the latent of sample {index} is not cached and the batch has no pixels")
+            pair = _one(encode, pixels[j:j + 1])
+            self.encoded["latents"] += 1
+            if key is not None:
+                self.latents.add(key, pair)
+            pairs.append(pair)
+        return self._stack(pairs)
+
+    def text_embeddings(self, prompts: list[str], encode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence, pooled) per prompt; encode([prompt]) for what is not cached."""
+        pairs = []
+        for prompt in prompts:
+            key = text_key(prompt, self.max_sequence_length) if self.enabled else None
+            if key is not None and key in self.text:
+                pairs.append(self.text.get(key))
+                continue
+            pair = _one(encode, [prompt])
+            self.encoded["text"] += 1
+            if key is not None:
+                self.text.add(key, pair)
+            pairs.append(pair)
+        return self._stack(pairs)
+
+    def _stack(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([p[0].to(self.device) for p in pairs]), torch.stack([p[1].to(self.device) for p in pairs]))
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.latents.flush()
+            self.text.flush()
+
+
+class _PixelsOf(torch.utils.data.Dataset):
+    """Decode the images of a fill share in DataLoader workers."""
+
+    def __init__(self, dataset, items: list[tuple[str, int]]):
+        self.dataset, self.items = dataset, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        key, index = self.items[i]
+        d = self.dataset
+        if index >= 0:
+            return key, d.pixels(d.instance_of(index), d.placement(index))
+        partner = -1 - index
+        return key, d.pixels(d.scan.class_samples[partner % len(d.scan.class_samples)], d.class_placement(partner))
+
+
+def fill(cache: Cache, dataset, prompts: list[str], encode_image, encode_text, rank: int = 0, world: int = 1,
+         barrier=None, num_workers: int = 0, show: bool = True) -> dict:
+    """Encode what the cache lacks: this process's share, then (after `barrier`, i.e. once every
+    process has committed its shards) whatever is still missing here. Returns counts and seconds."""
+    started = time.perf_counter()
+    for attempt in ("share", "local"):
+        latents, texts = cache.missing_latents(), cache.missing_prompts(prompts)
+        if attempt == "local":
+            if not latents and not texts:
+                break
+            logger.warning("cache folder %s is not shared with every process (%d latents and %d prompts encoded "
+                           "elsewhere are not visible here): this machine encodes them itself",
+                           cache.root, len(latents), len(texts))
+        else:
+            latents, texts = latents[rank::world], texts[rank::world]
+        _fill_share(cache, dataset, latents, texts, encode_image, encode_text, num_workers, show)
+        if barrier is not None:
+            barrier()
+        cache.latents.refresh()
+        cache.text.refresh()
+    return {"seconds": time.perf_counter() - started, **cache.encoded}
+
+
+def _fill_share(cache, dataset, latents, texts, encode_image, encode_text, num_workers, show) -> None:
+    from tqdm.auto import tqdm
+
+    total = len(latents) + len(texts)
+    bar = tqdm(total=total, desc="caching latents and text", unit="entry", disable=not show or total == 0, file=sys.stderr)
+    try:
+        for prompt in texts:
+            cache.text.add(text_key(prompt, cache.max_sequence_length), _one(encode_text, [prompt]))
+            cache.encoded["text"] += 1
+            bar.update(1)
+        cache.text.flush()
+        if latents:
+            # its own generator: starting an iterator must not draw from the global RNG (training's noise)
+            loader = torch.utils.data.DataLoader(_PixelsOf(dataset, latents), batch_size=None, num_workers=num_workers,
+                                                 generator=torch.Generator().manual_seed(0))
+            for key, pixels in loader:
+                cache.latents.add(key, _one(encode_image, pixels.unsqueeze(0)))
+                cache.encoded["latents"] += 1
+                bar.update(1)
+            cache.latents.flush()
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------ for the trainer
+
+def cache_root(args) -> str | None:
+    """The cache folder of a run, or None with --no_cache."""
+    if getattr(args, "no_cache", False):
+        return None
+    return os.path.abspath(os.path.expanduser(getattr(args, "latent_cache_dir", None) or default_cache_dir(args.output_dir)))
+
+
+def check_cache_dir(args) -> str | None:
+    """Fail in one line (exit 2) before any model loads when the cache folder cannot take files."""
+    root = cache_root(args)
+    if root is not None:
+        fsio.ensure_writable_dir(root, "--latent_cache_dir")
+    return root
+
+
+def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu") -> Cache:
+    """The run's cache: every sample's latent key (hashing images not seen before) and the encoders' identity."""
+    root = cache_root(args)
+    if root is None:
+        return Cache(None, max_sequence_length=args.max_sequence_length, device=device)
+    hashes = ImageHashes(os.path.join(root, FORMAT))
+    keys = latent_keys(dataset, hashes)
+    from .environment import is_rank0
+
+    if is_rank0():
+        hashes.save()
+    cache = Cache(root, vae_identity(model_dir, weight_dtype), text_identity(model_dir, weight_dtype),
+                  args.max_sequence_length, keys, device)
+    _say_if_other_models(cache)
+    return cache
+
+
+def _say_if_other_models(cache: Cache) -> None:
+    """One line when the folder only holds entries of other encoders (another model, or another dtype)."""
+    for store, what in ((cache.latents, "VAE"), (cache.text, "text encoders")):
+        parent = os.path.dirname(store.folder)
+        others = [n for n in os.listdir(parent) if n != os.path.basename(store.folder)] if os.path.isdir(parent) else []
+        if others and not store.index:
+            logger.info("latent cache %s holds entries of %d other %s (another model or dtype): this model's are built anew",
+                        parent, len(others), what)
+
+
+# ------------------------------------------------------------------------------------ python -m fluxkit.cache
+
+def main(argv=None) -> int:
+    """Fill the cache a training run will read, ahead of it, with a progress bar and an ETA.
+
+    python -m fluxkit.cache [--full] TRAINER FLAGS
+
+    Give the same flags as the training command (data, --resolution, crops, --seed, buckets,
+    --max_sequence_length, --mixed_precision, --output_dir or --latent_cache_dir). --full takes the
+    full fine-tune's defaults (--max_sequence_length 77) instead of the LoRA script's (512).
+    """
+    from .errors import cli
+
+    return cli(_fill_command)(argv)
+
+
+def _fill_command(argv=None) -> int:
+    import json
+
+    from .data import DreamBoothDataset, list_images
+    from .device import check_mixed_precision, detect, torch_dtype
+    from .loss import encode_prompts, latent_moments
+    from .models import load_models, resolve_model_dir
+    from .scan import add_class_images, scan_dataset
+    from .train_args import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lora = "--full" not in argv
+    args = parse_args([a for a in argv if a != "--full"], lora=lora)
+    if args.no_cache:
+        raise UserError("--no_cache leaves nothing to fill; drop it")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    info = detect(args.device)
+    model_dir = resolve_model_dir(args)
+    scan = scan_dataset(args, world_size=1)
+    check_cache_dir(args)
+    if args.with_prior_preservation and os.path.isdir(args.class_data_dir or ""):
+        add_class_images(scan, list_images(args.class_data_dir, "--class_data_dir")[: args.num_class_images], args)
+    check_mixed_precision(info, args.mixed_precision)
+    # the trainer's compute dtype: encoders run in it, and it is part of the cache's identity
+    dtype = torch_dtype(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    device = torch.device(info.type)
+    dataset = DreamBoothDataset(args, seed=args.seed or 0, scan=scan)
+    cache = build(args, dataset, model_dir, dtype, device)
+    prompts = training_prompts(dataset, args)
+    if cache.missing_latents() or cache.missing_prompts(prompts):
+        m = load_models(args, model_dir, without=("transformer", "scheduler"))
+        for module in (m.vae, m.text_encoder, m.text_encoder_2):
+            module.requires_grad_(False)
+            module.to(device, dtype=dtype)
+        from .data import default_num_workers
+
+        workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else default_num_workers(1)
+        fill(cache, dataset, prompts, lambda px: latent_moments(m.vae, px),
+             lambda batch: encode_prompts(batch, m, args.max_sequence_length, device), num_workers=workers)
+    print(json.dumps({"cache_dir": cache.root, "latents_encoded": cache.encoded["latents"], "prompts_encoded": cache.encoded["text"],
+                      "latents": len(set(cache.latent_keys.values())), "prompts": len(prompts)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The persistent latent/text cache on the tiny FLUX: reuse, exact invalidation, corrupt shards,
+agreement with uncached encoding."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from fluxkit import cache as fcache
+from fluxkit.data import DreamBoothDataset
+from test_data import make_args
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_flux):
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    kw = dict(local_files_only=True)
+    return SimpleNamespace(
+        vae=AutoencoderKL.from_pretrained(tiny_flux, subfolder="vae", **kw),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer", **kw),
+        tokenizer_2=AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer_2", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder", **kw),
+        text_encoder_2=T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", **kw),
+        model_dir=tiny_flux)
+
+
+def _folder(tmp_path, n=3):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(n):
+        Image.effect_noise((40, 32), 30 + 10 * i).convert("RGB").save(folder / f"i{i}.png")
+        (folder / f"i{i}.txt").write_text(f"caption number {i}")
+    return folder
+
+
+def _cache(root, enc, dataset, msl=16):
+    hashes = fcache.ImageHashes(os.path.join(root, fcache.FORMAT))
+    keys = fcache.latent_keys(dataset, hashes)
+    hashes.save()
+    return fcache.Cache(str(root), fcache.vae_identity(enc.model_dir, torch.float32),
+                        fcache.text_identity(enc.model_dir, torch.float32), msl, keys)
+
+
+def _encoders(enc, msl=16):
+    from fluxkit.loss import encode_prompts, latent_moments
+
+    return (lambda pixels: latent_moments(enc.vae, pixels)), (lambda prompts: encode_prompts(prompts, enc, msl, "cpu"))
+
+
+def _fill(c, dataset, enc):
+    image, text = _encoders(enc, c.max_sequence_length)
+    return fcache.fill(c, dataset, fcache.training_prompts(dataset, SimpleNamespace()), image, text, show=False)
+
+
+def test_second_fill_encodes_nothing_and_changes_reencode_exactly_those(tmp_path, encoders):
+    folder = _folder(tmp_path)
+    root = tmp_path / "cache"
+    args = make_args(folder, repeats=2, center_crop=True)
+    ds = DreamBoothDataset(args, seed=0)
+    c = _cache(root, encoders, ds)
+    stats = _fill(c, ds, encoders)
+    assert stats["latents"] == 3 and stats["text"] == 3  # center crop: the two repeats share an entry
+    assert not c.missing_latents() and not c.missing_prompts(fcache.training_prompts(ds, SimpleNamespace()))
+    assert _fill(_cache(root, encoders, ds), ds, encoders)["latents"] == 0
+
+    # cached values equal fresh encodings (one image at a time) exactly
+    again = _cache(root, encoders, ds)
+    image, text = _encoders(encoders)
+    mean, logvar = again.latent_moments([0, 4], None, image)
+    with torch.no_grad():
+        fresh = image(ds[4]["pixel_values"][None])
+        fresh_text = text(["caption number 1"])
+    assert torch.equal(mean[1], fresh[0][0]) and torch.equal(logvar[1], fresh[1][0])
+    seq, pooled = again.text_embeddings(["caption number 1"], text)
+    assert torch.equal(seq[0], fresh_text[0][0]) and torch.equal(pooled[0], fresh_text[1][0])
+    assert again.encoded == {"latents": 0, "text": 0}
+    # disabled (--no_cache): the same numbers, encoded every time
+    off = fcache.Cache(None)
+    assert torch.equal(off.latent_moments([4], ds[4]["pixel_values"][None], image)[0], mean[1:])
+    assert torch.equal(off.text_embeddings(["caption number 1"], text)[0], seq) and off.encoded == {"latents": 1, "text": 1}
+
+    # one changed image, random crops, a longer T5 sequence: exactly what changed is encoded
+    Image.effect_noise((40, 32), 99).convert("RGB").save(folder / "i1.png")
+    stats = _fill(_cache(root, encoders, ds), ds, encoders)
+    assert (stats["latents"], stats["text"]) == (1, 0)
+    ds_random = DreamBoothDataset(make_args(folder, repeats=2), seed=0)
+    assert _fill(_cache(root, encoders, ds_random), ds_random, encoders)["latents"] == 6 - sum(
+        ds_random.placement(i) == ds.placement(i) for i in range(6))
+    stats = _fill(_cache(root, encoders, ds, msl=24), ds, encoders)
+    assert stats["latents"] == 0 and stats["text"] == 3
+
+
+def test_corrupt_or_truncated_shard_is_discarded_and_rebuilt(tmp_path, encoders, caplog):
+    folder = _folder(tmp_path, 2)
+    root = tmp_path / "cache"
+    ds = DreamBoothDataset(make_args(folder), seed=0)
+    _fill(_cache(root, encoders, ds), ds, encoders)
+    shards = sorted((root / fcache.FORMAT / "latents").rglob("shard-*"))
+    assert len(shards) == 1
+    data = bytearray(shards[0].read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit inside the tensor data
+    shards[0].write_bytes(bytes(data))
+    c = _cache(root, encoders, ds)
+    assert len(c.missing_latents()) == 2 and not shards[0].exists() and "corrupt" in caplog.text
+    assert _fill(c, ds, encoders)["latents"] == 2
+
+    shard = sorted((root / fcache.FORMAT / "text").rglob("shard-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    c = _cache(root, encoders, ds)
+    assert len(c.missing_prompts(fcache.training_prompts(ds, SimpleNamespace()))) == 2
+    assert _fill(c, ds, encoders)["text"] == 2
+
+
+def test_another_model_never_reads_this_cache(tmp_path, encoders, tiny_flux):
+    import shutil
+
+    from fluxkit.tiny import build_pipeline
+
+    other = build_pipeline(str(tmp_path / "other"), "tiny", seed=1)
+    assert fcache.vae_identity(tiny_flux, torch.float32) != fcache.vae_identity(other, torch.float32)
+    assert fcache.text_identity(tiny_flux, torch.float32) != fcache.text_identity(other, torch.float32)
+    assert fcache.vae_identity(tiny_flux, torch.float32) != fcache.vae_identity(tiny_flux, torch.bfloat16)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_flux, copy)  # the same model elsewhere is the same model
+    assert fcache.vae_identity(str(copy), torch.float32) == fcache.vae_identity(tiny_flux, torch.float32)
