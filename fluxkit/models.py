@@ -52,20 +52,26 @@ def resolve_model_dir(args) -> str:
     return check_pipeline_folder(path, "--pretrained_model_name_or_path")
 
 
-def load_models(args, model_dir: str) -> Models:
+def load_models(args, model_dir: str, without: tuple[str, ...] = ()) -> Models:
+    """The pipeline's components; those named in `without` (e.g. text encoders whose every output
+    is cached, or the transformer when only filling the cache) are not loaded and are None."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     common = dict(revision=args.revision, local_files_only=True)
+
+    def load(name, cls, **kw):
+        return None if name in without else cls.from_pretrained(model_dir, subfolder=name, **common, **kw)
+
     try:
         models = Models(
-            tokenizer=AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer", **common),
-            tokenizer_2=AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", **common),
-            text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=args.variant, **common),
-            text_encoder_2=T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", variant=args.variant, **common),
-            vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant=args.variant, **common),
-            transformer=FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", variant=args.variant, **common),
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler", **common),
+            tokenizer=load("tokenizer", AutoTokenizer),
+            tokenizer_2=load("tokenizer_2", AutoTokenizer),
+            text_encoder=load("text_encoder", CLIPTextModel, variant=args.variant),
+            text_encoder_2=load("text_encoder_2", T5EncoderModel, variant=args.variant),
+            vae=load("vae", AutoencoderKL, variant=args.variant),
+            transformer=load("transformer", FluxTransformer2DModel, variant=args.variant),
+            scheduler=load("scheduler", FlowMatchEulerDiscreteScheduler),
             model_dir=model_dir,
         )
     except (OSError, ValueError) as err:
@@ -88,10 +94,12 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
     from diffusers.training_utils import cast_training_params
 
     for module in (m.vae, m.text_encoder_2, m.text_encoder, m.transformer):
-        module.requires_grad_(False)
+        if module is not None:  # text encoders are not loaded when the cache holds all they would make
+            module.requires_grad_(False)
     # Frozen parts run in the compute dtype; trained full weights stay fp32 (masters for mixed precision).
     m.vae.to(dtype=weight_dtype)
-    m.text_encoder_2.to(dtype=weight_dtype)
+    if m.text_encoder_2 is not None:
+        m.text_encoder_2.to(dtype=weight_dtype)
     if args.lora:
         from peft import LoraConfig
 
@@ -114,7 +122,7 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
                                                   init_lora_weights="gaussian", target_modules=CLIP_LORA_TARGETS))
             cast_training_params(m.text_encoder, dtype=torch.float32)
             te_params = [p for p in m.text_encoder.parameters() if p.requires_grad]
-        else:
+        elif m.text_encoder is not None:
             m.text_encoder.to(dtype=weight_dtype)
         return Trainables(t_params, te_params)
     m.transformer.requires_grad_(True)
@@ -122,7 +130,7 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
     if args.train_text_encoder:
         m.text_encoder.requires_grad_(True)
         te_params = list(m.text_encoder.parameters())
-    else:
+    elif m.text_encoder is not None:
         m.text_encoder.to(dtype=weight_dtype)
     return Trainables(list(m.transformer.parameters()), te_params)
 

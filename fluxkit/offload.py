@@ -16,13 +16,15 @@ import contextlib
 
 def frozen_encoders(args, m) -> list:
     """The modules --offload_encoders keeps in host memory (m: the run's Models)."""
-    return [m.vae, m.text_encoder_2] + ([] if args.train_text_encoder else [m.text_encoder])
+    found = [m.vae, m.text_encoder_2] + ([] if args.train_text_encoder else [m.text_encoder])
+    return [mod for mod in found if mod is not None]  # text encoders are None once the cache holds all they make
 
 
 def resident(args, m) -> list:
     """The modules that live on the device for the whole run."""
     away = frozen_encoders(args, m) if args.offload_encoders else []
-    return [mod for mod in (m.vae, m.text_encoder_2, m.text_encoder, m.transformer) if not any(mod is a for a in away)]
+    return [mod for mod in (m.vae, m.text_encoder_2, m.text_encoder, m.transformer)
+            if mod is not None and not any(mod is a for a in away)]
 
 
 @contextlib.contextmanager

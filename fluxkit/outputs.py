@@ -57,9 +57,10 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
 
 # ------------------------------------------------------------------------------ validation
 
-def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype, tag) -> list[str]:
+def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype, tag, prompt_embeds=None) -> list[str]:
     """Render num_validation_images for validation_prompt (m: the run's Models); save a PNG grid
     and log the images to TensorBoard. tag: the epoch number, or a name such as 'final'.
+    prompt_embeds: (T5 sequence, CLIP pooled) of the prompt, when the text encoders are not loaded.
 
     Under ZeRO-3 every rank calls it: each layer of the sharded transformer gathers its parameters
     from all ranks, so all render the same images in lockstep; only the main process writes."""
@@ -77,7 +78,9 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
     with torch.no_grad(), accelerator.autocast(), encoders_visiting(args, m, accelerator.device):
         for i in range(args.num_validation_images):
             g = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
-            images.append(pipe(args.validation_prompt, height=args.resolution, width=args.resolution,
+            text = dict(prompt=args.validation_prompt) if prompt_embeds is None else dict(
+                prompt_embeds=prompt_embeds[0].to(weight_dtype), pooled_prompt_embeds=prompt_embeds[1].to(weight_dtype))
+            images.append(pipe(**text, height=args.resolution, width=args.resolution,
                                num_inference_steps=args.num_validation_steps, guidance_scale=args.guidance_scale,
                                generator=g, max_sequence_length=args.max_sequence_length).images[0])
     if was_training:

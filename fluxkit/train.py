@@ -25,14 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cache as latent_cache
 from . import checkpoints, fsio, offload, outputs, plan, quiet, zero3
+from .buckets import BucketSampler
 from .cache import Cache
-from .data import DreamBoothDataset, EpochShuffleSampler, collate
+from .data import DreamBoothDataset, EpochShuffleSampler, collate, default_num_workers
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
 from .errors import UserError
 from .loss import flow_matching_loss
 from .models import Models, Trainables, build_optimizer, load_models, resolve_model_dir, setup_trainables
 from .runcontrol import Interrupted, StopRequest, Throughput, flops_and_peak
+from .scan import add_class_images, scan_dataset
 
 logger = logging.getLogger("fluxkit.train")
 STEP_LOG = "train_log.jsonl"  # one JSON line per optimizer step, appended across resumes
@@ -104,14 +107,17 @@ def train(args) -> dict:
 def setup(args) -> Run:
     started = time.perf_counter()
     info, model_dir, resume_from = preflight(args)
+    scan = scan_dataset(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before anything loads or is written
+    latent_cache.check_cache_dir(args)
     accelerator = start_accelerator(args, info)
     if accelerator.is_main_process:  # before anything loads: what this run should take per device
         logger.info(plan.startup_line(args, model_dir, accelerator.num_processes, zero3.zero_stage(accelerator), info))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    models, trainables, class_images = prepare_models(args, accelerator, info, model_dir, weight_dtype)
-    dataset, loader = build_data(args, class_images)
+    models, trainables, dataset, cache, class_images = prepare_models(args, accelerator, info, model_dir, weight_dtype, scan)
+    loader = build_data(args, dataset, accelerator.num_processes)
     world = accelerator.num_processes
-    updates_per_epoch = math.ceil(math.ceil(len(dataset) / args.train_batch_size / world) / args.gradient_accumulation_steps)
+    # the sampler's length: buckets pad each bucket to whole global batches
+    updates_per_epoch = math.ceil(math.ceil(len(loader.sampler) / args.train_batch_size / world) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     schedule = Schedule(updates_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch))
     optimizer, lr_scheduler = build_optimization(args, world, trainables, schedule)
@@ -132,7 +138,7 @@ def setup(args) -> Run:
     meter = Throughput(args.train_batch_size * world * args.gradient_accumulation_steps, args.throughput_warmup_steps,
                        step_flops, peak, info)
     run = Run(args, info, accelerator, models, trainables, weight_dtype, dataset, loader, optimizer, lr_scheduler,
-              transformer, text_encoder, schedule, resume_from, Cache(enabled=not args.no_cache), meter, started)
+              transformer, text_encoder, schedule, resume_from, cache, meter, started)
     if run.main:
         logger.info("%s run: %d samples, %d process(es) on %s, micro batch %d, accumulation %d, %d steps (%d epochs), %s",
                     run.run_type, len(dataset), world, info.type, args.train_batch_size, args.gradient_accumulation_steps,
@@ -211,34 +217,103 @@ def _sync_deepspeed_accumulation(accelerator, args) -> None:
     plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
 
 
-def prepare_models(args, accelerator, info, model_dir: str, weight_dtype):
-    """(models on the device, what trains, class images for prior preservation or None)."""
+def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
+    """(models on the device, what trains, the dataset, its filled cache, class images or None).
+
+    Every latent and prompt embedding the run needs is encoded before training (each process its
+    share) into the persistent cache; the VAE encoder and the text encoders then leave the device
+    unless CLIP trains. When the cache already covers the run, the text encoders are not loaded at all.
+    """
     with zero3.whole_models(accelerator):  # frozen encoders stay whole; prepare() shards the transformer
-        models = load_models(args, model_dir)
         class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
+    if class_images:
+        add_class_images(scan, class_images, args)
+    dataset = DreamBoothDataset(args, seed=args.seed or 0, scan=scan)
+    if dataset.skipped:
+        logger.warning("skipped %d unreadable image(s) (--skip_bad_images)", dataset.skipped)
+    cache = latent_cache.build(args, dataset, model_dir, weight_dtype, accelerator.device)
+    prompts = latent_cache.training_prompts(dataset, args)
+    covered = cache.enabled and not cache.missing_latents() and not cache.missing_prompts(prompts)
+    without = ("text_encoder_2",) if covered else ()
+    if covered and not args.train_text_encoder:
+        without += ("text_encoder",)
+    with zero3.whole_models(accelerator):
+        models = load_models(args, model_dir, without)
     trainables = setup_trainables(args, models, weight_dtype)
-    for module in offload.resident(args, models):  # --offload_encoders leaves the frozen encoders in host memory
-        if not (module is models.transformer and zero3.is_zero3(accelerator)):  # DeepSpeed moves it, cast to bf16, to shard it
+    resident = offload.resident(args, models)  # --offload_encoders leaves the frozen encoders in host memory
+    for module in resident:
+        if module is not models.transformer:  # the transformer joins once the encoders are done
             module.to(accelerator.device)
+    if cache.enabled:
+        if not covered:
+            with offload.encoders_visiting(args, models, accelerator.device):
+                stats = fill_cache(args, accelerator, models, dataset, cache, prompts)
+            if accelerator.is_main_process:
+                logger.info("cache %s: encoded %d latents and %d prompts in %.1f s", cache.root, stats["latents"],
+                            stats["text"], stats["seconds"])
+        elif accelerator.is_main_process:
+            logger.info("cache %s covers this run: nothing to encode, text encoders not loaded", cache.root)
+        release_encoders(models, keep_clip=args.train_text_encoder, device_type=info.type)
+        dataset.decode_pixels = False  # every latent is cached: workers read captions only
+    # DeepSpeed moves the transformer itself under ZeRO-3 (cast to bf16, to shard it)
+    if any(module is models.transformer for module in resident) and not zero3.is_zero3(accelerator):
+        models.transformer.to(accelerator.device)
     if args.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()
         if args.train_text_encoder:
             models.text_encoder.gradient_checkpointing_enable()
-    return models, trainables, class_images
+    return models, trainables, dataset, cache, class_images
 
 
-def build_data(args, class_images):
-    """The dataset and its loader: a (seed, epoch) permutation, so a resumed run replays the same order."""
-    dataset = DreamBoothDataset(args, class_images, seed=args.seed or 0)
-    if dataset.skipped:
-        logger.warning("skipped %d unreadable image(s) (--skip_bad_images)", dataset.skipped)
-    sampler = EpochShuffleSampler(len(dataset), seed=args.seed or 0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
-                                         num_workers=args.dataloader_num_workers, drop_last=False,
-                                         # its own generator: creating an iterator must not draw from the global
-                                         # RNG, or a resumed run's noise would drift from the uninterrupted run's
-                                         generator=torch.Generator().manual_seed(args.seed or 0))
-    return dataset, loader
+def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:
+    """Encode what the cache lacks, every process its share (fluxkit.cache.fill)."""
+    from .loss import encode_prompts, latent_moments
+
+    device = accelerator.device
+    return latent_cache.fill(
+        cache, dataset, prompts,
+        encode_image=lambda pixels: latent_moments(models.vae, pixels),
+        encode_text=lambda batch: encode_prompts(batch, models, args.max_sequence_length, device),
+        rank=accelerator.process_index, world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+        num_workers=_num_workers(args), show=accelerator.is_local_main_process)
+
+
+def release_encoders(models: Models, keep_clip: bool, device_type: str) -> None:
+    """Drop what only encoding needed once everything is cached: the VAE encoder (the decoder stays
+    for validation), T5, and CLIP unless it trains."""
+    import gc
+
+    models.vae.encoder = None
+    models.text_encoder_2 = None
+    if not keep_clip:
+        models.text_encoder = None
+    gc.collect()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+    elif device_type == "npu":
+        torch.npu.empty_cache()
+
+
+def _num_workers(args) -> int:
+    if args.dataloader_num_workers is not None:
+        return args.dataloader_num_workers
+    return default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def build_data(args, dataset, world: int):
+    """The loader: an order that is a pure function of (seed, epoch), so a resumed run replays it.
+    With buckets, every global batch (micro batch x processes) is one bucket's (fluxkit.buckets)."""
+    seed = args.seed or 0
+    if dataset.scan.buckets:
+        sampler = BucketSampler(dataset.scan.sample_bucket, len(dataset), args.train_batch_size, world, seed)
+    else:
+        sampler = EpochShuffleSampler(len(dataset), seed=seed)
+    workers = _num_workers(args)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+                                       num_workers=workers, drop_last=False, persistent_workers=workers > 0,
+                                       # its own generator: creating an iterator must not draw from the global
+                                       # RNG, or a resumed run's noise would drift from the uninterrupted run's
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def build_optimization(args, world: int, trainables: Trainables, schedule: Schedule):
@@ -306,13 +381,32 @@ def loop(run: Run) -> None:
                 break
             if run.validates and (epoch + 1) % args.validation_epochs == 0:
                 outputs.run_validation(args, run.accelerator, run.models, run.transformer, run.text_encoder,
-                                       run.weight_dtype, epoch + 1)
+                                       run.weight_dtype, epoch + 1, validation_embeddings(run))
     finally:
         run.progress.close()
         run.stop.restore()
         if run.step_log:
             run.step_log.close()
     run.train_seconds = time.perf_counter() - started
+
+
+def validation_embeddings(run: Run):
+    """The validation prompt's embeddings from the cache when T5 is gone (None: the pipeline encodes
+    it); CLIP's pooled embedding comes from the live CLIP when it trains."""
+    if run.models.text_encoder_2 is not None:
+        return None
+    from .loss import encode_prompts
+
+    seq, pooled = run.cache.text_embeddings([run.args.validation_prompt], lambda p: encode_prompts(
+        p, run.models, run.args.max_sequence_length, run.accelerator.device))
+    if run.text_encoder is not None:
+        from .lora import unwrap_model
+
+        ids = run.models.tokenizer([run.args.validation_prompt], padding="max_length", truncation=True,
+                                   max_length=run.models.tokenizer.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            pooled = unwrap_model(run.text_encoder)(ids.to(run.accelerator.device)).pooler_output
+    return seq, pooled
 
 
 def epoch_batches(run: Run, epoch: int):
@@ -400,7 +494,7 @@ def finish(run: Run) -> dict:
     samples = []
     if run.validates:
         samples = outputs.run_validation(args, accelerator, run.models, run.transformer, run.text_encoder,
-                                         run.weight_dtype, "final")
+                                         run.weight_dtype, "final", validation_embeddings(run))
     if run.main:
         if args.lora:
             outputs.write_model_card(args, samples)

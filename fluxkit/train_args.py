@@ -47,8 +47,20 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
     g.add_argument("--max_sequence_length", type=int, default=512 if lora else 77,
                    help="T5 tokens per prompt (at most 512; upstream's defaults: 77 full, 512 LoRA)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
+    g.add_argument("--dataloader_num_workers", type=int, default=None,
+                   help="DataLoader worker processes per process (default: the cores per process less one, at most 8)")
     g.add_argument("--skip_bad_images", action="store_true", help="(ours) skip unreadable images with a count instead of stopping")
+    g.add_argument("--caption_extension", default=".txt", help="(ours) caption file beside each image: IMAGE.txt")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="(ours) fraction of samples trained with the empty caption")
+    g.add_argument("--alpha_background", default="white", help="(ours) colour transparent images are composited on (name or #rrggbb)")
+    g.add_argument("--aspect_ratio_buckets", action="store_true",
+                   help="(ours) train each image in the bucket nearest its aspect ratio (about resolution^2 pixels) instead of a square crop")
+    g.add_argument("--bucket_step", type=int, default=64, help="(ours) bucket sides step by this many pixels (a multiple of 16)")
+    g.add_argument("--min_bucket_side", type=int, default=None, help="(ours) shortest bucket side (default: half the resolution)")
+    g.add_argument("--max_bucket_side", type=int, default=None, help="(ours) longest bucket side (default: twice the resolution)")
+    g.add_argument("--latent_cache_dir", default=None,
+                   help="(ours) persistent VAE latent / text embedding cache (default: OUTPUT_DIR's parent/.fluxkit-cache); "
+                        "--cache_dir stays diffusers' download cache")
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="flux-dreambooth-lora" if lora else "flux-dreambooth", help="where weights, checkpoints and logs go")
@@ -169,6 +181,7 @@ def validate(args) -> None:
         raise UserError(f"--learning_rate {args.learning_rate} must be positive")
     if args.train_text_encoder and args.text_encoder_lr <= 0:
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr} must be positive")
+    validate_data_flags(args)
     if not 1 <= args.max_sequence_length <= 512:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and 512 (T5's limit)")
     if args.optimizer.lower() not in ("adamw", "prodigy"):
@@ -191,3 +204,18 @@ def validate(args) -> None:
         if resume_path(args.output_dir, args.resume_from_checkpoint) is None:
             raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a checkpoint inside "
                             f"--output_dir {args.output_dir!r} nor a folder; give 'latest', a checkpoint-STEP name or a path")
+
+
+def validate_data_flags(args) -> None:
+    from .buckets import make_buckets
+    from .data import parse_color
+
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers {args.dataloader_num_workers} must be 0 or more")
+    if not 0.0 <= args.caption_dropout_rate < 1.0:
+        raise UserError(f"--caption_dropout_rate {args.caption_dropout_rate} must be in [0, 1)")
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        raise UserError(f"--caption_extension {args.caption_extension!r} must look like .txt")
+    parse_color(args.alpha_background)
+    if args.aspect_ratio_buckets:
+        make_buckets(args.resolution, args.bucket_step, args.min_bucket_side, args.max_bucket_side)

@@ -1,0 +1,214 @@
+"""The data path inside real training runs on the tiny FLUX: the persistent cache (reuse, exact
+invalidation, a fill killed midway, the fill command), streaming with workers, aspect-ratio
+buckets (one process, and 2-process DeepSpeed killed and resumed), caption dropout, bad input."""
+
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, accelerate_launch, run_entry_inprocess as train_inprocess, run_script, with_faults
+from test_reliability import (KILL_AT_STEP, LORA, SIGKILLED, assert_bit_identical, listing, steps_and_losses,
+                              train_args, weights)
+
+
+def losses(out):
+    return [loss for _, loss in steps_and_losses(out)]
+
+
+def captioned_folder(path, sizes, seed=0):
+    """Textured images of the given sizes, each with a caption file (two distinct captions)."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path / f"img{i}.png")
+        (path / f"img{i}.txt").write_text(f"a photo of sks dog, style {i % 2}", encoding="utf-8")
+    return path
+
+
+def args_for(tiny_flux, folder, out, steps=4, **extra):
+    args = train_args(tiny_flux, {"instance_dir": str(folder)}, out, steps, **extra)
+    return args
+
+
+@pytest.fixture
+def encoder_use(monkeypatch):
+    """Rows the VAE encoder and T5 encode, and how often each text encoder is loaded, during a run."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    counts = Counter()
+
+    def counting(cls, method, key):
+        original = getattr(cls, method)
+
+        def wrapper(self, x, *args, **kwargs):
+            counts[key] += x.shape[0]
+            return original(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, wrapper)
+
+    def counting_loads(cls, key):
+        original = cls.from_pretrained.__func__
+
+        def from_pretrained(klass, *args, **kwargs):
+            counts[key] += 1
+            return original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(from_pretrained))
+
+    counting(AutoencoderKL, "encode", "images")
+    counting(T5EncoderModel, "forward", "prompts")
+    counting_loads(T5EncoderModel, "t5 loads")
+    counting_loads(CLIPTextModel, "clip loads")
+    return counts
+
+
+# ----------------------------------------------------------------------------- the persistent cache
+
+def test_second_run_encodes_nothing_and_each_change_reencodes_exactly_it(tiny_flux, tmp_path, encoder_use, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fluxkit.train")
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 4)
+    common = dict(random_flip=True, max_sequence_length=16, latent_cache_dir=str(tmp_path / "cache"))
+
+    def run(name, **extra):
+        encoder_use.clear()
+        assert train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / name, **{**common, **extra})) == 0
+        return dict(encoder_use)
+
+    assert run("cold") == {"images": 4, "prompts": 2, "t5 loads": 1, "clip loads": 1}
+    assert run("warm") == {}  # nothing encoded, neither text encoder loaded
+    assert "covers this run" in caplog.text
+    assert losses(tmp_path / "warm") == losses(tmp_path / "cold")
+    assert run("uncached", no_cache=True)["images"] == 4 and losses(tmp_path / "uncached") == losses(tmp_path / "cold")
+
+    Image.fromarray(np.zeros((36, 40, 3), dtype=np.uint8)).save(folder / "img2.png")  # one image changes
+    assert run("one_image") == {"images": 1, "t5 loads": 1, "clip loads": 1}
+    assert run("longer_t5", max_sequence_length=24) == {"prompts": 2, "t5 loads": 1, "clip loads": 1}
+    assert run("center_crop", center_crop=True)["images"] == 4  # a 40x36 image: every crop box moves
+    assert run("center_crop_again", center_crop=True) == {}
+
+
+KILL_FILL = """
+import os, runpy, signal, sys
+import fluxkit.cache as cache
+cache.SHARD_MAX_SECONDS = 0.0  # commit every entry as its own shard
+original = cache.ShardStore.add
+added = []
+def add(self, key, tensors):
+    original(self, key, tensors)
+    if self.fields == cache.LATENT_FIELDS:
+        added.append(key)
+        if len(added) == int(os.environ["KILL_AFTER_LATENTS"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+cache.ShardStore.add = add
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_fill_killed_midway_resumes_with_what_was_committed(tiny_flux, tmp_path, encoder_use):
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 5)
+    cache_dir = tmp_path / "cache"
+    wrapper = tmp_path / "kill_fill.py"
+    wrapper.write_text(KILL_FILL)
+    args = args_for(tiny_flux, folder, tmp_path / "killed", steps=2, latent_cache_dir=str(cache_dir))
+    proc = run_script([sys.executable, str(wrapper), LORA] + args, env={"KILL_AFTER_LATENTS": "3"})
+    assert proc.returncode == SIGKILLED, proc.stderr[-3000:]
+    shards = list((cache_dir / "v1" / "latents").rglob("shard-*.safetensors"))
+    assert len(shards) == 3 and not list(cache_dir.rglob("*.partial"))
+
+    encoder_use.clear()
+    assert train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / "rerun", steps=2, latent_cache_dir=str(cache_dir))) == 0
+    assert encoder_use["images"] == 2 and encoder_use["prompts"] == 0  # the 3 committed latents and the text are reused
+    assert train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / "clean", steps=2, no_cache=True)) == 0
+    assert losses(tmp_path / "rerun") == losses(tmp_path / "clean")
+
+
+def test_fill_command_ahead_of_training(tiny_flux, tmp_path, encoder_use):
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 3)
+    args = args_for(tiny_flux, folder, tmp_path / "run", steps=2, latent_cache_dir=str(tmp_path / "cache"))
+    proc = run_script([sys.executable, "-m", "fluxkit.cache"] + args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["latents_encoded"] == 3 and report["prompts_encoded"] == 2
+    assert "caching latents and text" in proc.stderr  # the progress bar
+    encoder_use.clear()
+    assert train_inprocess(LORA, args) == 0
+    assert dict(encoder_use) == {}
+    proc = run_script([sys.executable, "-m", "fluxkit.cache"] + args, timeout=300)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["latents_encoded"] == 0
+
+
+# ----------------------------------------------------------------------------- streaming, buckets, dropout
+
+def test_streaming_with_workers_gives_the_same_losses(tiny_flux, tmp_path):
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 4)
+    for workers in (0, 2):
+        args = args_for(tiny_flux, folder, tmp_path / f"w{workers}", steps=5, no_cache=True, random_flip=True,
+                        dataloader_num_workers=workers, repeats=3)
+        assert train_inprocess(LORA, args) == 0
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2") and len(losses(tmp_path / "w0")) == 5
+
+
+MIXED = [(64, 32), (32, 64), (32, 32), (64, 16), (16, 64), (36, 32), (32, 36), (60, 20)]
+
+
+def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder_use, capfd):
+    folder = captioned_folder(tmp_path / "data", MIXED)
+    args = args_for(tiny_flux, folder, tmp_path / "out", steps=6, aspect_ratio_buckets=True, bucket_step=16,
+                    train_batch_size=2, caption_dropout_rate=0.5, validation_prompt="a photo of sks dog",
+                    num_validation_images=1, num_validation_steps=1, latent_cache_dir=str(tmp_path / "cache"))
+    assert train_inprocess(LORA, args) == 0
+    err = capfd.readouterr().err
+    assert "buckets: 5 used" in err
+    # prompts: two captions, the dropped (empty) caption and the validation prompt, each once
+    assert encoder_use["prompts"] == 4 and encoder_use["images"] == 8
+    with Image.open(tmp_path / "out" / "validation" / "validation-final.png") as im:
+        assert im.size == (32, 32)  # validation renders at --resolution
+
+
+@pytest.mark.slow
+def test_buckets_under_deepspeed_two_processes_kill_resume_bit_identical(tiny_flux, tmp_path):
+    folder = captioned_folder(tmp_path / "data", MIXED)
+
+    def launch(out, env=None, **extra):
+        args = args_for(tiny_flux, folder, out, 4, checkpointing_steps=2, aspect_ratio_buckets=True, bucket_step=16,
+                        latent_cache_dir=str(tmp_path / "cache"), **extra)
+        args[args.index("--mixed_precision") + 1] = "bf16"
+        return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=with_faults(env))
+
+    reference = tmp_path / "uninterrupted"
+    proc = launch(reference)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "buckets: 5 used" in proc.stderr
+    out = tmp_path / "crashed"
+    proc = launch(out, env={KILL_AT_STEP: "3"}, resume_from_checkpoint="latest")
+    assert proc.returncode != 0 and listing(out) == ["checkpoint-2"], proc.stderr[-3000:]
+    proc = launch(out, resume_from_checkpoint="latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert steps_and_losses(out) == steps_and_losses(reference)
+    assert_bit_identical(weights(out, LORA), weights(reference, LORA))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["cache dir is a file", "impossible buckets", "batch larger than the data"])
+def test_bad_data_input_is_one_line_and_writes_nothing(tiny_flux, tmp_path, capsys, case):
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 3)
+    (tmp_path / "a_file").write_text("x")
+    extra, needle = {
+        "cache dir is a file": (dict(latent_cache_dir=str(tmp_path / "a_file")), "--latent_cache_dir"),
+        "impossible buckets": (dict(aspect_ratio_buckets=True, bucket_step=40), "--bucket_step 40"),
+        "batch larger than the data": (dict(train_batch_size=4), "--train_batch_size 4"),
+    }[case]
+    rc = train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / "out", **extra))
+    lines = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
+    assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".fluxkit-cache").exists()
