@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 
-from . import flops, gpu, infer, memory, train
+from . import data, flops, gpu, infer, memory, train
 
 SUITES = {
     "flops": flops.run,
+    "data": data.run,
     "train-full": functools.partial(train.run, mode="full"),
     "train-lora": functools.partial(train.run, mode="lora"),
     "infer": infer.run,

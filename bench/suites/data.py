@@ -1,0 +1,109 @@
+"""data: the streaming data path and the persistent latent/text cache, on the `small` preset.
+
+- peak RSS of a 2-step LoRA run at 512x512 with 16 vs 256 images (streaming: host memory must
+  not grow with the dataset; the target is under 100 MB apart);
+- time to the first training step with a cold cache (every image and caption encoded) and a warm
+  one (the same data and model again: nothing encoded, no text encoder loaded);
+- images/s with aspect-ratio buckets vs square crops on mixed-shape images (both warm).
+
+Each case is one trainer subprocess; peak RSS is the trainer process's own (DataLoader workers
+are separate processes and not counted), setup time is the summary's e2e - train seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import harness
+from .train import read_summary
+
+RESOLUTION = 512
+SCRIPT = "train_flux_dreambooth_lora.py"
+PROMPT = "a photo of sks dog"
+MIXED_SIZES = [(768, 512), (512, 768), (512, 512), (1024, 384), (384, 1024), (640, 512), (512, 640), (896, 448)]
+
+
+def _images(folder: str, count: int, sizes) -> str:
+    """count smooth random JPEGs (cheap to store, real to decode) in folder, built once."""
+    if os.path.isdir(folder) and len(os.listdir(folder)) >= count:
+        return folder
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        small = rng.integers(0, 256, size=(h // 32, w // 32, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(os.path.join(folder, f"img{i:04d}.jpg"), quality=90)
+        with open(os.path.join(folder, f"img{i:04d}.txt"), "w", encoding="utf-8") as f:
+            f.write(f"{PROMPT}, picture {i % 7}")
+    return folder
+
+
+def _run(ctx, name: str, model: str, images: str, cache_dir: str, steps: int, extra=()) -> dict:
+    out = ctx.path(name)
+    flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", images, "--instance_prompt", PROMPT,
+             "--resolution", str(RESOLUTION), "--train_batch_size", "1", "--max_train_steps", str(steps),
+             "--throughput_warmup_steps", str(min(ctx.args.warmup_steps, steps - 1)), "--lr_warmup_steps", "0",
+             "--checkpointing_steps", str(10**9), "--mixed_precision", "bf16", "--seed", "0", "--report_to", "none",
+             "--output_dir", out, "--latent_cache_dir", cache_dir, "--device", ctx.args.device, *extra]
+    stdout = harness.run_command([*harness.launch_prefix(1), SCRIPT, *flags], ctx.path("logs", name + ".log"),
+                                 env=harness.threads_env(1), timeout=ctx.args.timeout)
+    return read_summary(stdout, out)
+
+
+def run(ctx) -> dict:
+    if not os.path.isfile(os.path.join(harness.ROOT, SCRIPT)):
+        return {"status": "skipped", "reason": f"{SCRIPT} is not in this checkout"}
+    model = ctx.small_assets()["model_path"]
+    rows, failures, found = [], [], {}
+
+    def case(label, params, fn):
+        try:
+            s = fn()
+        except harness.CommandFailed as err:
+            failures.append(f"{label}: {err}")
+            return None
+        found[label] = s
+        rows.append({"case": label, "params": params, "metrics": {
+            "peak RSS GB": harness.summarize([s["peak_memory_gb"]]),
+            "setup s (to first step)": harness.summarize([s["e2e_seconds"] - s["train_seconds"]]),
+            "images/s": harness.summarize(s.get("step_seconds") and [1 / t for t in s["step_seconds"]] or [s["images_per_sec"]]),
+        }})
+        return s
+
+    for n in (16, 256):
+        folder = _images(ctx.path(f"data-{n}"), n, [(RESOLUTION, RESOLUTION)])
+        case(f"{n} images, 2 steps", {"images": n, "cache": "cold"},
+             lambda: _run(ctx, f"data-rss-{n}", model, folder, ctx.path(f"cache-rss-{n}"), 2))
+    folder = _images(ctx.path("data-64"), 64, [(RESOLUTION, RESOLUTION)])
+    for warmth in ("cold", "warm"):
+        case(f"64 images, cache {warmth}", {"images": 64, "cache": warmth},
+             lambda: _run(ctx, f"data-cache-{warmth}", model, folder, ctx.path("cache-64"), 2))
+    mixed = _images(ctx.path("data-mixed"), 32, MIXED_SIZES)
+    steps = ctx.args.train_steps
+    _run_safely = lambda name, extra: _run(ctx, name, model, mixed, ctx.path("cache-mixed"), steps, extra)  # noqa: E731
+    try:
+        _run_safely("data-mixed-fill", ())  # fills the cache for the square case; buckets fill their own below
+        _run_safely("data-mixed-fill-b", ("--aspect_ratio_buckets",))
+    except harness.CommandFailed as err:
+        failures.append(f"mixed-shape cache fill: {err}")
+    case("mixed shapes, square crops", {"images": 32, "cache": "warm", "buckets": "off"},
+         lambda: _run_safely("data-square", ()))
+    case("mixed shapes, aspect-ratio buckets", {"images": 32, "cache": "warm", "buckets": "on"},
+         lambda: _run_safely("data-buckets", ("--aspect_ratio_buckets",)))
+
+    comparisons = []
+    pairs = [("16 images, 2 steps", "256 images, 2 steps", "peak RSS GB"),
+             ("64 images, cache cold", "64 images, cache warm", "setup s (to first step)"),
+             ("mixed shapes, square crops", "mixed shapes, aspect-ratio buckets", "images/s")]
+    by_label = {r["case"]: r["metrics"] for r in rows}
+    for base, other, metric in pairs:
+        if base in by_label and other in by_label:
+            comparisons.append({"name": f"{other} vs {base}", "metric": metric,
+                                **harness.compare(by_label[base][metric], by_label[other][metric])})
+    notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, micro batch 1, bf16, one process, LoRA; captions from .txt files",
+             "peak RSS: the trainer process (DataLoader workers not included); setup: e2e - train seconds",
+             f"mixed shapes: {', '.join(f'{w}x{h}' for w, h in MIXED_SIZES)}; images/s over the measured steps"]
+    return harness.suite_result(rows, comparisons, notes, failures)
