@@ -424,10 +424,12 @@ def cache_root(args) -> str | None:
     return os.path.abspath(os.path.expanduser(getattr(args, "latent_cache_dir", None) or default_cache_dir(args.output_dir)))
 
 
-def check_cache_dir(args) -> str | None:
-    """Fail in one line (exit 2) before any model loads when the cache folder cannot take files."""
+def check_cache_dir(args, given_only: bool = False) -> str | None:
+    """Fail in one line (exit 2) before any model loads when the cache folder cannot take files.
+    given_only: check only a --latent_cache_dir the user gave (the default one sits beside the
+    output folder, whose own check names the right flag when that place is unusable)."""
     root = cache_root(args)
-    if root is not None:
+    if root is not None and not (given_only and not getattr(args, "latent_cache_dir", None)):
         fsio.ensure_writable_dir(root, "--latent_cache_dir")
     return root
 

@@ -108,8 +108,9 @@ def setup(args) -> Run:
     started = time.perf_counter()
     info, model_dir, resume_from = preflight(args)
     scan = scan_dataset(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before anything loads or is written
-    latent_cache.check_cache_dir(args)
+    latent_cache.check_cache_dir(args, given_only=True)
     accelerator = start_accelerator(args, info)
+    latent_cache.check_cache_dir(args)  # the default one, beside the output folder just proven writable
     if accelerator.is_main_process:  # before anything loads: what this run should take per device
         logger.info(plan.startup_line(args, model_dir, accelerator.num_processes, zero3.zero_stage(accelerator), info))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
