@@ -26,6 +26,8 @@ from conftest import trainer_args as base_args
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
 ZERO3_CONFIG = os.path.join(ROOT, "pretrain_bf16_zero3_accelerate_config.yaml")
+# the same with every parameter of the tiny model sharded (see the fixture's comment)
+SHARD_ALL = os.path.join(ROOT, "tests", "fixtures", "zero3_shard_everything.yaml")
 WEIGHTS = {FULL: os.path.join("transformer", "diffusion_pytorch_model.safetensors"), LORA: "pytorch_lora_weights.safetensors"}
 # ZeRO-3 against ZeRO-2 (see the docstring): closeness per weight, and the shares required
 ATOL, RTOL = 1e-3, 2 ** -7  # a tenth of a step at lr 1e-2; bf16's relative spacing
@@ -53,7 +55,7 @@ def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_
     z2, z3, resumed = tmp_path / "zero2", tmp_path / "zero3", tmp_path / "zero3-resumed"
     log2 = _launch(ACCELERATE_CONFIG, script, tiny_flux, sample_data, z2)
     # validation renders on both ranks in lockstep (the sharded transformer gathers every layer)
-    log3 = _launch(ZERO3_CONFIG, script, tiny_flux, sample_data, z3, validation_prompt="a photo of sks dog",
+    log3 = _launch(SHARD_ALL, script, tiny_flux, sample_data, z3, validation_prompt="a photo of sks dog",
                    num_validation_images=1, num_validation_steps=2)
     assert (z3 / "validation" / "validation-final.png").is_file()
 
@@ -68,7 +70,7 @@ def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_
         assert all(np.isfinite(p.detach().numpy()).all() for p in mid.parameters())
 
     # exact resume: from checkpoint-1 (DeepSpeed's sharded states) to step 2 equals the uninterrupted run
-    log_r = _launch(ZERO3_CONFIG, script, tiny_flux, sample_data, resumed,
+    log_r = _launch(SHARD_ALL, script, tiny_flux, sample_data, resumed,
                     resume_from_checkpoint=str(z3 / "checkpoint-1"))
     assert [l["step"] for l in log_r] == [2] and log_r[0]["loss"] == log3[1]["loss"]
     final3, final_r = _tensors(z3 / WEIGHTS[script]), _tensors(resumed / WEIGHTS[script])
