@@ -124,6 +124,7 @@ def test_another_model_never_reads_this_cache(tmp_path, encoders, tiny_flux):
     assert fcache.vae_identity(tiny_flux, torch.float32) != fcache.vae_identity(other, torch.float32)
     assert fcache.text_identity(tiny_flux, torch.float32) != fcache.text_identity(other, torch.float32)
     assert fcache.vae_identity(tiny_flux, torch.float32) != fcache.vae_identity(tiny_flux, torch.bfloat16)
+    assert fcache.text_identity(tiny_flux, torch.float32) != fcache.text_identity(tiny_flux, torch.bfloat16)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_flux, copy)  # the same model elsewhere is the same model
     assert fcache.vae_identity(str(copy), torch.float32) == fcache.vae_identity(tiny_flux, torch.float32)
