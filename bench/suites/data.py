@@ -6,13 +6,14 @@
   one (the same data and model again: nothing encoded, no text encoder loaded);
 - images/s with aspect-ratio buckets vs square crops on mixed-shape images (both warm).
 
-Each case is one trainer subprocess; peak RSS is the trainer process's own (DataLoader workers
-are separate processes and not counted), setup time is the summary's e2e - train seconds.
+Each case is one trainer subprocess; peak RSS is the largest resident set of the trainer or any of
+its DataLoader workers (host memory on every device); setup time is the summary's e2e - train seconds.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from .. import harness
 from .train import read_summary
@@ -20,6 +21,10 @@ from .train import read_summary
 RESOLUTION = 512
 SCRIPT = "train_flux_dreambooth_lora.py"
 PROMPT = "a photo of sks dog"
+# Runs the trainer as a child and prints the largest resident set of it and its descendants (the
+# DataLoader workers included): host memory on any device, where the summary reports device memory.
+PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.call([sys.executable] + sys.argv[1:]); "
+            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(rc)")
 MIXED_SIZES = [(768, 512), (512, 768), (512, 512), (1024, 384), (384, 1024), (640, 512), (512, 640), (896, 448)]
 
 
@@ -48,9 +53,12 @@ def _run(ctx, name: str, model: str, images: str, cache_dir: str, steps: int, ex
              "--throughput_warmup_steps", str(min(ctx.args.warmup_steps, steps - 1)), "--lr_warmup_steps", "0",
              "--checkpointing_steps", str(10**9), "--mixed_precision", "bf16", "--seed", "0", "--report_to", "none",
              "--output_dir", out, "--latent_cache_dir", cache_dir, "--device", ctx.args.device, *extra]
-    stdout = harness.run_command([*harness.launch_prefix(1), SCRIPT, *flags], ctx.path("logs", name + ".log"),
+    stdout = harness.run_command([sys.executable, "-c", PEAK_RSS, SCRIPT, *flags], ctx.path("logs", name + ".log"),
                                  env=harness.threads_env(1), timeout=ctx.args.timeout)
-    return read_summary(stdout, out)
+    summary = read_summary(stdout, out)
+    rss = [line for line in stdout.splitlines() if line.startswith("peak_rss_kb ")]
+    summary["peak_rss_gb"] = int(rss[-1].split()[1]) / 2**20 if rss else None
+    return summary
 
 
 def run(ctx) -> dict:
@@ -67,7 +75,7 @@ def run(ctx) -> dict:
             return None
         found[label] = s
         rows.append({"case": label, "params": params, "metrics": {
-            "peak RSS GB": harness.summarize([s["peak_memory_gb"]]),
+            "peak RSS GB": harness.summarize([s["peak_rss_gb"]]),
             "setup s (to first step)": harness.summarize([s["e2e_seconds"] - s["train_seconds"]]),
             "images/s": harness.summarize(s.get("step_seconds") and [1 / t for t in s["step_seconds"]] or [s["images_per_sec"]]),
         }})
@@ -104,6 +112,6 @@ def run(ctx) -> dict:
             comparisons.append({"name": f"{other} vs {base}", "metric": metric,
                                 **harness.compare(by_label[base][metric], by_label[other][metric])})
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, micro batch 1, bf16, one process, LoRA; captions from .txt files",
-             "peak RSS: the trainer process (DataLoader workers not included); setup: e2e - train seconds",
+             "peak RSS: the largest resident set of the trainer or one of its workers; setup: e2e - train seconds",
              f"mixed shapes: {', '.join(f'{w}x{h}' for w, h in MIXED_SIZES)}; images/s over the measured steps"]
     return harness.suite_result(rows, comparisons, notes, failures)
