@@ -513,7 +513,7 @@ def _fill_command(argv=None) -> int:
             module.to(device, dtype=dtype)
         from .data import default_num_workers
 
-        workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else default_num_workers(1)
+        workers = args.dataloader_num_workers or default_num_workers(1)  # decoding in parallel is the point here
         fill(cache, dataset, prompts, lambda px: latent_moments(m.vae, px),
              lambda batch: encode_prompts(batch, m, args.max_sequence_length, device), num_workers=workers)
     print(json.dumps({"cache_dir": cache.root, "latents_encoded": cache.encoded["latents"], "prompts_encoded": cache.encoded["text"],

@@ -29,7 +29,7 @@ from . import cache as latent_cache
 from . import checkpoints, fsio, offload, outputs, plan, quiet, zero3
 from .buckets import BucketSampler
 from .cache import Cache
-from .data import DreamBoothDataset, EpochShuffleSampler, collate, default_num_workers
+from .data import DreamBoothDataset, EpochShuffleSampler, collate
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
 from .errors import UserError
 from .loss import flow_matching_loss
@@ -276,7 +276,7 @@ def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:
         encode_image=lambda pixels: latent_moments(models.vae, pixels),
         encode_text=lambda batch: encode_prompts(batch, models, args.max_sequence_length, device),
         rank=accelerator.process_index, world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-        num_workers=_num_workers(args), show=accelerator.is_local_main_process)
+        num_workers=args.dataloader_num_workers, show=accelerator.is_local_main_process)
 
 
 def release_encoders(models: Models, keep_clip: bool, device_type: str) -> None:
@@ -295,12 +295,6 @@ def release_encoders(models: Models, keep_clip: bool, device_type: str) -> None:
         torch.npu.empty_cache()
 
 
-def _num_workers(args) -> int:
-    if args.dataloader_num_workers is not None:
-        return args.dataloader_num_workers
-    return default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def build_data(args, dataset, world: int):
     """The loader: an order that is a pure function of (seed, epoch), so a resumed run replays it.
     With buckets, every global batch (micro batch x processes) is one bucket's (fluxkit.buckets)."""
@@ -309,7 +303,7 @@ def build_data(args, dataset, world: int):
         sampler = BucketSampler(dataset.scan.sample_bucket, len(dataset), args.train_batch_size, world, seed)
     else:
         sampler = EpochShuffleSampler(len(dataset), seed=seed)
-    workers = _num_workers(args)
+    workers = args.dataloader_num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
                                        num_workers=workers, drop_last=False, persistent_workers=workers > 0,
                                        # its own generator: creating an iterator must not draw from the global

@@ -47,8 +47,9 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
     g.add_argument("--max_sequence_length", type=int, default=512 if lora else 77,
                    help="T5 tokens per prompt (at most 512; upstream's defaults: 77 full, 512 LoRA)")
-    g.add_argument("--dataloader_num_workers", type=int, default=None,
-                   help="DataLoader worker processes per process (default: the cores per process less one, at most 8)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="DataLoader worker processes per process, which decode images (upstream's default 0; the "
+                        "launchers' auto picks from the cores per process)")
     g.add_argument("--skip_bad_images", action="store_true", help="(ours) skip unreadable images with a count instead of stopping")
     g.add_argument("--caption_extension", default=".txt", help="(ours) caption file beside each image: IMAGE.txt")
     g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="(ours) fraction of samples trained with the empty caption")
@@ -210,7 +211,7 @@ def validate_data_flags(args) -> None:
     from .buckets import make_buckets
     from .data import parse_color
 
-    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+    if args.dataloader_num_workers < 0:
         raise UserError(f"--dataloader_num_workers {args.dataloader_num_workers} must be 0 or more")
     if not 0.0 <= args.caption_dropout_rate < 1.0:
         raise UserError(f"--caption_dropout_rate {args.caption_dropout_rate} must be in [0, 1)")

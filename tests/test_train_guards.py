@@ -132,8 +132,7 @@ def test_captions_and_repeats_reach_the_training_batches(tiny_flux, sample_data,
     monkeypatch.setattr(DreamBoothDataset, "__getitem__", spy_item)
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy_tokenize)
     args = train_args(tiny_flux, sample_data, tmp_path / "out", 16, dataset_name=sample_data["dataset_name"],
-                      caption_column="text", repeats=2, no_cache=True,
-                      dataloader_num_workers=0)  # items are made in this process, where the spy records them
+                      caption_column="text", repeats=2, no_cache=True)
     assert train_inprocess(LORA, args) == 0
 
     texts = captions(sample_data)
