@@ -388,7 +388,8 @@ def check_keys(req: Request) -> None:
                 "num_machines", "rank", "lora_alpha"):
         if key in o and o[key] != "":
             _need_int(o, key, 1)
-    _need_int(o, "seed", 0)
+    if o["seed"] != "":  # empty: no seed, as the trainer's default
+        _need_int(o, "seed", 0)
     _need_int(o, "machine_rank", 0)
     _need_int(o, "lr_warmup_steps", 0)
     for key in ("num_processes", "main_process_port"):

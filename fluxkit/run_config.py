@@ -1,4 +1,7 @@
-"""OUTPUT/run_config.json: a launched run's resolved settings, enough to repeat it.
+"""OUTPUT/run_config.json: a run's resolved settings, enough to repeat it.
+
+The launchers write it before they start the trainer (write_run_config); a trainer run without
+a launcher writes it itself (write_trainer_run_config), with what accelerate was given.
 
     {"launcher": ..., "settings": {key: value, ...}, "trainer": ..., "accelerate_config": {...},
      "command": [...], "versions": {...}, "toolkit_commit": ..., "masked": [...]}
@@ -60,8 +63,8 @@ def settings(opts: dict, trainer_args, flags: set, key_of_flag: dict, given: set
     out = {k: v for k, v in opts.items() if k not in SECRETS and (k not in _PER_LAUNCH or k in given)}
     if trainer_args is not None:
         for name, value in vars(trainer_args).items():
-            if name not in flags or name in _NOT_SETTINGS or name in SECRETS or value is None:
-                continue
+            if name not in flags or name in _NOT_SETTINGS or name in SECRETS:
+                continue  # (None stays: as a --config it means "not given", over a launcher default)
             out[key_of_flag.get(name, name)] = value
     return out
 
@@ -85,3 +88,31 @@ def write_run_config(output_dir: str, req, trainer_args, accelerate_config: dict
         "masked": [s for s in SECRETS if any(a.startswith(f"--{s}") for a in plan.trainer_args)],
     }
     return atomic_write_json(os.path.join(output_dir, RUN_CONFIG), record)
+
+
+def write_trainer_run_config(args, accelerator) -> str:
+    """run_config.json of a trainer started without a launcher: its flags and accelerate's state."""
+    import json
+
+    from .launch import ROOT, masked, trainer_flags
+
+    flags = {a.dest for a in trainer_flags(args.lora).values()}
+    state = accelerator.state
+    plugin = getattr(state, "deepspeed_plugin", None)
+    accelerate = {"distributed_type": str(state.distributed_type), "num_processes": state.num_processes,
+                  "mixed_precision": str(state.mixed_precision),
+                  "deepspeed_config": plugin.deepspeed_config if plugin is not None else None}
+    record = {
+        "launcher": None,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # mixed_precision as the run used it (the flag's None means accelerate's choice)
+        "settings": {**settings({}, args, flags, {}, set()), "mixed_precision": str(state.mixed_precision)},
+        "trainer": os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None,
+        "trainer_args": masked(sys.argv[1:]),
+        # JSON-safe copy: DeepSpeed's config may hold values json cannot write as they are
+        "accelerate_config": json.loads(json.dumps(accelerate, default=str)),
+        "versions": versions(),
+        "toolkit_commit": toolkit_commit(ROOT),
+        "masked": [s for s in SECRETS if getattr(args, s, None)],
+    }
+    return atomic_write_json(os.path.join(args.output_dir, RUN_CONFIG), record)

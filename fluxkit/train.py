@@ -362,6 +362,10 @@ def loop(run: Run) -> None:
     run.progress = tqdm(total=run.schedule.max_steps, initial=run.step, desc="steps", disable=not run.main)
     run.stop = StopRequest()
     run.step_log = open(os.path.join(args.output_dir, STEP_LOG), "a") if run.main else None
+    if run.main and not os.environ.get(quiet.LAUNCHER_ENV):  # a launcher writes it before it starts, with its keys
+        from .run_config import write_trainer_run_config
+
+        write_trainer_run_config(args, run.accelerator)
     started = time.perf_counter()
     try:
         for epoch in range(run.first_epoch, run.schedule.epochs):

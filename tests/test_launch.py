@@ -314,3 +314,24 @@ def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, samp
     again = dry(FULL, f"--config={finished_run / 'run_config.json'}")
     replayed, ran = vars(parse_args(again.trainer)), vars(parse_args(record["trainer_args"]))
     assert replayed == ran, {k: (ran[k], replayed[k]) for k in ran if ran[k] != replayed[k]}
+
+
+def test_a_trainer_run_without_the_launcher_writes_run_config_too(tiny_flux, sample_data, tmp_path):
+    from conftest import run_entry_inprocess, trainer_args
+
+    from fluxkit.train_args import parse_args
+
+    out = tmp_path / "out"
+    args = trainer_args(tiny_flux, sample_data, out, steps=1, learning_rate="3e-4", hub_token="hf_SECRETsecret0123")
+    assert run_entry_inprocess(os.path.join(ROOT, "train_flux_dreambooth_lora.py"), args) == 0
+    text = (out / "run_config.json").read_text()
+    assert "hf_SECRETsecret0123" not in text
+    record = json.loads(text)
+    assert record["settings"]["learning_rate"] == 3e-4 and record["settings"]["max_sequence_length"] == 512
+    assert record["masked"] == ["hub_token"] and record["accelerate_config"]["num_processes"] == 1
+    # the launcher takes it as --config: the same trainer settings (the launcher's device and workers aside)
+    again = dry(LORA, f"--config={out / 'run_config.json'}", f"--output_dir={tmp_path / 'again'}")
+    replayed, ran = vars(parse_args(again.trainer, lora=True)), vars(parse_args(args, lora=True))
+    differ = {k for k in ran if ran[k] != replayed[k]} - {"output_dir", "hub_token", "device", "mixed_precision"}
+    assert not differ, {k: (ran[k], replayed[k]) for k in differ}
+    assert replayed["mixed_precision"] == record["accelerate_config"]["mixed_precision"] == "no"  # what the run used
