@@ -92,11 +92,12 @@ def run(ctx) -> dict:
             continue
         planned = planned_bytes(flags, mode, processes)
         error = planned / measured - 1
+        floor = preset == "tiny"  # almost no data: this row measures the runtime, not the plan
         rows.append({"case": name, "params": {"preset": preset, "mode": mode, "px": res, "batch": batch,
                                               "ckpt": "on" if ckpt else "off", "processes": processes},
                      "metrics": {"planned MiB": planned / 2**20, "measured MiB": measured / 2**20,
                                  "plan error %": 100 * error,
-                                 "within 15%": "yes" if abs(error) <= TOLERANCE else "NO"}})
+                                 "within 15%": "n/a (floor)" if floor else ("yes" if abs(error) <= TOLERANCE else "NO")}})
     notes = [f"{STEPS} optimizer steps, bf16 mixed precision, CPU; measured = peak resident anonymous memory from "
              "accelerator.prepare() to the last step minus the loaded, warmed process's (bench/memprobe.py); "
              "2-process rows: the larger rank",
