@@ -29,7 +29,7 @@ What is counted, per device (one process), and why it is there:
   (image tokens + T5 tokens) x hidden size x blocks; with gradient checkpointing, each block's
   inputs plus one block's full activations while it is recomputed.
 - caches: VAE latent moments per training image and text embeddings per prompt (the trainer
-  caches both unless --no_cache); on a CPU device the decoded training images too.
+  caches both unless --no_cache; images themselves stream from disk).
 
 The peak is static memory + the largest of three phases: forward/backward (activations,
 trained-weight autocast copies, gradients held during backward), the optimizer step (gradients,
@@ -324,15 +324,13 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
     caching = not getattr(args, "no_cache", False)
     lat_side = args.resolution // arch.vae_scale
     if caching and images is not None:
-        samples = images * (2 if args.with_prior_preservation else 1)
+        samples = images * max(1, args.repeats) * (2 if args.with_prior_preservation else 1)  # at most one per sample
         add("caches", "VAE latent moments", samples * 2 * arch.latent_channels * lat_side * lat_side * cb,
             f"{samples} image(s), mean + logvar")
         prompts = 1 if not args.caption_column else samples
         add("caches", "text embeddings", prompts * (args.max_sequence_length * arch.transformer["joint_attention_dim"]
                                                     + arch.transformer["pooled_projection_dim"]) * 4,
             f"{prompts} prompt(s) x {args.max_sequence_length} T5 tokens")
-    if on_cpu and images is not None:
-        add("caches", "decoded training images (host)", images * 3 * args.resolution ** 2 * 4, "fp32, held by the dataset")
     if zero_stage == 3:
         add("trainable", "ZeRO-3 gathered working set", min(DEEPSPEED_STAGE3_LIVE, trained) * cb,
             "stage3_max_live_parameters, compute dtype")

@@ -84,6 +84,8 @@ def run(ctx) -> dict:
                            else (tiny_model, os.path.join(tiny_data, "instance")))
         out = ctx.path("memory", name.replace(" ", "_") + "-out")
         flags = trainer_flags(model, instance, out, mode, res, batch, ckpt)
+        if processes > 1:  # 4 sample images: every process needs a whole micro batch of its own
+            flags += ["--repeats", str(processes)]
         ctx.log(f"memory: {name}")
         try:
             measured = measure(ctx, name, SCRIPTS[mode], flags, processes)
