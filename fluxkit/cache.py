@@ -42,7 +42,7 @@ from .errors import UserError
 logger = logging.getLogger("fluxkit.cache")
 FORMAT = "v1"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
-SHARD_TARGET_BYTES = 256 * 2**20  # a shard is written when its entries reach this size,
+SHARD_TARGET_BYTES = 64 * 2**20   # a shard is written when its entries reach this size,
 SHARD_MAX_SECONDS = 60.0          # or when its first pending entry is this old (a crash loses at most that)
 FINGERPRINT_SAMPLE = 2**20
 LATENT_FIELDS = ("mean", "logvar")
