@@ -480,7 +480,8 @@ def main(argv=None) -> int:
 def _fill_command(argv=None) -> int:
     import json
 
-    from .data import DreamBoothDataset, list_images
+    from .data import DreamBoothDataset
+    from .scan import list_images
     from .device import check_mixed_precision, detect, torch_dtype
     from .loss import encode_prompts, latent_moments
     from .models import load_models, resolve_model_dir

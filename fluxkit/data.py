@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .scan import scan_dataset
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INTERPOLATION_MODES = ("lanczos", "bilinear", "bicubic", "nearest", "box", "hamming")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -151,16 +151,6 @@ def apply_placement(image, p: Placement, interpolation: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def list_images(folder: str, flag: str) -> list[str]:
-    if not folder or not os.path.isdir(folder):
-        raise UserError(f"{flag} {folder!r} does not exist or is not a directory; point it at a folder of images")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
-    if not files:
-        raise UserError(f"{flag} {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or fix the path")
-    return files
-
-
 # ------------------------------------------------------------------------------------ the dataset
 
 class DreamBoothDataset(torch.utils.data.Dataset):
@@ -172,8 +162,6 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, args, class_images: list[str] | None = None, seed: int = 0, scan=None):
-        from .scan import scan_dataset
-
         self.scan = scan if scan is not None else scan_dataset(args, world_size=1, class_images=class_images, quiet=True)
         self.seed = seed
         self.center_crop, self.random_flip = bool(args.center_crop), bool(args.random_flip)

@@ -13,7 +13,7 @@ import torch
 
 from . import fsio
 from .checkpoints import complete_checkpoints
-from .data import IMAGE_EXTENSIONS, list_images
+from .scan import IMAGE_EXTENSIONS, list_images
 from .device import torch_dtype
 from .environment import hf_offline
 from .errors import UserError

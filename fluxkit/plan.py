@@ -247,7 +247,7 @@ def _dtype_bytes(mixed_precision: str | None) -> int:
 
 def _count_images(args) -> int | None:
     """Training images per epoch (before --repeats), when the plan can see them."""
-    from .data import IMAGE_EXTENSIONS
+    from .scan import IMAGE_EXTENSIONS
 
     folder = getattr(args, "instance_data_dir", None)
     if folder and os.path.isdir(folder) and not getattr(args, "dataset_name", None):

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, list_images
 from .errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 logger = logging.getLogger("fluxkit.scan")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -83,6 +84,16 @@ class DatasetScan:
         for s in self.skipped:
             lines.append(f"  skipped unreadable image {s}")
         return "\n".join(lines)
+
+
+def list_images(folder: str, flag: str) -> list[str]:
+    if not folder or not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder!r} does not exist or is not a directory; point it at a folder of images")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    if not files:
+        raise UserError(f"{flag} {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or fix the path")
+    return files
 
 
 def _top(counter: Counter, n: int = 5) -> str:
