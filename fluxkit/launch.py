@@ -765,6 +765,8 @@ def plan_text(req: Request, plan: Plan) -> str:
 
 # ---------------------------------------------------------------------------------- the console
 
+# a tqdm bar: "desc:  33%|###   | 10/30 [00:04<00:06,  3.22it/s, loss=1.4]", then whatever followed it
+_BAR = re.compile(r"^(.*?\[\d+:\d+(<[\d:?]+)?,[^\]]*\])(.*)$")
 # torch elastic's own log lines (glog style): "W1130 00:01:02.345000 1234 torch/distributed/elastic/...] ..."
 _ELASTIC_LOG = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/(elastic|run)")
 # what the launcher process prints when a worker failed or a signal arrived: a consequence, never the cause
@@ -898,16 +900,26 @@ class Run:
         if log:
             log.write(text)
             log.flush()
-        # progress bars redraw with \r: those segments pass straight through
+        # progress bars redraw with \r and pass straight through; a line printed right after a bar
+        # (another rank's message, a log line) is split off and judged like any other line
         for segment in re.split(r"(?<=\n)", text):
             if not segment:
                 continue
-            if "\r" in segment.rstrip("\n") or not segment.endswith("\n"):
+            if not segment.endswith("\n"):  # a bar being redrawn
                 out.write(segment)
-                if segment.endswith("\n"):
-                    self.filter.last_blank = True
                 continue
-            for line in self.filter.feed(segment[:-1]):
+            body = segment[:-1]
+            head, cr, last = body.rpartition("\r")
+            bar = _BAR.match(last)
+            if cr or bar:
+                rest = bar.group(3) if bar else ""
+                if not rest.strip():
+                    out.write(segment)
+                    self.filter.last_blank = True
+                    continue
+                out.write(head + cr + bar.group(1) + "\n")
+                body = rest
+            for line in self.filter.feed(body):
                 out.write(line + "\n")
         out.flush()
 
