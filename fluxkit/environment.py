@@ -17,6 +17,8 @@ _FALSE = ("0", "false", "no", "off", "n", "")
 # A hub id is exactly ORG/NAME; anything else that is not on disk is a mistyped path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# The toolkit's folder: the entry scripts, configs and the fluxkit package live here.
+TOOLKIT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE_INDEX = "model_index.json"
 # Components whose folders hold weights (the others hold configs and vocabularies).
 _WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")

@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 
 from . import run_summary
-from .environment import free_port, hf_offline, is_hub_id, pipeline_folder_problem
+from .environment import TOOLKIT_ROOT, free_port, hf_offline, is_hub_id, pipeline_folder_problem
 from .errors import EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
+from .run_config import masked
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = TOOLKIT_ROOT
 ACCELERATE_CONFIG = "pretrain_bf16_accelerate_config.yaml"
 
 
@@ -109,7 +110,6 @@ LAUNCHER_ONLY = ("config_file", "num_processes", "num_machines", "machine_rank",
 # disagree with what DeepSpeed uses, so they go through the keys.
 OWNED_FLAGS = {"--gradient_accumulation_steps": "gradient_accumulation_steps", "--train_batch_size": "batch_size",
                "--mixed_precision": "mixed_precision", "--output_dir": "output_dir"}
-SECRET_FLAGS = ("hub_token",)
 
 KEY_HELP = {
     "model_name": "FLUX pipeline folder or hub id",
@@ -162,22 +162,6 @@ ASCEND_ENV = {
 
 # ------------------------------------------------------------------------------------- the keys
 
-def trainer_parser(lora: bool) -> argparse.ArgumentParser:
-    from .train_args import build_parser
-
-    return build_parser(lora)
-
-
-def trainer_flags(lora: bool) -> dict[str, argparse.Action]:
-    """The trainer's flags by name (without --): what a launcher key may be."""
-    flags = {}
-    for action in trainer_parser(lora)._actions:
-        for opt in action.option_strings:
-            if opt.startswith("--") and opt != "--help":
-                flags[opt[2:]] = action
-    return flags
-
-
 def _is_switch(action: argparse.Action) -> bool:
     return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
 
@@ -199,6 +183,8 @@ class Request:
 
 
 def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
+    from .train_args import trainer_flags  # deferred (imports torch): --help and key errors stay fast
+
     flags = trainer_flags(spec.kind == "lora")
     known = set(spec.keys) | set(COMMON_KEYS) | {k for k in flags if k not in KEY_OF_FLAG} | set(KEY_OF_FLAG)
     known -= {"local_rank"}
@@ -644,6 +630,8 @@ def cores() -> int:
 def trainer_arguments(req: Request, device_type: str, per_machine: int, external: bool) -> list[str]:
     """The trainer's arguments: every key that is a trainer flag, then the user's `--` arguments verbatim."""
     o = req.opts
+    from .train_args import trainer_flags
+
     flags = trainer_flags(req.spec.kind == "lora")
     values = {k: v for k, v in o.items() if k not in LAUNCHER_ONLY}
     if o.get("dataset_name"):
@@ -680,7 +668,9 @@ def trainer_arguments(req: Request, device_type: str, per_machine: int, external
 
 def trainer_flags_given(extra: list[str], lora: bool) -> dict:
     """The trainer flags a list of trainer arguments sets, with their values (argparse's reading)."""
-    parser = trainer_parser(lora)
+    from .train_args import build_parser
+
+    parser = build_parser(lora)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
         action.required = False
@@ -731,24 +721,6 @@ def make_plan(req: Request, info, external: bool, script: str) -> Plan:
     targs = trainer_arguments(req, info.type, per_machine, external)
     command += ([os.path.join(ROOT, "patch_flux.py"), script] if external else [script]) + targs
     return Plan(info.type, info.count, int(o["num_processes"]), per_machine, env, command, targs)
-
-
-def masked(argv: list[str]) -> list[str]:
-    """argv with secrets (a hub token) replaced by ***: the plan is also written to the log."""
-    shown, hide = [], False
-    for arg in argv:
-        if hide:
-            shown.append("***")
-            hide = False
-            continue
-        flag, eq, _ = arg.partition("=")
-        secret = len(flag) > 6 and any(f"--{s}".startswith(flag) for s in SECRET_FLAGS)
-        if secret and eq:
-            shown.append(f"{flag}=***")
-        else:
-            shown.append(arg)
-            hide = secret
-    return shown
 
 
 def plan_text(req: Request, plan: Plan) -> str:
@@ -1002,7 +974,7 @@ def run(req: Request) -> int:
     print(text if req.verbose else "\n".join(text.splitlines()[:2]), flush=True)
     from .run_config import write_run_config
 
-    write_run_config(out, req, trainer_args, accelerate_config, plan)
+    write_run_config(out, req, trainer_args, accelerate_config, plan, KEY_OF_FLAG)
 
     status_file = os.path.join(logs, ".trainer_exit_status")
     with contextlib.suppress(FileNotFoundError):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from .environment import TOOLKIT_ROOT as ROOT
 from .fsio import atomic_write_json
 
 RUN_CONFIG = "run_config.json"
@@ -57,6 +58,24 @@ def toolkit_commit(root: str) -> str | None:
         return None
 
 
+def masked(argv: list[str]) -> list[str]:
+    """argv with secrets (a hub token) replaced by ***: the plan is also written to the log."""
+    shown, hide = [], False
+    for arg in argv:
+        if hide:
+            shown.append("***")
+            hide = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        secret = len(flag) > 6 and any(f"--{s}".startswith(flag) for s in SECRETS)
+        if secret and eq:
+            shown.append(f"{flag}=***")
+        else:
+            shown.append(arg)
+            hide = secret
+    return shown
+
+
 def settings(opts: dict, trainer_args, flags: set, key_of_flag: dict, given: set) -> dict:
     """Launcher keys and trainer flags (`flags`: the trainer parser's) with the values the run used
     (the trainer's reading wins)."""
@@ -69,15 +88,15 @@ def settings(opts: dict, trainer_args, flags: set, key_of_flag: dict, given: set
     return out
 
 
-def write_run_config(output_dir: str, req, trainer_args, accelerate_config: dict, plan) -> str:
-    from .launch import KEY_OF_FLAG, ROOT, masked, trainer_flags
+def write_run_config(output_dir: str, req, trainer_args, accelerate_config: dict, plan, key_of_flag: dict) -> str:
+    from .train_args import trainer_flags  # deferred: it imports torch
 
     flags = {a.dest for a in trainer_flags(req.spec.kind == "lora").values()}
 
     record = {
         "launcher": req.prog,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": settings(req.opts, trainer_args, flags, KEY_OF_FLAG, req.given),
+        "settings": settings(req.opts, trainer_args, flags, key_of_flag, req.given),
         "trainer": plan.command[len(plan.command) - len(plan.trainer_args) - 1],
         "trainer_args": masked(plan.trainer_args),
         "accelerate_config": accelerate_config,
@@ -94,7 +113,7 @@ def write_trainer_run_config(args, accelerator) -> str:
     """run_config.json of a trainer started without a launcher: its flags and accelerate's state."""
     import json
 
-    from .launch import ROOT, masked, trainer_flags
+    from .train_args import trainer_flags  # deferred: it imports torch
 
     flags = {a.dest for a in trainer_flags(args.lora).values()}
     state = accelerator.state

@@ -145,6 +145,16 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     return p
 
 
+def trainer_flags(lora: bool) -> dict[str, argparse.Action]:
+    """The trainer's flags by name (without --): what a launcher key may be."""
+    flags = {}
+    for action in build_parser(lora)._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt != "--help":
+                flags[opt[2:]] = action
+    return flags
+
+
 def _bool(value: str) -> bool:
     v = str(value).lower()
     if v in ("1", "true", "yes", "y"):
