@@ -375,14 +375,19 @@ def fill(cache: Cache, dataset, prompts: list[str], encode_image, encode_text, r
     started = time.perf_counter()
     for attempt in ("share", "local"):
         latents, texts = cache.missing_latents(), cache.missing_prompts(prompts)
-        if attempt == "local":
-            if not latents and not texts:
-                break
+        if attempt == "share":
+            latents, texts = latents[rank::world], texts[rank::world]
+            if barrier is not None:
+                # every process has taken its share of the same missing list before anyone writes a
+                # shard: a process that looked later would see a shorter list, and its shares would
+                # no longer partition the work (some entries nobody's, others twice)
+                barrier()
+        elif latents or texts:
             logger.warning("cache folder %s is not shared with every process (%d latents and %d prompts encoded "
                            "elsewhere are not visible here): this machine encodes them itself",
                            cache.root, len(latents), len(texts))
-        else:
-            latents, texts = latents[rank::world], texts[rank::world]
+        # every process reaches every barrier, with or without work of its own: one that skipped a
+        # barrier would leave the others waiting for it forever
         _fill_share(cache, dataset, latents, texts, encode_image, encode_text, num_workers, show)
         if barrier is not None:
             barrier()

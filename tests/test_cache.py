@@ -128,3 +128,76 @@ def test_another_model_never_reads_this_cache(tmp_path, encoders, tiny_flux):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_flux, copy)  # the same model elsewhere is the same model
     assert fcache.vae_identity(str(copy), torch.float32) == fcache.vae_identity(tiny_flux, torch.float32)
+
+
+def test_fill_shares_partition_the_work_however_late_a_process_looks(tmp_path):
+    """Two processes (threads here, with a real barrier and one shared cache folder) fill the cache;
+    the second one looks at the folder late, after the first could have written its share. Every
+    prompt must still be encoded exactly once across both: shares come from one common view."""
+    import threading
+    import time
+
+    import torch
+
+    from fluxkit.cache import Cache, fill
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    barrier = threading.Barrier(2, timeout=20)
+    encoded = {0: [], 1: []}
+    results = {}
+
+    def process(rank):
+        if rank == 1:
+            time.sleep(1.0)  # a slow process: starts (and reads the folder) after rank 0 could have written
+        cache = Cache(str(tmp_path / "cache"), vae_id="v", text_id="t", max_sequence_length=8)
+
+        def encode_text(batch):
+            encoded[rank].extend(batch)
+            return torch.ones(len(batch), 3, 4), torch.ones(len(batch), 5)
+
+        results[rank] = fill(cache, None, prompts, encode_image=None, encode_text=encode_text, rank=rank, world=2,
+                             barrier=barrier.wait, show=False)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1], "a process failed (a barrier one process skipped, or an error)"
+    assert sorted(encoded[0] + encoded[1]) == sorted(prompts), encoded  # each once, none twice, none missed
+    assert len(encoded[0]) == len(encoded[1]) == 3, encoded  # each its half: no local catch-up pass
+
+
+def test_unshared_cache_folders_fill_locally_without_a_hang(tmp_path, caplog):
+    """Processes whose cache folders differ (machines without a shared filesystem): one already holds
+    everything, the other nothing. The second encodes what it cannot see, says so, and neither waits
+    for the other at a barrier it never reaches."""
+    import threading
+
+    import torch
+
+    from fluxkit.cache import Cache, fill
+
+    prompts = [f"prompt {i}" for i in range(6)]
+
+    def encode_text(batch):
+        return torch.ones(len(batch), 3, 4), torch.ones(len(batch), 5)
+
+    full = Cache(str(tmp_path / "machine0"), vae_id="v", text_id="t", max_sequence_length=8)
+    fill(full, None, prompts, encode_image=None, encode_text=encode_text, show=False)
+    barrier = threading.Barrier(2, timeout=20)
+    results = {}
+
+    def process(rank):
+        cache = Cache(str(tmp_path / f"machine{rank}"), vae_id="v", text_id="t", max_sequence_length=8)
+        results[rank] = fill(cache, None, prompts, encode_image=None, encode_text=encode_text, rank=rank, world=2,
+                             barrier=barrier.wait, show=False)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1], "a process failed: waiting at a barrier the other never reached"
+    assert results[0]["text"] == 0 and results[1]["text"] == 6
+    assert any("is not shared with every process" in r.getMessage() for r in caplog.records)
