@@ -745,13 +745,16 @@ _ELASTIC_LOG = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/(elast
 _LAUNCHER_EXCEPTIONS = ("torch.distributed.elastic.multiprocessing.api.SignalException",
                         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError",
                         "subprocess.CalledProcessError", "KeyboardInterrupt")
+# Named messages libraries print bare (no logger, no warning to filter at their source) that tell a
+# user nothing: DeepSpeed announces its CPU shared-memory op from every process of every run.
+_KNOWN_NOISE = ("deepspeed_shm_comm_op built successfully",)
 
 
 class ConsoleFilter:
     """What of a run's output reaches the console (the log gets everything).
 
     Dropped: torch elastic's tracebacks and failure report for a worker that already said why
-    (SignalException, ChildFailedError) and its log lines, a line already shown (the same message
+    (SignalException, ChildFailedError) and its log lines, the bare prints in _KNOWN_NOISE, a line already shown (the same message
     from another rank), and repeated blank lines. Every other line, errors and real tracebacks
     included, is shown. With verbose, nothing is dropped.
     """
@@ -784,7 +787,7 @@ class ConsoleFilter:
                                                                                     "The above exception was")):
             self.block = [line]
             return []
-        if _ELASTIC_LOG.match(line):
+        if _ELASTIC_LOG.match(line) or any(n in line for n in _KNOWN_NOISE):
             return []
         shown = self._show(line)
         return [] if shown is None else [shown]
@@ -1038,13 +1041,12 @@ def demo_infer(req: Request, plan: Plan, device_type: str) -> None:
         infer(LORA, ["--model_path", o["model_name"], "--lora_weights", out] + args)
     else:
         infer(DREAMBOOTH, ["--model_path", out] + args)
-    print("demo: done.")
     if req.spec.kind == "lora":
-        print(f"  LoRA weights : {out}/pytorch_lora_weights.safetensors (base model: {o['model_name']})")
+        print(f"demo: done. LoRA weights : {out}/pytorch_lora_weights.safetensors (base model: {o['model_name']})")
     else:
-        print(f"  weights      : {out} (a complete FLUX pipeline folder)")
-    print(f"  images       : {images}")
-    print(f"  training log : {plan.log}", flush=True)
+        print(f"demo: done. weights      : {out} (a complete FLUX pipeline folder)")
+    print(f"            images       : {images}")
+    print(f"            training log : {plan.log}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -75,9 +75,9 @@ class DatasetScan:
         modes = Counter(s.mode for s in self.samples)
         captions = Counter(s.caption_source for s in self.samples)
         lines = [f"data: {len(self.samples)} image(s) from {self.origin}; repeats {self.repeats} -> "
-                 f"{self.num_samples} sample(s)" + (f"; {len(self.class_samples)} class image(s)" if self.class_samples else "")]
-        lines.append("  sizes: " + _top(sizes) + f"; modes: {_top(modes)}")
-        lines.append("  captions: " + ", ".join(f"{n} from {src}" for src, n in captions.most_common()))
+                 f"{self.num_samples} sample(s)" + (f"; {len(self.class_samples)} class image(s)" if self.class_samples else "")
+                 + "; sizes " + _top(sizes) + f"; modes {_top(modes)}; captions "
+                 + ", ".join(f"{n} from {src}" for src, n in captions.most_common())]
         if self.buckets:
             used = Counter(f"{self.buckets[b][0]}x{self.buckets[b][1]}" for b in self.sample_bucket)
             lines.append(f"  buckets: {len(used)} used of {len(self.buckets)}: " + _top(used, 8))
