@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from fluxkit.environment import process_rank
+
 
 def anonymous_rss() -> int:
     """Resident anonymous memory (Linux RssAnon): the process's data, without the shared
@@ -150,7 +152,7 @@ def main(argv: list[str]) -> int:
         rc = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     sampler.stopped.set()
     sampler.sample()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     with open(f"{out_prefix}.rank{rank}.json", "w") as f:
         json.dump({"baseline_bytes": baseline, "loop_peak_bytes": sampler.loop_peak, "run_peak_bytes": sampler.run_peak, "before_prepare_bytes": getattr(sampler, "before_prepare", 0),
                    "rc": rc, "rank": rank, "rss_after_steps": steps}, f)

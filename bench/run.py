@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `fluxki
 
 from bench import harness  # noqa: E402
 from bench.suites import DEFAULT_SUITES, SUITES  # noqa: E402
+from fluxkit.environment import pipeline_folder_problem  # noqa: E402
 from fluxkit.errors import UserError, cli  # noqa: E402
 
 
@@ -60,8 +61,9 @@ def parse_args(argv=None):
             raise UserError(f"--{flag} must be at least 1")
     if args.train_steps <= args.warmup_steps:
         raise UserError(f"--train_steps {args.train_steps} leaves no measured step after --warmup_steps {args.warmup_steps}; raise it")
-    if args.model_path and not os.path.isfile(os.path.join(args.model_path, "model_index.json")):
-        raise UserError(f"--model_path {args.model_path!r} is not a FLUX pipeline folder (no model_index.json); "
+    problem = args.model_path and pipeline_folder_problem(args.model_path)
+    if problem:
+        raise UserError(f"--model_path {args.model_path!r} {problem}; "
                         "build one with `python make_tiny_flux.py --preset small --output_dir DIR`")
     args.suites = args.suites or list(DEFAULT_SUITES)
     return args

@@ -30,7 +30,7 @@ from . import checkpoints, fsio, offload, outputs, plan, quiet, zero3
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
-from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize
+from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize, torch_dtype
 from .errors import UserError
 from .loss import flow_matching_loss
 from .models import Models, Trainables, build_optimizer, load_models, resolve_model_dir, setup_trainables
@@ -113,7 +113,7 @@ def setup(args) -> Run:
     latent_cache.check_cache_dir(args)  # the default one, beside the output folder just proven writable
     if accelerator.is_main_process:  # before anything loads: what this run should take per device
         logger.info(plan.startup_line(args, model_dir, accelerator.num_processes, zero3.zero_stage(accelerator), info))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = torch_dtype(accelerator.mixed_precision)  # frozen weights and activations: the compute dtype
     models, trainables, dataset, cache, class_images = prepare_models(args, accelerator, info, model_dir, weight_dtype, scan)
     loader = build_data(args, dataset, accelerator.num_processes)
     world = accelerator.num_processes
