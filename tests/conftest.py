@@ -106,3 +106,15 @@ def run_entry_inprocess(script, args):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main(args)
+
+
+def count_rows(monkeypatch, counts, cls, method, key):
+    """Count in counts[key] the rows (the first argument's batch size) every call of cls.method sees;
+    the real method still runs."""
+    original = getattr(cls, method)
+
+    def wrapper(self, x, *args, **kwargs):
+        counts[key] += x.shape[0]
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, wrapper)

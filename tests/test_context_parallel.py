@@ -17,37 +17,13 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, accelerate_launch, run_script
+# the in-process runner, its state reset and the small readers are test_inference's
+from test_inference import FAST, PROMPTS, _fresh_process_state, infer, pixels, pngs  # noqa: F401
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
 
 DISTRIB = os.path.join(ROOT, "infer_flux_text2img_distrib.py")
 RECORDED = os.path.join(ROOT, "tests", "scripts", "infer_recorded.py")
-FAST = ["--height", "32", "--width", "32", "--num_inference_steps", "2", "--dtype", "fp32"]
-PROMPTS = ["a photo of sks dog", "a blue square on a gray background"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_process_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def infer(defaults, argv):
-    from fluxkit import infer_args, inference
-    from fluxkit.errors import cli
-
-    return cli(inference.main)(getattr(infer_args, defaults), [str(a) for a in argv])
-
-
-def pngs(folder):
-    return sorted(n for n in os.listdir(folder) if n.endswith(".png"))
-
-
-def pixels(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
 def max_diff(a, b):

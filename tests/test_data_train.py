@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, run_entry_inprocess as train_inprocess, run_script, with_faults
+from conftest import ROOT, accelerate_launch, count_rows, run_entry_inprocess as train_inprocess, run_script, with_faults
 from test_reliability import (KILL_AT_STEP, LORA, SIGKILLED, assert_bit_identical, listing, steps_and_losses,
                               train_args, weights)
 
@@ -43,15 +43,6 @@ def encoder_use(monkeypatch):
 
     counts = Counter()
 
-    def counting(cls, method, key):
-        original = getattr(cls, method)
-
-        def wrapper(self, x, *args, **kwargs):
-            counts[key] += x.shape[0]
-            return original(self, x, *args, **kwargs)
-
-        monkeypatch.setattr(cls, method, wrapper)
-
     def counting_loads(cls, key):
         original = cls.from_pretrained.__func__
 
@@ -61,8 +52,8 @@ def encoder_use(monkeypatch):
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(from_pretrained))
 
-    counting(AutoencoderKL, "encode", "images")
-    counting(T5EncoderModel, "forward", "prompts")
+    count_rows(monkeypatch, counts, AutoencoderKL, "encode", "images")
+    count_rows(monkeypatch, counts, T5EncoderModel, "forward", "prompts")
     counting_loads(T5EncoderModel, "t5 loads")
     counting_loads(CLIPTextModel, "clip loads")
     return counts

@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_entry_inprocess as train_inprocess, run_script
+from conftest import ROOT, count_rows, run_entry_inprocess as train_inprocess, run_script
 from test_reliability import (KILL_AT_STEP, LORA, SIGKILLED, assert_bit_identical, listing, log_lines,
                               steps_and_losses, train_args, train_subprocess, weights)
 
@@ -78,17 +78,8 @@ def encode_counts(monkeypatch):
 
     counts = Counter()
 
-    def counting(cls, method, key):
-        original = getattr(cls, method)
-
-        def wrapper(self, x, *args, **kwargs):
-            counts[key] += x.shape[0]
-            return original(self, x, *args, **kwargs)
-
-        monkeypatch.setattr(cls, method, wrapper)
-
-    counting(AutoencoderKL, "encode", "images")
-    counting(T5EncoderModel, "forward", "prompts")
+    count_rows(monkeypatch, counts, AutoencoderKL, "encode", "images")
+    count_rows(monkeypatch, counts, T5EncoderModel, "forward", "prompts")
     return counts
 
 
