@@ -67,6 +67,7 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
     from diffusers import FluxPipeline
     from diffusers.utils import make_image_grid
     from PIL import Image
+    from tqdm.auto import tqdm
 
     pipe = FluxPipeline(scheduler=m.scheduler, vae=m.vae, text_encoder=unwrap_model(text_encoder) if text_encoder is not None else m.text_encoder,
                         tokenizer=m.tokenizer, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2,
@@ -76,7 +77,8 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
     pipe.transformer.eval()
     images = []
     with torch.no_grad(), accelerator.autocast(), encoders_visiting(args, m, accelerator.device):
-        for i in range(args.num_validation_images):
+        for i in tqdm(range(args.num_validation_images), desc=f"validation ({tag})", unit="image",
+                      disable=not accelerator.is_local_main_process):
             g = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
             text = dict(prompt=args.validation_prompt) if prompt_embeds is None else dict(
                 prompt_embeds=prompt_embeds[0].to(weight_dtype), pooled_prompt_embeds=prompt_embeds[1].to(weight_dtype))
@@ -127,12 +129,14 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -
         dtype = torch.float32 if args.upcast_before_saving else weight_dtype
         save_lora_gathered(args.output_dir, main, transformer, text_encoder, dtype)
         return
+    from tqdm.auto import tqdm
+
     # Full fine-tune: a complete pipeline folder; untouched components are copied from the base model.
     # Each component is staged and published, so a failure never leaves half a component.
     trained = {"transformer": unwrap_model(transformer)}
     if text_encoder is not None:
         trained["text_encoder"] = unwrap_model(text_encoder)
-    for name in PIPELINE_COMPONENTS:
+    for name in tqdm(PIPELINE_COMPONENTS, desc="saving the pipeline", unit="component", disable=not main):
         if not main:
             if name in trained:  # take part in the ZeRO-3 gather; rank 0 writes
                 save_pretrained_gathered(trained[name], None, main=False)
