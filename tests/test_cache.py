@@ -158,11 +158,7 @@ def test_fill_shares_partition_the_work_however_late_a_process_looks(tmp_path):
         results[rank] = fill(cache, None, prompts, encode_image=None, encode_text=encode_text, rank=rank, world=2,
                              barrier=barrier.wait, show=False)
 
-    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    _as_two_processes(process)
     assert sorted(results) == [0, 1], "a process failed (a barrier one process skipped, or an error)"
     assert sorted(encoded[0] + encoded[1]) == sorted(prompts), encoded  # each once, none twice, none missed
     assert len(encoded[0]) == len(encoded[1]) == 3, encoded  # each its half: no local catch-up pass
@@ -193,11 +189,18 @@ def test_unshared_cache_folders_fill_locally_without_a_hang(tmp_path, caplog):
         results[rank] = fill(cache, None, prompts, encode_image=None, encode_text=encode_text, rank=rank, world=2,
                              barrier=barrier.wait, show=False)
 
-    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    _as_two_processes(process)
+    assert sorted(results) == [0, 1], "a process failed: waiting at a barrier the other never reached"
+    assert results[0]["text"] == 0 and results[1]["text"] == 6
+    assert any("is not shared with every process" in r.getMessage() for r in caplog.records)
+
+
+def _as_two_processes(process):
+    """process(0) and process(1) side by side, as two threads (a barrier between them is real)."""
+    import threading
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert sorted(results) == [0, 1], "a process failed: waiting at a barrier the other never reached"
-    assert results[0]["text"] == 0 and results[1]["text"] == 6
-    assert any("is not shared with every process" in r.getMessage() for r in caplog.records)
