@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, accelerate_launch, count_rows, run_entry_inprocess as train_inprocess, run_script, with_faults
-from test_reliability import (KILL_AT_STEP, LORA, SIGKILLED, assert_bit_identical, listing, steps_and_losses,
-                              train_args, weights)
+from test_reliability import (LORA, SIGKILLED, assert_killed_at_step_3_resumes_bit_identical, steps_and_losses,
+                              train_args)
 
 
 def losses(out):
@@ -179,13 +179,7 @@ def test_buckets_under_deepspeed_two_processes_kill_resume_bit_identical(tiny_fl
     proc = launch(reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "buckets: 5 used" in proc.stderr
-    out = tmp_path / "crashed"
-    proc = launch(out, env={KILL_AT_STEP: "3"}, resume_from_checkpoint="latest")
-    assert proc.returncode != 0 and listing(out) == ["checkpoint-2"], proc.stderr[-3000:]
-    proc = launch(out, resume_from_checkpoint="latest")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert steps_and_losses(out) == steps_and_losses(reference)
-    assert_bit_identical(weights(out, LORA), weights(reference, LORA))
+    assert_killed_at_step_3_resumes_bit_identical(launch, tmp_path / "crashed", reference)
 
 
 # ----------------------------------------------------------------------------- bad input

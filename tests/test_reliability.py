@@ -133,6 +133,17 @@ def test_sigkill_chain_resumes_bit_identical(tiny_flux, sample_data, tmp_path, s
 
 
 @pytest.mark.slow
+def assert_killed_at_step_3_resumes_bit_identical(launch, out, reference):
+    """launch(out, env, **flags) SIGKILLed after step 3 leaves checkpoint-2 only; rerun with
+    --resume_from_checkpoint latest, it ends with the uninterrupted reference's losses and weights."""
+    proc = launch(out, env={KILL_AT_STEP: "3"}, resume_from_checkpoint="latest")
+    assert proc.returncode != 0 and listing(out) == ["checkpoint-2"], proc.stderr[-3000:]
+    proc = launch(out, resume_from_checkpoint="latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert steps_and_losses(out) == steps_and_losses(reference)
+    assert_bit_identical(weights(out, LORA), weights(reference, LORA))
+
+
 def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path):
     """ZeRO-2 bf16 on 2 processes: killed at step 3 (checkpoint-2 on disk), resumed, equals the uninterrupted run."""
     def launch(out, env=None, **extra):
@@ -143,13 +154,7 @@ def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path)
     reference = tmp_path / "uninterrupted"
     proc = launch(reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "crashed"
-    proc = launch(out, env={KILL_AT_STEP: "3"}, resume_from_checkpoint="latest")
-    assert proc.returncode != 0 and listing(out) == ["checkpoint-2"], proc.stderr[-3000:]
-    proc = launch(out, resume_from_checkpoint="latest")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert steps_and_losses(out) == steps_and_losses(reference)
-    assert_bit_identical(weights(out, LORA), weights(reference, LORA))
+    assert_killed_at_step_3_resumes_bit_identical(launch, tmp_path / "crashed", reference)
 
 
 def test_checkpoint_limit_counts_only_complete_checkpoints(tmp_path):
