@@ -525,6 +525,28 @@ def validate_trainer_args(argv: list[str], lora: bool):
         raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
 
 
+def check_memory(trainer_args, plan: Plan, info, accelerate_config: dict, refuse: bool):
+    """The memory plan of the run about to start (fluxkit.plan.check_fits): (plan or None, its line).
+    Raises UserError when it cannot fit and refuse is set (not --dry_run, no --ignore_memory_plan)."""
+    from .plan import check_fits
+
+    zero = 0
+    if accelerate_config.get("distributed_type") == "DEEPSPEED":
+        ds_json = accelerate_config.get("deepspeed_config_file_contents")
+        if ds_json is not None:
+            zero = (ds_json.get("zero_optimization") or {}).get("stage", 0)
+        else:
+            zero = (accelerate_config.get("deepspeed_config") or {}).get("zero_stage", 0)
+        zero = int(zero) if str(zero).isdigit() else 0
+    memory, line = check_fits(trainer_args, plan.processes, zero, info, processes_per_host=plan.per_machine,
+                              ignore=None if refuse else True)
+    if not refuse and memory is not None and memory.fits is False and not trainer_args.ignore_memory_plan:
+        from .plan import remedies
+
+        line = f"{memory.one_line()}; the run would be refused; to fit: {remedies(memory, trainer_args)}"
+    return memory, line
+
+
 def check_output_dir(path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"output_dir {path!r} is a file; pass --output_dir=PATH to a folder")
@@ -542,6 +564,7 @@ class Plan:
     command: list
     trainer_args: list
     log: str = ""
+    memory: tuple | None = None  # (fluxkit.plan.Plan or None, its line), for our own trainers
 
 
 def demo_cache() -> str:
@@ -732,6 +755,9 @@ def plan_text(req: Request, plan: Plan) -> str:
              "environment:"]
     lines += [f"  {k}={shlex.quote(v)}" for k, v in plan.env.items()]
     lines += ["command:", "  " + shlex.join(masked(plan.command))]
+    if plan.memory is not None:  # per device, before anything loads (python -m fluxkit.plan tells the same)
+        memory, line = plan.memory
+        lines += ["memory plan per device:"] + ([memory.table()] if memory is not None else []) + [line]
     return "\n".join(lines)
 
 
@@ -955,9 +981,14 @@ def run(req: Request) -> int:
 
             checkpoints.check_run_folder(trainer_args, plan.processes)
 
+    if trainer_args is not None:  # refuses a run that cannot fit, in one line, before anything is written
+        plan.memory = check_memory(trainer_args, plan, info, accelerate_config, refuse=not req.dry_run)
+
     if req.dry_run:
         print(plan_text(req, plan))
         return 0
+    if plan.memory is not None and plan.memory[0] is not None and plan.memory[0].fits is False:
+        print(f"{req.prog}: warning: {plan.memory[1]}", file=sys.stderr, flush=True)
 
     out = o["output_dir"]
     if trainer_args is not None and trainer_args.overwrite_output_dir:

@@ -57,6 +57,9 @@ DEEPSPEED_STAGE3_LIVE = int(1e9)  # stage3_max_live_parameters default: gathered
 QUANTIZATIONS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
 HUB_DEV_IDS = ("black-forest-labs/FLUX.1-dev",)
+# read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
+ARCHITECTURE_MEMO_ENV = "FLUXKIT_PLAN_MEMO"
+MEMO_SCHEMA = 1  # bump when Architecture's fields change
 # On a CPU device the process's first training steps leave lasting allocations of the runtime
 # itself, which do not grow with batch or resolution: oneDNN's kernel cache (JIT code per op
 # and shape; ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 halves the total) and small-block heap
@@ -141,12 +144,58 @@ def component_configs(model: str, architecture: str | None = None) -> tuple[dict
 
 
 def read_architecture(model: str, architecture: str | None = None) -> Architecture:
-    """Count every component's parameters on the meta device (nothing is allocated)."""
+    """Count every component's parameters on the meta device (nothing is allocated).
+
+    Importing diffusers and transformers takes seconds, longer than the count itself, and the
+    launchers plan every run (--dry_run too) before they start anything: the counts are kept in
+    a small memo file per set of configs and library versions (ARCHITECTURE_MEMO), so only the
+    first plan of a model pays for the imports."""
+    configs, source = component_configs(model, architecture)
+    memo = _memo_path(configs)
+    if memo:
+        try:
+            with open(memo) as f:
+                data = json.load(f)
+            for shapes in ("linear_shapes", "clip_linear_shapes"):
+                data[shapes] = [tuple(s) for s in data[shapes]]
+            return Architecture(**{**data, "source": source})
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # not there yet, or unreadable: count again
+    arch = _count_architecture(configs, source)
+    if memo:
+        try:
+            from .fsio import atomic_write_json
+
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            atomic_write_json(memo, asdict(arch), indent=None)
+        except OSError:
+            pass  # a read-only home: the plan still works, only slower
+    return arch
+
+
+def _memo_path(configs: dict) -> str | None:
+    """Where the counts for these configs are memoised: keyed by the configs and by the versions
+    of the libraries that build the modules (a new version may add or drop parameters)."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get(ARCHITECTURE_MEMO_ENV) == "off":
+        return None
+    try:
+        versions = [version(lib) for lib in ("diffusers", "transformers", "torch")]
+    except PackageNotFoundError:
+        return None
+    key = json.dumps([MEMO_SCHEMA, versions, configs], sort_keys=True, default=str)
+    base = os.environ.get(ARCHITECTURE_MEMO_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fluxkit", "plan")
+    return os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
+def _count_architecture(configs: dict, source: str) -> Architecture:
     import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    configs, source = component_configs(model, architecture)
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     with torch.device("meta"):
         models = {
@@ -431,34 +480,70 @@ def device_memory_bytes(device_info, processes_per_host: int = 1) -> int | None:
         return None
 
 
-def startup_line(args, model_dir: str, world_size: int, zero_stage: int, device_info) -> str:
-    """The one line the trainer logs as a run starts; never stops a run (the plan is advice)."""
+def launched_zero_stage() -> int:
+    """The ZeRO stage `accelerate launch` set up for this process (0 without DeepSpeed), read from the
+    environment it exports, so a trainer can plan before its Accelerator exists."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
+        return 0
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # a DeepSpeed JSON holds the stage instead
     try:
-        processes_here = world_size if device_info.type == "cpu" else 1
-        memory = device_memory_bytes(device_info, processes_here)
-        return plan_memory(args, world_size, zero_stage, device_info.type, memory,
-                           read_architecture(model_dir)).one_line()
-    except Exception as err:  # noqa: BLE001 - an unreadable config must not stop training
-        return f"memory plan: unavailable ({type(err).__name__}: {str(err)[:200]})"
+        with open(config) as f:
+            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+    except (TypeError, OSError, ValueError, AttributeError):
+        return 0
 
 
-def check_fits(args, world_size: int, zero_stage: int, device_info, device_memory_gb: float | None = None,
-               ignore: bool = False) -> Plan:
-    """The launcher's pre-flight: plan the run and refuse, in one line, one that cannot fit.
+def remedies(plan: Plan, args) -> str:
+    """What would shrink this run, most effective first, from the flags it was planned with."""
+    s = plan.summary
+    out = []
+    if not s["gradient_checkpointing"]:
+        out.append("add --gradient_checkpointing")
+    out.append("lower --train_batch_size or --resolution")
+    if s["run"] == "LoRA" and s["base_quantization"] == "none":
+        out.append("quantize the frozen base (--base_quantization nf4 or int8)")
+    if not getattr(args, "offload_encoders", False) and plan.device != "cpu":
+        out.append("keep the encoders in host memory (--offload_encoders)")
+    if s["run"] == "full" and plan.zero_stage != 3:
+        out.append("shard the weights over more processes with ZeRO-3 (pretrain_bf16_zero3_accelerate_config.yaml)")
+    return ", ".join(out)
 
-    args: the trainer's parsed flags (train_args.build_parser(lora).parse_args plus `.lora`);
-    world_size: processes in the run; zero_stage: 0 without DeepSpeed, else the config's stage;
-    device_info: fluxkit.device.DeviceInfo of the host; device_memory_gb overrides the detected
-    memory. Raises UserError when the plan exceeds the device's usable memory, unless `ignore`
-    (--ignore_memory_plan). Returns the Plan (print plan.one_line() or plan.table()).
+
+def check_fits(args, world_size: int, zero_stage: int, device_info, processes_per_host: int | None = None,
+               model_dir: str | None = None, ignore: bool | None = None) -> tuple[Plan | None, str]:
+    """The pre-flight of the launchers and the trainers: (the plan, the line to show for it).
+
+    args: the trainer's parsed flags (train_args.parse_args); world_size: processes in the run;
+    zero_stage: 0 without DeepSpeed, else its stage; device_info: fluxkit.device.DeviceInfo;
+    processes_per_host: processes on this machine (default world_size), which share a CPU host's
+    memory; model_dir: the pipeline folder to read (default args.pretrained_model_name_or_path).
+    The device's memory is args.device_memory_gb when given, else detected.
+
+    Raises UserError (one line: the plan's summary and what to change) when the plan exceeds the
+    device's usable memory, unless args.ignore_memory_plan (or `ignore`): then it comes back
+    (plan.fits is False: show the line as a warning). Anything else that keeps the plan from being made (an unreadable config, a hub id
+    with no local files, an unknown driver) never stops a run: the plan is advice, and the plan
+    comes back as None with a line that says why.
     """
-    processes_here = world_size if device_info.type == "cpu" else 1
-    memory = int(device_memory_gb * GiB) if device_memory_gb else device_memory_bytes(device_info, processes_here)
-    plan = plan_memory(args, world_size, zero_stage, device_info.type, memory)
-    if plan.fits is False and not ignore:
-        raise UserError(f"{plan.one_line()}; lower --train_batch_size or --resolution, add --gradient_checkpointing, "
-                        "use more processes with ZeRO, or a quantized base for LoRA; --ignore_memory_plan runs anyway")
-    return plan
+    ignore = getattr(args, "ignore_memory_plan", False) if ignore is None else ignore
+    stated = getattr(args, "device_memory_gb", None)
+    try:
+        if stated:
+            memory = int(stated * GiB)
+        else:
+            sharing = (processes_per_host or world_size) if device_info.type == "cpu" else 1
+            memory = device_memory_bytes(device_info, sharing)
+        arch = read_architecture(model_dir) if model_dir else None
+        plan = plan_memory(args, world_size, zero_stage, device_info.type, memory, arch)
+    except Exception as err:  # noqa: BLE001 - an unreadable config must not stop training
+        return None, f"memory plan: unavailable ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+    if plan.fits is False:
+        if not ignore:
+            raise UserError(f"{plan.one_line()}; to fit: {remedies(plan, args)}; or run anyway with --ignore_memory_plan")
+        return plan, f"{plan.one_line()}; going on anyway (--ignore_memory_plan)"
+    return plan, plan.one_line()
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -552,7 +637,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_processes", type=int, default=1, help="processes (devices) in the run")
     g.add_argument("--zero_stage", type=int, default=None,
                    help="DeepSpeed ZeRO stage (0 = no DeepSpeed); default 2 with several processes, else 0")
-    g.add_argument("--device_memory_gb", type=float, default=None, help="memory of one device in GiB (to judge the fit)")
     g.add_argument("--architecture", default=None, help="plan a tiny.py preset's architecture (dev = FLUX.1-dev) instead of the folder's")
     g.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     g.add_argument("--calibrate", action="store_true", help="measure the activation constants on this CPU and compare")

@@ -106,13 +106,13 @@ def train(args) -> dict:
 
 def setup(args) -> Run:
     started = time.perf_counter()
-    info, model_dir, resume_from = preflight(args)
+    info, model_dir, resume_from, memory = preflight(args)
     scan = scan_dataset(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before anything loads or is written
     latent_cache.check_cache_dir(args, given_only=True)
     accelerator = start_accelerator(args, info)
     latent_cache.check_cache_dir(args)  # the default one, beside the output folder just proven writable
     if accelerator.is_main_process:  # before anything loads: what this run should take per device
-        logger.info(plan.startup_line(args, model_dir, accelerator.num_processes, zero3.zero_stage(accelerator), info))
+        (logger.warning if memory[0] is not None and memory[0].fits is False else logger.info)(memory[1])
     weight_dtype = torch_dtype(accelerator.mixed_precision)  # frozen weights and activations: the compute dtype
     models, trainables, dataset, cache, class_images = prepare_models(args, accelerator, info, model_dir, weight_dtype, scan)
     loader = build_data(args, dataset, accelerator.num_processes)
@@ -149,7 +149,7 @@ def setup(args) -> Run:
 
 def preflight(args):
     """Everything that can be refused before anything heavy starts: (device info, model folder,
-    (checkpoint, state) to resume or None)."""
+    (checkpoint, state) to resume or None, (memory plan or None, its line))."""
     info = detect(args.device)
     check_mixed_precision(info, args.mixed_precision)
     if args.use_8bit_adam:
@@ -162,8 +162,13 @@ def preflight(args):
     if args.enable_npu_flash_attention and info.type != "npu":
         raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
     # the processes accelerate started (WORLD_SIZE), before the Accelerator exists
-    resume_from = checkpoints.check_run_folder(args, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    return info, model_dir, resume_from
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    resume_from = checkpoints.check_run_folder(args, world)
+    # the memory plan: a run that cannot fit the device is refused here, before any weights load,
+    # unless --ignore_memory_plan (the launchers check the same before they start the processes)
+    memory = plan.check_fits(args, world, plan.launched_zero_stage(), info,
+                             int(os.environ.get("LOCAL_WORLD_SIZE", world) or world), model_dir)
+    return info, model_dir, resume_from, memory
 
 
 def _require(module: str, message: str) -> None:

@@ -97,6 +97,11 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--no_cache", action="store_true", help="(ours) never cache latents or text embeddings (for comparisons)")
     g.add_argument("--offload_encoders", action="store_true",
                    help="(ours) keep the frozen text encoders and the VAE in host memory; they visit the device only while encoding")
+    g.add_argument("--ignore_memory_plan", action="store_true",
+                   help="(ours) start even when the memory plan (fluxkit.plan) says the run does not fit the device")
+    g.add_argument("--device_memory_gb", type=float, default=None,
+                   help="(ours) memory of one device in GiB for the memory plan's fit check (default: detected; on a "
+                        "CPU the host's RAM shared by its processes)")
     g.add_argument("--throughput_warmup_steps", type=int, default=2, help="(ours) optimizer steps left out of the throughput figures")
     g.add_argument("--log_every", type=int, default=100,
                    help="(ours) log throughput every N optimizer steps (the progress bar shows loss and lr every step)")
@@ -193,6 +198,8 @@ def validate(args) -> None:
     if args.train_text_encoder and args.text_encoder_lr <= 0:
         raise UserError(f"--text_encoder_lr {args.text_encoder_lr} must be positive")
     validate_data_flags(args)
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        raise UserError(f"--device_memory_gb {args.device_memory_gb} must be positive (GiB of one device)")
     if not 1 <= args.max_sequence_length <= 512:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and 512 (T5's limit)")
     if args.optimizer.lower() not in ("adamw", "prodigy"):

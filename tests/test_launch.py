@@ -337,3 +337,56 @@ def test_a_trainer_run_without_the_launcher_writes_run_config_too(tiny_flux, sam
     differ = {k for k in ran if ran[k] != replayed[k]} - {"output_dir", "hub_token", "device", "mixed_precision"}
     assert not differ, {k: (ran[k], replayed[k]) for k in differ}
     assert replayed["mixed_precision"] == record["accelerate_config"]["mixed_precision"] == "no"  # what the run used
+
+
+# ------------------------------------------------------------------ the memory plan (issue 15)
+
+def _tiny_keys(tiny_flux, sample_data, out, *more):
+    return [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--resolution=32",
+            "--batch_size=1", "--max_train_steps=1", "--checkpointing_steps=100", "--num_processes=1",
+            "--validation_prompt=", f"--output_dir={out}", "--report_to=none", *more]
+
+
+def test_a_run_that_does_not_fit_is_refused_before_anything_starts(tiny_flux, sample_data, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02"))
+    line = _one_line_nothing_written(proc, out, "memory plan: ", "GiB peak per device (LoRA 32px batch 1 on 1 process(es), ZeRO-2)",
+                                     "does NOT fit in 0.0 GiB", "to fit: ", "--ignore_memory_plan")
+    assert "Traceback" not in line
+
+
+def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
+    p = dry(LORA, *_tiny_keys(tiny_flux, sample_data, tmp_path / "out", "--device_memory_gb=0.02"))
+    text = p.text.split("memory plan per device:\n", 1)[1]
+    for row in ("transformer base (frozen)", "LoRA rank 4", "saved for backward", "PEAK"):
+        assert row in text, row
+    last = text.rstrip().splitlines()[-1]
+    assert last.startswith("memory plan: ") and "does NOT fit in 0.0 GiB" in last, last
+    assert "the run would be refused; to fit: lower --train_batch_size or --resolution" in last, last
+    assert "fits in 40.0 GiB" in dry(LORA, *_tiny_keys(tiny_flux, sample_data, tmp_path / "out",
+                                                       "--device_memory_gb=40")).text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ignore_memory_plan_trains_anyway(tiny_flux, sample_data, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"),
+                  timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    warned = [line for line in proc.stderr.splitlines() if "going on anyway (--ignore_memory_plan)" in line]
+    assert warned and warned[0].startswith("finetune_flux_dreambooth_lora_deepspeed_bf16.sh: warning: memory plan: "), warned
+
+
+def test_the_trainer_refuses_a_run_that_does_not_fit(tiny_flux, sample_data, tmp_path):
+    """`python train_flux_dreambooth_lora.py ...` (no launcher) checks the same plan before any model loads."""
+    from conftest import run_script, trainer_args
+
+    out = tmp_path / "out"
+    proc = run_script([sys.executable, "train_flux_dreambooth_lora.py",
+                       *trainer_args(tiny_flux, sample_data, out, steps=1, device_memory_gb="0.02")], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "does NOT fit in 0.0 GiB" in errors[0] and "--ignore_memory_plan" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

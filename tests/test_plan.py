@@ -115,12 +115,44 @@ def test_cli_table_json_and_fit_line(tmp_path, tiny_flux):
 def test_check_fits_refuses_in_one_line(tiny_flux, sample_data):
     from fluxkit.device import DeviceInfo
 
-    args = _args(tiny_flux, sample_data, "--resolution", "256")
     gpu = DeviceInfo(type="cuda", count=1, backend="nccl")
-    with pytest.raises(UserError, match=r"does NOT fit in 0\.0 GiB.*--ignore_memory_plan"):
-        check_fits(args, 1, 0, gpu, device_memory_gb=0.001)
-    assert check_fits(args, 1, 0, gpu, device_memory_gb=0.001, ignore=True).fits is False
-    assert check_fits(args, 1, 0, gpu, device_memory_gb=80).fits is True
+    tight = _args(tiny_flux, sample_data, "--resolution", "256", "--device_memory_gb", "0.001")
+    with pytest.raises(UserError, match=r"does NOT fit in 0\.0 GiB.*to fit: add --gradient_checkpointing.*--ignore_memory_plan"):
+        check_fits(tight, 1, 0, gpu)
+    ignored = _args(tiny_flux, sample_data, "--resolution", "256", "--device_memory_gb", "0.001", "--ignore_memory_plan")
+    plan, line = check_fits(ignored, 1, 0, gpu)
+    assert plan.fits is False and line.endswith("going on anyway (--ignore_memory_plan)")
+    plan, line = check_fits(_args(tiny_flux, sample_data, "--resolution", "256", "--device_memory_gb", "80"), 1, 0, gpu)
+    assert plan.fits is True and line == plan.one_line() and "fits in 80.0 GiB" in line
+
+
+def test_an_unplannable_run_is_never_stopped(tiny_flux, sample_data, tmp_path):
+    """The plan is advice: a config it cannot read, or a hub id without local files, gives a line saying
+    so, never an error (even with a device too small for anything)."""
+    import shutil
+
+    from fluxkit.device import DeviceInfo
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_flux, broken)
+    (broken / "text_encoder_2" / "config.json").write_text("{not json")
+    gpu = DeviceInfo(type="cuda", count=1, backend="nccl")
+    for model in (str(broken), "some-org/not-here"):
+        args = _args(model, sample_data, "--device_memory_gb", "0.001")
+        plan, line = check_fits(args, 1, 0, gpu)
+        assert plan is None and line.startswith("memory plan: unavailable (UserError: "), line
+
+
+def test_architecture_memo_is_used_and_survives_damage(tiny_flux, tmp_path, monkeypatch):
+    """read_architecture keeps its counts in a memo file; a damaged memo is counted again, never trusted."""
+    monkeypatch.setenv("FLUXKIT_PLAN_MEMO", str(tmp_path / "memo"))
+    first = read_architecture(tiny_flux)
+    (memo,) = (tmp_path / "memo").iterdir()
+    assert read_architecture(tiny_flux) == first
+    memo.write_text("{damaged")
+    assert read_architecture(tiny_flux) == first
+    monkeypatch.setenv("FLUXKIT_PLAN_MEMO", "off")
+    assert read_architecture(tiny_flux) == first
 
 
 def test_refusals(tiny_flux):
