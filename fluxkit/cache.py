@@ -5,6 +5,8 @@ diffusers' --cache_dir already names the hub download cache):
 
     CACHE/v1/latents/VAE_ID/shard-HASH.safetensors     VAE latent moments (mean, logvar) per image variant
     CACHE/v1/text/TEXT_ID/shard-HASH.safetensors       T5 sequence + CLIP pooled embeddings per prompt
+    CACHE/v1/unreadable/KEY.json                       an image whose header scanned but whose pixels do
+                                                       not decode (keyed by its bytes and Pillow's version)
 
 VAE_ID and TEXT_ID fingerprint the encoders (config, weight files' names, sizes, first and last MiB,
 tokenizer files, the compute dtype), so a cache from another model is never read (it is rebuilt,
@@ -232,18 +234,65 @@ class ImageHashes:
             self.changed = False
 
 
-def latent_keys(dataset, hashes: ImageHashes) -> dict[int, str]:
-    """Content key of every sample's latent: sample index i, and -1 - i for its class partner."""
+def image_hashes(dataset, hashes: ImageHashes) -> tuple[list[str], list[str]]:
+    """Content hash of each instance image and each class image."""
     scan = dataset.scan
-    image_hash = [hashes(scan.source(s)) for s in scan.samples]
-    class_hash = [hashes(scan.source(s)) for s in scan.class_samples]
+    return [hashes(scan.source(s)) for s in scan.samples], [hashes(scan.source(s)) for s in scan.class_samples]
+
+
+def latent_keys(dataset, hashes: ImageHashes, images: dict[str, str] | None = None) -> dict[int, str]:
+    """Content key of every sample's latent: sample index i, and -1 - i for its class partner.
+    images, when given, receives each key's image hash."""
+    image_hash, class_hash = image_hashes(dataset, hashes)
     common = (dataset.interpolation, dataset.background)
-    keys = {}
+    keys, images = {}, images if images is not None else {}
     for i in range(len(dataset)):
         keys[i] = digest("image", image_hash[i % len(image_hash)], dataset.placement(i).key(), *common)
+        images[keys[i]] = image_hash[i % len(image_hash)]
         if class_hash:
             keys[-1 - i] = digest("image", class_hash[i % len(class_hash)], dataset.class_placement(i).key(), *common)
+            images[keys[-1 - i]] = class_hash[i % len(class_hash)]
     return keys
+
+
+class UnreadableImages:
+    """Images whose pixel data did not decode (their header passed the scan), shared by every
+    process and run like the shards: one small JSON file per image, keyed by its bytes' hash and
+    Pillow's version (another decoder may read it). With it, a rerun knows before loading any model:
+    it stops in one line, or (--skip_bad_images) replaces those samples without encoders."""
+
+    def __init__(self, root: str):
+        self.folder = os.path.join(root, "unreadable")
+        self.known: dict[str, dict] = {}
+
+    @staticmethod
+    def key(image_hash: str) -> str:
+        import PIL
+
+        return digest("unreadable", image_hash, PIL.__version__)
+
+    def refresh(self) -> None:
+        import json
+
+        if not os.path.isdir(self.folder):
+            return
+        for name in os.listdir(self.folder):
+            if name.endswith(".json") and name[:-5] not in self.known:
+                try:
+                    with open(os.path.join(self.folder, name), encoding="utf-8") as f:
+                        self.known[name[:-5]] = json.load(f)
+                except (OSError, ValueError):  # removed meanwhile, or not ours: the image is simply tried again
+                    continue
+
+    def reason(self, image_hash: str) -> str | None:
+        entry = self.known.get(self.key(image_hash))
+        return entry.get("reason") if isinstance(entry, dict) else None
+
+    def add(self, image_hash: str, name: str, reason: str) -> None:
+        key = self.key(image_hash)
+        self.known[key] = {"name": name, "reason": reason}
+        os.makedirs(self.folder, exist_ok=True)
+        fsio.atomic_write_json(os.path.join(self.folder, key + ".json"), self.known[key])
 
 
 def training_prompts(dataset, args) -> list[str]:
@@ -278,17 +327,35 @@ class Cache:
     """
 
     def __init__(self, root: str | None, vae_id: str = "", text_id: str = "", max_sequence_length: int = 77,
-                 latent_keys: dict[int, str] | None = None, device="cpu"):
+                 latent_keys: dict[int, str] | None = None, device="cpu", key_images: dict[str, str] | None = None):
         self.root = os.path.join(root, FORMAT) if root else None
         self.device = device
         self.max_sequence_length = max_sequence_length
         self.latent_keys = latent_keys or {}
+        self.key_images = key_images or {}  # latent key -> its image's content hash
+        self.image_hashes: tuple[list[str], list[str]] = ([], [])  # per instance image, per class image
         self.latents = ShardStore(os.path.join(self.root, "latents", vae_id), LATENT_FIELDS) if root else None
         self.text = ShardStore(os.path.join(self.root, "text", text_id), TEXT_FIELDS) if root else None
+        self.unreadable = UnreadableImages(self.root) if root else None
         self.encoded = {"latents": 0, "text": 0}
         if root:
-            self.latents.refresh()
-            self.text.refresh()
+            self.refresh()
+
+    def refresh(self) -> None:
+        """See what other processes have committed since."""
+        self.latents.refresh()
+        self.text.refresh()
+        self.unreadable.refresh()
+
+    def undecodable(self, key: str) -> bool:
+        return key in self.key_images and self.unreadable.reason(self.key_images[key]) is not None
+
+    def unreadable_images(self) -> tuple[dict[int, str], dict[int, str]]:
+        """({instance image index: reason}, {class image index: reason}) of images that do not decode."""
+        if not self.enabled:
+            return {}, {}
+        return tuple({i: self.unreadable.reason(h) for i, h in enumerate(hashes) if self.unreadable.reason(h)}
+                     for hashes in self.image_hashes)
 
     @property
     def enabled(self) -> bool:
@@ -300,7 +367,7 @@ class Cache:
             return []
         first = {}
         for index, key in self.latent_keys.items():
-            if key not in self.latents and key not in first:
+            if key not in self.latents and key not in first and not self.undecodable(key):
                 first[key] = index
         return sorted(first.items())
 
@@ -360,12 +427,19 @@ class _PixelsOf(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
+        """(key, pixels, None), or (key, None, (name, reason)) for an image that does not decode: the
+        fill decides in its own process (a worker's exception would arrive as a wrapped traceback)."""
+        from .data import UnreadableImage
+
         key, index = self.items[i]
         d = self.dataset
-        if index >= 0:
-            return key, d.pixels(d.instance_of(index), d.placement(index))
-        partner = -1 - index
-        return key, d.pixels(d.scan.class_samples[partner % len(d.scan.class_samples)], d.class_placement(partner))
+        try:
+            if index >= 0:
+                return key, d.pixels(d.instance_of(index), d.placement(index)), None
+            partner = -1 - index
+            return key, d.pixels(d.class_of(partner), d.class_placement(partner)), None
+        except UnreadableImage as err:
+            return key, None, (err.name, err.reason)
 
 
 def fill(cache: Cache, dataset, prompts: list[str], encode_image, encode_text, rank: int = 0, world: int = 1,
@@ -391,8 +465,7 @@ def fill(cache: Cache, dataset, prompts: list[str], encode_image, encode_text, r
         _fill_share(cache, dataset, latents, texts, encode_image, encode_text, num_workers, show)
         if barrier is not None:
             barrier()
-        cache.latents.refresh()
-        cache.text.refresh()
+        cache.refresh()
     return {"seconds": time.perf_counter() - started, **cache.encoded}
 
 
@@ -411,13 +484,29 @@ def _fill_share(cache, dataset, latents, texts, encode_image, encode_text, num_w
             # its own generator: starting an iterator must not draw from the global RNG (training's noise)
             loader = torch.utils.data.DataLoader(_PixelsOf(dataset, latents), batch_size=None, num_workers=num_workers,
                                                  generator=torch.Generator().manual_seed(0))
-            for key, pixels in loader:
-                cache.latents.add(key, _one(encode_image, pixels.unsqueeze(0)))
-                cache.encoded["latents"] += 1
-                bar.update(1)
-            cache.latents.flush()
+            try:
+                for key, pixels, failure in loader:
+                    bar.update(1)
+                    if failure is not None:
+                        _record_unreadable(cache, dataset, key, *failure)
+                        continue
+                    cache.latents.add(key, _one(encode_image, pixels.unsqueeze(0)))
+                    cache.encoded["latents"] += 1
+            finally:  # also when a damaged image stops the run: what was encoded is kept
+                cache.latents.flush()
     finally:
         bar.close()
+
+
+def _record_unreadable(cache: Cache, dataset, key: str, name: str, reason: str) -> None:
+    """An image that does not decode: recorded for every process and later runs, then one error line,
+    or with --skip_bad_images named once (its samples are replaced in training, fluxkit.data)."""
+    from .data import UnreadableImage, say_skipped, skipped_name
+
+    cache.unreadable.add(cache.key_images[key], name, reason)
+    if not dataset.skip_bad:
+        raise UnreadableImage(name, reason)
+    say_skipped(skipped_name(name, reason))
 
 
 # ------------------------------------------------------------------------------------ for the trainer
@@ -445,15 +534,34 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     if root is None:
         return Cache(None, max_sequence_length=args.max_sequence_length, device=device)
     hashes = ImageHashes(os.path.join(root, FORMAT))
-    keys = latent_keys(dataset, hashes)
+    key_images = {}
+    keys = latent_keys(dataset, hashes, key_images)
     from .environment import is_rank0
 
     if is_rank0():
         hashes.save()
     cache = Cache(root, vae_identity(model_dir, weight_dtype), text_identity(model_dir, weight_dtype),
-                  args.max_sequence_length, keys, device)
+                  args.max_sequence_length, keys, device, key_images)
+    cache.image_hashes = image_hashes(dataset, hashes)
     _say_if_other_models(cache)
+    _check_known_unreadable(cache, dataset)
     return cache
+
+
+def _check_known_unreadable(cache: Cache, dataset) -> None:
+    """Images an earlier fill could not decode: one error line now, before any model loads, or with
+    --skip_bad_images name them (once, on the main process)."""
+    from .data import UnreadableImage, say_skipped, skipped_name
+    from .environment import is_rank0
+
+    unreadable, unreadable_class = cache.unreadable_images()
+    found = [(dataset.scan.samples[i].name, r) for i, r in unreadable.items()]
+    found += [(dataset.scan.class_samples[i].name, r) for i, r in unreadable_class.items()]
+    if found and not dataset.skip_bad:
+        name, reason = found[0]
+        raise UnreadableImage(name, f"{reason}; recorded by an earlier run in {cache.unreadable.folder}")
+    for name, reason in found if is_rank0() else ():
+        say_skipped(skipped_name(name, reason))
 
 
 def _say_if_other_models(cache: Cache) -> None:

@@ -14,6 +14,14 @@ or the order samples are drawn in:
 - caption dropout of sample i in epoch e comes from (seed, i, e): a different subset each epoch.
   The sampler passes the epoch inside the index (epoch * len + i) so that workers never need it.
 No torchvision: PIL and numpy.
+
+An image whose header passed the scan can still fail to decode (a PNG whose chunks and CRCs are
+intact but whose compressed pixel data is damaged). A worker never raises for that: the item
+carries the one-line error, and `checked_batches` raises it in the training process as a
+UserError (one `error:` line, exit 2), however many workers there are. With --skip_bad_images the
+sample is replaced by another sample of the same bucket, drawn from (seed, epoch, index) until one
+decodes; a decode failure is a property of the file, so the replacement is the same in every
+run, worker count and resume. The skipped file is named once (per process).
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ import os
 import random
 from dataclasses import dataclass
 
+import itertools
+import logging
+
 import numpy as np
 import torch
 
@@ -29,6 +40,8 @@ from .errors import UserError
 from .scan import scan_dataset
 
 INTERPOLATION_MODES = ("lanczos", "bilinear", "bicubic", "nearest", "box", "hamming")
+logger = logging.getLogger("fluxkit.data")
+SUBSTITUTE_DRAWS = 16  # random draws for a replacement sample before walking the bucket in order
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -82,6 +95,24 @@ def to_rgb(image, background: tuple[int, int, int] = (255, 255, 255)):
     return image if mode == "RGB" else image.convert("RGB")
 
 
+class UnreadableImage(UserError):
+    """An image that cannot be decoded (name: what messages call it, reason: the decoder's error)."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"cannot decode image {name!r} ({reason}); its header looked fine but its pixel data is "
+                         "damaged: remove or repair the file, or pass --skip_bad_images to train on without it")
+
+
+def skipped_name(name: str, reason: str) -> str:
+    return f"{name} ({reason})"
+
+
+def say_skipped(name_and_reason: str) -> None:
+    logger.warning("skipped undecodable image %s (--skip_bad_images): its samples are replaced by other samples "
+                   "of the same shape", name_and_reason)
+
+
 def open_image(source, name: str):
     """Decode a file path, raw bytes or an {bytes, path} dict (datasets' undecoded Image) fully."""
     import io
@@ -95,8 +126,7 @@ def open_image(source, name: str):
         img.load()
         return img
     except Exception as err:  # PIL raises many types for bad files
-        raise UserError(f"cannot read image {name!r} ({type(err).__name__}: {err}); "
-                        "fix or remove it, or pass --skip_bad_images to skip unreadable images") from None
+        raise UnreadableImage(name, f"{type(err).__name__}: {str(err)[:160]}") from None
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -157,8 +187,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance samples (and class partners for prior preservation) from a DatasetScan, streamed.
 
     len = max(images x repeats, class images). Item i (or epoch * len + i, see the module notes) is a
-    dict: index (i), pixel_values, prompt, and class_pixel_values/class_prompt with prior
-    preservation (class images cycle; a partner takes its instance sample's shape).
+    dict: index (the sample shown: i, or its replacement), pixel_values, prompt, and
+    class_pixel_values/class_prompt with prior preservation (class images cycle; a partner takes
+    its instance sample's shape); `skipped` names images replaced in this item, `unreadable` is the
+    error of an item that could not be made.
     """
 
     def __init__(self, args, class_images: list[str] | None = None, seed: int = 0, scan=None):
@@ -171,8 +203,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.caption_dropout_rate = float(getattr(args, "caption_dropout_rate", 0.0) or 0.0)
         self.resolution = args.resolution
         self.class_prompt = args.class_prompt if self.scan.class_samples else None
+        self.skip_bad = bool(getattr(args, "skip_bad_images", False))
         # False once every latent is cached: items then carry no pixels, and workers decode nothing
         self.decode_pixels = True
+        # images known not to decode (from the cache's record): {image index: reason}, instance and class
+        self.unreadable: dict[int, str] = {}
+        self.unreadable_class: dict[int, str] = {}
+        self._members: dict[int, np.ndarray] = {}
+        self._named: set[str] = set()
 
     @property
     def skipped(self) -> int:
@@ -183,6 +221,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def instance_of(self, index: int):
         return self.scan.samples[index % len(self.scan.samples)]
+
+    def class_of(self, index: int):
+        return self.scan.class_samples[index % len(self.scan.class_samples)]
 
     def target_size(self, index: int) -> tuple[int, int]:
         """(width, height) of sample index: its bucket, or the square crop."""
@@ -195,8 +236,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                      sample_rng(self.seed, index))
 
     def class_placement(self, index: int) -> Placement:
-        sample = self.scan.class_samples[index % len(self.scan.class_samples)]
-        return place(sample.size, self.target_size(index), self.center_crop, self.random_flip,
+        return place(self.class_of(index).size, self.target_size(index), self.center_crop, self.random_flip,
                      sample_rng(self.seed, index, "class-crop"))
 
     def caption(self, index: int, epoch: int) -> str:
@@ -206,25 +246,103 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return text
 
     def pixels(self, sample, placement: Placement) -> torch.Tensor:
+        """Decode and place one image; UnreadableImage when its pixel data is damaged."""
         image = to_rgb(open_image(self.scan.source(sample), sample.name), self.background)
         return apply_placement(image, placement, self.interpolation)
 
+    # ------------------------------------------------------------------ undecodable images
+
+    def use_cached_latents(self, unreadable: dict[int, str] | None = None, unreadable_class: dict[int, str] | None = None) -> None:
+        """Every latent is cached: items carry no pixels. unreadable*: images the cache fill could not
+        decode ({image index: reason}); their samples are replaced as a decode failure would be."""
+        self.decode_pixels = False
+        self.unreadable, self.unreadable_class = dict(unreadable or {}), dict(unreadable_class or {})
+        for known, samples in ((self.unreadable, self.scan.samples), (self.unreadable_class, self.scan.class_samples)):
+            self._named.update(skipped_name(samples[i].name, reason) for i, reason in known.items())  # the fill named them
+
+    def _sample_pixels(self, index: int) -> tuple[dict, list[str]]:
+        """(pixel tensors of sample index, or {} when latents are cached; "NAME (reason)" of each of its
+        images that does not decode). Without --skip_bad_images a bad image raises UnreadableImage."""
+        out, bad = {}, []
+        parts = [("pixel_values", self.instance_of, self.placement, self.unreadable, len(self.scan.samples))]
+        if self.scan.class_samples:
+            parts.append(("class_pixel_values", self.class_of, self.class_placement, self.unreadable_class,
+                          len(self.scan.class_samples)))
+        for field_name, sample_of, placement_of, known, count in parts:
+            sample = sample_of(index)
+            try:
+                if index % count in known:
+                    raise UnreadableImage(sample.name, known[index % count])
+                if self.decode_pixels:
+                    out[field_name] = self.pixels(sample, placement_of(index))
+            except UnreadableImage as err:
+                if not self.skip_bad:
+                    raise
+                bad.append(skipped_name(err.name, err.reason))
+        return out, bad
+
+    def _same_bucket(self, index: int) -> np.ndarray:
+        """Every sample index whose target shape is sample index's (all of them without buckets)."""
+        bucket = int(self.scan.sample_bucket[index % len(self.scan.samples)]) if self.scan.buckets else 0
+        if bucket not in self._members:
+            every = np.arange(len(self))
+            self._members[bucket] = every if not self.scan.buckets else \
+                every[self.scan.sample_bucket[every % len(self.scan.samples)] == bucket]
+        return self._members[bucket]
+
+    def readable_sample(self, index: int, epoch: int) -> tuple[int, dict, list[str]]:
+        """(the sample to show for index: itself, or with --skip_bad_images a replacement from its bucket
+        when one of its images does not decode; that sample's pixels; the images skipped on the way).
+        The replacement is drawn from (seed, epoch, index): the same in every run and on resume."""
+        pixels, skipped = self._sample_pixels(index)
+        if not skipped:
+            return index, pixels, []
+        members = self._same_bucket(index)
+        rng = sample_rng(self.seed, index, f"substitute:{epoch}")
+        draws = [int(members[rng.randrange(len(members))]) for _ in range(SUBSTITUTE_DRAWS)]
+        start = rng.randrange(len(members))
+        walk = (int(members[(start + k) % len(members)]) for k in range(len(members)))  # ends the search
+        for candidate in itertools.chain(draws, walk):
+            pixels, bad = self._sample_pixels(candidate)
+            if not bad:
+                return candidate, pixels, sorted(set(skipped))
+            skipped += bad
+        width, height = self.target_size(index)
+        raise UserError(f"no image of the {width}x{height} samples decodes (e.g. {skipped[0]}); "
+                        "remove or repair the damaged files")
+
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self))
-        item = {"index": index, "prompt": self.caption(index, epoch)}
-        if self.decode_pixels:
-            item["pixel_values"] = self.pixels(self.instance_of(index), self.placement(index))
+        try:
+            index, pixels, skipped = self.readable_sample(index, epoch)
+        except UserError as err:  # raised by checked_batches in the training process, not in a worker
+            return {"unreadable": str(err)}
+        item = {"index": index, "prompt": self.caption(index, epoch), **pixels}
         if self.scan.class_samples:
-            sample = self.scan.class_samples[index % len(self.scan.class_samples)]
-            if self.decode_pixels:
-                item["class_pixel_values"] = self.pixels(sample, self.class_placement(index))
             item["class_prompt"] = self.class_prompt
+        if skipped:
+            item["skipped"] = skipped
         return item
+
+    def checked_batches(self, batches):
+        """The loader's batches in the training process: a batch that could not be made raises its
+        error (one line); each image skipped by --skip_bad_images is named once."""
+        for batch in batches:
+            if "unreadable" in batch:
+                raise UserError(batch["unreadable"])
+            for name in batch.pop("skipped", ()):
+                if name not in self._named:
+                    self._named.add(name)
+                    say_skipped(name)
+            yield batch
 
 
 def collate(examples: list[dict]) -> dict:
     """Instance samples first, then their class partners (the loss splits the batch in two).
     pixel_values is None when the dataset decodes none (every latent cached)."""
+    failed = [e["unreadable"] for e in examples if "unreadable" in e]
+    if failed:
+        return {"unreadable": failed[0]}
     pixels = "pixel_values" in examples[0]
     batch = {
         "index": torch.tensor([e["index"] for e in examples]),
@@ -232,6 +350,9 @@ def collate(examples: list[dict]) -> dict:
         "prompts": [e["prompt"] for e in examples],
         "is_class": torch.zeros(len(examples), dtype=torch.bool),
     }
+    skipped = sorted({name for e in examples for name in e.get("skipped", ())})
+    if skipped:
+        batch["skipped"] = skipped
     if "class_prompt" in examples[0]:
         batch["index"] = torch.cat([batch["index"], -1 - batch["index"]])  # class samples: negative keys
         if pixels:

@@ -260,7 +260,7 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
         elif accelerator.is_main_process:
             logger.info("cache %s covers this run: nothing to encode, text encoders not loaded", cache.root)
         release_encoders(models, keep_clip=args.train_text_encoder, device_type=info.type)
-        dataset.decode_pixels = False  # every latent is cached: workers read captions only
+        dataset.use_cached_latents(*cache.unreadable_images())  # workers read captions only
     # DeepSpeed moves the transformer itself under ZeRO-3 (cast to bf16, to shard it)
     if any(module is models.transformer for module in resident) and not zero3.is_zero3(accelerator):
         models.transformer.to(accelerator.device)
@@ -426,7 +426,7 @@ def epoch_batches(run: Run, epoch: int):
         batches = run.accelerator.skip_first_batches(run.loader, run.skip_batches)
         batches.set_epoch(epoch)
     run.skip_batches = 0
-    return batches
+    return run.dataset.checked_batches(batches)  # a worker's decode failure: one error line here
 
 
 def micro_step(run: Run, batch):

@@ -197,3 +197,96 @@ def test_bad_data_input_is_one_line_and_writes_nothing(tiny_flux, tmp_path, caps
     lines = [l for l in capsys.readouterr().err.splitlines() if "error:" in l]
     assert rc == 2 and len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "out").exists() and not (tmp_path / ".fluxkit-cache").exists()
+
+
+# ----------------------------------------------------------------------------- images that pass the scan but do not decode
+
+def damaged_png(path, size=(40, 36), seed=7):
+    """A PNG the header scan accepts (signature, IHDR, every chunk's CRC and IEND intact) whose
+    compressed pixel data is damaged, so decoding it fails: what bit rot before a CRC was computed,
+    or a broken encoder, leaves behind. The CRCs are recomputed over the damaged bytes."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    data, chunks, pos = buf.getvalue(), [], 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    out = data[:8]
+    for kind, body in chunks:
+        if kind == b"IDAT":
+            body = body[:10] + bytes(20) + body[30:]
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(out)
+    return path
+
+
+def folder_with_damaged_image(tmp_path):
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 3)
+    damaged_png(folder / "img3.png")
+    (folder / "img3.txt").write_text("a photo of sks dog, style 1", encoding="utf-8")
+    return folder
+
+
+def test_damaged_png_passes_the_scan_but_not_the_decoder(tmp_path):
+    from fluxkit.data import UnreadableImage, open_image
+    from fluxkit.scan import inspect_image
+
+    path = damaged_png(tmp_path / "bad.png")
+    assert inspect_image(str(path), "bad.png") == ((40, 36), "RGB")
+    with pytest.raises(UnreadableImage):
+        open_image(str(path), "bad.png")
+
+
+def _error_lines(text):
+    return [line for line in text.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize("workers,cache", [(0, False), (2, False), (2, True)])
+def test_undecodable_image_is_one_error_line_with_or_without_workers(tiny_flux, tmp_path, capfd, workers, cache):
+    folder = folder_with_damaged_image(tmp_path)
+    extra = dict(latent_cache_dir=str(tmp_path / "cache")) if cache else dict(no_cache=True)
+    rc = train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / "out", steps=4, dataloader_num_workers=workers, **extra))
+    err = capfd.readouterr().err
+    lines = _error_lines(err)
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert "img3.png" in lines[0] and "--skip_bad_images" in lines[0] and "remove or repair" in lines[0]
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    if cache:  # recorded: the next run says so before any model loads
+        rc = train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / "again", steps=4, **extra))
+        lines = _error_lines(capfd.readouterr().err)
+        assert rc == 2 and len(lines) == 1 and "img3.png" in lines[0] and "earlier run" in lines[0]
+        assert not any((tmp_path / "again").iterdir())  # stopped before loading a model: nothing written
+
+
+def test_skip_bad_images_replaces_undecodable_samples_the_same_way_everywhere(tiny_flux, tmp_path, encoder_use, caplog):
+    """--skip_bad_images: the damaged image's samples are replaced by other samples from (seed, epoch,
+    index): the same losses with and without workers and the cache, a warm cache loads no encoder,
+    the file is named once per run, and a run resumed mid-epoch equals the uninterrupted one."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    folder = folder_with_damaged_image(tmp_path)
+    common = dict(skip_bad_images=True, random_flip=True, max_sequence_length=16, latent_cache_dir=str(tmp_path / "cache"))
+
+    def run(name, steps=8, **extra):
+        encoder_use.clear()
+        caplog.clear()
+        assert train_inprocess(LORA, args_for(tiny_flux, folder, tmp_path / name, steps=steps, **{**common, **extra})) == 0
+        named = [r for r in caplog.records if "skipped undecodable image" in r.getMessage()]
+        assert len(named) == 1 and "img3.png" in named[0].getMessage(), [r.getMessage() for r in named]
+        return dict(encoder_use)
+
+    assert run("cold")["images"] == 3  # the three good images; two epochs, so each sample is drawn twice
+    reference = losses(tmp_path / "cold")
+    assert len(reference) == 8
+    run("uncached_workers", no_cache=True, dataloader_num_workers=2)
+    assert losses(tmp_path / "uncached_workers") == reference
+    assert run("warm") == {} and losses(tmp_path / "warm") == reference
+    run("resumed", steps=5, checkpointing_steps=5)
+    run("resumed", steps=8, resume_from_checkpoint="latest")
+    assert losses(tmp_path / "resumed") == reference
