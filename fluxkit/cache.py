@@ -545,6 +545,8 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     cache.image_hashes = image_hashes(dataset, hashes)
     _say_if_other_models(cache)
     _check_known_unreadable(cache, dataset)
+    if is_rank0():
+        mark_used(cache, training_prompts(dataset, args))
     return cache
 
 
@@ -574,20 +576,202 @@ def _say_if_other_models(cache: Cache) -> None:
                         parent, len(others), what)
 
 
+# ------------------------------------------------------------------------------------ size and pruning
+#
+# Shards are immutable and are only ever added (by a rename) or removed (by an unlink), so pruning
+# is safe beside a running training run: a run maps the shards it indexed when it started (an
+# unlinked file's mapping stays valid until the run ends), and a shard removed before a run looks
+# is simply missing to it: its entries are encoded again. A partly used shard is rewritten: the
+# kept entries are committed as a new shard first, then the old one is removed. Least recently
+# used: every run stamps (mtime) the shards it reads, on its main process.
+
+def mark_used(cache: Cache, prompts: list[str]) -> None:
+    """Stamp the shards this run reads as used now (--max_size_gb removes the least recently used)."""
+    wanted = ((cache.latents, set(cache.latent_keys.values())),
+              (cache.text, {text_key(p, cache.max_sequence_length) for p in prompts}))
+    for store, keys in wanted:
+        for path in {store.index[k] for k in keys if k in store.index}:
+            try:
+                os.utime(path)
+            except OSError:  # removed meanwhile, or a read-only shared cache: the stamp is a courtesy
+                pass
+
+
+def _namespaces(root: str) -> list[str]:
+    """'latents/VAE_ID' and 'text/TEXT_ID' folders under CACHE/v1."""
+    found = []
+    for kind in ("latents", "text"):
+        folder = os.path.join(root, kind)
+        if os.path.isdir(folder):
+            found += [f"{kind}/{n}" for n in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, n))]
+    return found
+
+
+def _shard_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX)]
+
+
+def _shard_entries(path: str) -> set[str] | None:
+    """Entry keys in a shard's header (not verified), or None when it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k.rsplit(".", 1)[0] for k in f.keys()}
+    except Exception:  # gone, or damaged: a run will find and rebuild it
+        return None
+
+
+def _remove(path: str) -> int:
+    """Unlink one file; its size, or 0 when another process removed it first."""
+    try:
+        size = os.path.getsize(path)
+        os.remove(path)
+        return size
+    except FileNotFoundError:
+        return 0
+
+
+def usage(root: str) -> list[dict]:
+    """One row per namespace: shards, entries, bytes, last used (newest shard stamp)."""
+    rows = []
+    for ns in _namespaces(root):
+        shards = _shard_files(os.path.join(root, ns))
+        entries, size, last = 0, 0, 0.0
+        for path in shards:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            size, last = size + st.st_size, max(last, st.st_mtime)
+            entries += len(_shard_entries(path) or ())
+        rows.append({"namespace": ns, "shards": len(shards), "entries": entries, "bytes": size, "last_used": last})
+    markers = os.path.join(root, "unreadable")
+    rows.append({"namespace": "unreadable", "shards": 0, "entries": len(os.listdir(markers)) if os.path.isdir(markers) else 0,
+                 "bytes": 0, "last_used": 0.0})
+    return rows
+
+
+def prune_to_size(root: str, max_bytes: int) -> dict:
+    """Remove the least recently used shards (any model) until the cache holds at most max_bytes."""
+    shards = []
+    for ns in _namespaces(root):
+        for path in _shard_files(os.path.join(root, ns)):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            shards.append((st.st_mtime, path, st.st_size))
+    total, removed, freed = sum(s[2] for s in shards), 0, 0
+    for _, path, size in sorted(shards):
+        if total <= max_bytes:
+            break
+        freed += _remove(path)
+        total -= size
+        removed += 1
+    return {"removed_shards": removed, "removed_bytes": freed, "kept_bytes": total}
+
+
+def prune_unused(cache: Cache, prompts: list[str]) -> dict:
+    """Keep only the entries this run uses: other models' namespaces go whole, this model's shards
+    lose the entries of other data (rewritten when partly used), records of other images go."""
+    from safetensors import safe_open
+
+    keep_of = {cache.latents.folder: set(cache.latent_keys.values()),
+               cache.text.folder: {text_key(p, cache.max_sequence_length) for p in prompts}}
+    stats = {"removed_shards": 0, "rewritten_shards": 0, "removed_bytes": 0, "removed_entries": 0, "kept_bytes": 0}
+    for ns in _namespaces(cache.root):
+        folder = os.path.join(cache.root, ns)
+        keep = keep_of.get(folder, set())
+        for path in _shard_files(folder):
+            entries = _shard_entries(path)
+            if entries is None:
+                continue  # damaged or gone: the next run that reads this namespace rebuilds it
+            kept = entries & keep
+            if kept == entries:
+                stats["kept_bytes"] += os.path.getsize(path)
+                continue
+            if kept:  # commit the kept entries as a shard of their own before removing the old one
+                store = ShardStore(folder, LATENT_FIELDS if ns.startswith("latents/") else TEXT_FIELDS)
+                with safe_open(path, framework="pt") as f:
+                    for key in sorted(kept):
+                        store.add(key, tuple(f.get_tensor(f"{key}.{field}") for field in store.fields))
+                    store.flush()
+                stats["rewritten_shards"] += 1
+                stats["kept_bytes"] += sum(os.path.getsize(p) for p in set(store.index.values()) if os.path.exists(p))
+            stats["removed_bytes"] += _remove(path)
+            stats["removed_shards"] += 1
+            stats["removed_entries"] += len(entries - kept)
+        if not _shard_files(folder) and folder not in keep_of:
+            try:
+                os.rmdir(folder)
+            except OSError:  # a run is writing into it right now: leave the folder
+                pass
+    ours = {cache.unreadable.key(h) for hashes in cache.image_hashes for h in hashes}
+    folder = cache.unreadable.folder
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and name[:-5] not in ours:
+            _remove(os.path.join(folder, name))
+    return stats
+
+
 # ------------------------------------------------------------------------------------ python -m fluxkit.cache
 
 def main(argv=None) -> int:
-    """Fill the cache a training run will read, ahead of it, with a progress bar and an ETA.
+    """Fill the cache a training run will read, ahead of it, with a progress bar and an ETA; or show
+    its size and prune it.
 
-    python -m fluxkit.cache [--full] TRAINER FLAGS
+    python -m fluxkit.cache [--full] TRAINER FLAGS            fill what the run needs
+    python -m fluxkit.cache --prune [--full] TRAINER FLAGS    remove every entry that run does not use
+    python -m fluxkit.cache --list (--latent_cache_dir DIR | --output_dir OUT)
+    python -m fluxkit.cache --max_size_gb N (--latent_cache_dir DIR | --output_dir OUT)
 
     Give the same flags as the training command (data, --resolution, crops, --seed, buckets,
     --max_sequence_length, --mixed_precision, --output_dir or --latent_cache_dir). --full takes the
     full fine-tune's defaults (--max_sequence_length 77) instead of the LoRA script's (512).
+    --max_size_gb removes the least recently used shards (of any model) until the cache is that big.
+    Pruning is safe while runs use the cache: what a run still needs is encoded again, never corrupted.
     """
     from .errors import cli
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list" in argv or any(a == "--max_size_gb" or a.startswith("--max_size_gb=") for a in argv):
+        return cli(_size_command)(argv)
     return cli(_fill_command)(argv)
+
+
+def _size_command(argv) -> int:
+    import argparse
+    import datetime
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m fluxkit.cache", description="show the latent cache's size, or shrink it")
+    p.add_argument("--list", action="store_true", help="one line per model namespace: shards, entries, size, last used")
+    p.add_argument("--max_size_gb", type=float, default=None, help="remove least recently used shards down to this size")
+    p.add_argument("--latent_cache_dir", default=None, help="the cache folder (as given to the trainer)")
+    p.add_argument("--output_dir", default=None, help="or the run's output folder (the default cache is beside it)")
+    args = p.parse_args(argv)
+    if not (args.latent_cache_dir or args.output_dir):
+        raise UserError("give --latent_cache_dir DIR (or the run's --output_dir) to name the cache")
+    if args.max_size_gb is not None and args.max_size_gb < 0:
+        raise UserError(f"--max_size_gb {args.max_size_gb} must be 0 or more")
+    top = cache_root(argparse.Namespace(no_cache=False, latent_cache_dir=args.latent_cache_dir, output_dir=args.output_dir or "."))
+    root = os.path.join(top, FORMAT)
+    if not os.path.isdir(root):
+        raise UserError(f"{top!r} holds no fluxkit cache ({FORMAT}/ is missing); check --latent_cache_dir")
+    if args.max_size_gb is not None:
+        stats = prune_to_size(root, int(args.max_size_gb * 2**30))
+        print(json.dumps({"cache_dir": root, **stats}), flush=True)
+    if args.list:
+        rows = usage(root)
+        print(f"{root}: {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB in {sum(r['shards'] for r in rows)} shard(s)")
+        for r in rows:
+            when = datetime.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M") if r["last_used"] else "-"
+            what = "image(s) that do not decode" if r["namespace"] == "unreadable" else f"entries in {r['shards']} shard(s)"
+            print(f"  {r['namespace']:<42} {r['entries']:>8} {what:<28} {r['bytes'] / 2**20:>10.1f} MiB  last used {when}")
+    return 0
 
 
 def _fill_command(argv=None) -> int:
@@ -602,8 +786,10 @@ def _fill_command(argv=None) -> int:
     from .train_args import parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    lora = "--full" not in argv
-    args = parse_args([a for a in argv if a != "--full"], lora=lora)
+    lora, prune = "--full" not in argv, "--prune" in argv
+    args = parse_args([a for a in argv if a not in ("--full", "--prune")], lora=lora)
+    if prune:  # pruning trains nothing: images recorded as undecodable are kept out, not an error
+        args.skip_bad_images = True
     if args.no_cache:
         raise UserError("--no_cache leaves nothing to fill; drop it")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -620,6 +806,9 @@ def _fill_command(argv=None) -> int:
     dataset = DreamBoothDataset(args, seed=args.seed or 0, scan=scan)
     cache = build(args, dataset, model_dir, dtype, device)
     prompts = training_prompts(dataset, args)
+    if prune:
+        print(json.dumps({"cache_dir": cache.root, **prune_unused(cache, prompts)}), flush=True)
+        return 0
     if cache.missing_latents() or cache.missing_prompts(prompts):
         m = load_models(args, model_dir, without=("transformer", "scheduler"))
         for module in (m.vae, m.text_encoder, m.text_encoder_2):

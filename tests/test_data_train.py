@@ -290,3 +290,58 @@ def test_skip_bad_images_replaces_undecodable_samples_the_same_way_everywhere(ti
     run("resumed", steps=5, checkpointing_steps=5)
     run("resumed", steps=8, resume_from_checkpoint="latest")
     assert losses(tmp_path / "resumed") == reference
+
+
+# ----------------------------------------------------------------------------- listing and pruning the cache
+
+def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_path, encoder_use, capsys):
+    import torch
+
+    from fluxkit import cache as fcache
+    from fluxkit.data import DreamBoothDataset
+    from fluxkit.train_args import parse_args
+
+    a = captioned_folder(tmp_path / "a", [(40, 36)] * 3)
+    b = captioned_folder(tmp_path / "b", [(40, 36)] * 2, seed=1)  # the same two captions, and ...
+    (b / "img0.png").write_bytes((a / "img0.png").read_bytes())  # ... A's first image: a latent both use
+    cache_dir = tmp_path / "cache"
+
+    def flags(folder, name):
+        return args_for(tiny_flux, folder, tmp_path / name, steps=2, max_sequence_length=16, latent_cache_dir=str(cache_dir))
+
+    def train(folder, name):
+        encoder_use.clear()
+        assert train_inprocess(LORA, flags(folder, name)) == 0
+        return dict(encoder_use)
+
+    def command(*argv):
+        capsys.readouterr()
+        assert fcache.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    train(a, "a")
+    train(b, "b")
+    listing = command("--list", "--latent_cache_dir", str(cache_dir))
+    assert any(line.split()[0].startswith("latents/") and line.split()[1] == "4" for line in listing.splitlines()[1:]), listing
+
+    # a run of A is using the cache (its shards indexed and mapped, as a trainer holds them) ...
+    args = parse_args(flags(a, "live"), lora=True)
+    dataset = DreamBoothDataset(args, seed=0)
+    live = fcache.build(args, dataset, tiny_flux, torch.float32)
+    held = live.latent_moments([0, 1, 2], None, encode=None)
+    # ... while the cache is pruned to what B uses: two of A's latents go (A's shard is rewritten
+    # with the one B shares), the shared captions stay
+    report = json.loads(command("--prune", *flags(b, "b")).strip().splitlines()[-1])
+    assert report["removed_entries"] == 2 and report["rewritten_shards"] == 1
+    again = live.latent_moments([0, 1, 2], None, encode=None)  # the live run reads on, unchanged
+    assert all(torch.equal(x, y) for x, y in zip(held, again))
+    assert train(a, "a2")["images"] == 2 and "prompts" not in encoder_use  # removed: encoded again, nothing else
+    assert losses(tmp_path / "a2") == losses(tmp_path / "a")
+
+    # size limit: the least recently used shard goes (B's latents: A's were used since)
+    total = sum(r["bytes"] for r in fcache.usage(str(cache_dir / fcache.FORMAT)))
+    report = json.loads(command("--max_size_gb", str((total - 1) / 2**30), "--latent_cache_dir", str(cache_dir)))
+    assert report["removed_shards"] == 1
+    assert train(a, "a3") == {}  # A's entries were kept
+    latents = [r for r in fcache.usage(str(cache_dir / fcache.FORMAT)) if r["namespace"].startswith("latents/")]
+    assert [r["entries"] for r in latents] == [3]
