@@ -227,8 +227,12 @@ def register_state_hooks(args, accelerator, m) -> None:
 # ------------------------------------------------------------------------------ the run's lifecycle
 
 PREVIOUS_RUN_SUFFIX = ".old-"
-# files a finished or interrupted run leaves in output_dir (the launcher's logs/ and run_config.json are not among them)
+# files a finished or interrupted run leaves in output_dir (the launcher's logs/ and run_config.json are not among them:
+# a launcher writes them for the run it is starting, before the trainer judges the folder)
 _RUN_FILES = ("train_log.jsonl", "train_summary.json")
+# what only a finished run leaves: its final weights (the LoRA file, or the full fine-tune's pipeline folder) and
+# its summary; a fresh run there would silently replace them
+_FINISHED_RUN_FILES = ("pytorch_lora_weights.safetensors", "model_index.json", "train_summary.json")
 
 
 def run_settings(args, world_size: int) -> dict:
@@ -261,25 +265,39 @@ def previous_run(output_dir: str) -> list[str]:
     names = sorted(os.listdir(output_dir))
     found = [checkpoint_name(step) for step, _ in complete_checkpoints(output_dir)]
     found += [n for n in names if n.startswith(PARTIAL_PREFIX + "checkpoint-")]
-    return found + [n for n in _RUN_FILES if n in names]
+    return found + [n for n in dict.fromkeys(_RUN_FILES + _FINISHED_RUN_FILES) if n in names]
+
+
+def finished_run(output_dir: str) -> list[str]:
+    """The files of a finished run output_dir holds (final weights, summary), or []."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [n for n in _FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, n))]
 
 
 def check_run_folder(args, world_size: int) -> tuple[str, dict] | None:
     """The lifecycle rules, before anything is written: a fresh run never mixes with another run's
-    checkpoints, and a resume continues only the run it names. Returns (checkpoint, state) or None."""
+    checkpoints nor replaces a finished run's weights, and a resume continues only the run it names.
+    Returns (checkpoint, state) or None."""
     output_dir = args.output_dir
-    if args.resume_from_checkpoint and getattr(args, "overwrite_output_dir", False):
+    overwrite = getattr(args, "overwrite_output_dir", False)
+    if args.resume_from_checkpoint and overwrite:
         raise UserError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir moves it "
                         "aside; give only one of them")
+    start_over = f"start over with --overwrite_output_dir (the old run moves to {output_dir.rstrip(os.sep)}{PREVIOUS_RUN_SUFFIX}TIME)"
     if not args.resume_from_checkpoint:
         found = [checkpoint_name(step) for step, _ in complete_checkpoints(output_dir)]
-        if found and not getattr(args, "overwrite_output_dir", False):
+        if found and not overwrite:
             raise UserError(f"--output_dir {output_dir!r} holds another run's checkpoints ({', '.join(found)}); continue "
-                            "that run with --resume_from_checkpoint latest, or start over with --overwrite_output_dir "
-                            f"(the old run moves to {output_dir.rstrip(os.sep)}{PREVIOUS_RUN_SUFFIX}TIME)")
-        return None
+                            f"that run with --resume_from_checkpoint latest, or {start_over}")
     resume = resolve_resume(output_dir, args.resume_from_checkpoint, "lora" if args.lora else "full")
-    if resume is not None and not getattr(args, "allow_changed_settings", False):
+    if resume is None:  # a fresh run (also 'latest' with no checkpoint to continue)
+        done = finished_run(output_dir)
+        if done and not overwrite:
+            raise UserError(f"--output_dir {output_dir!r} holds a finished run ({', '.join(done)}) that a new run would "
+                            f"replace; {start_over}, or choose another --output_dir")
+        return None
+    if not getattr(args, "allow_changed_settings", False):
         path, state = resume
         changes = changed_settings(state, run_settings(args, world_size))
         if changes:

@@ -577,6 +577,9 @@ def apply_demo(req: Request) -> None:
     for key, value in req.spec.demo.items():
         if key not in req.given:
             req.opts[key] = value.replace("{cache}", cache) if isinstance(value, str) else value
+    if not {"output_dir", "resume_from_checkpoint", "overwrite_output_dir"} & req.given:
+        # the demo's own folder: running the demo again starts over, the previous demo moves to OUTPUT.old-TIME
+        req.opts["overwrite_output_dir"] = True
 
 
 def build_demo_cache(dry_run: bool, verbose: bool = False) -> None:
@@ -996,7 +999,9 @@ def run(req: Request) -> int:
 
         moved = checkpoints.move_aside_previous_run(out)  # before this run writes its logs there
         if moved:
-            print(f"--overwrite_output_dir: the previous run in {out} moved to {moved}", flush=True)
+            why = "demo: the previous demo run" if req.demo and "overwrite_output_dir" not in req.given else \
+                "--overwrite_output_dir: the previous run"
+            print(f"{why} in {out} moved to {moved}", flush=True)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     plan.log = os.path.join(logs, f"train_{o['mixed_precision']}_{spec.network}_{time.strftime('%Y%m%d_%H%M%S')}.log")

@@ -33,8 +33,11 @@ What is counted, per device (one process), and why it is there:
 
 The peak is static memory + the largest of three phases: forward/backward (activations,
 trained-weight autocast copies, gradients held during backward), the optimizer step (gradients,
-step temporaries) and VAE encoding (first epoch, or every step with --no_cache). Library workspace (cuBLAS, the CUDA context, allocator fragmentation) is not
-counted: keep some headroom (HEADROOM_FRACTION) when judging whether a run fits.
+step temporaries) and VAE encoding (first epoch, or every step with --no_cache); or, when it is
+larger, the loading of the weights before any training state exists (see plan_memory: the fp32
+transformer as from_pretrained reads it, which ZeRO-3 never holds whole on a device). Library
+workspace (cuBLAS, the CUDA context, allocator fragmentation) is not counted: keep some headroom
+(HEADROOM_FRACTION) when judging whether a run fits.
 """
 
 from __future__ import annotations
@@ -246,6 +249,7 @@ class Plan:
     backward_bytes: int
     step_bytes: int
     encode_bytes: int
+    loading_bytes: int  # whole (not on top of static): the device while the weights load, before training state exists
     peak_bytes: int
     device: str
     device_memory_bytes: int | None
@@ -283,7 +287,8 @@ class Plan:
                  ("phase", "forward + backward", f"{self.backward_bytes / GiB:9.3f}", "on top of static"),
                  ("phase", "optimizer step", f"{self.step_bytes / GiB:9.3f}", "on top of static"),
                  ("phase", "VAE encoding", f"{self.encode_bytes / GiB:9.3f}", "on top of static"),
-                 ("PEAK", "per device", f"{self.peak_bytes / GiB:9.3f}", "static + largest phase")]
+                 ("phase", "loading the weights", f"{self.loading_bytes / GiB:9.3f}", "whole, before any training state"),
+                 ("PEAK", "per device", f"{self.peak_bytes / GiB:9.3f}", "static + largest phase, or loading")]
         widths = [max(len(r[k]) for r in rows + [("group", "item", "GiB", "")]) for k in range(3)]
         lines = [f"{'group':<{widths[0]}}  {'item':<{widths[1]}}  {'GiB':>{widths[2]}}  note"]
         lines += [f"{g:<{widths[0]}}  {n:<{widths[1]}}  {b:>{widths[2]}}  {note}".rstrip() for g, n, b, note in rows]
@@ -446,11 +451,30 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
     # On CPU the runtime's caches form during the first forward/backward, after the first encoding.
     encode_phase = encode - (CPU_RUNTIME_BYTES[mode] if on_cpu and caching else 0)
     peak = static + max(backward, step, encode_phase)
+    # Loading: the frozen weights, plus the transformer as it arrives on the device before DeepSpeed or
+    # the optimizer touches it. from_pretrained reads it in fp32 into host memory (a CPU device's own
+    # memory: every process holds it whole, under ZeRO-3 too); a LoRA base is cast to the compute dtype
+    # on the host first (it is then the static base above); a full fine-tune outside ZeRO-3 moves the
+    # fp32 weights to the device, where DeepSpeed ZeRO-1/2 casts them to the compute dtype; ZeRO-3 moves
+    # and partitions them one parameter at a time (DeepSpeed's conversion of an unpartitioned module),
+    # so a device never holds more than the largest one whole.
+    frozen = sum(i.bytes for i in items if i.group == "weights" and not i.name.startswith("transformer base"))
+    if on_cpu and quant == "none":
+        arriving = P["transformer"] * 4
+    elif lora:
+        arriving = sum(i.bytes for i in items if i.name.startswith("transformer base"))
+    elif zero_stage == 3:
+        arriving = max(i * o for _, i, o in arch.linear_shapes) * 4
+    else:
+        arriving = trained * 4
+    loading = frozen + arriving
+    peak = max(peak, loading)
     summary = {"run": "LoRA" if lora else "full", "resolution": args.resolution, "batch": args.train_batch_size,
                "mixed_precision": mixed, "regime": regime, "trained_params": trained, "image_tokens": img_tokens,
                "text_tokens": args.max_sequence_length, "gradient_checkpointing": ckpt, "base_quantization": quant,
                "architecture": arch.source, "params": arch.params}
-    return Plan(items=items, static_bytes=static, backward_bytes=backward, step_bytes=step, encode_bytes=encode, peak_bytes=peak,
+    return Plan(items=items, static_bytes=static, backward_bytes=backward, step_bytes=step, encode_bytes=encode,
+                loading_bytes=loading, peak_bytes=peak,
                 device=device, device_memory_bytes=device_memory_bytes, world_size=world_size, zero_stage=zero_stage,
                 summary=summary)
 

@@ -368,17 +368,6 @@ def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_ignore_memory_plan_trains_anyway(tiny_flux, sample_data, tmp_path):
-    out = tmp_path / "out"
-    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"),
-                  timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
-    warned = [line for line in proc.stderr.splitlines() if "going on anyway (--ignore_memory_plan)" in line]
-    assert warned and warned[0].startswith("finetune_flux_dreambooth_lora_deepspeed_bf16.sh: warning: memory plan: "), warned
-
-
 def test_the_trainer_refuses_a_run_that_does_not_fit(tiny_flux, sample_data, tmp_path):
     """`python train_flux_dreambooth_lora.py ...` (no launcher) checks the same plan before any model loads."""
     from conftest import run_script, trainer_args
@@ -390,3 +379,59 @@ def test_the_trainer_refuses_a_run_that_does_not_fit(tiny_flux, sample_data, tmp
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "does NOT fit in 0.0 GiB" in errors[0] and "--ignore_memory_plan" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------ a finished run without checkpoints
+
+@pytest.fixture(scope="module")
+def finished_lora_run(tmp_path_factory, tiny_flux, sample_data):
+    """A 1-step LoRA run through the launcher that leaves no checkpoint-* folder, planned on a device far
+    too small for it and run anyway with --ignore_memory_plan: (its folder, the launcher's output)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"),
+                  timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_ignore_memory_plan_trains_anyway(finished_lora_run):
+    out, proc = finished_lora_run
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not list(out.glob("checkpoint-*"))
+    warned = [line for line in proc.stderr.splitlines() if "going on anyway (--ignore_memory_plan)" in line]
+    assert warned and warned[0].startswith("finetune_flux_dreambooth_lora_deepspeed_bf16.sh: warning: memory plan: "), warned
+    assert "does NOT fit in 0.0 GiB" in warned[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume latest"])
+def test_a_new_run_into_a_finished_run_without_checkpoints_is_refused(finished_lora_run, tmp_path, tiny_flux,
+                                                                      sample_data, resume):
+    """Its weights would be silently replaced ('latest' finds no checkpoint to continue, so it too starts over)."""
+    out = _copy(finished_lora_run[0], tmp_path)
+    before = {p: (out / p).read_bytes() for p in _listing(out)}
+    more = ["--resume_from_checkpoint=latest"] if resume else []
+    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, *more))
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.splitlines()
+    for needle in ("holds a finished run (pytorch_lora_weights.safetensors, train_summary.json)", "--overwrite_output_dir",
+                   f"{out}.old-TIME"):
+        assert needle in line, (needle, line)
+    assert {p: (out / p).read_bytes() for p in _listing(out)} == before  # nothing written
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_moves_a_finished_run_aside(finished_lora_run, tmp_path):
+    from fluxkit.checkpoints import move_aside_previous_run
+
+    out = _copy(finished_lora_run[0], tmp_path)
+    moved = move_aside_previous_run(str(out))
+    assert moved and os.path.isfile(os.path.join(moved, "pytorch_lora_weights.safetensors")) and not out.exists()
+
+
+def test_the_demo_starts_over_in_its_own_folder_only():
+    """A second --demo must not be refused for the first demo's weights: it moves them aside; with an
+    output_dir of yours the usual rules hold."""
+    assert "--overwrite_output_dir" in dry(LORA, "--demo").trainer
+    assert "--overwrite_output_dir" not in dry(LORA, "--demo", "--output_dir=mine").trainer
+    assert "--overwrite_output_dir" not in dry(FULL, "--demo", "--resume_from_checkpoint=latest").trainer

@@ -42,7 +42,8 @@ def trainer_flags(model: str, instance_dir: str, out: str, mode: str, resolution
     flags = ["--pretrained_model_name_or_path", model, "--instance_data_dir", instance_dir,
              "--instance_prompt", "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", str(batch),
              "--max_train_steps", str(STEPS), "--checkpointing_steps", str(10**9), "--mixed_precision", "bf16",
-             "--seed", "0", "--output_dir", out, "--report_to", "none", "--device", "cpu", "--lr_warmup_steps", "0"]
+             "--seed", "0", "--output_dir", out, "--report_to", "none", "--device", "cpu", "--lr_warmup_steps", "0",
+             "--overwrite_output_dir"]  # a reused --work_dir: the previous bench run moves aside
     return flags + (["--gradient_checkpointing"] if checkpointing else [])
 
 
