@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .lora import LORA_WEIGHT_NAME
+from .quant import add_flag as add_quantization_flag
 
 REFERENCE_SEEDS = (8, 23, 42, 1334)
 
@@ -106,6 +107,7 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model's images (default: %(default)s)")
     g.add_argument("--fuse_lora", action="store_true",
                    help="merge the LoRA into the weights before generating (faster; same images within rounding)")
+    add_quantization_flag(g, "load the transformer's weights quantized")
     g.add_argument("--local_files_only", action=argparse.BooleanOptionalAction, default=True,
                    help="never download (the default); --no-local_files_only lets diffusers fetch a hub id")
     g = p.add_argument_group("what to generate")

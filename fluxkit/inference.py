@@ -26,6 +26,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 
+from . import quant
 from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0, pipeline_folder_problem
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
@@ -176,19 +177,17 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
                             f"download (huggingface-cli download {model_path})")
 
 
-def _dtype_kwarg(dtype) -> dict:
-    # diffusers renamed from_pretrained's torch_dtype to dtype (the old name warns); older releases
-    # only know torch_dtype.
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
-
-
-def load_pipeline(model_path: str, dtype, local_files_only: bool):
+def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: str = "none", device_type: str = "cpu"):
+    """The FluxPipeline at model_path in `dtype`, its transformer quantized as asked (fluxkit.quant)."""
     from diffusers import FluxPipeline
 
     try:
-        pipe = FluxPipeline.from_pretrained(model_path, local_files_only=local_files_only, **_dtype_kwarg(dtype))
+        parts = {}
+        if quantization != "none":
+            parts["transformer"] = quant.load_transformer(model_path, quantization, dtype, device_type, subfolder="transformer",
+                                                          local_files_only=local_files_only)
+        pipe = FluxPipeline.from_pretrained(model_path, local_files_only=local_files_only, **parts,
+                                            **quant.dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"--model_path {model_path!r} could not be loaded as a FLUX pipeline: {first_line}") from None
@@ -255,6 +254,8 @@ def settings_of(args, model_id: str, lora_file: str | None) -> dict:
     }
     if args.dtype != "fp32":
         settings["batch_size"] = args.batch_size
+    if args.base_quantization != "none":  # absent when unquantized: earlier runs' file names stay valid
+        settings["base_quantization"] = args.base_quantization
     return settings
 
 
@@ -271,6 +272,7 @@ def run(args, defaults: ScriptDefaults) -> dict:
     info = detect(args.device)
     if not info.supports(args.dtype):
         raise UserError(f"--dtype {args.dtype} is not supported on {info.type}; use bf16 or fp32")
+    quant.check(args.base_quantization, info.type)
     grid = plan_grid(world_size(), args.ulysses_degree, args.ring_degree)
     backend = choose_attention_backend(args.attention_backend, info.type, args.npu_flash_attention, grid)
     check_backend_for_grid(backend, grid)
@@ -347,7 +349,7 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
 
     if info.type == "npu":
         report(apply_npu_patches(args.npu_flash_attention))
-    pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only)
+    pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only, args.base_quantization, info.type)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
     pipe.to(state.device)

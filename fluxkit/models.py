@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quant
 from .environment import check_pipeline_folder, hf_offline, is_hub_id
 from .errors import UserError
 
@@ -52,16 +53,27 @@ def resolve_model_dir(args) -> str:
     return check_pipeline_folder(path, "--pretrained_model_name_or_path")
 
 
-def load_models(args, model_dir: str, without: tuple[str, ...] = ()) -> Models:
+def load_models(args, model_dir: str, without: tuple[str, ...] = (), weight_dtype: torch.dtype = torch.float32,
+                device_type: str = "cpu") -> Models:
     """The pipeline's components; those named in `without` (e.g. text encoders whose every output
-    is cached, or the transformer when only filling the cache) are not loaded and are None."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    is cached, or the transformer when only filling the cache) are not loaded and are None. A LoRA
+    run's transformer comes quantized as --base_quantization asks (fluxkit.quant), in weight_dtype."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     common = dict(revision=args.revision, local_files_only=True)
+    quantization = getattr(args, "base_quantization", "none")
 
     def load(name, cls, **kw):
         return None if name in without else cls.from_pretrained(model_dir, subfolder=name, **common, **kw)
+
+    def load_transformer():
+        if "transformer" in without:
+            return None
+        # unquantized it loads in fp32 and setup_trainables casts what stays frozen
+        dtype = torch.float32 if quantization == "none" else weight_dtype
+        return quant.load_transformer(model_dir, quantization, dtype, device_type, subfolder="transformer",
+                                      variant=args.variant, **common)
 
     try:
         models = Models(
@@ -70,7 +82,7 @@ def load_models(args, model_dir: str, without: tuple[str, ...] = ()) -> Models:
             text_encoder=load("text_encoder", CLIPTextModel, variant=args.variant),
             text_encoder_2=load("text_encoder_2", T5EncoderModel, variant=args.variant),
             vae=load("vae", AutoencoderKL, variant=args.variant),
-            transformer=load("transformer", FluxTransformer2DModel, variant=args.variant),
+            transformer=load_transformer(),
             scheduler=load("scheduler", FlowMatchEulerDiscreteScheduler),
             model_dir=model_dir,
         )
@@ -104,7 +116,8 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
         from peft import LoraConfig
 
         targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()] if args.lora_layers else DEFAULT_LORA_TARGETS
-        m.transformer.to(dtype=weight_dtype)
+        if not quant.is_quantized(m.transformer):  # a quantized base was loaded in weight_dtype
+            m.transformer.to(dtype=weight_dtype)
         try:
             m.transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  init_lora_weights="gaussian", target_modules=targets))

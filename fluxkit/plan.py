@@ -50,6 +50,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError, cli
+from .quant import refuse_for_full_finetune
 
 GiB = 2**30
 # Share of the device's memory the plan may use: CUDA/NPU contexts, kernels' workspaces and
@@ -57,7 +58,6 @@ GiB = 2**30
 HEADROOM_FRACTION = 0.92
 DEEPSPEED_REDUCE_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (accelerate leaves it)
 DEEPSPEED_STAGE3_LIVE = int(1e9)  # stage3_max_live_parameters default: gathered parameters at once
-QUANTIZATIONS = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
 HUB_DEV_IDS = ("black-forest-labs/FLUX.1-dev",)
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
@@ -225,7 +225,7 @@ def lora_parameter_count(shapes: list, targets: list[str], rank: int) -> int:
 def quantized_linear_bytes(shapes: list, quantization: str, dtype_bytes: int) -> tuple[int, int]:
     """(bytes of the quantized nn.Linear weights, their parameter count) of a frozen base."""
     numel = sum(i * o for _, i, o in shapes)
-    if quantization == "int8":  # torchao int8 weight-only: int8 weights + one scale per output row
+    if quantization in ("int8", "fp8"):  # torchao int8/float8 weight-only: 1-byte weights + one scale per output row
         return numel + sum(o for _, _, o in shapes) * dtype_bytes, numel
     if quantization == "nf4":  # bitsandbytes NF4: two weights per byte + an fp32 absmax per block
         return numel // 2 + math.ceil(numel / NF4_BLOCK) * 4, numel
@@ -319,9 +319,8 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
     arch = arch or read_architecture(args.pretrained_model_name_or_path, getattr(args, "architecture", None))
     lora = bool(getattr(args, "lora", False))
     quant = getattr(args, "base_quantization", None) or "none"
-    if quant != "none" and not lora:
-        raise UserError(f"--base_quantization {quant} quantizes the frozen base of a LoRA run; a full fine-tune trains "
-                        "every weight, so drop the flag or train LoRA")
+    if not lora:
+        refuse_for_full_finetune(quant)
     deepspeed = zero_stage > 0
     mixed = args.mixed_precision or ("bf16" if deepspeed else "no")
     cb = _dtype_bytes(mixed)  # compute dtype bytes
@@ -655,7 +654,6 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:  # the plan needs no data or prompt
         if action.dest in ("instance_prompt",):
             action.required = False
-    have = {a.dest for a in p._actions}
     g = p.add_argument_group("memory plan")
     g.add_argument("--lora", action="store_true", help="plan train_flux_dreambooth_lora.py (default: the full fine-tune)")
     g.add_argument("--num_processes", type=int, default=1, help="processes (devices) in the run")
@@ -665,8 +663,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     g.add_argument("--calibrate", action="store_true", help="measure the activation constants on this CPU and compare")
     p.set_defaults(max_sequence_length=None)  # the full and LoRA trainers differ: filled in by parse()
-    if "base_quantization" not in have:
-        g.add_argument("--base_quantization", default="none", choices=QUANTIZATIONS, help="LoRA: frozen base quantization")
     return p
 
 

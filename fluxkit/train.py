@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import checkpoints, fsio, offload, outputs, plan, quiet, zero3
+from . import checkpoints, fsio, offload, outputs, plan, quant, quiet, zero3
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
-from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize, torch_dtype
+from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize, torch_dtype, using_deepspeed
 from .errors import UserError
 from .loss import flow_matching_loss
 from .models import Models, Trainables, build_optimizer, load_models, resolve_model_dir, setup_trainables
@@ -152,6 +152,7 @@ def preflight(args):
     (checkpoint, state) to resume or None, (memory plan or None, its line))."""
     info = detect(args.device)
     check_mixed_precision(info, args.mixed_precision)
+    quant.check(args.base_quantization, info.type, deepspeed=using_deepspeed())
     if args.use_8bit_adam:
         _require("bitsandbytes", "--use_8bit_adam needs bitsandbytes (CUDA only); drop the flag or pip install bitsandbytes")
     if args.optimizer.lower() == "prodigy":
@@ -244,7 +245,7 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
     if covered and not args.train_text_encoder:
         without += ("text_encoder",)
     with zero3.whole_models(accelerator):
-        models = load_models(args, model_dir, without)
+        models = load_models(args, model_dir, without, weight_dtype, info.type)
     trainables = setup_trainables(args, models, weight_dtype)
     resident = offload.resident(args, models)  # --offload_encoders leaves the frozen encoders in host memory
     for module in resident:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import quant
 from .data import INTERPOLATION_MODES
 from .errors import UserError
 
@@ -27,6 +28,7 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--revision", default=None, help="hub revision of the model")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--cache_dir", default=None, help="where downloaded models and datasets are cached")
+    quant.add_flag(g, "LoRA only: quantize the frozen transformer base")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="a local dataset folder, parquet file or hub id with images and captions")
@@ -209,6 +211,8 @@ def validate(args) -> None:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
         if not args.class_data_dir:
             raise UserError("--with_prior_preservation needs --class_data_dir (a folder; missing class images are generated there)")
+    if not args.lora:
+        quant.refuse_for_full_finetune(args.base_quantization)
     if args.lora:
         if args.rank <= 0 or args.lora_alpha <= 0:
             raise UserError(f"--rank {args.rank} and --lora_alpha {args.lora_alpha} must be positive")
