@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess
 from test_reliability import LORA, assert_bit_identical, log_lines, steps_and_losses, train_args, weights
@@ -68,7 +69,10 @@ def test_lora_on_a_quantized_base_learns_and_loads_into_an_unquantized_pipeline(
     steps = 10
     common = dict(base_quantization=quantization, **COMMON)
     trained, frozen = tmp_path / "trained", tmp_path / "lr0"
-    assert train_inprocess(LORA, train_args(tiny_flux, sample_data, trained, steps, learning_rate=3e-2, **common)) == 0
+    assert train_inprocess(LORA, train_args(tiny_flux, sample_data, trained, steps, learning_rate=3e-2, **common,
+                                            validation_prompt="a photo of sks dog", num_validation_images=1,
+                                            num_validation_steps=2)) == 0
+    assert (trained / "validation" / "validation-final.png").is_file()  # rendered on the quantized base
     # the same run with the learning rate at (nearly) zero draws the same noise and timesteps
     assert train_inprocess(LORA, train_args(tiny_flux, sample_data, frozen, steps, learning_rate=1e-12, **common)) == 0
     a, b = losses(trained), losses(frozen)
@@ -102,6 +106,19 @@ def test_lora_on_a_quantized_base_learns_and_loads_into_an_unquantized_pipeline(
     pipe.load_lora_weights(str(trained / LORA_FILE))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
     assert np.abs(render() - before).max() > 1e-3
+
+    # and into the inference scripts' quantized transformer, also merged into its quantized weights (--fuse_lora)
+    images = {}
+    for how in ("none", "lora", "fused"):
+        out = tmp_path / f"infer-{how}"
+        lora = [] if how == "none" else ["--lora_weights", trained] + (["--fuse_lora"] if how == "fused" else [])
+        assert infer_lora(["--model_path", tiny_flux, "--base_quantization", quantization, "--prompt", "a photo of sks dog",
+                           "--seeds", "1", "--height", "32", "--width", "32", "--num_inference_steps", "2", "--dtype",
+                           "fp32", "--max_sequence_length", "32", "--output_dir", out, "--lora_weights", ""] + lora) == 0
+        images[how] = np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+    effect = np.abs(images["lora"] - images["none"]).mean()
+    # merged: the same image up to rounding (int8) or re-quantizing the merged weights to NF4 (about a quarter)
+    assert effect > 5 and np.abs(images["fused"] - images["lora"]).mean() < 0.4 * effect
 
 
 def test_killed_run_on_a_quantized_base_resumes_bit_identical(tiny_flux, sample_data, tmp_path, capsys):
@@ -158,8 +175,6 @@ def test_inference_renders_on_a_quantized_transformer(tiny_flux, tmp_path):
         assert infer_lora(common + ["--output_dir", str(out), "--base_quantization", quantization]) == 0
         records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         assert len(records) == 1 and records[0].get("base_quantization", "none") == quantization
-        from PIL import Image
-
         images[quantization] = (records[0]["file"], np.asarray(Image.open(out / records[0]["file"]), dtype=np.int16))
     names = {name for name, _ in images.values()}
     assert len(names) == 3
