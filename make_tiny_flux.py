@@ -3,7 +3,8 @@
 
     python make_tiny_flux.py --preset small --output_dir tiny_flux --dataset_dir tiny_data
 
-Presets: tiny (tests), small (CPU benchmarks), dev (FLUX.1-dev's architecture; needs --allow_large).
+Presets: tiny (tests), small (CPU benchmarks), devlike (FLUX.1-dev's proportions, small), dev (FLUX.1-dev's
+architecture; needs --allow_large).
 The folder loads with FluxPipeline.from_pretrained(DIR, local_files_only=True).
 """
 

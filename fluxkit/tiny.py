@@ -83,6 +83,16 @@ PRESETS = {
         clip=_clip(128, 2, 4, 256, 1000, 128), t5=_t5(256, 2, 4, 64, 512, 1000),
         sample_resolution=256,
     ),
+    # FLUX.1-dev at 1/140 scale with its proportions: T5 40% of the transformer's parameters (dev:
+    # 4.76B / 11.9B), CLIP 1.0% (123M), the VAE 0.7% (84M; 8x down, 16 latent channels). For
+    # measuring what the encoders cost in memory on a CPU: a 2-step LoRA run takes seconds.
+    "devlike": Preset(
+        name="devlike", description="FLUX.1-dev's proportions at 1/140 scale (84M transformer; T5, CLIP and VAE 0.40, 0.010 and 0.007 of it): CPU memory benchmarks",
+        transformer=_transformer(64, 3, 6, 64, 10, 512, 128, (16, 24, 24)),
+        vae=_vae((16, 32, 48, 48), latent_channels=16, groups=8),
+        clip=_clip(128, 4, 4, 448, 1000, 128), t5=_t5(512, 11, 8, 64, 1280, 1000),
+        sample_resolution=256,
+    ),
     "dev": Preset(
         name="dev", description="FLUX.1-dev's exact architecture with random weights (about 12B transformer + 4.7B T5): GPU benchmarks only",
         transformer=_transformer(64, 19, 38, 128, 24, 4096, 768, (16, 56, 56)),

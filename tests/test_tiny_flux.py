@@ -109,6 +109,16 @@ def test_dev_preset_is_flux1_dev_architecture():
     assert 120e6 < counts["text_encoder"] < 125e6  # CLIP-L text: 123M
 
 
+def test_devlike_preset_has_flux1_dev_proportions():
+    from fluxkit.tiny import PRESETS, parameter_count
+
+    dev, small = parameter_count(PRESETS["dev"]), parameter_count(PRESETS["devlike"])
+    for part in ("text_encoder_2", "text_encoder", "vae"):  # each within 10% of dev's share of the transformer
+        share, dev_share = small[part] / small["transformer"], dev[part] / dev["transformer"]
+        assert abs(share / dev_share - 1) < 0.10, (part, share, dev_share)
+    assert 50e6 < small["transformer"] < 120e6  # a CPU runs a LoRA step of it in seconds
+
+
 @pytest.mark.parametrize("case", ["preset", "nonempty", "unwritable"])
 def test_builder_bad_input(tmp_path, case):
     out = tmp_path / "out"
