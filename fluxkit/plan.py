@@ -460,6 +460,8 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
     frozen = sum(i.bytes for i in items if i.group == "weights" and not i.name.startswith("transformer base"))
     if on_cpu and quant == "none":
         arriving = P["transformer"] * 4
+    elif on_cpu and quant == "nf4":  # off CUDA, fluxkit.quant loads it in the compute dtype, then swaps in NF4
+        arriving = P["transformer"] * cb
     elif lora:
         arriving = sum(i.bytes for i in items if i.name.startswith("transformer base"))
     elif zero_stage == 3:
@@ -525,8 +527,8 @@ def remedies(plan: Plan, args) -> str:
     if not s["gradient_checkpointing"]:
         out.append("add --gradient_checkpointing")
     out.append("lower --train_batch_size or --resolution")
-    if s["run"] == "LoRA" and s["base_quantization"] == "none":
-        out.append("quantize the frozen base (--base_quantization nf4 or int8)")
+    if s["run"] == "LoRA" and s["base_quantization"] == "none":  # (int8 is refused under DeepSpeed: fluxkit.quant)
+        out.append("quantize the frozen base (--base_quantization " + ("nf4)" if plan.zero_stage else "nf4 or int8)"))
     if not getattr(args, "offload_encoders", False) and plan.device != "cpu":
         out.append("keep the encoders in host memory (--offload_encoders)")
     if s["run"] == "full" and plan.zero_stage != 3:

@@ -102,3 +102,18 @@ def test_train_text_encoder_under_deepspeed_is_one_line(tiny_flux, sample_data, 
     assert len(errors) == 1 and "--train_text_encoder cannot run under DeepSpeed" in errors.pop(), proc.stderr[-3000:]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not (tmp_path / "te" / "transformer").exists()
+
+
+def test_the_trainer_plans_the_zero_stage_accelerate_launched(tiny_flux, sample_data, tmp_path):
+    """`accelerate launch --config_file <ZeRO-3 config>` with the trainer: its memory plan (checked before
+    any model loads) is ZeRO-3's over 2 processes, read from what accelerate exports, and a run that
+    cannot fit is refused by every rank in the same one line."""
+    out = tmp_path / "out"
+    proc = accelerate_launch([LORA] + base_args(tiny_flux, sample_data, out, steps=1, device_memory_gb="0.02"),
+                             num_processes=2, config=ZERO3_CONFIG, timeout=300)
+    assert proc.returncode != 0
+    errors = {l.split("error: ", 1)[1] for l in proc.stderr.splitlines() if "error: " in l}
+    assert len(errors) == 1, proc.stderr[-3000:]
+    line = errors.pop()
+    assert "(LoRA 32px batch 1 on 2 process(es), ZeRO-3); does NOT fit in 0.0 GiB" in line, line
+    assert not out.exists()
