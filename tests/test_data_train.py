@@ -345,3 +345,33 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     assert train(a, "a3") == {}  # A's entries were kept
     latents = [r for r in fcache.usage(str(cache_dir / fcache.FORMAT)) if r["namespace"].startswith("latents/")]
     assert [r["entries"] for r in latents] == [3]
+
+
+# ----------------------------------------------------------------------------- machines that share no cache folder
+
+def test_processes_without_a_shared_cache_folder_fill_their_own_and_say_so(tiny_flux, tmp_path):
+    """Two real processes (accelerate, gloo), each with a cache folder of its own as on two machines
+    without a shared filesystem: no hang at the fill's barriers, each machine fills what the other's
+    folder holds, one notice line per machine, and the run trains."""
+    from conftest import free_port
+
+    folder = captioned_folder(tmp_path / "data", [(40, 36)] * 4)
+    cache_dir = tmp_path / "cache"
+    wrapper = os.path.join(ROOT, "tests", "scripts", "cache_per_machine.py")
+    args = args_for(tiny_flux, folder, tmp_path / "out", steps=2, max_sequence_length=16, latent_cache_dir=str(cache_dir))
+    # plain DDP over gloo (--multi_gpu starts 2 CPU processes; no DeepSpeed needed for the cache's barriers)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    proc = run_script(launch + [wrapper, LORA] + args, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notices = [line for line in proc.stderr.splitlines() if "is not shared with every process" in line]
+    assert len(notices) == 2 and {"machine-0" in n for n in notices} == {True, False}, notices
+    for machine in ("machine-0", "machine-1"):  # each folder ends up with every latent and prompt
+        shards = list((cache_dir / machine / "v1").rglob("shard-*.safetensors"))
+        from safetensors import safe_open
+
+        keys = set()
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as f:
+                keys |= {k.rsplit(".", 1)[0] for k in f.keys()}
+        assert len(keys) == 4 + 2, (machine, len(keys))  # 4 latents, 2 captions
