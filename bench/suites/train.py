@@ -1,5 +1,6 @@
 """train-full / train-lora: the toolkit's trainers on the `small` preset, 256x256, batch 2, one
-fixed instance prompt; one process and 2-process DeepSpeed ZeRO-2; caching on and off.
+fixed instance prompt; one process and 2-process DeepSpeed ZeRO-2; caching on and off; for LoRA
+also int8 and NF4 quantized bases (--base_quantization) beside the unquantized one.
 
 Each case runs the trainer --train_repeats times as a subprocess and reads its JSON summary;
 its measured step times (after the trainer's warm-up steps) are the repeats of s/step,
@@ -26,15 +27,25 @@ INSTANCE_PROMPT = "a photo of sks dog"
 T5_TOKENS = 77  # the trainers' default --max_sequence_length
 SUMMARY_PREFIX = '{"images_per_sec": '
 CASES = [(1, True), (1, False), (2, True), (2, False)]  # (processes, caching)
+# LoRA over a quantized frozen base (processes, quantization), cache on; int8 is refused under DeepSpeed
+QUANTIZED_CASES = [(1, "int8"), (1, "nf4"), (2, "nf4")]
 
 
-def _flags(ctx, mode: str, assets: dict, output_dir: str, cache: bool) -> list[str]:
+def _cases(mode: str) -> list[tuple[int, bool, str]]:
+    """(processes, caching, base quantization) of every case this suite runs for `mode`."""
+    plain = [(processes, cache, "none") for processes, cache in CASES]
+    return plain + ([(processes, True, q) for processes, q in QUANTIZED_CASES] if mode == "lora" else [])
+
+
+def _flags(ctx, mode: str, assets: dict, output_dir: str, cache: bool, quantization: str = "none") -> list[str]:
     flags = ["--pretrained_model_name_or_path", assets["model_path"], "--instance_data_dir", assets["instance_dir"],
              "--instance_prompt", INSTANCE_PROMPT, "--resolution", str(RESOLUTION), "--train_batch_size", str(BATCH),
              "--max_train_steps", str(ctx.args.train_steps), "--throughput_warmup_steps", str(ctx.args.warmup_steps),
              "--learning_rate", "1e-4" if mode == "lora" else "1e-5", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
              "--checkpointing_steps", str(10**9), "--mixed_precision", "bf16", "--seed", "0",
              "--output_dir", output_dir, "--device", ctx.args.device]
+    if quantization != "none":
+        flags += ["--base_quantization", quantization]
     if not cache:
         flags.append("--no_cache")
     elif mode == "lora":
@@ -66,14 +77,17 @@ def run(ctx, mode: str) -> dict:
     from tqdm.auto import tqdm
 
     rows, failures = [], []
-    bar = tqdm(total=len(CASES) * ctx.args.train_repeats, desc=f"train-{mode}", unit="run")
-    for processes, cache in CASES:
+    cases = _cases(mode)
+    bar = tqdm(total=len(cases) * ctx.args.train_repeats, desc=f"train-{mode}", unit="run")
+    for processes, cache, quantization in cases:
         summaries = []
         peak = harness.process_peak_flops(ctx.device, torch.bfloat16, processes)
         for repeat in range(ctx.args.train_repeats):
-            name = f"train-{mode}-{processes}p-{'cache' if cache else 'nocache'}-{repeat}"
+            base = "" if quantization == "none" else f"-{quantization}"
+            name = f"train-{mode}-{processes}p-{'cache' if cache else 'nocache'}{base}-{repeat}"
             out = ctx.path(name)
-            cmd = harness.launch_prefix(processes, deepspeed=processes > 1) + [script, *_flags(ctx, mode, assets, out, cache)]
+            cmd = harness.launch_prefix(processes, deepspeed=processes > 1) + [script, *_flags(ctx, mode, assets, out, cache,
+                                                                                              quantization)]
             try:
                 stdout = harness.run_command(cmd, ctx.path("logs", name + ".log"), env=harness.threads_env(processes),
                                              timeout=ctx.args.timeout)
@@ -99,13 +113,15 @@ def run(ctx, mode: str) -> dict:
             "final loss": harness.summarize(s["final_loss"] for s in summaries),
             "e2e s": harness.summarize(s["e2e_seconds"] for s in summaries),
         }
-        rows.append({"case": f"{processes}p {'DeepSpeed ZeRO-2' if processes > 1 else 'single'}, cache {'on' if cache else 'off'}",
-                     "params": {"processes": processes, "cache": "on" if cache else "off",
+        base = "" if quantization == "none" else f", {quantization} base"
+        rows.append({"case": f"{processes}p {'DeepSpeed ZeRO-2' if processes > 1 else 'single'}, cache {'on' if cache else 'off'}{base}",
+                     "params": {"processes": processes, "cache": "on" if cache else "off", "base quantization": quantization,
                                 "global batch": images_per_step, "runs": len(summaries), "measured steps": len(steps)},
                      "metrics": {k: v for k, v in metrics.items() if v is not None}})
     bar.close()
 
-    by_case = {(r["params"]["processes"], r["params"]["cache"]): r["metrics"] for r in rows}
+    by_case = {(r["params"]["processes"], r["params"]["cache"]): r["metrics"] for r in rows
+               if r["params"]["base quantization"] == "none"}
     comparisons = []
     for processes in (1, 2):
         on, off = by_case.get((processes, "on")), by_case.get((processes, "off"))
@@ -115,6 +131,15 @@ def run(ctx, mode: str) -> dict:
     one, two = by_case.get((1, "on")), by_case.get((2, "on"))
     if one and two:
         comparisons.append({"name": "cache on: 2p DeepSpeed / 1p", "metric": "images/s", **harness.compare(one["images/s"], two["images/s"])})
+
+    quantized = {(r["params"]["processes"], r["params"]["base quantization"]): r["metrics"] for r in rows
+                 if r["params"]["base quantization"] != "none"}
+    for (processes, quantization), metrics in quantized.items():
+        plain = by_case.get((processes, "on"))
+        if plain:
+            for metric in ("images/s", "peak mem GB/process"):
+                comparisons.append({"name": f"{processes}p cache on: {quantization} base / unquantized", "metric": metric,
+                                    **harness.compare(plain[metric], metrics[metric])})
 
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH} per process, {ctx.args.train_steps} steps of which "
              f"{ctx.args.warmup_steps} warm-up, bf16; prompt {INSTANCE_PROMPT!r}",
