@@ -698,6 +698,8 @@ def main(argv=None) -> int:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 16")
     if args.train_batch_size <= 0:
         raise UserError(f"--train_batch_size {args.train_batch_size} must be a positive integer")
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        raise UserError(f"--device_memory_gb {args.device_memory_gb} must be positive (GiB of one device)")
     zero = args.zero_stage if args.zero_stage is not None else (2 if args.num_processes > 1 else 0)
     device = args.device
     if device == "auto":

@@ -162,6 +162,9 @@ def test_refusals(tiny_flux):
     assert proc.returncode == 2 and "error: --base_quantization nf4 quantizes the frozen base of a LoRA run" in proc.stderr
     proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "no/such-model"], timeout=120)
     assert proc.returncode == 2 and "--architecture dev" in proc.stderr
+    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", tiny_flux,
+                       "--device_memory_gb", "0"], timeout=120)
+    assert proc.returncode == 2 and "error: --device_memory_gb 0.0 must be positive" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
