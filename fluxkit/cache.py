@@ -739,6 +739,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--list" in argv or any(a == "--max_size_gb" or a.startswith("--max_size_gb=") for a in argv):
         return cli(_size_command)(argv)
+    if "-h" in argv or "--help" in argv:  # the modes first; the trainer's flags follow
+        import inspect
+
+        print(inspect.cleandoc(main.__doc__) + "\n\nTRAINER FLAGS:", flush=True)
     return cli(_fill_command)(argv)
 
 

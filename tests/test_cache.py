@@ -204,3 +204,13 @@ def _as_two_processes(process):
         t.start()
     for t in threads:
         t.join(timeout=120)
+
+
+def test_size_command_bad_input_is_one_line(tmp_path, capsys):
+    assert fcache.main(["--list"]) == 2  # no cache named
+    assert fcache.main(["--list", "--latent_cache_dir", str(tmp_path / "none")]) == 2
+    assert fcache.main(["--max_size_gb", "-1", "--latent_cache_dir", str(tmp_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 3, lines
+    assert "--latent_cache_dir" in lines[0] and "holds no fluxkit cache" in lines[1] and "--max_size_gb -1" in lines[2]
+    assert not (tmp_path / "none").exists()
