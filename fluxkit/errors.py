@@ -40,7 +40,7 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             rc = int(main(*args, **kwargs) or 0)
         except UserError as err:
-            rc = report_user_error(err)
+            rc = EXIT_USER_ERROR if _said_by_another_process() else report_user_error(err)
         except KeyboardInterrupt:
             print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
             rc = EXIT_INTERRUPTED
@@ -48,6 +48,20 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         return rc
 
     return wrapper
+
+
+def _said_by_another_process() -> bool:
+    """Under `accelerate launch`, every process checks the same flags and files before the processes
+    connect, and each would print the same line: before that, only each machine's first process
+    (LOCAL_RANK 0) reports. Once connected, a process's error may be its own (a file only it read),
+    so every process reports it."""
+    import os
+
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        return False
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
 
 
 EXIT_STATUS_ENV = "FLUXKIT_EXIT_STATUS_FILE"

@@ -27,6 +27,14 @@ LOG_NOISE = {
     # a LoRA that adapts the transformer only (the default) has no text-encoder keys, as it should
     "diffusers.loaders.lora_base": ("No LoRA keys associated to CLIPTextModel found",),
     "diffusers.loaders.peft": ("No LoRA keys associated to CLIPTextModel found",),
+    # torchao and bitsandbytes (--base_quantization) are imported by transformers and peft whenever
+    # they are installed, quantized run or not; on a CPU host they report GPU kernels they cannot load
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
+    # we load torchao-quantized models from safetensors weights only, never torchao's pickled tensors
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
 }
 # (category, regex matched at the start of the message)
 WARNING_NOISE = (

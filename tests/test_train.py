@@ -241,3 +241,12 @@ def test_resume_across_run_types_is_refused(tiny_flux, sample_data, tmp_path, ca
 def test_bad_input_through_the_real_entry_point(tiny_flux, sample_data, tmp_path):
     proc = run_script([sys.executable, LORA] + base_args(tiny_flux, sample_data, tmp_path / "o", resolution=40), timeout=120)
     assert_user_error(proc, "--resolution")
+
+
+def test_plain_accelerate_launch_reports_a_mistake_once(tiny_flux, sample_data, tmp_path):
+    # every process checks the same flags before they connect; only the machine's first one says so
+    proc = accelerate_launch([LORA] + base_args(tiny_flux, sample_data, tmp_path / "o", resolution=40), timeout=180)
+    assert proc.returncode != 0
+    said = [l for l in proc.stderr.splitlines() if "error: --resolution" in l]
+    assert len(said) == 1, proc.stderr
+    assert not (tmp_path / "o").exists()
