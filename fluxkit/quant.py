@@ -97,9 +97,13 @@ def load_transformer(path: str, quantization: str, dtype: torch.dtype, device_ty
     if quantization in (None, "none"):
         return FluxTransformer2DModel.from_pretrained(path, **kwargs)
     if quantization == "nf4" and device_type != "cuda":
-        transformer = FluxTransformer2DModel.from_pretrained(path, **kwargs)
-        return swap_in_nf4(transformer, dtype)
-    return FluxTransformer2DModel.from_pretrained(path, quantization_config=diffusers_config(quantization, dtype), **kwargs)
+        transformer = swap_in_nf4(FluxTransformer2DModel.from_pretrained(path, **kwargs), dtype)
+    else:
+        transformer = FluxTransformer2DModel.from_pretrained(path, quantization_config=diffusers_config(quantization, dtype),
+                                                             **kwargs)
+    if quantization == "nf4":
+        reload_nf4_in_place(transformer)
+    return transformer
 
 
 def diffusers_config(quantization: str, dtype: torch.dtype):
@@ -142,3 +146,19 @@ def swap_in_nf4(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     model.is_quantized = True
     model.is_loaded_in_4bit = True
     return model
+
+
+def reload_nf4_in_place(model) -> None:
+    """Let load_state_dict take back the model's own state dict (a DeepSpeed checkpoint holds the whole
+    module's): bitsandbytes writes each NF4 weight's quantization state (absmax, quant_map, ...) as
+    extra keys beside it, which load_state_dict would reject as unexpected. The frozen base loads
+    quantized the same way every time, so those keys are dropped and the packed weights copied."""
+    import bitsandbytes as bnb
+
+    def drop_quant_state(module, state_dict, prefix, *args):
+        for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+            del state_dict[key]
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module._register_load_state_dict_pre_hook(drop_quant_state, with_module=True)
