@@ -73,7 +73,7 @@ def _describe(device_type: str) -> str:
     if device_type == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"a CUDA GPU of capability {major}.{minor}"
-    return f"{device_type}"
+    return device_type
 
 
 def is_quantized(module) -> bool:
