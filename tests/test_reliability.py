@@ -144,10 +144,11 @@ def assert_killed_at_step_3_resumes_bit_identical(launch, out, reference):
     assert_bit_identical(weights(out, LORA), weights(reference, LORA))
 
 
-def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path):
-    """ZeRO-2 bf16 on 2 processes: killed at step 3 (checkpoint-2 on disk), resumed, equals the uninterrupted run."""
+def assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path, **flags):
+    """ZeRO-2 bf16 LoRA on 2 processes (with `flags`): killed at step 3 (checkpoint-2 on disk), resumed,
+    equals the uninterrupted run."""
     def launch(out, env=None, **extra):
-        args = train_args(tiny_flux, sample_data, out, 4, checkpointing_steps=2, **extra)
+        args = train_args(tiny_flux, sample_data, out, 4, checkpointing_steps=2, **flags, **extra)
         args[args.index("--mixed_precision") + 1] = "bf16"
         return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=with_faults(env))
 
@@ -155,6 +156,10 @@ def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path)
     proc = launch(reference)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_killed_at_step_3_resumes_bit_identical(launch, tmp_path / "crashed", reference)
+
+
+def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path):
+    assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path)
 
 
 def test_checkpoint_limit_counts_only_complete_checkpoints(tmp_path):
