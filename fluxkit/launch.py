@@ -975,6 +975,10 @@ def run(req: Request) -> int:
     trainer_args = None
     if not external:  # our trainer's own parser and checks judge its arguments (upstream scripts judge theirs)
         trainer_args = validate_trainer_args(plan.trainer_args, spec.kind == "lora")
+        from . import quant  # a quantized base this host or a DeepSpeed launch cannot run: refused here
+
+        quant.check(getattr(trainer_args, "base_quantization", "none"), info.type,
+                    deepspeed=accelerate_config.get("distributed_type") == "DEEPSPEED")
     if not req.dry_run:
         check_model(o["model_name"])
         check_data(o)

@@ -355,6 +355,13 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_starts(tiny_flux, sa
     assert "Traceback" not in line
 
 
+def test_a_quantization_deepspeed_cannot_run_is_refused_by_the_launcher(tiny_flux, sample_data, tmp_path):
+    # the launchers' config is DeepSpeed ZeRO-2: torchao's int8 base cannot run there (fluxkit.quant.check)
+    out = tmp_path / "out"
+    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--base_quantization=int8"))
+    _one_line_nothing_written(proc, out, "--base_quantization int8 cannot run under DeepSpeed", "nf4")
+
+
 def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
     p = dry(LORA, *_tiny_keys(tiny_flux, sample_data, tmp_path / "out", "--device_memory_gb=0.02"))
     text = p.text.split("memory plan per device:\n", 1)[1]
