@@ -29,7 +29,12 @@ def report_user_error(err: UserError, prog: str | None = None) -> int:
 def _prog_name() -> str:
     import os
 
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fluxkit"
+    if not (sys.argv and sys.argv[0]):
+        return "fluxkit"
+    path = os.path.abspath(sys.argv[0])
+    if os.path.dirname(path) == os.path.dirname(os.path.abspath(__file__)):  # `python -m fluxkit.plan`
+        return f"python -m fluxkit.{os.path.splitext(os.path.basename(path))[0]}"
+    return os.path.basename(path)
 
 
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
