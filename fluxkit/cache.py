@@ -240,10 +240,10 @@ def image_hashes(dataset, hashes: ImageHashes) -> tuple[list[str], list[str]]:
     return [hashes(scan.source(s)) for s in scan.samples], [hashes(scan.source(s)) for s in scan.class_samples]
 
 
-def latent_keys(dataset, hashes: ImageHashes, images: dict[str, str] | None = None) -> dict[int, str]:
+def latent_keys(dataset, per_image: tuple[list[str], list[str]], images: dict[str, str] | None = None) -> dict[int, str]:
     """Content key of every sample's latent: sample index i, and -1 - i for its class partner.
-    images, when given, receives each key's image hash."""
-    image_hash, class_hash = image_hashes(dataset, hashes)
+    per_image: image_hashes(dataset, ...); images, when given, receives each key's image hash."""
+    image_hash, class_hash = per_image
     common = (dataset.interpolation, dataset.background)
     keys, images = {}, images if images is not None else {}
     for i in range(len(dataset)):
@@ -534,15 +534,16 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     if root is None:
         return Cache(None, max_sequence_length=args.max_sequence_length, device=device)
     hashes = ImageHashes(os.path.join(root, FORMAT))
+    per_image = image_hashes(dataset, hashes)  # reads (or hashes) each image once
     key_images = {}
-    keys = latent_keys(dataset, hashes, key_images)
+    keys = latent_keys(dataset, per_image, key_images)
     from .environment import is_rank0
 
     if is_rank0():
         hashes.save()
     cache = Cache(root, vae_identity(model_dir, weight_dtype), text_identity(model_dir, weight_dtype),
                   args.max_sequence_length, keys, device, key_images)
-    cache.image_hashes = image_hashes(dataset, hashes)
+    cache.image_hashes = per_image
     _say_if_other_models(cache)
     _check_known_unreadable(cache, dataset)
     if is_rank0():

@@ -39,7 +39,7 @@ def _folder(tmp_path, n=3):
 
 def _cache(root, enc, dataset, msl=16):
     hashes = fcache.ImageHashes(os.path.join(root, fcache.FORMAT))
-    keys = fcache.latent_keys(dataset, hashes)
+    keys = fcache.latent_keys(dataset, fcache.image_hashes(dataset, hashes))
     hashes.save()
     return fcache.Cache(str(root), fcache.vae_identity(enc.model_dir, torch.float32),
                         fcache.text_identity(enc.model_dir, torch.float32), msl, keys)
