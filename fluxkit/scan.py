@@ -10,7 +10,17 @@ Where the captions come from (first found wins, per image):
    caption column: --caption_column, else `text`, else `caption`),
 2. IMAGE.txt beside IMAGE.png (--caption_extension, default .txt; UTF-8),
 3. for --dataset_name parquet/hub datasets, --caption_column,
-4. --instance_prompt.
+4. --instance_prompt (in a kohya-style folder: the folder's prompt).
+An empty caption (a zero-byte .txt file, an empty metadata cell) falls back to 4 and is counted
+apart in the data line ("2 from --instance_prompt (empty caption)"); an image whose caption would
+come from 4 while there is no prompt is one error line naming it.
+
+Kohya-style folders: --instance_data_dir holding subfolders named N_prompt (`10_sks cat/`, as
+kohya's sd-scripts name DreamBooth folders) is read as kohya reads it: each subfolder is a concept
+whose images repeat N times per epoch, captioned by their caption file, else by the name after the
+first underscore. A top level that mixes images and such folders, a subfolder without the N_
+prefix beside them, a repeat count of 0, or --repeats on top of the folders' own counts is one
+error line (never a silent other reading).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +69,7 @@ class DatasetScan:
     table: object = None               # the datasets table rows refer to (parquet/hub), else None
     image_column: str | None = None
     origin: str = ""
+    concepts: list = field(default_factory=list)   # kohya-style folders: (name, images, repeats, prompt)
 
     @property
     def num_samples(self) -> int:
@@ -71,10 +83,16 @@ class DatasetScan:
         return _row_image(self.table[int(info.ref)][self.image_column])
 
     def report(self) -> str:
-        sizes = Counter(f"{w}x{h}" for w, h in (s.size for s in self.samples))
-        modes = Counter(s.mode for s in self.samples)
-        captions = Counter(s.caption_source for s in self.samples)
-        lines = [f"data: {len(self.samples)} image(s) from {self.origin}; repeats {self.repeats} -> "
+        shown = list({s.name: s for s in self.samples}.values())  # a kohya folder's repeats count once
+        sizes = Counter(f"{w}x{h}" for w, h in (s.size for s in shown))
+        modes = Counter(s.mode for s in shown)
+        captions = Counter(s.caption_source for s in shown)
+        if self.concepts:
+            images = sum(c[1] for c in self.concepts)
+            repeats = "kohya folders " + ", ".join(f"{name!r} {n} x{r}" for name, n, r, _ in self.concepts)
+        else:
+            images, repeats = len(self.samples), f"repeats {self.repeats}"
+        lines = [f"data: {images} image(s) from {self.origin}; {repeats} -> "
                  f"{self.num_samples} sample(s)" + (f"; {len(self.class_samples)} class image(s)" if self.class_samples else "")
                  + "; sizes " + _top(sizes) + f"; modes {_top(modes)}; captions "
                  + ", ".join(f"{n} from {src}" for src, n in captions.most_common())]
@@ -196,7 +214,7 @@ def read_metadata(folder: str, caption_column: str | None) -> tuple[str, dict[st
                             "each row needs file_name and a caption")
         column = caption_column or next((c for c in DEFAULT_CAPTION_COLUMNS if c in columns), None)
         if column is None or column not in columns:
-            wanted = f"--caption_column {caption_column!r}" if caption_column else "a text or caption column"
+            wanted = f"--caption_column {caption_column!r}" if caption_column else "text or caption column"
             raise UserError(f"{path!r} has no {wanted} (columns: {', '.join(columns)}); "
                             "pass --caption_column naming its caption column")
         return name, {os.path.normpath(str(r["file_name"])): ("" if r.get(column) is None else str(r[column])) for r in rows}
@@ -209,11 +227,13 @@ def _is_image_folder(path: str) -> bool:
     if not os.path.isdir(path):
         return False
     names = os.listdir(path)
-    return any(n in METADATA_FILES for n in names) or any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
+    return (any(n in METADATA_FILES for n in names) or any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
+            or any(_KOHYA_FOLDER.match(n) and os.path.isdir(os.path.join(path, n)) for n in names))
 
 
-def _folder_entries(folder: str, flag: str, args) -> list[tuple[str, str, str]]:
-    """(path, caption, caption source) for each image of an image folder."""
+def _folder_entries(folder: str, flag: str, args, prompt: str | None, prompt_source: str) -> list[tuple[str, str, str]]:
+    """(path, caption, caption source) for each image of an image folder; an image without a caption
+    (or with an empty one) gets `prompt`, named by `prompt_source`."""
     caption_ext = getattr(args, "caption_extension", ".txt") or ".txt"
     meta = read_metadata(folder, getattr(args, "caption_column", None)) if os.path.isdir(folder) else None
     listed = {}
@@ -229,18 +249,72 @@ def _folder_entries(folder: str, flag: str, args) -> list[tuple[str, str, str]]:
             raise UserError(f"{flag} {folder!r} holds no images; add some or fix the path")
     else:
         paths = list_images(folder, flag)
-    entries = []
+    entries, uncaptioned = [], []
     for path in paths:
         rel = os.path.normpath(os.path.relpath(path, folder))
-        if rel in listed:
-            entries.append((path, listed[rel], meta[0]))
-            continue
         txt = os.path.splitext(path)[0] + caption_ext
-        if os.path.isfile(txt):
-            entries.append((path, read_caption_file(txt), f"{caption_ext} files"))
+        if rel in listed:
+            caption, source, empty = listed[rel], meta[0], f"empty caption in {meta[0]}"
+        elif os.path.isfile(txt):
+            caption, source, empty = read_caption_file(txt), f"{caption_ext} files", f"empty {caption_ext} file"
         else:
-            entries.append((path, args.instance_prompt or "", "--instance_prompt"))
+            caption, source, empty = "", prompt_source, ""
+        if not caption.strip():
+            if not prompt:
+                uncaptioned.append((path, empty))
+            caption, source = prompt or "", prompt_source + (f" ({empty})" if empty else "")
+        entries.append((path, caption, source))
+    if uncaptioned:
+        path, empty = uncaptioned[0]
+        why = f"its {empty}" if empty else f"no {os.path.splitext(path)[0] + caption_ext} beside it"
+        raise UserError(f"{len(uncaptioned)} image(s) in {folder!r} have no caption and {prompt_source} is not given, "
+                        f"e.g. {os.path.basename(path)!r} ({why}); pass {prompt_source}='a photo of sks dog' "
+                        f"or write a caption in IMAGE{caption_ext} beside each image")
     return entries
+
+
+_KOHYA_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$", re.DOTALL)
+
+
+def kohya_concepts(folder: str, flag: str, repeats: int) -> list[tuple[str, int, str]] | None:
+    """(subfolder, repeats, prompt) of each N_prompt subfolder of a kohya-style folder, else None."""
+    if not os.path.isdir(folder):
+        return None
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    folders = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+    matched = [(n, _KOHYA_FOLDER.match(n)) for n in folders]
+    if not any(m for _, m in matched):
+        return None
+    example = next(n for n, m in matched if m)
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) or n in METADATA_FILES]
+    if images:
+        raise UserError(f"{flag} {folder!r} holds images ({images[0]!r}) beside kohya-style N_prompt folders "
+                        f"({example!r}); move the images into an N_prompt folder, or the folders out")
+    other = [n for n, m in matched if not m]
+    if other:
+        raise UserError(f"{flag} {folder!r}: folder {other[0]!r} has no N_ repeat prefix beside kohya-style folders "
+                        f"({example!r}); rename it like '1_{other[0]}' or move it out")
+    if repeats != 1:
+        raise UserError(f"--repeats {repeats} with kohya-style folders ({example!r}), which carry their own repeat "
+                        "counts; drop --repeats, or change the N_ prefixes")
+    concepts = [(n, int(m.group(1)), (m.group(2) or "").strip()) for n, m in matched]
+    zero = [n for n, r, _ in concepts if r < 1]
+    if zero:
+        raise UserError(f"{flag} {folder!r}: folder {zero[0]!r} repeats its images 0 times; "
+                        "give it a count of 1 or more, or move it out")
+    return concepts
+
+
+def _kohya_entries(folder: str, flag: str, args, concepts) -> tuple[list, list]:
+    """(path, caption, source) per sample, a kohya folder's images listed N times, and the concepts'
+    (name, images, repeats, prompt)."""
+    entries, summary = [], []
+    for name, repeats, prompt in concepts:
+        sub = _folder_entries(os.path.join(folder, name), flag, args, prompt or args.instance_prompt,
+                              "kohya folder names" if prompt else "--instance_prompt")
+        entries += [e for e in sub for _ in range(repeats)]
+        summary.append((name, len(sub), repeats, prompt))
+    return entries, summary
 
 
 def _load_table(args):
@@ -292,11 +366,14 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
     skip_bad = bool(getattr(args, "skip_bad_images", False))
     skipped: list[str] = []
     samples: list[ImageInfo] = []
-    table, image_column = None, None
+    table, image_column, concepts = None, None, []
 
     if args.dataset_name and not _is_image_folder(args.dataset_name):
         table, image_column, captions = _load_table(args)
         origin = f"--dataset_name {args.dataset_name}"
+        if captions is None and not args.instance_prompt:
+            raise UserError(f"--dataset_name {args.dataset_name!r} is read without captions (no --caption_column) and "
+                            "--instance_prompt is not given; pass --caption_column=COLUMN or --instance_prompt='a photo of sks dog'")
         bar = _progress(len(table), "scanning images", quiet)
         row = 0
         for chunk in table.select_columns([image_column]).iter(batch_size=64):
@@ -319,10 +396,17 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
     else:
         folder, flag = (args.dataset_name, "--dataset_name") if args.dataset_name else (args.instance_data_dir, "--instance_data_dir")
         origin = f"{flag} {folder}"
-        entries = _folder_entries(folder, flag, args)
+        concepts = kohya_concepts(folder, flag, int(args.repeats)) or []
+        if concepts:
+            entries, concepts = _kohya_entries(folder, flag, args, concepts)
+        else:
+            entries = _folder_entries(folder, flag, args, args.instance_prompt, "--instance_prompt")
         bar = _progress(len(entries), "scanning images", quiet)
+        inspected = {}  # a kohya folder lists each image once per repeat
         for path, caption, source in entries:
-            info = _inspect_path(path, skip_bad, skipped)
+            if path not in inspected:
+                inspected[path] = _inspect_path(path, skip_bad, skipped)
+            info = inspected[path]
             if info is not None:
                 samples.append(ImageInfo(path, path, info[0], info[1], caption, source))
             bar.update(1)
@@ -331,7 +415,8 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
         raise UserError(f"no readable training images in {origin} (all {len(skipped)} were skipped); "
                         "check --instance_data_dir or --dataset_name")
 
-    scan = DatasetScan(samples, [], skipped, max(1, int(args.repeats)), table=table, image_column=image_column, origin=origin)
+    scan = DatasetScan(samples, [], skipped, max(1, int(args.repeats)), table=table, image_column=image_column, origin=origin,
+                       concepts=concepts)
     add_class_images(scan, class_images or [], args)
     if getattr(args, "aspect_ratio_buckets", False):
         from .buckets import assign, make_buckets

@@ -32,6 +32,20 @@ INFER_BASE = ["--model_path", "{model}", "--prompt", "a photo of sks dog", "--se
 LAUNCH_BASE = ["--model_name={model}", "--instance_dir={instance}", "--output_dir={out}", "--max_train_steps=1"]
 
 
+def _png() -> bytes:
+    """A real 8x8 PNG, for cases that need an image file."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
 def case(name, entry, args, needles, base=None, files=None, env=None):
     return {"name": name, "entry": entry, "args": list(base or []) + list(args), "needles": list(needles),
             "files": dict(files or {}), "env": dict(env or {})}
@@ -66,6 +80,19 @@ CASES = [
     case("trainer: misspelt flag", "train_lora", ["--lerning_rate", "1e-4"], ["--lerning_rate"], TRAINER_BASE),
     case("trainer: batch size not a number", "train", ["--train_batch_size", "four"],
          ["--train_batch_size", "'four'"], TRAINER_BASE),
+    # data conventions users bring (issue 22): kohya-style N_prompt folders, empty captions
+    case("trainer: kohya folders beside loose images", "train_lora", ["--instance_data_dir", "{tmp}/kohya"],
+         ["kohya", "10_sks cat", "loose.png"], TRAINER_BASE,
+         files={"kohya/10_sks cat/a.png": PNG, "kohya/loose.png": PNG}),
+    case("trainer: kohya folders and --repeats", "train_lora", ["--instance_data_dir", "{tmp}/kohya", "--repeats", "3"],
+         ["--repeats 3", "10_sks cat", "own repeat counts"], TRAINER_BASE, files={"kohya/10_sks cat/a.png": PNG}),
+    case("trainer: folder without N_ beside kohya folders", "train_lora", ["--instance_data_dir", "{tmp}/kohya"],
+         ["'cats'", "N_", "1_cats"], TRAINER_BASE, files={"kohya/10_sks cat/a.png": PNG, "kohya/cats/b.png": PNG}),
+    case("trainer: kohya folder with 0 repeats", "train", ["--instance_data_dir", "{tmp}/kohya"],
+         ["0_sks cat", "0 times"], TRAINER_BASE, files={"kohya/0_sks cat/a.png": PNG}),
+    case("trainer: empty caption file and an empty --instance_prompt", "train_lora",
+         ["--instance_data_dir", "{tmp}/imgs", "--instance_prompt", ""],
+         ["a.png", "empty .txt file", "--instance_prompt"], TRAINER_BASE, files={"imgs/a.png": PNG, "imgs/a.txt": ""}),
     # ------------------------------------------------------------------ launchers
     case("launcher: config file is not YAML", "launch", ["--config_file={tmp}/config.yaml"],
          ["config.yaml", "not readable YAML"], LAUNCH_BASE, files={"config.yaml": "deepspeed_config: [unclosed\n"}),

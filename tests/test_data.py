@@ -4,6 +4,7 @@ errors, buckets and their sampler, streaming and per-sample randomness."""
 import io
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -147,6 +148,36 @@ def test_captions_from_parquet_column(sample_data):
     ds = DreamBoothDataset(args, scan=scan)
     item = ds[3]
     assert item["prompt"] == scan.samples[3].caption and item["pixel_values"].shape == (3, 32, 32)
+
+
+def test_kohya_folders_give_each_concept_its_repeats_and_prompt(tmp_path):
+    """kohya's N_prompt folders: N repeats, the prompt is the name after the first underscore (the
+    rest kept whole, underscores included), a caption file wins over it."""
+    (tmp_path / "k").mkdir()
+    cats = _images(tmp_path / "k" / "10_sks cat", 2)
+    _images(tmp_path / "k" / "3_zwx_toy robot", 1)
+    (cats / "img1.txt").write_text("sks cat asleep", encoding="utf-8")
+    scan = scan_dataset(make_args(tmp_path / "k"), quiet=True)
+    assert scan.num_samples == 2 * 10 + 3
+    captions = Counter(s.caption for s in scan.samples)
+    assert captions == {"sks cat": 10, "sks cat asleep": 10, "zwx_toy robot": 3}
+    ds = DreamBoothDataset(make_args(tmp_path / "k"), scan=scan)
+    assert Counter(ds[i]["prompt"] for i in range(len(ds))) == captions
+    assert "3 image(s)" in scan.report() and "'10_sks cat' 2 x10" in scan.report()
+    # a plain folder with other subfolders is still a plain folder
+    plain = _images(tmp_path / "plain", 2)
+    _images(plain / "extra", 1)
+    assert scan_dataset(make_args(plain), quiet=True).num_samples == 2
+
+
+def test_empty_caption_falls_back_to_the_instance_prompt_and_is_counted(tmp_path):
+    folder = _images(tmp_path / "d", 3)
+    (folder / "img0.txt").write_bytes(b"")
+    (folder / "img1.txt").write_text("  \n", encoding="utf-8")
+    (folder / "img2.txt").write_text("a red fox", encoding="utf-8")
+    scan = scan_dataset(make_args(folder), quiet=True)
+    assert [s.caption for s in scan.samples] == ["a photo of sks dog", "a photo of sks dog", "a red fox"]
+    assert "2 from --instance_prompt (empty .txt file), 1 from .txt files" in scan.report()
 
 
 def test_caption_dropout_is_seeded_per_sample_and_epoch(tmp_path):
