@@ -7,7 +7,8 @@ Training
     train        the run, read top to bottom: setup, resume, loop, finish around one `Run`
     train_args   the trainers' flags (diffusers' names and defaults) and their checks
     models       loading the FLUX pipeline's components; what trains (full or LoRA); the optimizer
-    loss         text encoding and the flow-matching loss with prior preservation
+    loss         the flow-matching loss on tensors (latents, embeddings) with prior preservation
+    encode       the encoders (VAE moments, CLIP + T5) and a batch's encoding through the cache
     cache        latent/text cache keyed by sample index and prompt
     data, scan, buckets   the dataset (streamed, scanned up front), aspect-ratio buckets
     checkpoints  complete-or-absent checkpoint-STEP folders, resume, pruning, save/load hooks

@@ -785,7 +785,7 @@ def _fill_command(argv=None) -> int:
     from .data import DreamBoothDataset
     from .scan import list_images
     from .device import check_mixed_precision, detect, torch_dtype
-    from .loss import encode_prompts, latent_moments
+    from .encode import encode_prompts, latent_moments
     from .models import load_models, resolve_model_dir
     from .scan import add_class_images, scan_dataset
     from .train_args import parse_args

@@ -9,7 +9,7 @@ Read it top to bottom; `train` is the whole story:
 
 Everything these share is one `Run`. Full and LoRA runs differ only in what trains and how
 weights are saved. The parts live in modules named for what they hold: models and trainables
-(models.py), the flow-matching loss (loss.py), the latent/text cache (cache.py), checkpoints and
+(models.py), the flow-matching loss (loss.py), encoding through the latent/text cache (encode.py, cache.py), checkpoints and
 their save/load hooks (checkpoints.py), outputs (outputs.py), signals and throughput
 (runcontrol.py), data (data.py).
 """
@@ -32,6 +32,7 @@ from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
 from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize, torch_dtype, using_deepspeed
 from .errors import UserError
+from .encode import encode_batch
 from .loss import flow_matching_loss
 from .models import Models, Trainables, build_optimizer, load_models, resolve_model_dir, setup_trainables
 from .runcontrol import Interrupted, StopRequest, Throughput, flops_and_peak
@@ -274,7 +275,7 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
 
 def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:
     """Encode what the cache lacks, every process its share (fluxkit.cache.fill)."""
-    from .loss import encode_prompts, latent_moments
+    from .encode import encode_prompts, latent_moments
 
     device = accelerator.device
     return latent_cache.fill(
@@ -400,7 +401,7 @@ def validation_embeddings(run: Run):
     it); CLIP's pooled embedding comes from the live CLIP when it trains."""
     if run.models.text_encoder_2 is not None:
         return None
-    from .loss import encode_prompts
+    from .encode import encode_prompts
 
     seq, pooled = run.cache.text_embeddings([run.args.validation_prompt], lambda p: encode_prompts(
         p, run.models, run.args.max_sequence_length, run.accelerator.device))
@@ -438,8 +439,9 @@ def micro_step(run: Run, batch):
         run.step_started = time.perf_counter()
     trained = [run.transformer] + ([run.text_encoder] if run.text_encoder is not None else [])
     with accelerator.accumulate(*trained):
-        loss = flow_matching_loss(args, run.models, run.transformer, batch, run.cache, accelerator.device,
-                                  run.weight_dtype, run.text_encoder)
+        encoded = encode_batch(run, batch)
+        loss = flow_matching_loss(run.transformer, run.models.scheduler, encoded.x0, encoded.prompt_embeds,
+                                  encoded.pooled, args, is_class=encoded.is_class)
         accelerator.backward(loss)
         if accelerator.sync_gradients and not is_deepspeed(accelerator):
             accelerator.clip_grad_norm_(run.trainables.all, args.max_grad_norm)

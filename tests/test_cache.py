@@ -46,7 +46,7 @@ def _cache(root, enc, dataset, msl=16):
 
 
 def _encoders(enc, msl=16):
-    from fluxkit.loss import encode_prompts, latent_moments
+    from fluxkit.encode import encode_prompts, latent_moments
 
     return (lambda pixels: latent_moments(enc.vae, pixels)), (lambda prompts: encode_prompts(prompts, enc, msl, "cpu"))
 
