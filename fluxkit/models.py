@@ -54,26 +54,17 @@ def resolve_model_dir(args) -> str:
 
 
 def load_models(args, model_dir: str, without: tuple[str, ...] = (), weight_dtype: torch.dtype = torch.float32,
-                device_type: str = "cpu") -> Models:
+                device_type: str = "cpu", deepspeed: bool = False) -> Models:
     """The pipeline's components; those named in `without` (e.g. text encoders whose every output
-    is cached, or the transformer when only filling the cache) are not loaded and are None. A LoRA
-    run's transformer comes quantized as --base_quantization asks (fluxkit.quant), in weight_dtype."""
+    is cached, or the transformer while the cache fills: see train.prepare_models) are not loaded
+    and are None. The transformer comes as load_transformer gives it."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     common = dict(revision=args.revision, local_files_only=True)
-    quantization = getattr(args, "base_quantization", "none")
 
     def load(name, cls, **kw):
         return None if name in without else cls.from_pretrained(model_dir, subfolder=name, **common, **kw)
-
-    def load_transformer():
-        if "transformer" in without:
-            return None
-        # unquantized it loads in fp32 and setup_trainables casts what stays frozen
-        dtype = torch.float32 if quantization == "none" else weight_dtype
-        return quant.load_transformer(model_dir, quantization, dtype, device_type, subfolder="transformer",
-                                      variant=args.variant, **common)
 
     try:
         models = Models(
@@ -82,13 +73,49 @@ def load_models(args, model_dir: str, without: tuple[str, ...] = (), weight_dtyp
             text_encoder=load("text_encoder", CLIPTextModel, variant=args.variant),
             text_encoder_2=load("text_encoder_2", T5EncoderModel, variant=args.variant),
             vae=load("vae", AutoencoderKL, variant=args.variant),
-            transformer=load_transformer(),
+            transformer=None,
             scheduler=load("scheduler", FlowMatchEulerDiscreteScheduler),
             model_dir=model_dir,
         )
+        if "transformer" not in without:
+            models.transformer = load_transformer(args, model_dir, weight_dtype, device_type, deepspeed)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the FLUX pipeline from {model_dir!r}: {str(err).splitlines()[0][:300]}") from None
     return models
+
+
+def transformer_load_dtype(args, weight_dtype: torch.dtype, deepspeed: bool) -> torch.dtype:
+    """The dtype the transformer is read in. Every weight a run keeps in the compute dtype is read in
+    it (a bf16 file such as FLUX.1-dev's is then never widened to fp32 in host memory: half the
+    bytes per process): a LoRA base (frozen), and a full fine-tune under DeepSpeed, whose engine
+    casts the module to the compute dtype and builds its fp32 masters from those weights. Only a
+    full fine-tune outside DeepSpeed keeps fp32 master weights in the module: read in fp32."""
+    if args.lora or deepspeed:
+        return weight_dtype
+    return torch.float32
+
+
+def load_transformer(args, model_dir: str, weight_dtype: torch.dtype, device_type: str = "cpu",
+                     deepspeed: bool = False) -> torch.nn.Module:
+    """The FLUX transformer, quantized as --base_quantization asks (fluxkit.quant), in
+    transformer_load_dtype. A quantized base on CUDA lands on the device as it loads."""
+    try:
+        return quant.load_transformer(model_dir, getattr(args, "base_quantization", "none"),
+                                      transformer_load_dtype(args, weight_dtype, deepspeed), device_type,
+                                      subfolder="transformer", variant=args.variant, revision=args.revision,
+                                      local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load the FLUX transformer from {model_dir!r}: {str(err).splitlines()[0][:300]}") from None
+
+
+def freeze_encoders(args, m: Models, weight_dtype: torch.dtype) -> None:
+    """The VAE and the text encoders frozen, in the compute dtype (CLIP stays fp32 when it trains)."""
+    for module in (m.vae, m.text_encoder_2, m.text_encoder):
+        if module is not None:
+            module.requires_grad_(False)
+    for module in (m.vae, m.text_encoder_2, None if args.train_text_encoder else m.text_encoder):
+        if module is not None:
+            module.to(dtype=weight_dtype)
 
 
 @dataclass
@@ -105,13 +132,9 @@ class Trainables:
 def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
     from diffusers.training_utils import cast_training_params
 
-    for module in (m.vae, m.text_encoder_2, m.text_encoder, m.transformer):
-        if module is not None:  # text encoders are not loaded when the cache holds all they would make
-            module.requires_grad_(False)
+    freeze_encoders(args, m, weight_dtype)  # text encoders are None once the cache holds all they would make
+    m.transformer.requires_grad_(False)
     # Frozen parts run in the compute dtype; trained full weights stay fp32 (masters for mixed precision).
-    m.vae.to(dtype=weight_dtype)
-    if m.text_encoder_2 is not None:
-        m.text_encoder_2.to(dtype=weight_dtype)
     if args.lora:
         from peft import LoraConfig
 
@@ -135,16 +158,12 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
                                                   init_lora_weights="gaussian", target_modules=CLIP_LORA_TARGETS))
             cast_training_params(m.text_encoder, dtype=torch.float32)
             te_params = [p for p in m.text_encoder.parameters() if p.requires_grad]
-        elif m.text_encoder is not None:
-            m.text_encoder.to(dtype=weight_dtype)
         return Trainables(t_params, te_params)
     m.transformer.requires_grad_(True)
     te_params = []
     if args.train_text_encoder:
         m.text_encoder.requires_grad_(True)
         te_params = list(m.text_encoder.parameters())
-    elif m.text_encoder is not None:
-        m.text_encoder.to(dtype=weight_dtype)
     return Trainables(list(m.transformer.parameters()), te_params)
 
 

@@ -34,7 +34,8 @@ from .device import build_accelerator, check_mixed_precision, detect, is_deepspe
 from .errors import UserError
 from .encode import encode_batch
 from .loss import flow_matching_loss
-from .models import Models, Trainables, build_optimizer, load_models, resolve_model_dir, setup_trainables
+from .models import (Models, Trainables, build_optimizer, freeze_encoders, load_models, load_transformer, resolve_model_dir,
+                     setup_trainables)
 from .runcontrol import Interrupted, StopRequest, Throughput, flops_and_peak
 from .scan import add_class_images, scan_dataset
 
@@ -228,9 +229,12 @@ def _sync_deepspeed_accumulation(accelerator, args) -> None:
 def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
     """(models on the device, what trains, the dataset, its filled cache, class images or None).
 
-    Every latent and prompt embedding the run needs is encoded before training (each process its
-    share) into the persistent cache; the VAE encoder and the text encoders then leave the device
-    unless CLIP trains. When the cache already covers the run, the text encoders are not loaded at all.
+    Two phases that never share the device: first the encoders (text encoders, VAE) load and
+    encode every latent and prompt embedding the run needs (each process its share) into the
+    persistent cache, then leave (the VAE keeps its decoder for validation; CLIP stays when it
+    trains); only then is the transformer read, quantized and moved to the device. When the cache
+    already covers the run, the text encoders are not loaded at all. The memory plan
+    (fluxkit.plan) models the same phases.
     """
     with zero3.whole_models(accelerator):  # frozen encoders stay whole; prepare() shards the transformer
         class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
@@ -242,35 +246,43 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
     cache = latent_cache.build(args, dataset, model_dir, weight_dtype, accelerator.device)
     prompts = latent_cache.training_prompts(dataset, args)
     covered = cache.enabled and not cache.missing_latents() and not cache.missing_prompts(prompts)
-    without = ("text_encoder_2",) if covered else ()
+    without = ("transformer",) + (("text_encoder_2",) if covered else ())
     if covered and not args.train_text_encoder:
         without += ("text_encoder",)
     with zero3.whole_models(accelerator):
         models = load_models(args, model_dir, without, weight_dtype, info.type)
+    encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype)
+    deepspeed = zero3.zero_stage(accelerator) > 0
+    with zero3.whole_models(accelerator):
+        models.transformer = load_transformer(args, model_dir, weight_dtype, info.type, deepspeed)
     trainables = setup_trainables(args, models, weight_dtype)
-    resident = offload.resident(args, models)  # --offload_encoders leaves the frozen encoders in host memory
-    for module in resident:
-        if module is not models.transformer:  # the transformer joins once the encoders are done
-            module.to(accelerator.device)
-    if cache.enabled:
-        if not covered:
-            with offload.encoders_visiting(args, models, accelerator.device):
-                stats = fill_cache(args, accelerator, models, dataset, cache, prompts)
-            if accelerator.is_main_process:
-                logger.info("cache %s: encoded %d latents and %d prompts in %.1f s", cache.root, stats["latents"],
-                            stats["text"], stats["seconds"])
-        elif accelerator.is_main_process:
-            logger.info("cache %s covers this run: nothing to encode, text encoders not loaded", cache.root)
-        release_encoders(models, keep_clip=args.train_text_encoder, device_type=info.type)
-        dataset.use_cached_latents(*cache.unreadable_images())  # workers read captions only
-    # DeepSpeed moves the transformer itself under ZeRO-3 (cast to bf16, to shard it)
-    if any(module is models.transformer for module in resident) and not zero3.is_zero3(accelerator):
+    if not zero3.is_zero3(accelerator):  # DeepSpeed moves it itself under ZeRO-3 (cast to bf16, to shard it)
         models.transformer.to(accelerator.device)
     if args.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()
         if args.train_text_encoder:
             models.text_encoder.gradient_checkpointing_enable()
     return models, trainables, dataset, cache, class_images
+
+
+def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bool, weight_dtype) -> None:
+    """The encoders on the device (host memory with --offload_encoders), the cache filled, and the
+    encoders released once it holds everything; without a cache they stay for the whole run."""
+    freeze_encoders(args, models, weight_dtype)
+    for module in offload.resident(args, models):  # --offload_encoders leaves the frozen encoders in host memory
+        module.to(accelerator.device)
+    if not cache.enabled:
+        return
+    if not covered:
+        with offload.encoders_visiting(args, models, accelerator.device):
+            stats = fill_cache(args, accelerator, models, dataset, cache, prompts)
+        if accelerator.is_main_process:
+            logger.info("cache %s: encoded %d latents and %d prompts in %.1f s", cache.root, stats["latents"],
+                        stats["text"], stats["seconds"])
+    elif accelerator.is_main_process:
+        logger.info("cache %s covers this run: nothing to encode, text encoders not loaded", cache.root)
+    release_encoders(models, keep_clip=args.train_text_encoder, device_type=accelerator.device.type)
+    dataset.use_cached_latents(*cache.unreadable_images())  # workers read captions only
 
 
 def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:

@@ -1,0 +1,122 @@
+"""Runs in phases (fluxkit.train.prepare_models): the encoders fill the cache and are gone before
+the transformer is read, so a text encoder and the transformer never share the device (on a CPU
+host the device is the host: "on the device" is "alive in the process"). Recorded with hooks on
+the real loaders and on the encoders' forward, for unquantized and quantized bases."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from conftest import run_entry_inprocess as train_inprocess, trainer_args
+
+LORA, FULL = "train_flux_dreambooth_lora.py", "train_flux_dreambooth.py"
+
+
+class Recorder:
+    """Weak references to every text encoder and transformer the run builds, and an event log."""
+
+    def __init__(self):
+        self.encoders, self.transformers, self.events = [], [], []
+
+    def alive(self, refs):
+        gc.collect()
+        return [r() for r in refs if r() is not None]
+
+    def encoder_built(self, module):
+        self.encoders.append(weakref.ref(module))
+        self.events.append(("load", type(module).__name__))
+        module.register_forward_pre_hook(self.encoder_runs)
+
+    def encoder_runs(self, module, inputs):
+        # a text encoder at work: no transformer parameter may exist
+        assert not self.alive(self.transformers), "a transformer exists while a text encoder encodes"
+        self.events.append(("encode", type(module).__name__))
+
+    def transformer_built(self, module):
+        # the transformer arrives: every text encoder must be gone already
+        self.events.append(("load transformer", [type(m).__name__ for m in self.alive(self.encoders)]))
+        assert not self.alive(self.encoders), "a text encoder still exists as the transformer loads"
+        self.transformers.append(weakref.ref(module))
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from fluxkit import quant
+
+    rec = Recorder()
+    for cls in (CLIPTextModel, T5EncoderModel):
+        original = cls.from_pretrained.__func__
+
+        def loaded(klass, *a, _original=original, **kw):
+            module = _original(klass, *a, **kw)
+            rec.encoder_built(module)
+            return module
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(loaded))
+    load = quant.load_transformer
+
+    def load_transformer(*a, **kw):
+        rec.events.append(("reading transformer", [type(m).__name__ for m in rec.alive(rec.encoders)]))
+        assert not rec.alive(rec.encoders), "a text encoder still exists as the transformer is read"
+        module = load(*a, **kw)
+        rec.transformer_built(module)
+        return module
+
+    monkeypatch.setattr(quant, "load_transformer", load_transformer)
+    return rec
+
+
+@pytest.mark.parametrize("script,quantization", [(LORA, "none"), (LORA, "nf4"), (LORA, "int8"), (FULL, "none")])
+def test_encoders_leave_before_the_transformer_loads(tiny_flux, sample_data, tmp_path, recorder, script, quantization):
+    extra = {"base_quantization": quantization} if quantization != "none" else {}
+    args = trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1, validation_prompt="a sks dog on a hill",
+                        num_validation_images=1, **extra)
+    assert train_inprocess(script, args) == 0
+    kinds = [e[0] for e in recorder.events]
+    assert kinds.count("load") == 2 and "encode" in kinds  # CLIP and T5 loaded, then encoded
+    # the transformer is read once, after the last encoding, with no encoder alive; validation
+    # renders from the cached prompt embeddings, so no encoder comes back afterwards
+    assert kinds.count("reading transformer") == 1
+    read = kinds.index("reading transformer")
+    assert max(i for i, k in enumerate(kinds) if k in ("load", "encode")) < read
+    assert recorder.events[read] == ("reading transformer", [])
+    if quantization != "none":
+        assert getattr(recorder.alive(recorder.transformers)[0] if recorder.alive(recorder.transformers) else None,
+                       "is_quantized", True)
+
+
+def test_warm_cache_loads_no_text_encoder(tiny_flux, sample_data, tmp_path, recorder):
+    args = trainer_args(tiny_flux, sample_data, tmp_path / "first", steps=1, cache_dir=tmp_path / "cache")
+    assert train_inprocess(LORA, args) == 0
+    recorder.events.clear()
+    args = trainer_args(tiny_flux, sample_data, tmp_path / "second", steps=1, cache_dir=tmp_path / "cache")
+    assert train_inprocess(LORA, args) == 0
+    assert [e[0] for e in recorder.events] == ["reading transformer", "load transformer"]
+
+
+def test_lora_base_is_read_in_the_compute_dtype(tiny_flux, sample_data, tmp_path, monkeypatch):
+    """A LoRA base is read straight into bf16 (never widened to fp32 in host memory first)."""
+    from fluxkit import quant
+
+    seen = []
+    load = quant.load_transformer
+
+    def spy(path, quantization, dtype, *a, **kw):
+        seen.append(dtype)
+        return load(path, quantization, dtype, *a, **kw)
+
+    monkeypatch.setattr(quant, "load_transformer", spy)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs set fp32 mixed precision
+    args = trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1, mixed_precision="bf16")
+    assert train_inprocess(LORA, args) == 0
+    assert seen == [torch.bfloat16]
+    seen.clear()
+    assert train_inprocess(FULL, trainer_args(tiny_flux, sample_data, tmp_path / "full", steps=1, mixed_precision="bf16")) == 0
+    assert seen == [torch.float32]  # outside DeepSpeed the module holds the fp32 masters
+    AcceleratorState._reset_state(reset_partial_state=True)
