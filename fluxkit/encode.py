@@ -62,6 +62,9 @@ def encode_batch(run, batch) -> Encoded:
     x0 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     vae = m.vae.config
     x0 = ((x0 - vae.shift_factor) * vae.scaling_factor).to(run.weight_dtype)
+    if run.pivot is not None:  # prompts with new tokens: encoded live, never cached (fluxkit.pivotal)
+        seq, pooled = run.pivot.text_embeddings(batch["prompts"], run.cache, encode_text, m, device)
+        return Encoded(x0, seq, pooled, batch["is_class"].to(device))
     seq, pooled = run.cache.text_embeddings(batch["prompts"], encode_text)
     if run.text_encoder is not None:  # CLIP trains: its pooled embeddings need gradients; T5 stays cached
         pooled = run.text_encoder(clip_ids(m.tokenizer, batch["prompts"], device)).pooler_output

@@ -168,7 +168,7 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
 
 
 def build_optimizer(args, t: Trainables, lr: float):
-    groups = [{"params": t.transformer_params, "lr": lr}]
+    groups = [{"params": t.transformer_params, "lr": lr}] if t.transformer_params else []  # none: textual inversion only
     if t.text_encoder_params:
         groups.append({"params": t.text_encoder_params, "lr": args.text_encoder_lr if args.lora else lr,
                        "weight_decay": args.adam_weight_decay_text_encoder})

@@ -126,6 +126,10 @@ def save_final(args, m, transformer, text_encoder, weight_dtype, main: bool = Tr
 
 def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -> None:
     if args.lora:
+        from .pivotal import writes_lora
+
+        if not writes_lora(args):  # textual inversion only: the embeddings file is the result
+            return
         dtype = torch.float32 if args.upcast_before_saving else weight_dtype
         save_lora_gathered(args.output_dir, main, transformer, text_encoder, dtype)
         return
@@ -157,7 +161,9 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -
 
 # ------------------------------------------------------------------------------ model card and hub
 
-def write_model_card(args, sample_images: list[str]) -> None:
+def write_model_card(args, sample_images: list[str], pivot=None) -> None:
+    from .pivotal import model_card_usage
+
     flags = {k: v for k, v in vars(args).items() if k not in ("hub_token", "local_rank") and v not in (None, False)}
     lines = [
         "---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers", "tags:",
@@ -166,11 +172,13 @@ def write_model_card(args, sample_images: list[str]) -> None:
         f"LoRA weights (rank {args.rank}, alpha {args.lora_alpha}) for `{args.pretrained_model_name_or_path}`, "
         f"trained with fluxkit's train_flux_dreambooth_lora.py.", "",
         f"Trigger prompt: `{args.instance_prompt}`", "",
+    ]
+    lines += model_card_usage(args, pivot) if pivot is not None else [
         "```python", "import torch", "from diffusers import FluxPipeline",
         f"pipe = FluxPipeline.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
         "pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')",
-        f"image = pipe({args.instance_prompt!r}).images[0]", "```", "", "## Training flags", "",
-    ]
+        f"image = pipe({args.instance_prompt!r}).images[0]", "```"]
+    lines += ["", "## Training flags", ""]
     lines += [f"- `{k}`: `{v}`" for k, v in sorted(flags.items())]
     if sample_images:
         lines += ["", "## Samples", ""] + [f"![sample]({os.path.relpath(p, args.output_dir)})" for p in sample_images]

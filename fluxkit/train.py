@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import checkpoints, fsio, offload, outputs, plan, quant, quiet, zero3
+from . import checkpoints, fsio, offload, outputs, pivotal, plan, quant, quiet, zero3
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
@@ -71,6 +71,8 @@ class Run:
     cache: Cache
     meter: Throughput
     started: float  # time.perf_counter() at the start of setup
+    pivot: pivotal.Pivot | None = None  # --train_text_encoder_ti: the new tokens (fluxkit.pivotal)
+    gate: pivotal.FractionGate | None = None  # the --train_*_frac fractions
     step: int = 0  # optimizer steps done
     first_epoch: int = 0
     skip_batches: int = 0  # micro batches of first_epoch already trained before a resume
@@ -109,14 +111,17 @@ def train(args) -> dict:
 def setup(args) -> Run:
     started = time.perf_counter()
     info, model_dir, resume_from, memory = preflight(args)
+    tokens = pivotal.prepare_prompts(args, model_dir)  # TOK -> <s0><s1> in the prompts, before the scan reads them
     scan = scan_dataset(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before anything loads or is written
+    pivotal.rewrite_captions(tokens, scan)
     latent_cache.check_cache_dir(args, given_only=True)
     accelerator = start_accelerator(args, info)
     latent_cache.check_cache_dir(args)  # the default one, beside the output folder just proven writable
     if accelerator.is_main_process:  # before anything loads: what this run should take per device
         (logger.warning if memory[0] is not None and memory[0].fits is False else logger.info)(memory[1])
     weight_dtype = torch_dtype(accelerator.mixed_precision)  # frozen weights and activations: the compute dtype
-    models, trainables, dataset, cache, class_images = prepare_models(args, accelerator, info, model_dir, weight_dtype, scan)
+    models, trainables, dataset, cache, class_images, pivot = prepare_models(args, accelerator, info, model_dir,
+                                                                            weight_dtype, scan, tokens)
     loader = build_data(args, dataset, accelerator.num_processes)
     world = accelerator.num_processes
     # the sampler's length: buckets pad each bucket to whole global batches
@@ -124,6 +129,9 @@ def setup(args) -> Run:
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     schedule = Schedule(updates_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch))
     optimizer, lr_scheduler = build_optimization(args, world, trainables, schedule)
+    gate = pivotal.fraction_gate(args, trainables, schedule.epochs)
+    if pivot is not None:
+        pivot.gate = gate
 
     text_encoder = models.text_encoder if args.train_text_encoder else None
     if text_encoder is not None:
@@ -132,6 +140,7 @@ def setup(args) -> Run:
     else:
         transformer, optimizer, loader, lr_scheduler = accelerator.prepare(models.transformer, optimizer, loader, lr_scheduler)
     checkpoints.register_state_hooks(args, accelerator, models)
+    pivotal.register_state_hooks(accelerator, pivot)
     if accelerator.is_main_process:
         accelerator.init_trackers("flux-dreambooth-lora" if args.lora else "flux-dreambooth",
                                   config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))})
@@ -141,7 +150,7 @@ def setup(args) -> Run:
     meter = Throughput(args.train_batch_size * world * args.gradient_accumulation_steps, args.throughput_warmup_steps,
                        step_flops, peak, info)
     run = Run(args, info, accelerator, models, trainables, weight_dtype, dataset, loader, optimizer, lr_scheduler,
-              transformer, text_encoder, schedule, resume_from, cache, meter, started)
+              transformer, text_encoder, schedule, resume_from, cache, meter, started, pivot, gate)
     if run.main:
         logger.info("%s run: %d samples, %d process(es) on %s, micro batch %d, accumulation %d, %d steps (%d epochs), %s",
                     run.run_type, len(dataset), world, info.type, args.train_batch_size, args.gradient_accumulation_steps,
@@ -226,8 +235,9 @@ def _sync_deepspeed_accumulation(accelerator, args) -> None:
     plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
 
 
-def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
-    """(models on the device, what trains, the dataset, its filled cache, class images or None).
+def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, tokens=None):
+    """(models on the device, what trains, the dataset, its filled cache, class images or None, the
+    pivotal tuning or None).
 
     Two phases that never share the device: first the encoders (text encoders, VAE) load and
     encode every latent and prompt embedding the run needs (each process its share) into the
@@ -246,28 +256,32 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan):
     cache = latent_cache.build(args, dataset, model_dir, weight_dtype, accelerator.device)
     prompts = latent_cache.training_prompts(dataset, args)
     covered = cache.enabled and not cache.missing_latents() and not cache.missing_prompts(prompts)
-    without = ("transformer",) + (("text_encoder_2",) if covered else ())
-    if covered and not args.train_text_encoder:
+    keep_clip = args.train_text_encoder or tokens is not None  # encoders that run every step
+    keep_t5 = tokens is not None and args.enable_t5_ti
+    without = ("transformer",) + (("text_encoder_2",) if covered and not keep_t5 else ())
+    if covered and not keep_clip:
         without += ("text_encoder",)
     with zero3.whole_models(accelerator):
         models = load_models(args, model_dir, without, weight_dtype, info.type)
-    encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype)
+    encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype, (keep_clip, keep_t5))
     deepspeed = zero3.zero_stage(accelerator) > 0
     with zero3.whole_models(accelerator):
         models.transformer = load_transformer(args, model_dir, weight_dtype, info.type, deepspeed)
     trainables = setup_trainables(args, models, weight_dtype)
+    pivot = pivotal.attach(args, tokens, models, trainables)  # after the fill: cached entries never see the new tokens
     if not zero3.is_zero3(accelerator):  # DeepSpeed moves it itself under ZeRO-3 (cast to bf16, to shard it)
         models.transformer.to(accelerator.device)
     if args.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()
         if args.train_text_encoder:
             models.text_encoder.gradient_checkpointing_enable()
-    return models, trainables, dataset, cache, class_images
+    return models, trainables, dataset, cache, class_images, pivot
 
 
-def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bool, weight_dtype) -> None:
+def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bool, weight_dtype, keep=(False, False)) -> None:
     """The encoders on the device (host memory with --offload_encoders), the cache filled, and the
-    encoders released once it holds everything; without a cache they stay for the whole run."""
+    encoders released once it holds everything, but for those that run every step (keep: CLIP, T5);
+    without a cache they stay for the whole run."""
     freeze_encoders(args, models, weight_dtype)
     for module in offload.resident(args, models):  # --offload_encoders leaves the frozen encoders in host memory
         module.to(accelerator.device)
@@ -281,7 +295,7 @@ def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bo
                         stats["text"], stats["seconds"])
     elif accelerator.is_main_process:
         logger.info("cache %s covers this run: nothing to encode, text encoders not loaded", cache.root)
-    release_encoders(models, keep_clip=args.train_text_encoder, device_type=accelerator.device.type)
+    release_encoders(models, keep_clip=keep[0], device_type=accelerator.device.type, keep_t5=keep[1])
     dataset.use_cached_latents(*cache.unreadable_images())  # workers read captions only
 
 
@@ -298,13 +312,14 @@ def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:
         num_workers=args.dataloader_num_workers, show=accelerator.is_local_main_process)
 
 
-def release_encoders(models: Models, keep_clip: bool, device_type: str) -> None:
+def release_encoders(models: Models, keep_clip: bool, device_type: str, keep_t5: bool = False) -> None:
     """Drop what only encoding needed once everything is cached: the VAE encoder (the decoder stays
-    for validation), T5, and CLIP unless it trains."""
+    for validation), T5 and CLIP unless they run every step (CLIP trains, or new tokens train)."""
     import gc
 
     models.vae.encoder = None
-    models.text_encoder_2 = None
+    if not keep_t5:
+        models.text_encoder_2 = None
     if not keep_clip:
         models.text_encoder = None
     gc.collect()
@@ -388,6 +403,8 @@ def loop(run: Run) -> None:
     started = time.perf_counter()
     try:
         for epoch in range(run.first_epoch, run.schedule.epochs):
+            if run.gate is not None:
+                run.gate.begin_epoch(epoch)
             for batch in epoch_batches(run, epoch):
                 loss = micro_step(run, batch)
                 if loss is None:  # accumulating: no optimizer step yet
@@ -415,8 +432,11 @@ def validation_embeddings(run: Run):
         return None
     from .encode import encode_prompts
 
-    seq, pooled = run.cache.text_embeddings([run.args.validation_prompt], lambda p: encode_prompts(
-        p, run.models, run.args.max_sequence_length, run.accelerator.device))
+    encode = lambda p: encode_prompts(p, run.models, run.args.max_sequence_length, run.accelerator.device)  # noqa: E731
+    if run.pivot is not None:  # CLIP's half of a prompt with new tokens is never cached
+        with torch.no_grad():
+            return run.pivot.text_embeddings([run.args.validation_prompt], run.cache, encode, run.models, run.accelerator.device)
+    seq, pooled = run.cache.text_embeddings([run.args.validation_prompt], encode)
     if run.text_encoder is not None:
         from .lora import unwrap_model
 
@@ -454,9 +474,13 @@ def micro_step(run: Run, batch):
         encoded = encode_batch(run, batch)
         loss = flow_matching_loss(run.transformer, run.models.scheduler, encoded.x0, encoded.prompt_embeds,
                                   encoded.pooled, args, is_class=encoded.is_class)
+        if run.pivot is not None:  # + 0: every process's graph reaches the new rows, in its batch or not (DDP, ZeRO)
+            loss = loss + run.pivot.touch()
         accelerator.backward(loss)
         if accelerator.sync_gradients and not is_deepspeed(accelerator):
             accelerator.clip_grad_norm_(run.trainables.all, args.max_grad_norm)
+        if run.gate is not None:
+            run.gate.hold_stopped(run.optimizer)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -510,13 +534,14 @@ def finish(run: Run) -> dict:
     accelerator.wait_for_everyone()
     # every rank: under ZeRO-3 saving gathers the sharded weights; the main process writes
     outputs.save_final(args, run.models, run.transformer, run.text_encoder, run.weight_dtype, main=run.main)
+    pivotal.save_final(run.pivot, args.output_dir, run.main, torch.float32 if args.upcast_before_saving else run.weight_dtype)
     samples = []
     if run.validates:
         samples = outputs.run_validation(args, accelerator, run.models, run.transformer, run.text_encoder,
                                          run.weight_dtype, "final", validation_embeddings(run))
     if run.main:
         if args.lora:
-            outputs.write_model_card(args, samples)
+            outputs.write_model_card(args, samples, run.pivot)
         if args.push_to_hub:
             outputs.push_to_hub(args)
     accelerator.wait_for_everyone()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import quant
+from . import pivotal, quant
 from .data import INTERPOLATION_MODES
 from .errors import UserError
 
@@ -149,6 +149,7 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
         g.add_argument("--cache_latents", action="store_true",
                        help="accepted for compatibility with diffusers' script; latents are always cached (see --no_cache)")
         g.add_argument("--upcast_before_saving", action="store_true", help="save LoRA weights in fp32 (default: training dtype)")
+        pivotal.add_flags(p)
     return p
 
 
@@ -218,6 +219,7 @@ def validate(args) -> None:
             raise UserError(f"--rank {args.rank} and --lora_alpha {args.lora_alpha} must be positive")
         if not 0.0 <= args.lora_dropout < 1.0:
             raise UserError(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
+    pivotal.validate(args)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UserError(f"--report_to {args.report_to!r} must be tensorboard, wandb, all or none")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":

@@ -92,6 +92,15 @@ LORA_ONLY = {
     "lora_layers": None,
     "cache_latents": False,
     "upcast_before_saving": False,
+    # pivotal tuning, from examples/advanced_diffusion_training/train_dreambooth_lora_flux_advanced.py
+    "train_text_encoder_ti": False,
+    "enable_t5_ti": False,
+    "token_abstraction": "TOK",
+    "num_new_tokens_per_abstraction": None,
+    "initializer_concept": None,
+    "train_text_encoder_ti_frac": 0.5,
+    "train_text_encoder_frac": 1.0,
+    "train_transformer_frac": 1.0,
 }
 
 

@@ -1,0 +1,116 @@
+"""Pivotal tuning (issue 24): new tokens trained beside the LoRA, as diffusers' advanced FLUX script does.
+
+Runs are in-process on the tiny FLUX (fp32, one process) so the tests can look inside: the
+encoders' base embedding tables, the new rows, the LoRA. One short 2-process DeepSpeed ZeRO-2 run.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ACCELERATE_CONFIG, ROOT, accelerate_launch, assert_user_error, run_script, trainer_args
+
+LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
+INFER_LORA = os.path.join(ROOT, "infer_flux_text2img_lora_bf16.py")
+
+
+def ti_args(model, data, out, steps=8, **extra):
+    """4 images, micro batch 1: 4 steps per epoch; TI on with a learning rate that moves the rows."""
+    extra = {"instance_prompt": "a photo of TOK dog", "mixed_precision": "no", "train_text_encoder_ti": True,
+             "text_encoder_lr": 5e-2, "learning_rate": 1e-3, **extra}
+    return trainer_args(model, data, out, steps, **{k: v for k, v in extra.items() if v is not False})
+
+
+def train(argv):
+    """The whole run in this process; returns the Run, for a look inside."""
+    from fluxkit import train as trainer
+    from fluxkit.train_args import parse_args
+
+    run = trainer.setup(parse_args(argv, lora=True))
+    run.initial_rows = {n: getattr(run.pivot.rows, n).detach().clone() for n in run.pivot.rows.names}
+    run.initial_lora = {n: p.detach().clone() for n, p in run.models.transformer.named_parameters() if "lora_" in n}
+    trainer.resume(run)
+    trainer.loop(run)
+    trainer.finish(run)
+    return run
+
+
+def emb_file(out):
+    from safetensors import safe_open
+
+    path = os.path.join(out, f"{os.path.basename(out)}_emb.safetensors")
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def assert_only_new_rows_changed(run, tiny_flux, encoders):
+    """The encoders' base tables equal the model folder's, bit for bit; every old id reads them;
+    the new rows moved."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    fresh = {"clip_l": CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder"),
+             "t5": T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2")}
+    live = {"clip_l": run.models.text_encoder, "t5": run.models.text_encoder_2}
+    for name in encoders:
+        spliced = live[name].get_input_embeddings()
+        base = fresh[name].get_input_embeddings().weight
+        assert torch.equal(spliced.base.weight, base), name
+        old_ids = torch.arange(spliced.first).unsqueeze(0)
+        with torch.no_grad():
+            assert torch.equal(spliced(old_ids)[0], base[: spliced.first]), name
+        assert not torch.equal(getattr(run.pivot.rows, name), run.initial_rows[name]), f"{name} rows did not train"
+        assert not any(p.requires_grad for p in live[name].parameters()), name
+
+
+def render(pipe, prompt):
+    return pipe(prompt, height=32, width=32, num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def plain_pipeline_with(tiny_flux, out, t5):
+    """A plain FluxPipeline with the emb file loaded the way the model card says."""
+    from diffusers import FluxPipeline
+
+    tensors, meta = emb_file(out)
+    tokens = [t for toks in json.loads(meta["fluxkit_tokens"]).values() for t in toks]
+    pipe = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    pipe.load_textual_inversion(tensors["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    if t5:
+        pipe.load_textual_inversion(tensors["t5"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    return pipe
+
+
+@pytest.mark.parametrize("t5", [False, True], ids=["clip", "clip+t5"])
+def test_only_new_rows_train_and_the_emb_file_loads_into_a_plain_pipeline(tiny_flux, sample_data, tmp_path, t5):
+    from diffusers import FluxPipeline
+
+    out = str(tmp_path / "ti")
+    run = train(ti_args(tiny_flux, sample_data, out, enable_t5_ti=t5))
+    encoders = ["clip_l", "t5"] if t5 else ["clip_l"]
+    assert_only_new_rows_changed(run, tiny_flux, encoders)
+
+    tensors, meta = emb_file(out)
+    assert sorted(tensors) == sorted(encoders) and json.loads(meta["fluxkit_tokens"]) == {"TOK": ["<s0>", "<s1>"]}
+    for name in encoders:  # the file holds the trained rows
+        assert torch.equal(tensors[name], getattr(run.pivot.rows, name).detach())
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    card = open(os.path.join(out, "README.md")).read()
+    assert "`TOK` -> `<s0><s1>`" in card and "load_textual_inversion(emb['clip_l']" in card
+    assert ("emb['t5']" in card) == t5
+
+    # a plain pipeline: the tokens change the image; a prompt without them renders as before
+    loaded, base = plain_pipeline_with(tiny_flux, out, t5), FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    assert not np.allclose(render(loaded, "a photo of <s0><s1> dog"), render(base, "a photo of <s0><s1> dog"))
+    assert np.array_equal(render(loaded, "a photo of a dog"), render(base, "a photo of a dog"))
+    # and it encodes the token prompt as the trained encoders did
+    with torch.no_grad():
+        seq, pooled = run.pivot._encode_live("a photo of <s0><s1> dog", run.models, "cpu",
+                                              None if t5 else torch.zeros(1))
+        seq_l, pooled_l, _ = loaded.encode_prompt("a photo of <s0><s1> dog", prompt_2=None, max_sequence_length=512)
+    assert torch.allclose(pooled, pooled_l, atol=1e-6)
+    if t5:
+        assert torch.allclose(seq, seq_l, atol=1e-6)
