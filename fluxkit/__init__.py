@@ -9,7 +9,8 @@ Training
     models       loading the FLUX pipeline's components; what trains (full or LoRA); the optimizer
     loss         the flow-matching loss on tensors (latents, embeddings) with prior preservation
     encode       the encoders (VAE moments, CLIP + T5) and a batch's encoding through the cache
-    cache        latent/text cache keyed by sample index and prompt
+    cache/       latent/text cache keyed by sample index and prompt: store, keys, facade (Cache, build,
+                 prepare_data), fill, admin (size, pruning), command (python -m fluxkit.cache)
     data, scan, buckets   the dataset (streamed, scanned up front), aspect-ratio buckets
     checkpoints  complete-or-absent checkpoint-STEP folders, resume, pruning, save/load hooks
     outputs      class images, validation grids, final weights, model card, hub upload

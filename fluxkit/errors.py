@@ -32,8 +32,10 @@ def _prog_name() -> str:
     if not (sys.argv and sys.argv[0]):
         return "fluxkit"
     path = os.path.abspath(sys.argv[0])
-    if os.path.dirname(path) == os.path.dirname(os.path.abspath(__file__)):  # `python -m fluxkit.plan`
-        return f"python -m fluxkit.{os.path.splitext(os.path.basename(path))[0]}"
+    inside = os.path.relpath(path, os.path.dirname(os.path.abspath(__file__)))
+    if not inside.startswith(os.pardir) and inside.endswith(".py"):  # `python -m fluxkit.plan`, `-m fluxkit.cache`
+        parts = inside[:-3].split(os.sep)
+        return "python -m " + ".".join(["fluxkit"] + parts[:-1 if parts[-1] == "__main__" else None])
     return os.path.basename(path)
 
 

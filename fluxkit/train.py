@@ -9,7 +9,7 @@ Read it top to bottom; `train` is the whole story:
 
 Everything these share is one `Run`. Full and LoRA runs differ only in what trains and how
 weights are saved. The parts live in modules named for what they hold: models and trainables
-(models.py), the flow-matching loss (loss.py), encoding through the latent/text cache (encode.py, cache.py), checkpoints and
+(models.py), the flow-matching loss (loss.py), encoding through the latent/text cache (encode.py, cache/), checkpoints and
 their save/load hooks (checkpoints.py), outputs (outputs.py), signals and throughput
 (runcontrol.py), data (data.py).
 """
@@ -37,7 +37,7 @@ from .loss import flow_matching_loss
 from .models import (Models, Trainables, build_optimizer, freeze_encoders, load_models, load_transformer, resolve_model_dir,
                      setup_trainables)
 from .runcontrol import Interrupted, StopRequest, Throughput, flops_and_peak
-from .scan import add_class_images, scan_dataset
+from .scan import scan_dataset
 
 logger = logging.getLogger("fluxkit.train")
 STEP_LOG = "train_log.jsonl"  # one JSON line per optimizer step, appended across resumes
@@ -248,13 +248,10 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
     """
     with zero3.whole_models(accelerator):  # frozen encoders stay whole; prepare() shards the transformer
         class_images = outputs.prepare_class_images(args, accelerator, info) if args.with_prior_preservation else None
-    if class_images:
-        add_class_images(scan, class_images, args)
-    dataset = DreamBoothDataset(args, seed=args.seed or 0, scan=scan)
+    dataset, cache, prompts = latent_cache.prepare_data(args, scan, class_images, model_dir, weight_dtype,
+                                                        accelerator.device)
     if dataset.skipped:
         logger.warning("skipped %d unreadable image(s) (--skip_bad_images)", dataset.skipped)
-    cache = latent_cache.build(args, dataset, model_dir, weight_dtype, accelerator.device)
-    prompts = latent_cache.training_prompts(dataset, args)
     covered = cache.enabled and not cache.missing_latents() and not cache.missing_prompts(prompts)
     keep_clip = args.train_text_encoder or tokens is not None  # encoders that run every step
     keep_t5 = tokens is not None and args.enable_t5_ti

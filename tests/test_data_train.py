@@ -88,7 +88,7 @@ def test_second_run_encodes_nothing_and_each_change_reencodes_exactly_it(tiny_fl
 
 KILL_FILL = """
 import os, runpy, signal, sys
-import fluxkit.cache as cache
+import fluxkit.cache.store as cache
 cache.SHARD_MAX_SECONDS = 0.0  # commit every entry as its own shard
 original = cache.ShardStore.add
 added = []

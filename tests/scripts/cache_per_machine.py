@@ -3,7 +3,7 @@ the others: every process gets its own latent cache folder (the run's folder + /
 
     accelerate launch ... tests/scripts/cache_per_machine.py TRAINER.py [ARGS]
 
-A test-only wrapper (fluxkit has no hook for it): it replaces fluxkit.cache.cache_root, then runs
+A test-only wrapper (fluxkit has no hook for it): it replaces fluxkit.cache.facade.cache_root (build's and check_cache_dir's), then runs
 the trainer unchanged.
 """
 
@@ -11,7 +11,7 @@ import os
 import runpy
 import sys
 
-import fluxkit.cache as cache
+import fluxkit.cache.facade as cache
 
 shared_root = cache.cache_root
 

@@ -1,0 +1,122 @@
+"""python -m fluxkit.cache: fill the cache a training run will read, ahead of it; show its size;
+prune it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from ..errors import UserError
+from .admin import prune_to_size, prune_unused, usage
+from .facade import cache_root, check_cache_dir, prepare_data
+from .fill import fill
+from .store import FORMAT
+
+
+def main(argv=None) -> int:
+    """Fill the cache a training run will read, ahead of it, with a progress bar and an ETA; or show
+    its size and prune it.
+
+    python -m fluxkit.cache [--full] TRAINER FLAGS            fill what the run needs
+    python -m fluxkit.cache --prune [--full] TRAINER FLAGS    remove every entry that run does not use
+    python -m fluxkit.cache --list (--latent_cache_dir DIR | --output_dir OUT)
+    python -m fluxkit.cache --max_size_gb N (--latent_cache_dir DIR | --output_dir OUT)
+
+    Give the same flags as the training command (data, --resolution, crops, --seed, buckets,
+    --max_sequence_length, --mixed_precision, --output_dir or --latent_cache_dir). --full takes the
+    full fine-tune's defaults (--max_sequence_length 77) instead of the LoRA script's (512).
+    --max_size_gb removes the least recently used shards (of any model) until the cache is that big.
+    Pruning is safe while runs use the cache: what a run still needs is encoded again, never corrupted.
+    """
+    from ..errors import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list" in argv or any(a == "--max_size_gb" or a.startswith("--max_size_gb=") for a in argv):
+        return cli(_size_command)(argv)
+    if "-h" in argv or "--help" in argv:  # the modes first; the trainer's flags follow
+        import inspect
+
+        print(inspect.cleandoc(main.__doc__) + "\n\nTRAINER FLAGS:", flush=True)
+    return cli(_fill_command)(argv)
+
+
+def _size_command(argv) -> int:
+    import argparse
+    import datetime
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m fluxkit.cache", description="show the latent cache's size, or shrink it")
+    p.add_argument("--list", action="store_true", help="one line per model namespace: shards, entries, size, last used")
+    p.add_argument("--max_size_gb", type=float, default=None, help="remove least recently used shards down to this size")
+    p.add_argument("--latent_cache_dir", default=None, help="the cache folder (as given to the trainer)")
+    p.add_argument("--output_dir", default=None, help="or the run's output folder (the default cache is beside it)")
+    args = p.parse_args(argv)
+    if not (args.latent_cache_dir or args.output_dir):
+        raise UserError("give --latent_cache_dir DIR (or the run's --output_dir) to name the cache")
+    if args.max_size_gb is not None and args.max_size_gb < 0:
+        raise UserError(f"--max_size_gb {args.max_size_gb} must be 0 or more")
+    top = cache_root(argparse.Namespace(no_cache=False, latent_cache_dir=args.latent_cache_dir, output_dir=args.output_dir or "."))
+    root = os.path.join(top, FORMAT)
+    if not os.path.isdir(root):
+        raise UserError(f"{top!r} holds no fluxkit cache ({FORMAT}/ is missing); check --latent_cache_dir")
+    if args.max_size_gb is not None:
+        stats = prune_to_size(root, int(args.max_size_gb * 2**30))
+        print(json.dumps({"cache_dir": root, **stats}), flush=True)
+    if args.list:
+        rows = usage(root)
+        print(f"{root}: {sum(r['bytes'] for r in rows) / 2**20:.1f} MiB in {sum(r['shards'] for r in rows)} shard(s)")
+        for r in rows:
+            when = datetime.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M") if r["last_used"] else "-"
+            what = "image(s) that do not decode" if r["namespace"] == "unreadable" else f"entries in {r['shards']} shard(s)"
+            print(f"  {r['namespace']:<42} {r['entries']:>8} {what:<28} {r['bytes'] / 2**20:>10.1f} MiB  last used {when}")
+    return 0
+
+
+def _fill_command(argv=None) -> int:
+    import json
+
+    from ..device import check_mixed_precision, detect, torch_dtype
+    from ..encode import encode_prompts, latent_moments
+    from ..models import load_models, resolve_model_dir
+    from ..scan import list_images, scan_dataset
+    from ..train_args import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lora, prune = "--full" not in argv, "--prune" in argv
+    args = parse_args([a for a in argv if a not in ("--full", "--prune")], lora=lora)
+    if prune:  # pruning trains nothing: images recorded as undecodable are kept out, not an error
+        args.skip_bad_images = True
+    if args.no_cache:
+        raise UserError("--no_cache leaves nothing to fill; drop it")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    info = detect(args.device)
+    model_dir = resolve_model_dir(args)
+    scan = scan_dataset(args, world_size=1)
+    check_cache_dir(args)
+    class_images = None  # the class images already there (the trainer generates missing ones)
+    if args.with_prior_preservation and os.path.isdir(args.class_data_dir or ""):
+        class_images = list_images(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
+    check_mixed_precision(info, args.mixed_precision)
+    # the trainer's compute dtype: encoders run in it, and it is part of the cache's identity
+    dtype = torch_dtype(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    device = torch.device(info.type)
+    dataset, cache, prompts = prepare_data(args, scan, class_images, model_dir, dtype, device)
+    if prune:
+        print(json.dumps({"cache_dir": cache.root, **prune_unused(cache, prompts)}), flush=True)
+        return 0
+    if cache.missing_latents() or cache.missing_prompts(prompts):
+        m = load_models(args, model_dir, without=("transformer", "scheduler"))
+        for module in (m.vae, m.text_encoder, m.text_encoder_2):
+            module.requires_grad_(False)
+            module.to(device, dtype=dtype)
+        from ..data import default_num_workers
+
+        workers = args.dataloader_num_workers or default_num_workers(1)  # decoding in parallel is the point here
+        fill(cache, dataset, prompts, lambda px: latent_moments(m.vae, px),
+             lambda batch: encode_prompts(batch, m, args.max_sequence_length, device), num_workers=workers)
+    print(json.dumps({"cache_dir": cache.root, "latents_encoded": cache.encoded["latents"], "prompts_encoded": cache.encoded["text"],
+                      "latents": len(set(cache.latent_keys.values())), "prompts": len(prompts)}), flush=True)
+    return 0
