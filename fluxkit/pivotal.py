@@ -367,7 +367,7 @@ def _t5_sequence(prompt: str, cache, encode) -> torch.Tensor:
     """T5's sequence of a prompt whose new tokens T5 does not know (CLIP-only TI): the cached entry
     (the fill encoded it before the tokens existed), else encoded now and not stored, since its
     CLIP half would be made with the new tokens."""
-    from .cache import text_key
+    from .cache.keys import text_key
 
     key = text_key(prompt, cache.max_sequence_length)
     if cache.enabled and key in cache.text:
