@@ -55,6 +55,7 @@ from .errors import UserError
 logger = logging.getLogger("fluxkit.pivotal")
 ENCODERS = ("clip_l", "t5")  # the emb file's keys, as the advanced script names them
 METADATA_TOKENS = "fluxkit_tokens"  # {identifier: [new tokens]} in the emb file's header
+CHECKPOINT_FILE = "token_embeddings.safetensors"  # in checkpoint-STEP: fp32, named apart from the output folder
 
 
 def add_flags(parser) -> None:
@@ -338,21 +339,21 @@ class Pivot:
         return {n: getattr(self.rows, n).detach().to(dtype or torch.float32).cpu().clone().contiguous()
                 for n in self.rows.names}
 
-    def save(self, folder: str, dtype: torch.dtype | None = None) -> str:
+    def save(self, path: str, dtype: torch.dtype | None = None) -> str:
         from safetensors.torch import save
 
         from .fsio import atomic_write_bytes
 
         meta = {"format": "pt", METADATA_TOKENS: json.dumps(self.tokens.by_abstraction)}
-        return atomic_write_bytes(emb_path(folder, self.args.output_dir), save(self.emb_tensors(dtype), metadata=meta))
+        return atomic_write_bytes(path, save(self.emb_tensors(dtype), metadata=meta))
 
     def load(self, folder: str) -> None:
         from safetensors.torch import load_file
 
-        path = emb_path(folder, self.args.output_dir)
+        path = os.path.join(folder, CHECKPOINT_FILE)
         if not os.path.isfile(path):
-            raise UserError(f"checkpoint {folder!r} holds no {os.path.basename(path)} (the new tokens' embeddings); "
-                            "resume with the flags of the run that wrote it")
+            raise UserError(f"checkpoint {folder!r} holds no {CHECKPOINT_FILE} (the new tokens' embeddings): it was not "
+                            "written by a --train_text_encoder_ti run; resume with the flags of the run that wrote it")
         saved = load_file(path)
         with torch.no_grad():
             for name in self.rows.names:
@@ -414,8 +415,9 @@ def attach(args, tokens: Tokens | None, models, trainables) -> Pivot | None:
 
 def register_state_hooks(accelerator, pivot: Pivot | None) -> None:
     """Checkpoints hold the rows: under DeepSpeed in the engine's own state (they are the
-    transformer's parameters); always also as CHECKPOINT/OUTPUT_NAME_emb.safetensors in fp32, which
-    a resume outside DeepSpeed reads back exactly. Every rank calls the hooks (ZeRO-3 gathers)."""
+    transformer's parameters); always also as CHECKPOINT/token_embeddings.safetensors in fp32 (the
+    emb file's format), which a resume outside DeepSpeed reads back exactly. Every rank calls the
+    hooks (ZeRO-3 gathers)."""
     if pivot is None:
         return
     from .device import is_deepspeed
@@ -424,7 +426,7 @@ def register_state_hooks(accelerator, pivot: Pivot | None) -> None:
     def save_hook(models, weights, output_dir):
         with gathered_parameters(list(pivot.rows.parameters())):
             if accelerator.is_main_process:
-                pivot.save(output_dir, torch.float32)
+                pivot.save(os.path.join(output_dir, CHECKPOINT_FILE), torch.float32)
 
     def load_hook(models, input_dir):
         if not is_deepspeed(accelerator):  # the engine restores its own parameters, each rank its shard
@@ -442,7 +444,7 @@ def save_final(pivot: Pivot | None, output_dir: str, main: bool, dtype: torch.dt
 
     with gathered_parameters(list(pivot.rows.parameters())):
         if main:
-            path = pivot.save(output_dir, dtype)
+            path = pivot.save(emb_path(output_dir, output_dir), dtype)
             logger.info("new token embeddings: %s", path)
 
 

@@ -114,3 +114,101 @@ def test_only_new_rows_train_and_the_emb_file_loads_into_a_plain_pipeline(tiny_f
     assert torch.allclose(pooled, pooled_l, atol=1e-6)
     if t5:
         assert torch.allclose(seq, seq_l, atol=1e-6)
+
+
+def test_transformer_frac_0_is_textual_inversion_only(tiny_flux, sample_data, tmp_path):
+    out = str(tmp_path / "ti_only")
+    run = train(ti_args(tiny_flux, sample_data, out, steps=4, train_transformer_frac=0, train_text_encoder_ti_frac=1,
+                        checkpointing_steps=4))
+    lora = {n: p for n, p in run.models.transformer.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, run.initial_lora[n]) for n, p in lora.items())
+    assert not any(p.requires_grad for p in lora.values())
+    assert_only_new_rows_changed(run, tiny_flux, ["clip_l"])
+    # the advanced script's layout: the embeddings are the result, no LoRA file; the card says so
+    assert sorted(os.listdir(out)) == sorted(["README.md", "checkpoint-4", "ti_only_emb.safetensors", "run_config.json",
+                                              "train_log.jsonl", "train_summary.json"])
+    assert "load_lora_weights" not in open(os.path.join(out, "README.md")).read()
+
+
+def copy_run_until(src, dst, step):
+    """dst holds src's checkpoint-STEP only: as if the run had been stopped right after it."""
+    os.makedirs(dst)
+    shutil.copytree(os.path.join(src, f"checkpoint-{step}"), os.path.join(dst, f"checkpoint-{step}"))
+
+
+def results(out):
+    from safetensors.torch import load_file
+
+    files = {"emb": load_file(os.path.join(out, f"{os.path.basename(out)}_emb.safetensors"))}
+    if os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors")):
+        files["lora"] = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    losses = [json.loads(l)["loss"] for l in open(os.path.join(out, "train_log.jsonl"))]
+    return files, losses
+
+
+@pytest.mark.parametrize("fractions", [dict(train_text_encoder_ti_frac=0.5), dict(train_transformer_frac=0.5,
+                                                                                    train_text_encoder_ti_frac=1)],
+                         ids=["ti-stops", "transformer-stops"])
+def test_resume_is_bit_identical_inside_each_fraction(tiny_flux, sample_data, tmp_path, fractions):
+    """8 steps = 2 epochs; the first epoch trains both parts, the second one only. A run stopped in
+    either (after step 2, after step 6) and resumed ends bit-identical to the uninterrupted run."""
+    whole = str(tmp_path / "whole")
+    train(ti_args(tiny_flux, sample_data, whole, steps=8, checkpointing_steps=2, **fractions))
+    for step in (2, 6):
+        part = str(tmp_path / f"from{step}")
+        copy_run_until(whole, part, step)
+        train(ti_args(tiny_flux, sample_data, part, steps=8, checkpointing_steps=2, resume_from_checkpoint="latest",
+                      **fractions))
+        files_w, losses_w = results(whole)
+        files_p, losses_p = results(part)
+        assert losses_p == losses_w[step:], step
+        for kind in files_w:
+            for key in files_w[kind]:
+                assert torch.equal(files_w[kind][key], files_p[kind][key]), (step, kind, key)
+    # the gate did its job: the part that stops is the same at step 4 and step 8 (its checkpoints)
+    from safetensors.torch import load_file
+
+    at4, at8 = (os.path.join(whole, f"checkpoint-{s}") for s in (4, 8))
+    if "train_transformer_frac" in fractions:
+        before, after = (load_file(os.path.join(p, "pytorch_lora_weights.safetensors")) for p in (at4, at8))
+    else:
+        before, after = (load_file(os.path.join(p, "token_embeddings.safetensors")) for p in (at4, at8))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def mixed_captions(sample_data, folder):
+    """The 4 instance images, two captioned with TOK and two without (cached as usual)."""
+    os.makedirs(folder)
+    names = sorted(n for n in os.listdir(sample_data["instance_dir"]) if n.endswith(".png"))
+    for i, name in enumerate(names):
+        shutil.copy(os.path.join(sample_data["instance_dir"], name), folder)
+        caption = "a photo of TOK dog" if i % 2 == 0 else "a red circle on a gray background"
+        with open(os.path.join(folder, name[:-4] + ".txt"), "w") as f:
+            f.write(caption)
+    return folder
+
+
+def test_cached_run_equals_uncached_and_the_cache_never_holds_new_token_embeddings(tiny_flux, sample_data, tmp_path):
+    from fluxkit.cache import text_key
+    from fluxkit.encode import encode_prompts
+    from fluxkit.models import load_models
+
+    data = mixed_captions(sample_data, str(tmp_path / "mixed"))
+    common = dict(instance_data_dir=data, steps=8, validation_prompt="TOK on a beach", validation_epochs=1,
+                  num_validation_images=1, num_validation_steps=2)
+    cached = train(ti_args(tiny_flux, sample_data, str(tmp_path / "cached"), latent_cache_dir=tmp_path / "cache", **common))
+    train(ti_args(tiny_flux, sample_data, str(tmp_path / "uncached"), no_cache=True, **common))
+    (files_c, losses_c), (files_u, losses_u) = results(str(tmp_path / "cached")), results(str(tmp_path / "uncached"))
+    assert losses_c == losses_u
+    for kind in files_c:
+        assert all(torch.equal(files_c[kind][k], files_u[kind][k]) for k in files_c[kind]), kind
+
+    # what the cache holds for a prompt with new tokens is the base encoders' encoding of its text
+    base = load_models(cached.args, tiny_flux, ("transformer",))
+    cache = cached.cache
+    cache.refresh()
+    for prompt in ("a photo of <s0><s1> dog", "<s0><s1> on a beach"):
+        with torch.no_grad():
+            seq, pooled = encode_prompts([prompt], base, cached.args.max_sequence_length, "cpu")
+        held = cache.text.get(text_key(prompt, cache.max_sequence_length))
+        assert torch.equal(held[0], seq[0]) and torch.equal(held[1], pooled[0]), prompt
