@@ -94,6 +94,76 @@ def test_second_fill_encodes_nothing_and_changes_reencode_exactly_those(tmp_path
     assert stats["latents"] == 0 and stats["text"] == 3
 
 
+
+def _rgba_folder(tmp_path, n=2):
+    """Textured images with a transparent half: the background and the resize filter both show."""
+    import numpy as np
+
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(36, 40, 4), dtype=np.uint8)
+        pixels[:, :20, 3] = 0
+        Image.fromarray(pixels, "RGBA").save(folder / f"a{i}.png")
+    return folder
+
+
+def _cached_equals_fresh(c, dataset, enc):
+    """Every sample's cached latent equals that sample's encoding now (--no_cache's numbers)."""
+    image, _ = _encoders(enc)
+    indices = list(range(len(dataset)))
+    mean, logvar = c.latent_moments(indices, None, image)
+    with torch.no_grad():
+        for j, i in enumerate(indices):
+            fresh = image(dataset[i]["pixel_values"][None])
+            assert torch.equal(mean[j], fresh[0][0]) and torch.equal(logvar[j], fresh[1][0]), f"sample {i}"
+
+
+def test_resize_filter_and_alpha_background_are_part_of_the_latent_key(tmp_path, encoders):
+    """--image_interpolation_mode and --alpha_background change the pixels: another value re-encodes
+    every latent, and what the cache then returns is the new setting's encoding."""
+    folder = _rgba_folder(tmp_path)
+    root = tmp_path / "cache"
+    first = DreamBoothDataset(make_args(folder), seed=0)
+    assert _fill(_cache(root, encoders, first), first, encoders)["latents"] == 2
+    for change in (dict(image_interpolation_mode="nearest"), dict(alpha_background="black")):
+        ds = DreamBoothDataset(make_args(folder, **change), seed=0)
+        assert not torch.equal(ds[0]["pixel_values"], first[0]["pixel_values"]), change
+        assert _fill(_cache(root, encoders, ds), ds, encoders)["latents"] == 2, change
+        _cached_equals_fresh(_cache(root, encoders, ds), ds, encoders)
+
+
+def test_flipped_and_unflipped_crops_of_one_image_have_their_own_latents(tmp_path, encoders):
+    """--center_crop --random_flip --repeats 2: the repeats of an image share the crop box but not
+    always the flip; each distinct placement is its own entry, and each sample gets its own."""
+    folder = _folder(tmp_path, 2)
+    ds = DreamBoothDataset(make_args(folder, repeats=2, center_crop=True, random_flip=True), seed=0)
+    placements = {(i % 2, ds.placement(i)) for i in range(len(ds))}
+    assert any(p.flip for _, p in placements) and not all(p.flip for _, p in placements)  # the seed gives both
+    c = _cache(tmp_path / "cache", encoders, ds)
+    assert len(set(c.latent_keys.values())) == len(placements)
+    assert _fill(c, ds, encoders)["latents"] == len(placements)
+    _cached_equals_fresh(_cache(tmp_path / "cache", encoders, ds), ds, encoders)
+
+
+def test_image_rewritten_in_place_at_the_same_size_is_reencoded(tmp_path, encoders):
+    """A BMP has the same byte size whatever its pixels: a new mtime alone must send the image to be
+    hashed again (the remembered hash is keyed by size and mtime), so its latent is re-encoded."""
+    folder = tmp_path / "bmp"
+    folder.mkdir()
+    path = folder / "b0.bmp"
+    Image.effect_noise((40, 32), 30).convert("RGB").save(path)
+    ds = DreamBoothDataset(make_args(folder), seed=0)
+    root = tmp_path / "cache"
+    assert _fill(_cache(root, encoders, ds), ds, encoders)["latents"] == 1
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.effect_noise((40, 32), 90).convert("RGB").save(path)
+    os.utime(path, ns=(mtime + 5_000_000_000, mtime + 5_000_000_000))
+    assert path.stat().st_size == size
+    assert _fill(_cache(root, encoders, ds), ds, encoders)["latents"] == 1
+    _cached_equals_fresh(_cache(root, encoders, ds), ds, encoders)
+
+
 def test_corrupt_or_truncated_shard_is_discarded_and_rebuilt(tmp_path, encoders, caplog):
     folder = _folder(tmp_path, 2)
     root = tmp_path / "cache"
@@ -132,10 +202,11 @@ def test_another_model_never_reads_this_cache(tmp_path, encoders, tiny_flux):
 
 def test_fill_shares_partition_the_work_however_late_a_process_looks(tmp_path):
     """Two processes (threads here, with a real barrier and one shared cache folder) fill the cache;
-    the second one looks at the folder late, after the first could have written its share. Every
-    prompt must still be encoded exactly once across both: shares come from one common view."""
+    the second one looks at the folder only once the first has reached a barrier, i.e. as late as
+    anything lets it (a first process that wrote its share before any barrier would have written it by
+    then: no sleep decides it). Every prompt must still be encoded exactly once across both: shares
+    come from one common view."""
     import threading
-    import time
 
     import torch
 
@@ -143,12 +214,17 @@ def test_fill_shares_partition_the_work_however_late_a_process_looks(tmp_path):
 
     prompts = [f"prompt {i}" for i in range(6)]
     barrier = threading.Barrier(2, timeout=20)
+    first_at_barrier = threading.Event()
     encoded = {0: [], 1: []}
     results = {}
 
+    def first_waits():
+        first_at_barrier.set()
+        barrier.wait()
+
     def process(rank):
         if rank == 1:
-            time.sleep(1.0)  # a slow process: starts (and reads the folder) after rank 0 could have written
+            assert first_at_barrier.wait(timeout=60), "the first process never reached a barrier"
         cache = Cache(str(tmp_path / "cache"), vae_id="v", text_id="t", max_sequence_length=8)
 
         def encode_text(batch):
@@ -156,7 +232,7 @@ def test_fill_shares_partition_the_work_however_late_a_process_looks(tmp_path):
             return torch.ones(len(batch), 3, 4), torch.ones(len(batch), 5)
 
         results[rank] = fill(cache, None, prompts, encode_image=None, encode_text=encode_text, rank=rank, world=2,
-                             barrier=barrier.wait, show=False)
+                             barrier=first_waits if rank == 0 else barrier.wait, show=False)
 
     _as_two_processes(process)
     assert sorted(results) == [0, 1], "a process failed (a barrier one process skipped, or an error)"

@@ -96,6 +96,41 @@ def test_cmyk_grey_bilevel_and_exif_orientation(tmp_path):
     assert scan.samples[0].size == (2, 4)  # the scan reports the upright size from the header
 
 
+
+# the transpose that undoes each EXIF orientation (what a viewer applies to show the image upright)
+_UPRIGHT = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+# its inverse: how a camera stores an upright picture under that orientation
+_STORED = {**_UPRIGHT, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def test_every_exif_orientation_scans_upright_and_fills_its_bucket_without_stretch(tmp_path):
+    """One tall upright picture stored eight ways (EXIF orientations 1-8): the scan reports the
+    upright size for each, each lands in the tall bucket, and each decodes to the same pixels."""
+    from PIL import ImageOps
+
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(64, 16, 3), dtype=np.uint8))  # 16 wide
+    folder = tmp_path / "orientations"
+    folder.mkdir()
+    for orientation, stored in _STORED.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image = upright if stored is None else upright.transpose(stored)
+        image.save(folder / f"o{orientation}.png", exif=exif)
+        with Image.open(folder / f"o{orientation}.png") as check:  # the file shows the upright picture
+            assert np.array_equal(np.asarray(ImageOps.exif_transpose(check)), np.asarray(upright)), orientation
+    args = make_args(folder, aspect_ratio_buckets=True, train_batch_size=8)
+    scan = scan_dataset(args, quiet=True)
+    assert {os.path.basename(s.name): s.size for s in scan.samples} == {f"o{o}.png": (16, 64) for o in range(1, 9)}
+    assert {scan.buckets[b] for b in scan.sample_bucket} == {(16, 64)}
+    ds = DreamBoothDataset(args, seed=0, scan=scan)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["pixel_values"].shape == (8, 3, 64, 16)
+    for i in range(1, 8):  # the bucket is the image's own size: nothing resized, nothing stretched
+        assert torch.equal(batch["pixel_values"][i], batch["pixel_values"][0]), scan.samples[i].name
+
+
 def _only(tmp_path, name):
     folder = tmp_path / f"only-{name}"
     folder.mkdir()
@@ -122,6 +157,38 @@ def test_captions_from_txt_files_with_instance_prompt_fallback(tmp_path):
     scan = scan_dataset(make_args(folder, caption_extension=".caption"), quiet=True)
     assert [s.caption for s in scan.samples][:2] == ["a photo of sks dog", "ignored: other extension"]
     assert "1 from .caption files" in scan.report()
+
+
+
+def test_caption_file_with_a_utf8_byte_order_mark(tmp_path):
+    """Windows editors save UTF-8 with a BOM: the caption is the text, not U+FEFF plus the text."""
+    folder = _images(tmp_path / "bom", 2)
+    (folder / "img0.txt").write_bytes("\ufeffa red fox".encode("utf-8"))
+    (folder / "img1.txt").write_text("a blue fox", encoding="utf-8-sig")
+    scan = scan_dataset(make_args(folder), quiet=True)
+    assert [s.caption for s in scan.samples] == ["a red fox", "a blue fox"]
+    assert DreamBoothDataset(make_args(folder), scan=scan)[0]["prompt"] == "a red fox"
+
+
+def test_class_images_beyond_images_times_repeats_are_used(tmp_path):
+    """2 instance images and 5 class images: the epoch is 5 samples long, and each class image is a
+    partner once (instances cycle), rather than the 2 x 1 samples of the instances alone."""
+    from fluxkit.scan import add_class_images
+
+    folder = _images(tmp_path / "inst", 2)
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    paths = []
+    for i in range(5):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(class_dir / f"class_{i}.png")
+        paths.append(str(class_dir / f"class_{i}.png"))
+    args = make_args(folder, with_prior_preservation=True, class_prompt="a photo of a dog")
+    scan = add_class_images(scan_dataset(args, quiet=True), paths, args)
+    ds = DreamBoothDataset(args, scan=scan)
+    assert len(ds) == 5
+    reds = sorted(round(float(ds[i]["class_pixel_values"][0].mean()), 3) for i in range(len(ds)))
+    assert reds == sorted(round(40 * i / 127.5 - 1, 3) for i in range(5))  # every class image, each once
+    assert {ds[i]["prompt"] for i in range(5)} == {"a photo of sks dog"}
 
 
 def test_captions_from_metadata_jsonl_and_csv(tmp_path):
@@ -279,6 +346,34 @@ def test_bucket_sampler_one_bucket_per_global_batch_and_pure_in_seed_epoch():
     assert [i - length for i in s] != first
     other = BucketSampler(bucket_of_image, length, batch, world, seed=8)
     assert list(other) != first
+
+
+
+def test_bucket_order_does_not_depend_on_the_process(tmp_path, monkeypatch):
+    """Each process builds its own sampler; accelerate hands micro batch k to process k % world, so the
+    order must be the same on every rank (same seed, no rank in it) for a global batch to be one shape."""
+    from fluxkit.train import build_data
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, size in enumerate([(64, 16), (62, 16), (32, 32), (30, 34), (16, 64), (20, 70)] * 2):
+        Image.new("RGB", size, (i * 20, 0, 0)).save(folder / f"m{i}.png")
+    args = make_args(folder, aspect_ratio_buckets=True, seed=3)
+    orders = {}
+    for rank in ("0", "1"):
+        for var in ("RANK", "LOCAL_RANK", "PROCESS_INDEX"):
+            monkeypatch.setenv(var, rank)
+        ds = DreamBoothDataset(args, seed=3, scan=scan_dataset(args, world_size=2, quiet=True))
+        sampler = build_data(args, ds, world=2).sampler
+        orders[rank] = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            orders[rank].append(list(sampler))
+    assert orders["0"] == orders["1"]
+    ds = DreamBoothDataset(args, seed=3, scan=scan_dataset(args, world_size=2, quiet=True))
+    for order in orders["0"]:  # rank k takes micro batches k, k + 2, ...: each pair is one bucket
+        shapes = [ds.target_size(i % len(ds)) for i in order]
+        assert all(shapes[k] == shapes[k + 1] for k in range(0, len(shapes), 2)), shapes
 
 
 def test_bucketed_dataset_batches_have_the_bucket_shape(tmp_path):

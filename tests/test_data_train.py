@@ -151,7 +151,17 @@ def test_streaming_with_workers_gives_the_same_losses(tiny_flux, tmp_path):
 MIXED = [(64, 32), (32, 64), (32, 32), (64, 16), (16, 64), (36, 32), (32, 36), (60, 20)]
 
 
-def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder_use, capfd):
+def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder_use, capfd, monkeypatch):
+    import fluxkit.train
+
+    trained_prompts = []
+    micro_step = fluxkit.train.micro_step
+
+    def recording(run, batch):
+        trained_prompts.extend(batch["prompts"])
+        return micro_step(run, batch)
+
+    monkeypatch.setattr(fluxkit.train, "micro_step", recording)
     folder = captioned_folder(tmp_path / "data", MIXED)
     args = args_for(tiny_flux, folder, tmp_path / "out", steps=6, aspect_ratio_buckets=True, bucket_step=16,
                     train_batch_size=2, caption_dropout_rate=0.5, validation_prompt="a photo of sks dog",
@@ -161,6 +171,8 @@ def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder
     assert "buckets: 5 used" in err
     # prompts: two captions, the dropped (empty) caption and the validation prompt, each once
     assert encoder_use["prompts"] == 4 and encoder_use["images"] == 8
+    # the cache holds the empty caption whenever the rate is above 0; dropout must also reach batches
+    assert len(trained_prompts) == 12 and "" in trained_prompts and set(trained_prompts) - {""}, trained_prompts
     with Image.open(tmp_path / "out" / "validation" / "validation-final.png") as im:
         assert im.size == (32, 32)  # validation renders at --resolution
 
@@ -175,10 +187,17 @@ def test_buckets_under_deepspeed_two_processes_kill_resume_bit_identical(tiny_fl
         args[args.index("--mixed_precision") + 1] = "bf16"
         return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=with_faults(env))
 
-    reference = tmp_path / "uninterrupted"
-    proc = launch(reference)
+    reference, record = tmp_path / "uninterrupted", tmp_path / "batches"
+    proc = launch(reference, env={"FLUXKIT_TEST_RECORD_BATCHES": str(record)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "buckets: 5 used" in proc.stderr
+    # what each rank trained, as each rank recorded it: at every step both ranks' samples have one shape
+    # (a bit-identical resume alone would hold if both runs mixed shapes alike)
+    ranks = [[json.loads(line) for line in open(record / f"rank-{r}.jsonl")] for r in (0, 1)]
+    assert [b["step"] for b in ranks[0]] == [b["step"] for b in ranks[1]] == [0, 1, 2, 3]
+    for mine, theirs in zip(*ranks):
+        assert len({tuple(size) for size in mine["sizes"] + theirs["sizes"]}) == 1, (mine, theirs)
+    assert len({tuple(b["sizes"][0]) for b in ranks[0]}) > 1  # and the shape changes between steps
     assert_killed_at_step_3_resumes_bit_identical(launch, tmp_path / "crashed", reference)
 
 
@@ -290,6 +309,34 @@ def test_skip_bad_images_replaces_undecodable_samples_the_same_way_everywhere(ti
     run("resumed", steps=5, checkpointing_steps=5)
     run("resumed", steps=8, resume_from_checkpoint="latest")
     assert losses(tmp_path / "resumed") == reference
+
+
+
+def test_skip_bad_images_replacement_comes_from_the_same_bucket(tmp_path):
+    """With buckets and batch 2, a damaged image's sample is replaced by a sample of its own bucket
+    (another shape could not be stacked with its batch partner), in every epoch."""
+    import torch
+
+    from fluxkit.buckets import BucketSampler
+    from fluxkit.data import DreamBoothDataset, collate
+    from fluxkit.scan import scan_dataset
+    from test_data import make_args
+
+    folder = captioned_folder(tmp_path / "data", [(64, 16), (64, 16), (16, 64), (16, 64), (32, 32), (32, 32), (32, 32)])
+    damaged_png(folder / "img7.png", size=(64, 16))  # a third wide image, and it does not decode
+    args = make_args(folder, aspect_ratio_buckets=True, train_batch_size=2, skip_bad_images=True)
+    scan = scan_dataset(args, quiet=True)
+    ds = DreamBoothDataset(args, seed=0, scan=scan)
+    bad = next(i for i, s in enumerate(scan.samples) if s.name.endswith("img7.png"))
+    for epoch in range(12):
+        shown, _, skipped = ds.readable_sample(bad, epoch)
+        assert skipped and ds.target_size(shown) == ds.target_size(bad) == (64, 16), (epoch, shown)
+    sampler = BucketSampler(scan.sample_bucket, len(ds), 2, 1, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=collate)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        for batch in loader:  # stacking a wide and a tall image would raise here
+            assert len({ds.target_size(int(i)) for i in batch["index"]}) == 1
 
 
 # ----------------------------------------------------------------------------- listing and pruning the cache

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_launchers import FULL, LORA, _SCRUB, dry, launch
+from test_launchers import FULL, LORA, _SCRUB, dry, dry_inprocess, launch, launch_inprocess
 
 
 def _one_line_nothing_written(proc, out, *needles):
@@ -61,8 +61,6 @@ TRAINER_MISTAKES = {
 
 @pytest.mark.parametrize("name", list(TRAINER_MISTAKES))
 def test_trainer_mistakes_are_one_line_before_anything_starts(tiny_flux, sample_data, tmp_path, name):
-    if name == "corrupt image":
-        pytest.importorskip("fluxkit.scan", reason="the data scan (issue 11's data helper) is not on this branch yet")
     script, extra, needles = TRAINER_MISTAKES[name]
     out = tmp_path / "out"
     keys = extra(tiny_flux, sample_data, tmp_path)
@@ -132,6 +130,25 @@ def test_config_file_with_an_unknown_key_is_one_line(tmp_path):
     cfg.write_text("batch_sise: 3\n")
     proc = launch(LORA, f"--config={cfg}", f"--output_dir={tmp_path / 'out'}")
     _one_line_nothing_written(proc, tmp_path / "out", "batch_sise", str(cfg))
+
+
+
+@pytest.mark.parametrize("kind", ["toml", "yaml"])
+def test_config_file_switch_values(tmp_path, kind):
+    """A switch in a --config file: "false" (a string, as a hand-written file or an env template gives it)
+    turns it off, "true" on; "maybe" is one error line naming the key and the file."""
+    cfg = tmp_path / f"run.{kind}"
+
+    def config(key, value):
+        cfg.write_text(f'{key} = "{value}"\n' if kind == "toml" else f'{key}: "{value}"\n')
+        return f"--config={cfg}"
+
+    assert "--gradient_checkpointing" in dry_inprocess(FULL).trainer  # the full reference turns it on
+    assert "--gradient_checkpointing" not in dry_inprocess(FULL, config("gradient_checkpointing", "false")).trainer
+    assert "--random_flip" not in dry_inprocess(FULL).trainer
+    assert "--random_flip" in dry_inprocess(FULL, config("random_flip", "true")).trainer
+    proc = launch_inprocess(FULL, config("gradient_checkpointing", "maybe"), f"--output_dir={tmp_path / 'out'}")
+    _one_line_nothing_written(proc, tmp_path / "out", "gradient_checkpointing", "'maybe'", str(cfg))
 
 
 # ------------------------------------------------------------------ real runs (DeepSpeed, CPU)

@@ -63,6 +63,37 @@ def dry(script, *args, env=None, cwd=ROOT):
     return Plan(launch(script, "--dry_run", *args, env=env, cwd=cwd))
 
 
+def launch_inprocess(script, *args, env=None, cwd=ROOT):
+    """What `script ARGS` does up to starting accelerate (a dry run, or a refusal), without an
+    interpreter start: the .sh launchers' one line (`python -m fluxkit.launch --launcher KIND "$0" "$@"`
+    with the toolkit first on PYTHONPATH) as a main(argv) call. Returns a CompletedProcess."""
+    import contextlib
+    import io
+
+    from fluxkit import launch as launcher
+
+    kind = {FULL: "full", LORA: "lora"}[script]
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    for name in _SCRUB:
+        os.environ.pop(name, None)
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved_env["PYTHONPATH"] if saved_env.get("PYTHONPATH") else "")
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = launcher.main(["--launcher", kind, script, *args])
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([script, *args], rc, out.getvalue(), err.getvalue())
+
+
+def dry_inprocess(script, *args, env=None, cwd=ROOT):
+    return Plan(launch_inprocess(script, "--dry_run", *args, env=env, cwd=cwd))
+
+
 # ---------------------------------------------------------------------------------- help, parsing
 
 @pytest.mark.parametrize("script", [FULL, LORA])

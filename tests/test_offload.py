@@ -11,6 +11,7 @@ moved once (to the device, at setup) and never again. The loss sequence must not
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import ROOT, run_entry_inprocess as train_inprocess
@@ -96,3 +97,45 @@ def test_offloaded_encoders_visit_only_while_encoding_and_losses_match(tiny_flux
     for at_step in boundaries:  # between steps every encoder has been moved out, and lies in host memory
         for name, (last, devices) in at_step.items():
             assert last == "to:cpu" and devices == {"cpu"}, (name, at_step)
+
+
+class _Recorder:
+    """A module stand-in that records where it is moved (a device object or a string, as given)."""
+
+    def __init__(self, name, moves):
+        self.name, self.moves = name, moves
+
+    def to(self, target):
+        self.moves.append((self.name, target))
+        return self
+
+
+def test_visit_moves_to_the_device_given_and_back_to_the_host():
+    """On this CPU host the visiting device and the host are both "cpu"; a device object of another
+    kind shows which way each move goes: in to exactly the device given, out to the host (also when
+    encoding fails), the transformer and a training CLIP untouched, and nothing without the flag."""
+    from types import SimpleNamespace
+
+    from fluxkit.offload import encoders_visiting
+
+    moves = []
+    m = SimpleNamespace(**{name: _Recorder(name, moves) for name in ("vae", "text_encoder", "text_encoder_2", "transformer")})
+    device = torch.device("cuda", 1)
+    args = SimpleNamespace(offload_encoders=True, train_text_encoder=False)
+    with encoders_visiting(args, m, device):
+        assert sorted(moves) == [("text_encoder", device), ("text_encoder_2", device), ("vae", device)]
+        moves.clear()
+    assert sorted(name for name, _ in moves) == ["text_encoder", "text_encoder_2", "vae"]
+    assert all(torch.device(target) == torch.device("cpu") for _, target in moves), moves
+
+    moves.clear()
+    with pytest.raises(RuntimeError):
+        with encoders_visiting(SimpleNamespace(offload_encoders=True, train_text_encoder=True), m, device):
+            raise RuntimeError("encoding failed")
+    assert [name for name, _ in moves] == ["vae", "text_encoder_2"] * 2  # a training CLIP stays with the transformer
+    assert [torch.device(t) for _, t in moves[2:]] == [torch.device("cpu")] * 2
+
+    moves.clear()
+    with encoders_visiting(SimpleNamespace(offload_encoders=False, train_text_encoder=False), m, device):
+        pass
+    assert moves == []

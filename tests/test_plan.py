@@ -73,6 +73,26 @@ def test_plan_terms_follow_the_flags(tiny_flux, sample_data):
     assert by(zero, "AdamW") * 4 == pytest.approx(by(full, "AdamW"), abs=8)
 
 
+
+def test_optimizer_states_and_zero_step_gradients_per_trained_parameter():
+    """Without weights (FLUX.1-dev's architecture from its configs): AdamW keeps 8 bytes per trained
+    parameter, 8-bit AdamW 2, and under ZeRO-2 the optimizer step's gradients (compute-dtype and fp32
+    partitions) and the optimizer states are divided by the process count."""
+    dev, no_data = "black-forest-labs/FLUX.1-dev", {"instance_dir": "/nonexistent"}
+    by = lambda p, group: sum(i.bytes for i in p.items if i.group == group)  # noqa: E731
+    for extra, per_param in (((), 8), (("--use_8bit_adam",), 2)):
+        plan = plan_memory(_args(dev, no_data, *extra, lora=True), device="cuda")
+        assert by(plan, "optimizer") == per_param * plan.summary["trained_params"], extra
+    bf16 = ("--mixed_precision", "bf16")
+    one = plan_memory(_args(dev, no_data, *bf16), 1, 2, "cuda")
+    four = plan_memory(_args(dev, no_data, *bf16), 4, 2, "cuda")
+    trained = one.summary["trained_params"]
+    assert by(four, "optimizer") == 8 * trained // 4
+    # the step holds this process's bf16 and fp32 gradient partitions, plus foreach AdamW's fp32 temporary
+    assert one.step_bytes == trained * (2 + 4 + 4)
+    assert four.step_bytes == trained * 2 // 4 + trained * 4 // 4 + trained * 4 // 4
+
+
 def test_quantized_base_shrinks_the_frozen_transformer():
     import argparse
 

@@ -300,6 +300,41 @@ def test_unwritable_output_dir_is_refused_before_training(tiny_flux, sample_data
         assert rc == 2 and "not writable" in err and "Permission denied" in err and "Traceback" not in err
 
 
+
+def test_resume_with_another_process_count_is_named_as_a_changed_setting(tiny_flux, sample_data, checkpoint_2,
+                                                                        tmp_path, capsys, monkeypatch):
+    """checkpoint-2 came from 1 process; resumed where accelerate started 2 (WORLD_SIZE), the global batch
+    would change under the same step count: refused before anything loads, naming the process count."""
+    out = tmp_path / "out"
+    shutil.copytree(checkpoint_2, out)
+    with open(out / "checkpoint-2" / "fluxkit_state.json") as f:
+        assert json.load(f)["world_size"] == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = train_inprocess(LORA, train_args(tiny_flux, sample_data, out, 4, checkpointing_steps=2,
+                                          resume_from_checkpoint="latest"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert rc == 2 and len(lines) == 1, lines
+    assert "world size x batch x accumulation 1x1x1 -> 2x1x1" in lines[0] and "--allow_changed_settings" in lines[0]
+    assert listing(out) == ["checkpoint-2"] and log_lines(out)[-1]["step"] == 2  # nothing trained, nothing written
+
+
+def test_checkpoint_name_is_looked_up_inside_output_dir_before_the_working_folder(tmp_path, monkeypatch):
+    """--resume_from_checkpoint checkpoint-2 names output_dir/checkpoint-2 (as diffusers looks it up),
+    even when the folder the command runs in has a checkpoint-2 of its own (another run's)."""
+    from fluxkit import checkpoints
+
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    for folder, run_type in ((out, "lora"), (cwd, "full")):
+        (folder / "checkpoint-2").mkdir(parents=True)
+        (folder / "checkpoint-2" / checkpoints.STATE_FILE).write_text(json.dumps({"global_step": 2, "run_type": run_type}))
+    monkeypatch.chdir(cwd)
+    path, state = checkpoints.resolve_resume(str(out), "checkpoint-2", "lora")
+    assert os.path.samefile(path, out / "checkpoint-2") and state["run_type"] == "lora"
+    assert os.path.samefile(checkpoints.resume_path(str(out), "checkpoint-2"), out / "checkpoint-2")
+    # a path that is not inside output_dir is still taken as a path
+    assert os.path.samefile(checkpoints.resume_path(str(tmp_path / "elsewhere"), "checkpoint-2"), cwd / "checkpoint-2")
+
+
 # ------------------------------------------------------------------------ 5: SIGINT / SIGTERM
 
 def _finished_steps(out):

@@ -6,6 +6,11 @@ wrapped as their module is first imported, so the process dies exactly where a c
 
     FLUXKIT_TEST_KILL_AT_STEP=N        right after optimizer step N is logged, before its checkpoint
     FLUXKIT_TEST_KILL_IN_CHECKPOINT=N  checkpoint N's state written by every rank, not yet renamed into place
+
+and one recorder, so a multi-process test can state what each rank did rather than infer it:
+
+    FLUXKIT_TEST_RECORD_BATCHES=DIR    each micro batch's step, sample indices and (width, height) per
+                                       sample, appended to DIR/rank-R.jsonl by process R
 """
 
 import importlib.abc
@@ -17,6 +22,7 @@ import sys
 
 KILL_AT_STEP = "FLUXKIT_TEST_KILL_AT_STEP"
 KILL_IN_CHECKPOINT = "FLUXKIT_TEST_KILL_IN_CHECKPOINT"
+RECORD_BATCHES = "FLUXKIT_TEST_RECORD_BATCHES"
 
 
 def _die():
@@ -61,6 +67,23 @@ def _kill_inside_checkpoint(module, step: int) -> None:
     module.save = save
 
 
+def _record_batches(module, folder: str) -> None:
+    """Wrap fluxkit.train.micro_step (one call per micro batch, on every rank)."""
+    import json
+
+    original = module.micro_step
+
+    def micro_step(run, batch):
+        rank = run.accelerator.process_index
+        indices = [int(i) for i in batch["index"] if int(i) >= 0]  # class partners are negative
+        with open(os.path.join(folder, f"rank-{rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": run.step, "index": indices,
+                                "sizes": [list(run.dataset.target_size(i)) for i in indices]}) + "\n")
+        return original(run, batch)
+
+    module.micro_step = micro_step
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Runs patch(module) right after the named module executes, before anyone uses it."""
 
@@ -95,6 +118,17 @@ def _install():
     if os.environ.get(KILL_IN_CHECKPOINT):
         n = int(os.environ[KILL_IN_CHECKPOINT])
         patches["fluxkit.checkpoints"] = lambda module: _kill_inside_checkpoint(module, n)
+    if os.environ.get(RECORD_BATCHES):
+        folder = os.environ[RECORD_BATCHES]
+        os.makedirs(folder, exist_ok=True)
+        kill = patches.get("fluxkit.train")
+
+        def patch_train(module):
+            _record_batches(module, folder)
+            if kill is not None:
+                kill(module)
+
+        patches["fluxkit.train"] = patch_train
     if patches:
         sys.meta_path.insert(0, _PatchOnImport(patches))
 
