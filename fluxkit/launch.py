@@ -298,7 +298,10 @@ def read_config(path: str, known: set, flags: dict) -> dict:
             value = ""
         action = flags.get(TRAINER_NAME.get(name, name))
         if action is not None and _is_switch(action):
-            value = _switch_value(name, value)
+            try:
+                value = _switch_value(name, value)
+            except UserError as err:  # name the file: the command line does not show the value
+                raise UserError(f"--config {path!r}: {err}") from None
         elif isinstance(value, bool):
             value = "true" if value else "false"
         elif isinstance(value, (list, tuple)):
