@@ -473,11 +473,11 @@ def micro_step(run: Run, batch):
                                   encoded.pooled, args, is_class=encoded.is_class)
         if run.pivot is not None:  # + 0: every process's graph reaches the new rows, in its batch or not (DDP, ZeRO)
             loss = loss + run.pivot.touch()
+        if run.gate is not None:  # before backward: under DeepSpeed the engine steps inside it
+            run.gate.hold_stopped(run.optimizer)
         accelerator.backward(loss)
         if accelerator.sync_gradients and not is_deepspeed(accelerator):
             accelerator.clip_grad_norm_(run.trainables.all, args.max_grad_norm)
-        if run.gate is not None:
-            run.gate.hold_stopped(run.optimizer)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)

@@ -212,3 +212,28 @@ def test_cached_run_equals_uncached_and_the_cache_never_holds_new_token_embeddin
             seq, pooled = encode_prompts([prompt], base, cached.args.max_sequence_length, "cpu")
         held = cache.text.get(text_key(prompt, cache.max_sequence_length))
         assert torch.equal(held[0], seq[0]) and torch.equal(held[1], pooled[0]), prompt
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes(tiny_flux, sample_data, tmp_path):
+    """The rows are parameters of the transformer's engine: they train, stop at their fraction (an lr
+    of 0 on DeepSpeed's fp32 masters) and reach every checkpoint. 4 images on 2 processes: 2 steps
+    per epoch, so the rows train at steps 1-2 and hold from step 3 on."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ds"
+    args = ti_args(tiny_flux, sample_data, out, steps=4, checkpointing_steps=1, enable_t5_ti=True, mixed_precision="bf16")
+    proc = accelerate_launch([LORA] + args, num_processes=2, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
+    rows = {s: load_file(str(out / f"checkpoint-{s}" / "token_embeddings.safetensors")) for s in (1, 2, 3, 4)}
+    for name in ("clip_l", "t5"):
+        assert not torch.equal(rows[1][name], rows[2][name]), name  # trained in epoch 0
+        assert torch.equal(rows[2][name], rows[3][name]) and torch.equal(rows[3][name], rows[4][name]), name
+    final, _ = emb_file(str(out))
+    assert all(torch.equal(final[n].float(), rows[4][n]) for n in ("clip_l", "t5"))
+    lora = [load_file(str(out / f"checkpoint-{s}" / "pytorch_lora_weights.safetensors")) for s in (2, 4)]
+    assert any(not torch.equal(lora[0][k], lora[1][k]) for k in lora[0])  # the transformer kept training
+    # each rank wrote its share of DeepSpeed's optimizer state (fp32 masters of the rows included)
+    states = sorted(p.name for p in (out / "checkpoint-4" / "pytorch_model").iterdir())
+    assert [s for s in states if "optim_states" in s] == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
