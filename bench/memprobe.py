@@ -72,7 +72,7 @@ def warm_up_kernels() -> None:
     from peft import LoraConfig
 
     from fluxkit.tiny import PRESETS, build_models
-    from fluxkit.models import DEFAULT_LORA_TARGETS
+    from fluxkit.families.flux1 import FAMILY as FLUX1
 
     preset = PRESETS["tiny"]
     models = build_models(preset)
@@ -84,7 +84,7 @@ def warm_up_kernels() -> None:
         for m in (t, vae, clip, t5):
             m.to(dtype)
         if lora and not getattr(t, "peft_config", None):
-            t.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=DEFAULT_LORA_TARGETS))
+            t.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(FLUX1.lora_targets)))
         t.requires_grad_(True)
         opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):

@@ -2,7 +2,8 @@
 run's cache (fluxkit.cache) or encoded now, in the form the loss takes (fluxkit.loss).
 
 `encode_prompts` and `latent_moments` are the encoders themselves, also used to fill the cache
-ahead of training; `encode_batch` turns one loader batch into an `Encoded`.
+ahead of training; `encode_batch` turns one loader batch into an `Encoded`. What differs between
+FLUX families (which encoders, how latents are scaled) is the run's family's (fluxkit.families).
 """
 
 from __future__ import annotations
@@ -17,25 +18,17 @@ from .offload import encoders_visiting
 @dataclass
 class Encoded:
     """One micro batch as the loss takes it, on the device."""
-    x0: torch.Tensor             # scaled latents (B, C, H, W) in the compute dtype, sampled from the VAE's moments
-    prompt_embeds: torch.Tensor  # T5 sequence embeddings (B, L, D)
-    pooled: torch.Tensor         # CLIP pooled embeddings (B, P); with gradients when CLIP trains
+    x0: torch.Tensor             # the family's latents (B, C, H, W) in the compute dtype, from the VAE's moments
+    prompt_embeds: torch.Tensor  # sequence embeddings (B, L, D): T5's, or FLUX.2's stacked hidden states
+    pooled: torch.Tensor         # pooled embeddings (B, P): CLIP's, with gradients when it trains; P = 0 for FLUX.2
     is_class: torch.Tensor       # (B,) bool: prior-preservation (class) samples
+    refs: torch.Tensor | None = None  # editing families: the reference images' latents (B, C, h, w)
 
 
-def clip_ids(tokenizer, prompts: list[str], device):
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids.to(device)
-
-
-def encode_prompts(prompts: list[str], m, max_sequence_length: int, device, text_encoder=None):
-    """(T5 sequence embeddings (B, L, D), CLIP pooled embeddings (B, P)) for a list of prompts."""
-    text_encoder = text_encoder if text_encoder is not None else m.text_encoder
-    pooled = text_encoder(clip_ids(m.tokenizer, prompts, device), output_hidden_states=False).pooler_output
-    t5_ids = m.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length,
-                           truncation=True, return_tensors="pt").input_ids.to(device)
-    seq = m.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-    return seq, pooled
+def encode_prompts(prompts: list[str], m, args, device):
+    """(sequence embeddings (B, L, D), pooled embeddings (B, P)) for a list of prompts, as m's family
+    encodes them (args: max_sequence_length and the family's own text flags)."""
+    return m.family.encode_prompts(m, prompts, args, device)
 
 
 def latent_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +48,14 @@ def encode_batch(run, batch) -> Encoded:
 
     def encode_text(prompts):
         with encoders_visiting(args, m, device):
-            return encode_prompts(prompts, m, args.max_sequence_length, device)
+            return encode_prompts(prompts, m, args, device)
 
     mean, logvar = run.cache.latent_moments(batch["index"].tolist(), batch["pixel_values"], encode_images)
-    # Sampled here (not inside the VAE) so cached and uncached runs draw the same random numbers.
-    x0 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-    vae = m.vae.config
-    x0 = ((x0 - vae.shift_factor) * vae.scaling_factor).to(run.weight_dtype)
+    x0 = m.family.latents(mean, logvar, m.vae).to(run.weight_dtype)  # FLUX.1 samples here: cached = uncached
     if run.pivot is not None:  # prompts with new tokens: encoded live, never cached (fluxkit.pivotal)
         seq, pooled = run.pivot.text_embeddings(batch["prompts"], run.cache, encode_text, m, device)
         return Encoded(x0, seq, pooled, batch["is_class"].to(device))
     seq, pooled = run.cache.text_embeddings(batch["prompts"], encode_text)
     if run.text_encoder is not None:  # CLIP trains: its pooled embeddings need gradients; T5 stays cached
-        pooled = run.text_encoder(clip_ids(m.tokenizer, batch["prompts"], device)).pooler_output
+        pooled = m.family.trained_pooled(m, run.text_encoder, batch["prompts"], device)
     return Encoded(x0, seq, pooled, batch["is_class"].to(device))

@@ -26,7 +26,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 
-from . import quant, quiet
+from . import families, quant, quiet
 from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0, pipeline_folder_problem
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
@@ -178,15 +178,16 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
 
 
 def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: str = "none", device_type: str = "cpu"):
-    """The FluxPipeline at model_path in `dtype`, its transformer quantized as asked (fluxkit.quant)."""
-    from diffusers import FluxPipeline
-
+    """The pipeline at model_path in `dtype` (its family's class, fluxkit.families), its transformer
+    quantized as asked (fluxkit.quant)."""
+    family = families.of_folder(model_path) if os.path.isdir(model_path) else families.get("flux1")
     try:
         parts = {}
         if quantization != "none":
             parts["transformer"] = quant.load_transformer(model_path, quantization, dtype, device_type, subfolder="transformer",
-                                                          local_files_only=local_files_only)
-        pipe = FluxPipeline.from_pretrained(model_path, local_files_only=local_files_only, **parts,
+                                                          local_files_only=local_files_only,
+                                                          model_class=family.component_class("transformer"))
+        pipe = family.pipeline_class().from_pretrained(model_path, local_files_only=local_files_only, **parts,
                                             **quant.dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]

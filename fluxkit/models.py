@@ -1,7 +1,7 @@
 """The FLUX models of a training run and what trains in them.
 
 `resolve_model_dir` finds the pipeline folder (downloading a hub id unless offline), `load_models`
-loads its seven components, `setup_trainables` decides what trains (the whole transformer, or LoRA
+loads its components as its family names them (fluxkit.families), `setup_trainables` decides what trains (the whole transformer, or LoRA
 adapters; optionally CLIP) and in which dtype, and `build_optimizer` builds AdamW, 8-bit AdamW or
 Prodigy over those parameters.
 """
@@ -13,19 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import quant
+from . import families, quant
 from .environment import check_pipeline_folder, hf_offline, is_hub_id
 from .errors import UserError
 
-PIPELINE_COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
-DEFAULT_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                        "ff_context.net.2", "proj_mlp", "proj_out"]
-CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
 @dataclass
 class Models:
+    """The run's components; those its family does not have (FLUX.2's second text encoder) are None."""
     tokenizer: object
     tokenizer_2: object
     text_encoder: torch.nn.Module
@@ -34,6 +28,11 @@ class Models:
     transformer: torch.nn.Module
     scheduler: object
     model_dir: str
+    family: families.Family = families.get("flux1")
+
+    def text_encoders_loaded(self) -> bool:
+        """Whether every text encoder of the family is here (else prompts come from the cache)."""
+        return all(getattr(self, n) is not None for n in self.family.text_encoders)
 
 
 def resolve_model_dir(args) -> str:
@@ -55,32 +54,26 @@ def resolve_model_dir(args) -> str:
 
 def load_models(args, model_dir: str, without: tuple[str, ...] = (), weight_dtype: torch.dtype = torch.float32,
                 device_type: str = "cpu", deepspeed: bool = False) -> Models:
-    """The pipeline's components; those named in `without` (e.g. text encoders whose every output
-    is cached, or the transformer while the cache fills: see train.prepare_models) are not loaded
-    and are None. The transformer comes as load_transformer gives it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    """The pipeline's components, loaded by the classes its family names (fluxkit.families); those
+    named in `without` (e.g. text encoders whose every output is cached, or the transformer while the
+    cache fills: see train.prepare_models) are not loaded and are None; so are those the family does
+    not have. The transformer comes as load_transformer gives it."""
+    family = families.of_args(args, model_dir)
 
-    common = dict(revision=args.revision, local_files_only=True)
-
-    def load(name, cls, **kw):
-        return None if name in without else cls.from_pretrained(model_dir, subfolder=name, **common, **kw)
+    def load(name):
+        if name in without or name not in family.components:
+            return None
+        kw = {} if name.startswith(("tokenizer", "scheduler")) else dict(variant=args.variant)
+        return family.component_class(name).from_pretrained(model_dir, subfolder=name, revision=args.revision,
+                                                            local_files_only=True, **kw)
 
     try:
-        models = Models(
-            tokenizer=load("tokenizer", AutoTokenizer),
-            tokenizer_2=load("tokenizer_2", AutoTokenizer),
-            text_encoder=load("text_encoder", CLIPTextModel, variant=args.variant),
-            text_encoder_2=load("text_encoder_2", T5EncoderModel, variant=args.variant),
-            vae=load("vae", AutoencoderKL, variant=args.variant),
-            transformer=None,
-            scheduler=load("scheduler", FlowMatchEulerDiscreteScheduler),
-            model_dir=model_dir,
-        )
+        models = Models(**{n: load(n) for n in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")},
+                        transformer=None, scheduler=load("scheduler"), model_dir=model_dir, family=family)
         if "transformer" not in without:
             models.transformer = load_transformer(args, model_dir, weight_dtype, device_type, deepspeed)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load the FLUX pipeline from {model_dir!r}: {str(err).splitlines()[0][:300]}") from None
+        raise UserError(f"could not load the {family.name} pipeline from {model_dir!r}: {str(err).splitlines()[0][:300]}") from None
     return models
 
 
@@ -103,7 +96,8 @@ def load_transformer(args, model_dir: str, weight_dtype: torch.dtype, device_typ
         return quant.load_transformer(model_dir, getattr(args, "base_quantization", "none"),
                                       transformer_load_dtype(args, weight_dtype, deepspeed), device_type,
                                       subfolder="transformer", variant=args.variant, revision=args.revision,
-                                      local_files_only=True)
+                                      local_files_only=True,
+                                      model_class=families.of_args(args, model_dir).component_class("transformer"))
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the FLUX transformer from {model_dir!r}: {str(err).splitlines()[0][:300]}") from None
 
@@ -132,13 +126,17 @@ class Trainables:
 def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
     from diffusers.training_utils import cast_training_params
 
+    if args.train_text_encoder and not m.family.trains_text_encoder:
+        raise UserError(f"--train_text_encoder trains FLUX.1's CLIP; {m.family.name} has no text encoder this "
+                        "toolkit trains: drop the flag")
     freeze_encoders(args, m, weight_dtype)  # text encoders are None once the cache holds all they would make
     m.transformer.requires_grad_(False)
     # Frozen parts run in the compute dtype; trained full weights stay fp32 (masters for mixed precision).
     if args.lora:
         from peft import LoraConfig
 
-        targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()] if args.lora_layers else DEFAULT_LORA_TARGETS
+        targets = [t.strip() for t in args.lora_layers.split(",") if t.strip()] if args.lora_layers \
+            else m.family.default_lora_targets(m.transformer.config)
         if not quant.is_quantized(m.transformer):  # a quantized base was loaded in weight_dtype
             m.transformer.to(dtype=weight_dtype)
         try:
@@ -155,7 +153,7 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
         te_params = []
         if args.train_text_encoder:
             m.text_encoder.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                  init_lora_weights="gaussian", target_modules=CLIP_LORA_TARGETS))
+                                                  init_lora_weights="gaussian", target_modules=list(m.family.clip_lora_targets)))
             cast_training_params(m.text_encoder, dtype=torch.float32)
             te_params = [p for p in m.text_encoder.parameters() if p.requires_grad]
         return Trainables(t_params, te_params)

@@ -18,7 +18,8 @@ from .device import torch_dtype
 from .environment import hf_offline
 from .errors import UserError
 from .lora import save_lora_gathered, unwrap_model
-from .models import PIPELINE_COMPONENTS, resolve_model_dir
+from .families import of_args
+from .models import resolve_model_dir
 from .offload import encoders_visiting
 from .zero3 import save_pretrained_gathered
 
@@ -33,10 +34,9 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
     os.makedirs(args.class_data_dir, exist_ok=True)
     have = len([f for f in os.listdir(args.class_data_dir) if f.lower().endswith(IMAGE_EXTENSIONS)])
     if have < args.num_class_images:
-        from diffusers import FluxPipeline
-
         dtype = torch_dtype(args.prior_generation_precision or ("bf16" if info.type != "cpu" else "fp32"))
-        pipe = FluxPipeline.from_pretrained(resolve_model_dir(args), torch_dtype=dtype, local_files_only=True)
+        model_dir = resolve_model_dir(args)
+        pipe = of_args(args, model_dir).pipeline_class().from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(accelerator.device)
         todo = list(range(have, args.num_class_images))
@@ -60,18 +60,15 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
 def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype, tag, prompt_embeds=None) -> list[str]:
     """Render num_validation_images for validation_prompt (m: the run's Models); save a PNG grid
     and log the images to TensorBoard. tag: the epoch number, or a name such as 'final'.
-    prompt_embeds: (T5 sequence, CLIP pooled) of the prompt, when the text encoders are not loaded.
+    prompt_embeds: (sequence, pooled) of the prompt, when the text encoders are not loaded.
 
     Under ZeRO-3 every rank calls it: each layer of the sharded transformer gathers its parameters
     from all ranks, so all render the same images in lockstep; only the main process writes."""
-    from diffusers import FluxPipeline
     from diffusers.utils import make_image_grid
     from PIL import Image
     from tqdm.auto import tqdm
 
-    pipe = FluxPipeline(scheduler=m.scheduler, vae=m.vae, text_encoder=unwrap_model(text_encoder) if text_encoder is not None else m.text_encoder,
-                        tokenizer=m.tokenizer, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2,
-                        transformer=unwrap_model(transformer))
+    pipe = m.family.pipeline(m, unwrap_model(transformer), unwrap_model(text_encoder) if text_encoder is not None else None)
     pipe.set_progress_bar_config(disable=True)
     was_training = pipe.transformer.training
     pipe.transformer.eval()
@@ -80,11 +77,11 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
         for i in tqdm(range(args.num_validation_images), desc=f"validation ({tag})", unit="image",
                       disable=not accelerator.is_local_main_process):
             g = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
-            text = dict(prompt=args.validation_prompt) if prompt_embeds is None else dict(
-                prompt_embeds=prompt_embeds[0].to(weight_dtype), pooled_prompt_embeds=prompt_embeds[1].to(weight_dtype))
+            embeds = None if prompt_embeds is None else tuple(e.to(weight_dtype) for e in prompt_embeds)
+            text = m.family.validation_text(args.validation_prompt, embeds, args)
             images.append(pipe(**text, height=args.resolution, width=args.resolution,
                                num_inference_steps=args.num_validation_steps, guidance_scale=args.guidance_scale,
-                               generator=g, max_sequence_length=args.max_sequence_length).images[0])
+                               generator=g).images[0])
     if was_training:
         pipe.transformer.train()
     if not accelerator.is_main_process:
@@ -140,7 +137,7 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -
     trained = {"transformer": unwrap_model(transformer)}
     if text_encoder is not None:
         trained["text_encoder"] = unwrap_model(text_encoder)
-    for name in tqdm(PIPELINE_COMPONENTS, desc="saving the pipeline", unit="component", disable=not main):
+    for name in tqdm([*m.family.components, "transformer"], desc="saving the pipeline", unit="component", disable=not main):
         if not main:
             if name in trained:  # take part in the ZeRO-3 gather; rank 0 writes
                 save_pretrained_gathered(trained[name], None, main=False)
@@ -161,7 +158,7 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -
 
 # ------------------------------------------------------------------------------ model card and hub
 
-def write_model_card(args, sample_images: list[str], pivot=None) -> None:
+def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: str = "FluxPipeline") -> None:
     from .pivotal import model_card_usage
 
     flags = {k: v for k, v in vars(args).items() if k not in ("hub_token", "local_rank") and v not in (None, False)}
@@ -174,8 +171,8 @@ def write_model_card(args, sample_images: list[str], pivot=None) -> None:
         f"Trigger prompt: `{args.instance_prompt}`", "",
     ]
     lines += model_card_usage(args, pivot) if pivot is not None else [
-        "```python", "import torch", "from diffusers import FluxPipeline",
-        f"pipe = FluxPipeline.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
+        "```python", "import torch", f"from diffusers import {pipeline_name}",
+        f"pipe = {pipeline_name}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
         "pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')",
         f"image = pipe({args.instance_prompt!r}).images[0]", "```"]
     lines += ["", "## Training flags", ""]

@@ -481,9 +481,9 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
 
 
 def _default_targets() -> list[str]:
-    from .models import DEFAULT_LORA_TARGETS
+    from .families import get
 
-    return list(DEFAULT_LORA_TARGETS)
+    return list(get("flux1").lora_targets)
 
 
 # ------------------------------------------------------------------------------ device memory

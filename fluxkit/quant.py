@@ -88,18 +88,20 @@ def dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-def load_transformer(path: str, quantization: str, dtype: torch.dtype, device_type: str, **from_pretrained):
-    """FluxTransformer2DModel from `path` (a pipeline folder or hub id; subfolder= etc. in
-    from_pretrained), its nn.Linear weights quantized as asked, everything else in `dtype`."""
-    from diffusers import FluxTransformer2DModel
-
+def load_transformer(path: str, quantization: str, dtype: torch.dtype, device_type: str, model_class=None,
+                     **from_pretrained):
+    """The transformer (model_class: its family's, FluxTransformer2DModel by default) from `path` (a
+    pipeline folder or hub id; subfolder= etc. in from_pretrained), its nn.Linear weights quantized
+    as asked, everything else in `dtype`."""
+    if model_class is None:
+        from diffusers import FluxTransformer2DModel as model_class
     kwargs = dict(from_pretrained, **dtype_kwarg(dtype))
     if quantization in (None, "none"):
-        return FluxTransformer2DModel.from_pretrained(path, **kwargs)
+        return model_class.from_pretrained(path, **kwargs)
     if quantization == "nf4" and device_type != "cuda":
-        transformer = swap_in_nf4(FluxTransformer2DModel.from_pretrained(path, **kwargs), dtype)
+        transformer = swap_in_nf4(model_class.from_pretrained(path, **kwargs), dtype)
     else:
-        transformer = FluxTransformer2DModel.from_pretrained(path, quantization_config=diffusers_config(quantization, dtype),
+        transformer = model_class.from_pretrained(path, quantization_config=diffusers_config(quantization, dtype),
                                                              **kwargs)
     if quantization == "nf4":
         reload_nf4_in_place(transformer)

@@ -304,7 +304,7 @@ def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:
     return latent_cache.fill(
         cache, dataset, prompts,
         encode_image=lambda pixels: latent_moments(models.vae, pixels),
-        encode_text=lambda batch: encode_prompts(batch, models, args.max_sequence_length, device),
+        encode_text=lambda batch: encode_prompts(batch, models, args, device),
         rank=accelerator.process_index, world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
         num_workers=args.dataloader_num_workers, show=accelerator.is_local_main_process)
 
@@ -423,24 +423,24 @@ def loop(run: Run) -> None:
 
 
 def validation_embeddings(run: Run):
-    """The validation prompt's embeddings from the cache when T5 is gone (None: the pipeline encodes
-    it); CLIP's pooled embedding comes from the live CLIP when it trains."""
-    if run.models.text_encoder_2 is not None:
+    """The validation prompt's embeddings from the cache when a text encoder is gone (None: the
+    pipeline encodes it); CLIP's pooled embedding comes from the live CLIP when it trains."""
+    m = run.models
+    if m.text_encoders_loaded():
         return None
     from .encode import encode_prompts
 
-    encode = lambda p: encode_prompts(p, run.models, run.args.max_sequence_length, run.accelerator.device)  # noqa: E731
+    encode = lambda p: encode_prompts(p, m, run.args, run.accelerator.device)  # noqa: E731
+    prompts = [run.args.validation_prompt]
     if run.pivot is not None:  # CLIP's half of a prompt with new tokens is never cached
         with torch.no_grad():
-            return run.pivot.text_embeddings([run.args.validation_prompt], run.cache, encode, run.models, run.accelerator.device)
-    seq, pooled = run.cache.text_embeddings([run.args.validation_prompt], encode)
+            return run.pivot.text_embeddings(prompts, run.cache, encode, m, run.accelerator.device)
+    seq, pooled = run.cache.text_embeddings(prompts, encode)
     if run.text_encoder is not None:
         from .lora import unwrap_model
 
-        ids = run.models.tokenizer([run.args.validation_prompt], padding="max_length", truncation=True,
-                                   max_length=run.models.tokenizer.model_max_length, return_tensors="pt").input_ids
         with torch.no_grad():
-            pooled = unwrap_model(run.text_encoder)(ids.to(run.accelerator.device)).pooler_output
+            pooled = m.family.trained_pooled(m, unwrap_model(run.text_encoder), prompts, run.accelerator.device)
     return seq, pooled
 
 
@@ -470,7 +470,8 @@ def micro_step(run: Run, batch):
     with accelerator.accumulate(*trained):
         encoded = encode_batch(run, batch)
         loss = flow_matching_loss(run.transformer, run.models.scheduler, encoded.x0, encoded.prompt_embeds,
-                                  encoded.pooled, args, is_class=encoded.is_class)
+                                  encoded.pooled, args, is_class=encoded.is_class,
+                                  predict=run.models.family.predictor(encoded.refs))
         if run.pivot is not None:  # + 0: every process's graph reaches the new rows, in its batch or not (DDP, ZeRO)
             loss = loss + run.pivot.touch()
         if run.gate is not None:  # before backward: under DeepSpeed the engine steps inside it
@@ -538,7 +539,7 @@ def finish(run: Run) -> dict:
                                          run.weight_dtype, "final", validation_embeddings(run))
     if run.main:
         if args.lora:
-            outputs.write_model_card(args, samples, run.pivot)
+            outputs.write_model_card(args, samples, run.pivot, run.models.family.pipeline_name)
         if args.push_to_hub:
             outputs.push_to_hub(args)
     accelerator.wait_for_everyone()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import pivotal, quant
+from . import families, pivotal, quant
 from .data import INTERPOLATION_MODES
 from .errors import UserError
 
@@ -25,6 +25,12 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="FLUX pipeline folder or hub id")
+    g.add_argument("--model_family", default=None, choices=families.NAMES,
+                   help="(ours) the FLUX family to train (default: read from the folder's model_index.json); "
+                        "kontext trains a FLUX.1 folder as FLUX.1 Kontext")
+    g.add_argument("--text_encoder_out_layers", type=int, nargs="+", default=None,
+                   help="FLUX.2: the text encoder's hidden-state layers concatenated per token (default: the "
+                        "family pipeline's: 10 20 30 for FLUX.2 [dev], 9 18 27 for [klein])")
     g.add_argument("--revision", default=None, help="hub revision of the model")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--cache_dir", default=None, help="where downloaded models and datasets are cached")

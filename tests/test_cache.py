@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from fluxkit import cache as fcache
+from fluxkit import families
 from fluxkit.data import DreamBoothDataset
 from test_data import make_args
 
@@ -25,7 +26,7 @@ def encoders(tiny_flux):
         tokenizer_2=AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer_2", **kw),
         text_encoder=CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder", **kw),
         text_encoder_2=T5EncoderModel.from_pretrained(tiny_flux, subfolder="text_encoder_2", **kw),
-        model_dir=tiny_flux)
+        model_dir=tiny_flux, family=families.get("flux1"))
 
 
 def _folder(tmp_path, n=3):
@@ -48,7 +49,7 @@ def _cache(root, enc, dataset, msl=16):
 def _encoders(enc, msl=16):
     from fluxkit.encode import encode_prompts, latent_moments
 
-    return (lambda pixels: latent_moments(enc.vae, pixels)), (lambda prompts: encode_prompts(prompts, enc, msl, "cpu"))
+    return (lambda pixels: latent_moments(enc.vae, pixels)), (lambda prompts: encode_prompts(prompts, enc, SimpleNamespace(max_sequence_length=msl), "cpu"))
 
 
 def _fill(c, dataset, enc):

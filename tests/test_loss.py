@@ -6,7 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fluxkit.loss import flow_matching_loss, flux1_velocity, sample_timesteps
+from fluxkit.families import get as family
+from fluxkit.loss import flow_matching_loss, sample_timesteps
+
+flux1_velocity = family("flux1").velocity
 
 
 def settings(**over):

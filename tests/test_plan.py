@@ -33,13 +33,13 @@ def test_lora_count_matches_peft(tiny_flux):
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from fluxkit.models import DEFAULT_LORA_TARGETS
+    from fluxkit.families.flux1 import FAMILY as FLUX1
 
     arch = read_architecture(tiny_flux)
     t = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
-    t.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=DEFAULT_LORA_TARGETS))
+    t.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=list(FLUX1.lora_targets)))
     real = sum(p.numel() for n, p in t.named_parameters() if "lora" in n)
-    assert lora_parameter_count(arch.linear_shapes, DEFAULT_LORA_TARGETS, 3) == real
+    assert lora_parameter_count(arch.linear_shapes, list(FLUX1.lora_targets), 3) == real
     assert sum(p.numel() for n, p in t.named_parameters() if "lora" not in n) == arch.params["transformer"]
     del torch
 

@@ -67,7 +67,7 @@ def _build(preset, device):
 def _lora_step(ctx, transformer, res: int, vae_scale: int, checkpointing: bool) -> tuple[dict, dict]:
     from peft import LoraConfig
 
-    from fluxkit.models import DEFAULT_LORA_TARGETS
+    from fluxkit.families.flux1 import FAMILY as FLUX1
 
     device = next(transformer.parameters()).device
     cfg = transformer.config
@@ -76,7 +76,7 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int, checkpointing: bool) 
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                       target_modules=DEFAULT_LORA_TARGETS))
+                                       target_modules=list(FLUX1.lora_targets)))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:  # as the LoRA trainer runs: fp32 adapters over the bf16 base, under bf16 autocast
         p.data = p.data.float()

@@ -110,13 +110,15 @@ def _fill_command(argv=None) -> int:
     if cache.missing_latents() or cache.missing_prompts(prompts):
         m = load_models(args, model_dir, without=("transformer", "scheduler"))
         for module in (m.vae, m.text_encoder, m.text_encoder_2):
+            if module is None:  # a family with one text encoder
+                continue
             module.requires_grad_(False)
             module.to(device, dtype=dtype)
         from ..data import default_num_workers
 
         workers = args.dataloader_num_workers or default_num_workers(1)  # decoding in parallel is the point here
         fill(cache, dataset, prompts, lambda px: latent_moments(m.vae, px),
-             lambda batch: encode_prompts(batch, m, args.max_sequence_length, device), num_workers=workers)
+             lambda batch: encode_prompts(batch, m, args, device), num_workers=workers)
     print(json.dumps({"cache_dir": cache.root, "latents_encoded": cache.encoded["latents"], "prompts_encoded": cache.encoded["text"],
                       "latents": len(set(cache.latent_keys.values())), "prompts": len(prompts)}), flush=True)
     return 0

@@ -159,8 +159,11 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
 
     if is_rank0():
         hashes.save()
-    cache = Cache(root, vae_identity(model_dir, weight_dtype), text_identity(model_dir, weight_dtype),
-                  args.max_sequence_length, keys, device, key_images)
+    from ..families import of_args
+
+    family = of_args(args, model_dir)
+    text_id = text_identity(model_dir, weight_dtype, family, family.text_settings(args))
+    cache = Cache(root, vae_identity(model_dir, weight_dtype), text_id, args.max_sequence_length, keys, device, key_images)
     cache.image_hashes = per_image
     _say_if_other_models(cache)
     _check_known_unreadable(cache, dataset)

@@ -47,9 +47,13 @@ def vae_identity(model_dir: str, dtype: torch.dtype) -> str:
     return digest("vae", component_fingerprint(os.path.join(model_dir, "vae")), str(dtype))
 
 
-def text_identity(model_dir: str, dtype: torch.dtype) -> str:
-    parts = [component_fingerprint(os.path.join(model_dir, c)) for c in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")]
-    return digest("text", *parts, str(dtype))
+def text_identity(model_dir: str, dtype: torch.dtype, family=None, settings: tuple = ()) -> str:
+    """The text encoders' identity: their folders' contents (as the family names them), the dtype and
+    the family's encoding settings (fluxkit.families: text_settings)."""
+    from ..families import of_folder
+
+    names = (family or of_folder(model_dir)).text_parts()
+    return digest("text", *[component_fingerprint(os.path.join(model_dir, c)) for c in names], str(dtype), *settings)
 
 
 def text_key(prompt: str, max_sequence_length: int) -> str:

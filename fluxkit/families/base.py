@@ -1,0 +1,110 @@
+"""What every FLUX family answers (fluxkit.families): one `Family` instance per family module."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+
+class Family:
+    """One FLUX model family. Stateless: the run's models are passed in (m: fluxkit.models.Models)."""
+
+    name = ""
+    pipeline_name = ""  # the diffusers pipeline class (model_index.json's _class_name)
+    transformer_class = ""
+    # every component but the transformer: folder name -> (module, class) that loads it
+    components: dict[str, tuple[str, str]] = {}
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # their outputs are what the text cache holds
+    editing = False  # trains on (reference image, target, instruction) pairs
+    trains_text_encoder = False  # --train_text_encoder is supported
+    lora_targets: tuple[str, ...] = ()  # see default_lora_targets
+    # the defaults of diffusers' LoRA script for this family, shown by --help and the launchers
+    defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
+
+    # ------------------------------------------------------------------ components
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_name)
+
+    def component_class(self, name: str):
+        module, cls = ("diffusers", self.transformer_class) if name == "transformer" else self.components[name]
+        return getattr(importlib.import_module(module), cls)
+
+    def default_lora_targets(self, config) -> list[str]:
+        """The modules diffusers' LoRA script for this family adapts when --lora_layers is not given."""
+        return list(self.lora_targets)
+
+    def text_parts(self) -> tuple[str, ...]:
+        """The folders whose contents decide a prompt's embedding (the text cache's identity), each
+        text encoder followed by its tokenizer."""
+        return tuple(p for enc in self.text_encoders for p in (enc, enc.replace("text_encoder", "tokenizer")))
+
+    def pipeline(self, m, transformer, text_encoder=None):
+        """The family's pipeline over the run's live components (validation images)."""
+        parts = {n: getattr(m, n) for n in self.components}
+        if text_encoder is not None:
+            parts["text_encoder"] = text_encoder
+        return self.pipeline_class()(transformer=transformer, **parts)
+
+    # ------------------------------------------------------------------ text
+
+    def text_settings(self, args) -> tuple:
+        """Settings besides the prompt and max_sequence_length that change its embedding (part of
+        the text cache's identity)."""
+        return ()
+
+    def encode_prompts(self, m, prompts: list[str], args, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence embeddings (B, L, D), pooled embeddings (B, P); P is 0 where the family has none)."""
+        raise NotImplementedError
+
+    def trained_pooled(self, m, text_encoder, prompts: list[str], device) -> torch.Tensor:
+        """Pooled embeddings from the text encoder that trains (with gradients)."""
+        raise NotImplementedError(f"{self.name} does not train its text encoder")
+
+    def validation_text(self, prompt: str, embeds, args) -> dict:
+        """The pipeline call's text arguments: the prompt, or its cached embeddings when the text
+        encoders have left (embeds: (sequence, pooled) of the prompt, or None)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ latents and tokens
+
+    def latents(self, mean: torch.Tensor, logvar: torch.Tensor, vae) -> torch.Tensor:
+        """The transformer's clean image latents x0 (B, C, H, W) from the VAE's moments."""
+        raise NotImplementedError
+
+    def reference_latents(self, mean: torch.Tensor, logvar: torch.Tensor, vae) -> torch.Tensor:
+        """A reference image's latents (editing families): the distribution's mode, as the pipelines do."""
+        raise NotImplementedError(f"{self.name} takes no reference image")
+
+    def velocity(self, transformer, noisy, timesteps, prompt_embeds, pooled, cfg, refs=None) -> torch.Tensor:
+        """The transformer's velocity for noisy latents (B, C, H, W), in their layout (fluxkit.loss's predict)."""
+        from ..lora import unwrap_model
+
+        config = unwrap_model(transformer).config
+        guidance = None
+        if config.guidance_embeds:
+            guidance = torch.full((noisy.shape[0],), cfg.guidance_scale, device=noisy.device, dtype=noisy.dtype)
+        inputs = self.transformer_inputs(noisy, prompt_embeds, pooled, refs, guidance, config)
+        return self.prediction(transformer(timestep=timesteps / 1000, return_dict=False, **inputs)[0], noisy.shape)
+
+    def predictor(self, refs=None):
+        """fluxkit.loss's predict for a batch, its reference latents (or None) bound."""
+        return self.velocity if refs is None else functools.partial(self.velocity, refs=refs)
+
+    def transformer_inputs(self, noisy: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, refs, guidance,
+                           config) -> dict:
+        """The transformer's keyword arguments for noisy latents (B, C, H, W) and the text; refs: the
+        reference latents (B, C, h, w) appended as extra tokens, or None. guidance: (B,) or None."""
+        raise NotImplementedError
+
+    def prediction(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The transformer's output tokens back to latents of `shape` (reference tokens dropped)."""
+        raise NotImplementedError
+
+    def vae_scale(self, vae_config) -> int:
+        """Pixels per latent cell along one side (before 2x2 packing)."""
+        return 2 ** (len(vae_config.block_out_channels) - 1)

@@ -1,0 +1,119 @@
+"""FLUX.2 [dev]: a Mistral3 text encoder read at hidden-state layers 10, 20, 30 (concatenated per
+token), a 32-channel VAE whose latents are patchified 2x2 to 128 channels and normalised by the
+VAE's batch-norm statistics, 4-axis position ids (t, h, w, l), and reference images as extra
+tokens at t = 10, 20, ... (the FLUX.2 pipelines take them for editing)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family
+
+REFERENCE_T_STEP = 10  # the pipelines' time-axis offset between the target and each reference image
+
+
+class Flux2(Family):
+    name = "flux2"
+    pipeline_name = "Flux2Pipeline"
+    transformer_class = "Flux2Transformer2DModel"
+    components = {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "vae": ("diffusers", "AutoencoderKLFlux2"),
+        "tokenizer": ("transformers", "AutoProcessor"),
+        "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
+    }
+    editing = True
+    out_layers = (10, 20, 30)  # Flux2Pipeline's hidden_states_layers
+    defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
+
+    def default_lora_targets(self, config) -> list[str]:
+        # the double blocks' attention, and the single blocks' fused projections (their to_out by
+        # index: the double blocks' to_out is a ModuleList peft cannot adapt)
+        return ["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj"] + [
+            f"single_transformer_blocks.{i}.attn.to_out" for i in range(config.num_single_layers)]
+
+    # ------------------------------------------------------------------ text
+
+    def layers(self, args) -> tuple[int, ...]:
+        return tuple(getattr(args, "text_encoder_out_layers", None) or self.out_layers)
+
+    def text_settings(self, args) -> tuple:
+        return ("out_layers", *self.layers(args))
+
+    def _token_batch(self, m, prompts, max_length):
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        return m.tokenizer.apply_chat_template(format_input(prompts=prompts), add_generation_prompt=False, tokenize=True,
+                                               return_dict=True, return_tensors="pt", padding="max_length",
+                                               truncation=True, max_length=max_length)
+
+    def encode_prompts(self, m, prompts, args, device):
+        inputs = self._token_batch(m, prompts, args.max_sequence_length)
+        out = m.text_encoder(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
+                             output_hidden_states=True, use_cache=False)
+        layers = self.layers(args)
+        try:
+            hidden = torch.stack([out.hidden_states[k] for k in layers], dim=1)  # (B, layers, L, D)
+        except IndexError:
+            from ..errors import UserError
+
+            raise UserError(f"--text_encoder_out_layers {' '.join(map(str, layers))}: the text encoder has "
+                            f"{len(out.hidden_states) - 1} layers (hidden states 0..{len(out.hidden_states) - 1})") from None
+        b, n, length, d = hidden.shape
+        seq = hidden.permute(0, 2, 1, 3).reshape(b, length, n * d)
+        return seq, seq.new_zeros(b, 0)  # no pooled embedding: an empty one keeps the cache's pairs
+
+    def validation_text(self, prompt, embeds, args):
+        text = dict(max_sequence_length=args.max_sequence_length, text_encoder_out_layers=self.layers(args))
+        if embeds is None:
+            return dict(prompt=prompt, **text)
+        return dict(prompt_embeds=embeds[0], **text)
+
+    # ------------------------------------------------------------------ latents and tokens
+
+    @staticmethod
+    def _normalise(latents, vae):
+        from diffusers import Flux2Pipeline
+
+        patches = Flux2Pipeline._patchify_latents(latents)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches.device, patches.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches.device, patches.dtype)
+        return (patches - mean) / std
+
+    def latents(self, mean, logvar, vae):
+        # the FLUX.2 scripts train on the distribution's mode, patchified and normalised as the pipeline does
+        return self._normalise(mean, vae)
+
+    def reference_latents(self, mean, logvar, vae):
+        return self._normalise(mean, vae)
+
+    @staticmethod
+    def _ids(latents, t: int):
+        b, _, h, w = latents.shape
+        axes = (torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(1))
+        return torch.cartesian_prod(*axes).to(latents.device).unsqueeze(0).expand(b, -1, -1)
+
+    @staticmethod
+    def _pack(latents):
+        b, c, h, w = latents.shape
+        return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+    def transformer_inputs(self, noisy, seq, pooled, refs, guidance, config):
+        tokens, img_ids = self._pack(noisy), self._ids(noisy, 0)
+        if refs is not None:
+            tokens = torch.cat([tokens, self._pack(refs.to(noisy.dtype))], dim=1)
+            img_ids = torch.cat([img_ids, self._ids(refs, REFERENCE_T_STEP)], dim=1)
+        b, length = seq.shape[:2]
+        txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length))
+        return dict(hidden_states=tokens, img_ids=img_ids, guidance=guidance if config.guidance_embeds else None,
+                    encoder_hidden_states=seq.to(noisy.dtype), txt_ids=txt_ids.to(noisy.device).unsqueeze(0).expand(b, -1, -1))
+
+    def prediction(self, out, shape):
+        b, c, h, w = shape
+        return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w)
+
+    def vae_scale(self, vae_config) -> int:
+        return 2 * super().vae_scale(vae_config)  # latents are patchified 2x2 before packing
+
+
+FAMILY = Flux2()

@@ -1,0 +1,26 @@
+"""FLUX.2 [klein] (4B, 9B): FLUX.2's transformer, VAE and tokens with a Qwen3 text encoder read at
+hidden-state layers 9, 18, 27 of a chat-formatted prompt, and no guidance embedding."""
+
+from __future__ import annotations
+
+import torch
+
+from .flux2 import Flux2
+
+class Flux2Klein(Flux2):
+    name = "flux2-klein"
+    pipeline_name = "Flux2KleinPipeline"
+    components = {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "vae": ("diffusers", "AutoencoderKLFlux2"),
+        "tokenizer": ("transformers", "AutoTokenizer"),
+        "text_encoder": ("transformers", "Qwen3ForCausalLM"),
+    }
+    out_layers = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
+
+    def _token_batch(self, m, prompts, max_length):
+        texts = [m.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=False) for p in prompts]
+        return m.tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=max_length)
+
+FAMILY = Flux2Klein()
