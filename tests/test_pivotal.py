@@ -209,7 +209,7 @@ def test_cached_run_equals_uncached_and_the_cache_never_holds_new_token_embeddin
     cache.refresh()
     for prompt in ("a photo of <s0><s1> dog", "<s0><s1> on a beach"):
         with torch.no_grad():
-            seq, pooled = encode_prompts([prompt], base, cached.args.max_sequence_length, "cpu")
+            seq, pooled = encode_prompts([prompt], base, cached.args, "cpu")
         held = cache.text.get(text_key(prompt, cache.max_sequence_length))
         assert torch.equal(held[0], seq[0]) and torch.equal(held[1], pooled[0]), prompt
 
