@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DreamBooth-LoRA fine-tune of FLUX.1 with DeepSpeed ZeRO-2 bf16 (accelerate), on NPU, GPU or CPU.
-# Defaults are the reference's (fluxkit/launch.py, LAUNCHERS["lora"]); every one is a --key=value
+# Defaults are the reference's (fluxkit/launch/spec.py, LAUNCHERS["lora"]); every one is a --key=value
 # override. Run with --help.
 set -euo pipefail
 FK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -22,7 +22,8 @@ Inference
                  context parallelism, launches that start fewer processes
     lora         LoRA files: writing (training) and reading, checking, attaching (inference)
 Launching
-    launch       the launchers' logic; run_config, run_summary, quiet (known library noise)
+    launch/      the launchers: spec, keys, checks, command, console, demo, record (run_config.json),
+                 report (the closing report), __main__ (the run in steps); quiet (known library noise)
 Shared facts, one home each
     device       npu > cuda > cpu, backends, the Accelerator, dtype names
     environment  env flags, HF offline, rank 0, hub ids, the pipeline-folder rule, free ports

@@ -394,7 +394,7 @@ def loop(run: Run) -> None:
     run.stop = StopRequest()
     run.step_log = open(os.path.join(args.output_dir, STEP_LOG), "a") if run.main else None
     if run.main and not os.environ.get(quiet.LAUNCHER_ENV):  # a launcher writes it before it starts, with its keys
-        from .run_config import write_trainer_run_config
+        from .launch.record import write_trainer_run_config
 
         write_trainer_run_config(args, run.accelerator)
     started = time.perf_counter()

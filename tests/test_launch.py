@@ -1,4 +1,4 @@
-"""The Python launcher (fluxkit/launch.py) behind the two .sh launchers (issue 13): one validation layer,
+"""The Python launcher (fluxkit/launch/) behind the two .sh launchers (issue 13): one validation layer,
 every trainer flag as a key, --config files, run_config.json, a quiet console and Ctrl-C without tracebacks."""
 
 import json

@@ -317,7 +317,7 @@ def _summary(**over):
 
 
 def _run_summary(*args):
-    return run_script([sys.executable, "-m", "fluxkit.run_summary", "--prog", "launcher", *args])
+    return run_script([sys.executable, "-m", "fluxkit.launch.report", "--prog", "launcher", *args])
 
 
 def test_summary_lines_and_case_log(tmp_path):

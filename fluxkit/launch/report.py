@@ -2,7 +2,7 @@
 
 fluxkit.launch calls final_report(); the same report by hand:
 
-    python -m fluxkit.run_summary --summary OUTPUT/train_summary.json --network FluxLora --log_dir OUTPUT/logs
+    python -m fluxkit.launch.report --summary OUTPUT/train_summary.json --network FluxLora --log_dir OUTPUT/logs
 
 Prints the reference's final lines ("Final Performance images/sec : X", "Final Train Loss : Y",
 "E2E Training Duration sec : Z") plus MFU and peak memory, and writes the reference's
@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-from .errors import UserError, report_user_error
-from .fsio import atomic_write_text
+from ..errors import UserError, report_user_error
+from ..fsio import atomic_write_text
 
 SUMMARY_FILE = "train_summary.json"
 _REQUIRED = ("images_per_sec", "final_loss", "e2e_seconds", "train_seconds", "world_size", "grad_accum", "micro_batch")

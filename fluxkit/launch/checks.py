@@ -1,0 +1,212 @@
+"""The launcher's checks, each one line and exit status 2 before anything is written: its own keys,
+the accelerate config, the model folder, the data, the trainer's arguments (by the trainer's own
+parser), the memory plan and the output folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+
+from ..environment import TOOLKIT_ROOT as ROOT
+from ..environment import hf_offline, is_hub_id, pipeline_folder_problem
+from ..errors import UserError
+from .command import LaunchPlan
+from .keys import Request
+from .spec import ACCELERATE_CONFIG, OWNED_FLAGS
+
+
+def _need_int(opts, key, minimum):
+    value = str(opts[key])
+    if not re.fullmatch(r"[0-9]+", value):
+        raise UserError(f"--{key}='{value}' is not a whole number; pass --{key}=N")
+    if int(value) < minimum:
+        raise UserError(f"--{key}={value} is too small; it must be at least {minimum}")
+
+
+def check_keys(req: Request) -> None:
+    """The launcher's own keys; the trainer's values are the trainer parser's to judge."""
+    o = req.opts
+    for key in ("batch_size", "max_train_steps", "resolution", "gradient_accumulation_steps", "checkpointing_steps",
+                "num_machines", "rank", "lora_alpha"):
+        if key in o and o[key] != "":
+            _need_int(o, key, 1)
+    if o["seed"] != "":  # empty: no seed, as the trainer's default
+        _need_int(o, "seed", 0)
+    _need_int(o, "machine_rank", 0)
+    _need_int(o, "lr_warmup_steps", 0)
+    for key in ("num_processes", "main_process_port"):
+        if o[key] != "":
+            _need_int(o, key, 1)
+    if o["dataloader_num_workers"] != "auto":
+        _need_int(o, "dataloader_num_workers", 0)
+    try:
+        float(o["learning_rate"])
+    except ValueError:
+        raise UserError(f"--learning_rate='{o['learning_rate']}' is not a number; pass e.g. --learning_rate=1e-4") from None
+    if o["mixed_precision"] not in ("bf16", "fp16", "no"):
+        raise UserError(f"--mixed_precision='{o['mixed_precision']}' is not one of bf16, fp16, no")
+    if o["device"] not in ("auto", "npu", "cuda", "cpu"):
+        raise UserError(f"--device='{o['device']}' is not one of auto, npu, cuda, cpu")
+    for key in ("model_name", "output_dir", "config_file", "instance_prompt"):
+        if not o[key]:
+            raise UserError(f"--{key} is empty; pass --{key}=VALUE")
+    machines = int(o["num_machines"])
+    if int(o["machine_rank"]) >= machines:
+        raise UserError(f"--machine_rank={o['machine_rank']} (NODE_RANK) must be below --num_machines={machines} (NNODES)")
+    if machines > 1 and not o["main_process_ip"]:
+        raise UserError(f"--num_machines={machines} needs machine 0's address: set MASTER_ADDR or --main_process_ip=HOST")
+    if o["num_processes"] and int(o["num_processes"]) % machines:
+        raise UserError(f"--num_processes={o['num_processes']} does not split evenly over --num_machines={machines}")
+    # exactly one data source: the one the user named wins over the other's default
+    if o.get("dataset_name") and o.get("instance_dir"):
+        if {"dataset_name", "instance_dir"} <= req.given:
+            raise UserError("--dataset_name and --instance_dir were both given; pass only one of them")
+        o["dataset_name" if "instance_dir" in req.given else "instance_dir"] = ""
+    if not o.get("dataset_name") and not o.get("instance_dir"):
+        raise UserError("no training data: pass --instance_dir=PATH or --dataset_name=PATH")
+    for arg in req.extra:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--") or len(flag) < 4:
+            continue
+        # argparse also takes unambiguous prefixes (--gradient_acc=8), so those count too
+        for owned, key in OWNED_FLAGS.items():
+            if owned.startswith(flag):
+                raise UserError(f"{flag} after -- would disagree with what the launcher hands to accelerate/DeepSpeed; "
+                                f"use the launcher's --{key}=VALUE (before --) instead")
+
+
+def resolve_config_file(path: str) -> str:
+    """The accelerate config: looked up in the caller's folder first, then beside the launcher."""
+    if not os.path.exists(path) and "/" not in path and os.path.exists(os.path.join(ROOT, path)):
+        return os.path.join(ROOT, path)
+    return path
+
+
+def check_accelerate_config(path: str, grad_accum: int, batch_size: int) -> dict:
+    """Load the accelerate config and refuse anything that would change the effective batch."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"config_file {path!r} does not exist; pass --config_file=PATH to an accelerate config "
+                        f"(the toolkit ships {ACCELERATE_CONFIG})")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"config_file {path!r} is not readable YAML ({err}); fix it or pass another --config_file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"config_file {path!r} is not an accelerate config (expected a YAML mapping)")
+    ds = config.get("deepspeed_config") or {}
+    ds_file = ds.get("deepspeed_config_file")
+    if ds_file:
+        # accelerate then ignores --gradient_accumulation_steps and DeepSpeed's JSON wins silently
+        ds_path = ds_file if os.path.isabs(ds_file) else os.path.join(os.path.dirname(os.path.abspath(path)), ds_file)
+        if not os.path.isfile(ds_path) and os.path.isfile(ds_file):
+            ds_path = ds_file
+        try:
+            with open(ds_path) as f:
+                ds_json = json.load(f)
+        except (OSError, ValueError) as err:
+            raise UserError(f"deepspeed_config_file {ds_file!r} named in {path!r} cannot be read ({err})") from None
+        config["deepspeed_config_file_contents"] = ds_json
+        # (a fixed train_batch_size that disagrees is already a loud error in accelerate/DeepSpeed)
+        expected = {"gradient_accumulation_steps": ("gradient_accumulation_steps", grad_accum),
+                    "train_micro_batch_size_per_gpu": ("batch_size", batch_size)}
+        for name, (key, want) in expected.items():
+            have = ds_json.get(name, "auto")
+            if have == "auto":
+                continue
+            if not isinstance(have, int) or isinstance(have, bool):
+                raise UserError(f"{ds_file} sets {name}={have!r}; use a whole number or \"auto\"")
+            if have != want:
+                raise UserError(f"{ds_file} sets {name}={have} but the launcher's {key} gives {want}; DeepSpeed would "
+                                f"silently use {have}: set it to \"auto\" in {ds_file} or pass --{key}={have}")
+    elif "gradient_accumulation_steps" in ds and str(ds["gradient_accumulation_steps"]) != str(grad_accum):
+        # harmless under the launcher (its --gradient_accumulation_steps wins), but say so once
+        print(f"note: {path} sets gradient_accumulation_steps={ds['gradient_accumulation_steps']}; "
+              f"the launcher's value {grad_accum} is used for both accelerate and the trainer", file=sys.stderr)
+    return config
+
+
+def check_model(model: str) -> None:
+    if os.path.exists(model):
+        problem = pipeline_folder_problem(model)
+        if problem:
+            raise UserError(f"model_name {model!r} {problem}; pass --model_name=PATH to a complete FLUX pipeline folder "
+                            "(make_tiny_flux.py builds one) or a hub id")
+        return
+    if not is_hub_id(model):
+        raise UserError(f"model_name {model!r}: no such pipeline folder; pass --model_name=PATH to a FLUX pipeline "
+                        "folder or a hub id such as black-forest-labs/FLUX.1-dev")
+    if hf_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise UserError(f"model_name {model!r} is not a local folder and not in the hub cache, and HF_HUB_OFFLINE "
+                            "is set; download it first or pass --model_name=PATH to a local pipeline folder")
+
+
+def check_data(opts: dict) -> None:
+    name, folder = opts.get("dataset_name"), opts.get("instance_dir")
+    if name and not os.path.exists(name) and not is_hub_id(name):
+        raise UserError(f"dataset_name {name!r}: no such folder or file; pass --dataset_name=PATH to a local dataset "
+                        "(e.g. a copy of lambdalabs/pokemon-blip-captions) or a hub id ORG/NAME")
+    if folder:
+        if not os.path.isdir(folder):
+            raise UserError(f"instance_dir {folder!r}: no such folder; pass --instance_dir=PATH to a folder of instance "
+                            "images (or --dataset_name=... instead)")
+        if not any(not n.startswith(".") for n in os.listdir(folder)):
+            raise UserError(f"instance_dir {folder!r} is empty; put the subject's images there")
+
+
+def scan_training_data(args, world_size: int) -> None:
+    """The trainer's data scan (fluxkit.scan: image headers, captions, columns, enough samples per
+    process), run here so that a data mistake is one line before any process starts."""
+    from ..scan import scan_dataset
+
+    with contextlib.redirect_stderr(io.StringIO()):  # datasets' progress bars; mistakes come as UserError
+        scan_dataset(args, world_size=world_size, quiet=True)
+
+
+def validate_trainer_args(argv: list[str], lora: bool):
+    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError."""
+    from ..train_args import parse_args
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            return parse_args(argv, lora=lora)
+    except SystemExit:  # argparse: usage and `prog: error: message` on stderr
+        message = [line for line in captured.getvalue().splitlines() if ": error: " in line]
+        raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
+
+
+def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict, refuse: bool):
+    """The memory plan of the run about to start (fluxkit.plan.check_fits): (plan or None, its line).
+    Raises UserError when it cannot fit and refuse is set (not --dry_run, no --ignore_memory_plan)."""
+    from ..plan import check_fits
+
+    zero = 0
+    if accelerate_config.get("distributed_type") == "DEEPSPEED":
+        ds_json = accelerate_config.get("deepspeed_config_file_contents")
+        if ds_json is not None:
+            zero = (ds_json.get("zero_optimization") or {}).get("stage", 0)
+        else:
+            zero = (accelerate_config.get("deepspeed_config") or {}).get("zero_stage", 0)
+        zero = int(zero) if str(zero).isdigit() else 0
+    memory, line = check_fits(trainer_args, plan.processes, zero, info, processes_per_host=plan.per_machine,
+                              ignore=None if refuse else True)
+    if not refuse and memory is not None and memory.fits is False and not trainer_args.ignore_memory_plan:
+        from ..plan import remedies
+
+        line = f"{memory.one_line()}; the run would be refused; to fit: {remedies(memory, trainer_args)}"
+    return memory, line
+
+
+def check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"output_dir {path!r} is a file; pass --output_dir=PATH to a folder")
