@@ -54,8 +54,8 @@ def encode_batch(run, batch) -> Encoded:
     x0 = m.family.latents(mean, logvar, m.vae).to(run.weight_dtype)  # FLUX.1 samples here: cached = uncached
     if run.pivot is not None:  # prompts with new tokens: encoded live, never cached (fluxkit.pivotal)
         seq, pooled = run.pivot.text_embeddings(batch["prompts"], run.cache, encode_text, m, device)
-        return Encoded(x0, seq, pooled, batch["is_class"].to(device))
-    seq, pooled = run.cache.text_embeddings(batch["prompts"], encode_text)
+    else:
+        seq, pooled = run.cache.text_embeddings(batch["prompts"], encode_text)
     if run.text_encoder is not None:  # CLIP trains: its pooled embeddings need gradients; T5 stays cached
         pooled = m.family.trained_pooled(m, run.text_encoder, batch["prompts"], device)
     return Encoded(x0, seq, pooled, batch["is_class"].to(device))

@@ -104,6 +104,9 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g.add_argument("--lora_weights", default=defaults.lora_weights,
                    help=f"LoRA weights: a .safetensors file, or a folder holding {LORA_WEIGHT_NAME} "
                         "(pickle formats such as .bin/.pt are refused) (default: %(default)s)")
+    g.add_argument("--embeddings", default=None,
+                   help="pivotal tuning's new token embeddings (OUTPUT_NAME_emb.safetensors, keys clip_l and t5); default: "
+                        "the one beside --lora_weights. Their identifiers (e.g. TOK) in prompts become the trained tokens")
     g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA; 0 gives the base model's images (default: %(default)s)")
     g.add_argument("--fuse_lora", action="store_true",
                    help="merge the LoRA into the weights before generating (faster; same images within rounding)")

@@ -26,7 +26,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 
-from . import families, quant, quiet
+from . import families, pivotal, quant, quiet
 from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0, pipeline_folder_problem
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
@@ -233,7 +233,7 @@ def apply_npu_patches(fused_attention: bool) -> list:
 
 # ---------------------------------------------------------------- the run
 
-def settings_of(args, model_id: str, lora_file: str | None) -> dict:
+def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | None = None) -> dict:
     """Everything besides prompt and seed that changes an image's pixels (and so its file name).
 
     Left out on purpose, because they change only kernel rounding and a run resumed elsewhere must
@@ -257,6 +257,8 @@ def settings_of(args, model_id: str, lora_file: str | None) -> dict:
         settings["batch_size"] = args.batch_size
     if args.base_quantization != "none":  # absent when unquantized: earlier runs' file names stay valid
         settings["base_quantization"] = args.base_quantization
+    if embeddings:  # likewise absent without pivotal tuning's new tokens
+        settings["embeddings"] = embeddings
     return settings
 
 
@@ -266,7 +268,11 @@ def run(args, defaults: ScriptDefaults) -> dict:
 
     # Everything that can be checked without the model is checked first, on every rank alike.
     prompts = collect_prompts(args, defaults)
-    lora_file = os.path.realpath(resolve_lora_file(args.lora_weights)) if args.lora_weights else None
+    lora_weights, embeddings = pivotal.inference_files(args.lora_weights, getattr(args, "embeddings", None))
+    lora_file = os.path.realpath(resolve_lora_file(lora_weights)) if lora_weights else None
+    if embeddings:  # pivotal tuning: TOK in a prompt becomes the trained tokens, as in training
+        embeddings = os.path.realpath(embeddings)
+        prompts = pivotal.rewrite_inference_prompts(prompts, embeddings)
     if lora_file:
         read_lora_shapes(lora_file)
     check_model_path(args.model_path, args.local_files_only)
@@ -282,13 +288,13 @@ def run(args, defaults: ScriptDefaults) -> dict:
                         "would decide on its own share of the tokens whether to skip blocks; drop one of them")
     output_dir = check_output_dir(args.output_dir)
     model_id = os.path.realpath(args.model_path) if os.path.isdir(args.model_path) else args.model_path
-    jobs = plan_jobs(prompts, args.seeds, settings_of(args, model_id, lora_file))
+    jobs = plan_jobs(prompts, args.seeds, settings_of(args, model_id, lora_file, embeddings))
 
     state = distributed_state(info.type)
     shortfall = launch_shortfall(state.num_processes, info.type, info.count)
     if shortfall and state.is_main_process:
         print(f"warning: {shortfall}", file=sys.stderr, flush=True)
-    pipe = prepare_pipeline(args, info, state, lora_file, grid, backend)
+    pipe = prepare_pipeline(args, info, state, lora_file, grid, backend, embeddings)
     load_seconds = time.perf_counter() - t_start
 
     # Every rank must list existing files before any rank writes one, or the shares would differ.
@@ -339,8 +345,9 @@ def run(args, defaults: ScriptDefaults) -> dict:
     return summary
 
 
-def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: str):
-    """The pipeline on this process's device with the LoRA, the attention split and the speed-ups asked for."""
+def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: str, embeddings: str | None = None):
+    """The pipeline on this process's device with the LoRA, pivotal tuning's tokens, the attention
+    split and the speed-ups asked for."""
     from .device import torch_dtype
 
     def report(results):
@@ -353,6 +360,10 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
     pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only, args.base_quantization, info.type)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
+    if embeddings:
+        tokens = pivotal.load_embeddings(pipe, embeddings)
+        if state.is_main_process:
+            print(f"new tokens {''.join(tokens)} from {embeddings}", flush=True)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)  # ours counts images; the pipeline's would count steps
     if args.attention_backend != "auto" or grid.group_size > 1:

@@ -165,6 +165,12 @@ def prepare_prompts(args, model_dir: str) -> Tokens | None:
         return None
     from transformers import AutoTokenizer
 
+    from . import families
+
+    family = families.of_args(args, model_dir)
+    if tuple(family.text_encoders) != ("text_encoder", "text_encoder_2"):
+        raise UserError(f"--train_text_encoder_ti inserts tokens into CLIP and T5 (FLUX.1, Kontext); a {family.name} "
+                        "model encodes prompts with other text encoders; drop the flag for this model")
     tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer", local_files_only=True)
     tok2 = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", local_files_only=True) if args.enable_t5_ti else None
     tokens = make_tokens(args, tok, tok2)
@@ -474,3 +480,72 @@ def model_card_usage(args, pivot: Pivot) -> list[str]:
               "fluxkit's infer_flux_text2img_lora_bf16.py loads the embeddings file beside the LoRA by itself and "
               "also accepts the identifiers in prompts."]
     return lines
+
+
+# ------------------------------------------------------------------------------ inference
+
+def inference_files(lora_weights: str | None, embeddings: str | None) -> tuple[str | None, str | None]:
+    """(LoRA weights to attach or None, embeddings file or None). The embeddings default to the one
+    OUTPUT_NAME_emb.safetensors beside the LoRA; a folder holding only that (a --train_transformer_frac 0
+    run) gives no LoRA. --lora_weights still goes through fluxkit.lora's checks."""
+    if embeddings is not None and not os.path.isfile(embeddings):
+        raise UserError(f"--embeddings {embeddings!r} is not a file; pass the trainer's OUTPUT_NAME_emb.safetensors")
+    if not lora_weights or not os.path.exists(lora_weights):
+        return lora_weights, embeddings
+    folder = lora_weights if os.path.isdir(lora_weights) else os.path.dirname(os.path.abspath(lora_weights))
+    found = sorted(n for n in os.listdir(folder) if n.endswith("_emb.safetensors"))
+    if embeddings is None and len(found) > 1:
+        raise UserError(f"{folder!r} holds several embeddings files ({', '.join(found)}); pass one with --embeddings")
+    if embeddings is None and found:
+        embeddings = os.path.join(folder, found[0])
+    if os.path.isdir(lora_weights) and found:
+        others = [n for n in os.listdir(folder) if n.endswith(".safetensors") and n not in found]
+        if not others:  # textual inversion only
+            return None, embeddings
+    return lora_weights, embeddings
+
+
+def read_embeddings(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """(tensors, {identifier: tokens}) of an embeddings file. A file without our metadata (e.g. from
+    diffusers' advanced script) holds <s0>..<sN-1> in order, as that script names them."""
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        raise UserError(f"--embeddings {path!r} is not a .safetensors file (pickles are refused: loading them can run code)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own types for any malformed file
+        raise UserError(f"--embeddings {path!r} is not a valid safetensors file ({str(err).splitlines()[0][:200]})") from None
+    if "clip_l" not in tensors or tensors["clip_l"].dim() != 2:
+        raise UserError(f"--embeddings {path!r} holds no clip_l tensor (rows, width); it is not a pivotal tuning "
+                        f"embeddings file (keys: {', '.join(sorted(tensors)) or 'none'})")
+    n = tensors["clip_l"].shape[0]
+    by_abstraction = json.loads(meta[METADATA_TOKENS]) if METADATA_TOKENS in meta else {}
+    if sum(len(v) for v in by_abstraction.values()) != n:
+        by_abstraction = {"": [f"<s{i}>" for i in range(n)]}
+    return tensors, by_abstraction
+
+
+def rewrite_inference_prompts(prompts: list[str], path: str) -> list[str]:
+    """The prompts with each trained identifier (e.g. TOK) replaced by its tokens, as in training."""
+    _, by_abstraction = read_embeddings(path)
+    tokens = Tokens({k: v for k, v in by_abstraction.items() if k})
+    return [tokens.rewrite(p) for p in prompts]
+
+
+def load_embeddings(pipe, path: str) -> list[str]:
+    """Register the file's tokens on CLIP (clip_l) and, when it holds t5, on T5, with diffusers'
+    load_textual_inversion; returns the tokens."""
+    tensors, by_abstraction = read_embeddings(path)
+    tokens = [t for toks in by_abstraction.values() for t in toks]
+    pairs = [("clip_l", pipe.text_encoder, pipe.tokenizer)] + ([("t5", pipe.text_encoder_2, pipe.tokenizer_2)]
+                                                              if "t5" in tensors else [])
+    for name, encoder, tokenizer in pairs:
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if tensors[name].shape != (len(tokens), width):
+            raise UserError(f"--embeddings {path!r}: {name} is {tuple(tensors[name].shape)} but this model's "
+                            f"{name} rows are {width} wide; use embeddings trained on this base model")
+        pipe.load_textual_inversion(tensors[name], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+    return tokens

@@ -128,6 +128,12 @@ def test_transformer_frac_0_is_textual_inversion_only(tiny_flux, sample_data, tm
     assert sorted(os.listdir(out)) == sorted(["README.md", "checkpoint-4", "ti_only_emb.safetensors", "run_config.json",
                                               "train_log.jsonl", "train_summary.json"])
     assert "load_lora_weights" not in open(os.path.join(out, "README.md")).read()
+    # the LoRA inference script takes such a folder: the embeddings alone
+    assert infer(["--model_path", tiny_flux, "--lora_weights", out, "--prompt", "TOK", "--seeds", "1", "--height", "32",
+                  "--width", "32", "--num_inference_steps", "1", "--dtype", "fp32", "--output_dir", f"{out}-img"]) == 0
+    (record,) = [json.loads(l) for l in open(f"{out}-img/manifest.jsonl")]
+    assert record["lora"] is None and record["embeddings"].endswith("ti_only_emb.safetensors")
+    assert record["prompt"] == "<s0><s1>"
 
 
 def copy_run_until(src, dst, step):
@@ -237,3 +243,51 @@ def test_deepspeed_zero2_two_processes(tiny_flux, sample_data, tmp_path):
     # each rank wrote its share of DeepSpeed's optimizer state (fp32 masters of the rows included)
     states = sorted(p.name for p in (out / "checkpoint-4" / "pytorch_model").iterdir())
     assert [s for s in states if "optim_states" in s] == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+
+
+def infer(argv):
+    from accelerate.state import AcceleratorState
+
+    from fluxkit import infer_args, inference
+    from fluxkit.errors import cli
+
+    try:
+        return cli(inference.main)(infer_args.LORA, [str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def only_png(folder):
+    from PIL import Image
+
+    (name,) = [n for n in os.listdir(folder) if n.endswith(".png")]
+    with Image.open(os.path.join(folder, name)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_lora_inference_loads_the_embeddings_beside_the_lora(tiny_flux, sample_data, tmp_path):
+    """The README's prompt with TOK renders as the model card's plain-diffusers recipe with <s0><s1>;
+    --embeddings PATH does the same from elsewhere; without the embeddings the image differs."""
+    from diffusers import FluxPipeline
+
+    out = str(tmp_path / "trained")
+    train(ti_args(tiny_flux, sample_data, out, steps=4, enable_t5_ti=True, train_text_encoder_ti_frac=1))
+    fast = ["--model_path", tiny_flux, "--seeds", "3", "--height", "32", "--width", "32", "--num_inference_steps", "2",
+            "--dtype", "fp32"]
+    assert infer(fast + ["--lora_weights", out, "--prompt", "a photo of TOK dog", "--output_dir", tmp_path / "a"]) == 0
+    moved = str(tmp_path / "elsewhere.safetensors")
+    lora_only = tmp_path / "lora_only"
+    lora_only.mkdir()
+    shutil.copy(os.path.join(out, "pytorch_lora_weights.safetensors"), lora_only)
+    shutil.copy(os.path.join(out, "trained_emb.safetensors"), moved)
+    assert infer(fast + ["--lora_weights", lora_only, "--embeddings", moved, "--prompt", "a photo of <s0><s1> dog",
+                         "--output_dir", tmp_path / "b"]) == 0
+    assert infer(fast + ["--lora_weights", lora_only, "--prompt", "a photo of TOK dog", "--output_dir", tmp_path / "c"]) == 0
+    a, b, c = (only_png(tmp_path / x) for x in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+    pipe = plain_pipeline_with(tiny_flux, out, t5=True)
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
+    reference = pipe("a photo of <s0><s1> dog", height=32, width=32, num_inference_steps=2, guidance_scale=3.5,
+                     generator=[torch.Generator("cpu").manual_seed(3)], max_sequence_length=512).images[0]
+    assert np.array_equal(a, np.asarray(reference.convert("RGB")))
