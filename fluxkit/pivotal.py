@@ -488,8 +488,10 @@ def inference_files(lora_weights: str | None, embeddings: str | None) -> tuple[s
     """(LoRA weights to attach or None, embeddings file or None). The embeddings default to the one
     OUTPUT_NAME_emb.safetensors beside the LoRA; a folder holding only that (a --train_transformer_frac 0
     run) gives no LoRA. --lora_weights still goes through fluxkit.lora's checks."""
-    if embeddings is not None and not os.path.isfile(embeddings):
-        raise UserError(f"--embeddings {embeddings!r} is not a file; pass the trainer's OUTPUT_NAME_emb.safetensors")
+    if embeddings is not None:
+        if not os.path.isfile(embeddings):
+            raise UserError(f"--embeddings {embeddings!r} is not a file; pass the trainer's OUTPUT_NAME_emb.safetensors")
+        read_embeddings(embeddings)  # refused now, before any model loads
     if not lora_weights or not os.path.exists(lora_weights):
         return lora_weights, embeddings
     folder = lora_weights if os.path.isdir(lora_weights) else os.path.dirname(os.path.abspath(lora_weights))

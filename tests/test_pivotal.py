@@ -291,3 +291,45 @@ def test_lora_inference_loads_the_embeddings_beside_the_lora(tiny_flux, sample_d
     reference = pipe("a photo of <s0><s1> dog", height=32, width=32, num_inference_steps=2, guidance_scale=3.5,
                      generator=[torch.Generator("cpu").manual_seed(3)], max_sequence_length=512).images[0]
     assert np.array_equal(a, np.asarray(reference.convert("RGB")))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--train_text_encoder_ti", "--train_text_encoder_ti_frac", "1.5"], "--train_text_encoder_ti_frac 1.5"),
+    (["--train_transformer_frac", "0"], "needs --train_text_encoder_ti"),
+    (["--train_text_encoder_ti", "--num_new_tokens_per_abstraction", "0"], "--num_new_tokens_per_abstraction 0"),
+    (["--train_text_encoder_ti", "--token_abstraction", " , "], "--token_abstraction"),
+    (["--train_text_encoder_ti", "--offload_encoders"], "--offload_encoders"),
+])
+def test_flag_rules_are_one_line_each(tiny_flux, sample_data, tmp_path, flags, needle):
+    from fluxkit.errors import UserError
+    from fluxkit.train_args import parse_args
+
+    with pytest.raises(UserError, match=needle.replace("-", r"\-").replace(".", r"\.")):
+        parse_args(trainer_args(tiny_flux, sample_data, tmp_path / "out") + flags, lora=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokens_and_prompts_as_the_advanced_script_names_them(tiny_flux, sample_data):
+    from transformers import AutoTokenizer
+
+    from fluxkit.pivotal import Tokens, make_tokens
+    from fluxkit.train_args import parse_args
+
+    tok = AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer")
+    tok2 = AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer_2")
+    args = parse_args(trainer_args(tiny_flux, sample_data, "o") + ["--train_text_encoder_ti", "--token_abstraction",
+                                                                   "TOK, SKS", "--num_new_tokens_per_abstraction", "3"], lora=True)
+    tokens = make_tokens(args, tok, tok2)
+    assert tokens.by_abstraction == {"TOK": ["<s0>", "<s1>", "<s2>"], "SKS": ["<s3>", "<s4>", "<s5>"]}
+    assert tokens.rewrite("TOK and SKS") == "<s0><s1><s2> and <s3><s4><s5>"
+    args.initializer_concept, args.enable_t5_ti = "a red circle", True  # as many tokens as the concept takes
+    expected = max(len(tok.encode("a red circle", add_special_tokens=False)),
+                   len(tok2.encode("a red circle", add_special_tokens=False)))
+    assert len(make_tokens(args, tok, tok2).by_abstraction["TOK"]) == expected
+    assert Tokens({"TOK": ["<s0>"]}).holds_new("x <s0> y") and not Tokens({"TOK": ["<s0>"]}).holds_new("x TOK")
+    from fluxkit.pivotal import initial_rows
+
+    table = torch.randn(len(tok), 8)
+    ids = tok.encode("a red circle", add_special_tokens=False)
+    rows = initial_rows(args, tok, table, 4, torch.Generator().manual_seed(0))
+    assert all(torch.equal(rows[k], table[ids[k % len(ids)]]) for k in range(4))
