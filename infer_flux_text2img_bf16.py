@@ -8,9 +8,12 @@ Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output
 
 import sys
 
-from fluxkit.errors import cli
-from fluxkit.infer_args import BASE
-from fluxkit.inference import main
+from fluxkit.host_runtime import apply_defaults
+
+apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
+from fluxkit.errors import cli  # noqa: E402
+from fluxkit.infer_args import BASE  # noqa: E402
+from fluxkit.inference import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli(main)(BASE))

@@ -24,6 +24,9 @@ import sys
 # The runner may be started from anywhere; fluxkit lives beside this file.
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
+from fluxkit.host_runtime import apply_defaults  # noqa: E402
+
+apply_defaults()  # before torch loads, when run as the runner (fluxkit/host_runtime.py)
 from fluxkit import patches, script_fixes  # noqa: E402
 from fluxkit.environment import is_rank0  # noqa: E402
 from fluxkit.errors import UserError, cli  # noqa: E402

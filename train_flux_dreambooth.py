@@ -8,7 +8,10 @@
 
 import sys
 
-from fluxkit.errors import cli
+from fluxkit.host_runtime import apply_defaults
+
+apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
+from fluxkit.errors import cli  # noqa: E402
 
 
 @cli

@@ -117,11 +117,16 @@ def process_group_handlers(info: DeviceInfo, handlers=None) -> list:
     on a host without an accelerator, the gloo backend.
 
     Without it accelerate sees a single process under DeepSpeed and DeepSpeed's batch-size
-    check fails. Shared by build_accelerator and patch_flux's patch for unmodified scripts.
+    check fails. On a CPU host under DeepSpeed it also skips DeepSpeed's shm comm op build
+    (fluxkit/host_runtime.py). Shared by build_accelerator and patch_flux's patch for unmodified scripts.
     """
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = list(handlers or [])
+    if info.type == "cpu" and using_deepspeed():
+        from .host_runtime import skip_deepspeed_shm_op
+
+        skip_deepspeed_shm_op()  # training never uses it; building it costs a minute
     if info.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
             handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -337,7 +337,7 @@ def run(args, defaults: ScriptDefaults) -> dict:
         write_manifest(output_dir, jobs)
         atomic_write_json(os.path.join(output_dir, SUMMARY), summary)
         per_image = f"{summary['sec_per_image']:.3f} s/image" if written else "nothing to render"
-        print(f"wrote {written} images ({summary['images_skipped']} already there, skipped) to {output_dir} "
+        print(f"wrote {written} image{'' if written == 1 else 's'} ({summary['images_skipped']} already there, skipped) to {output_dir} "
               f"in {seconds:.1f} s: {per_image}; {state.num_processes} process(es), grid {grid.describe()}", flush=True)
     # Tear gloo down explicitly: left to interpreter exit, its threads can abort the process
     # ("terminate called without an active exception") after all the work is done.

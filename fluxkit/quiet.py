@@ -9,6 +9,7 @@ those loggers is touched, and no error is ever hidden. FLUXKIT_VERBOSE=1 (the la
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from .environment import env_flag
@@ -74,4 +75,16 @@ def install(verbose: bool | None = None) -> bool:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in CHATTY_AT_INFO:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        _one_set_of_progress_bars()
     return True
+
+
+def _one_set_of_progress_bars() -> None:
+    """transformers' and diffusers' bars ("Loading weights", pipeline components) only from the
+    machine's first process: every other process would draw the same bars again."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

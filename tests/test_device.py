@@ -68,10 +68,31 @@ def test_mixed_precision_check():
         check_mixed_precision(cpu, "fp16")
 
 
-def test_deepspeed_zero2_bf16_two_cpu_processes():
-    proc = accelerate_launch([os.path.join(os.path.dirname(__file__), "scripts", "ds_step.py")], num_processes=2, timeout=300)
+def test_deepspeed_zero2_bf16_two_cpu_processes(tmp_path):
+    """... and builds no DeepSpeed op on the way: its shm comm op (a minute of C++ on a user's clock,
+    used only by inference_all_reduce) is skipped on CPU hosts. The empty extensions folder would
+    hold the build."""
+    extensions = tmp_path / "torch_extensions"
+    proc = accelerate_launch([os.path.join(os.path.dirname(__file__), "scripts", "ds_step.py")], num_processes=2, timeout=300,
+                             env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "built successfully" not in proc.stdout + proc.stderr and not extensions.exists(), proc.stdout[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["num_processes"] == 2
     assert result["distributed_type"].endswith("DEEPSPEED") and result["mixed_precision"] == "bf16"
     assert result["last_loss"] < 0.7 * result["first_loss"]
+
+
+def test_host_runtime_defaults_leave_what_the_user_set(monkeypatch, tmp_path):
+    from fluxkit import host_runtime
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    defaults = host_runtime.env_defaults()
+    assert defaults["OMP_WAIT_POLICY"] == "PASSIVE"
+    # one extensions folder per Python environment: another sys.prefix gets another folder
+    assert defaults["TORCH_EXTENSIONS_DIR"].startswith(str(tmp_path / "torch_extensions" / "env-"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    assert host_runtime.env_defaults()["TORCH_EXTENSIONS_DIR"] != defaults["TORCH_EXTENSIONS_DIR"]
+    assert host_runtime.env_defaults({"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": "/mine"}) == {}

@@ -1,0 +1,51 @@
+"""Runtime defaults for the host a run starts on, each applied only where the user set nothing.
+
+- OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep between parallel regions instead of spinning. On a
+  CPU host shared with other work, spinning threads hold cores the peer threads of the same region
+  are waiting for (measured in docs/performance.md: a LoRA step several times slower, the same on a
+  quiet host). Read by the OpenMP runtime when it loads, so it is set before torch is imported
+  (entry scripts) or in the environment of the processes a launcher starts.
+- TORCH_EXTENSIONS_DIR, one folder per Python environment: torch keys its JIT-built extensions
+  (DeepSpeed's ops) by name only, so two environments on one host sharing ~/.cache/torch_extensions
+  rebuild each other's ops on every launch.
+- DeepSpeed's shared-memory communication op (deepspeed_shm_comm) is not built for training on a CPU:
+  DeepSpeed's TorchBackend compiles it (about a minute of C++) when it starts, and uses it only for
+  inference_all_reduce, which training never calls; gradients go through torch.distributed (gloo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+WAIT_POLICY = "PASSIVE"
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def extensions_dir() -> str:
+    """A TORCH_EXTENSIONS_DIR of this Python environment (sys.prefix), under the user's cache."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    env_id = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return os.path.join(cache, "torch_extensions", f"env-{env_id}")
+
+
+def env_defaults(environ=None) -> dict[str, str]:
+    """The variables above that `environ` (default: this process's) does not set yet."""
+    environ = os.environ if environ is None else environ
+    wanted = {"OMP_WAIT_POLICY": WAIT_POLICY, "TORCH_EXTENSIONS_DIR": extensions_dir()}
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
+
+
+def apply_defaults() -> None:
+    """Set env_defaults() in this process; entry scripts call it before anything imports torch."""
+    os.environ.update(env_defaults())
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Mark DeepSpeed's shm comm op unbuildable for this process (DeepSpeed keeps the probe result in
+    deepspeed.ops.__compatible_ops__, a dict its comm backend reads; edits to it are kept). Call
+    before DeepSpeed's comm backend starts, on CPU hosts only."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
