@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import checkpoints, fsio, offload, outputs, pivotal, plan, quant, quiet, zero3
+from . import checkpoints, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
@@ -99,6 +99,7 @@ class Run:
 
 def train(args) -> dict:
     """The whole run; returns the summary it also prints and writes to train_summary.json."""
+    startup.begin("imports")  # interpreter start-up and imports, from this process's start
     quiet.install()
     run = setup(args)
     resume(run)
@@ -111,17 +112,21 @@ def train(args) -> dict:
 def setup(args) -> Run:
     started = time.perf_counter()
     info, model_dir, resume_from, memory = preflight(args)
+    startup.mark("plan")
     tokens = pivotal.prepare_prompts(args, model_dir)  # TOK -> <s0><s1> in the prompts, before the scan reads them
     scan = scan_dataset(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before anything loads or is written
     pivotal.rewrite_captions(tokens, scan)
     latent_cache.check_cache_dir(args, given_only=True)
+    startup.mark("scan")
     accelerator = start_accelerator(args, info)
+    startup.mark("accelerate")
     latent_cache.check_cache_dir(args)  # the default one, beside the output folder just proven writable
     if accelerator.is_main_process:  # before anything loads: what this run should take per device
         (logger.warning if memory[0] is not None and memory[0].fits is False else logger.info)(memory[1])
     weight_dtype = torch_dtype(accelerator.mixed_precision)  # frozen weights and activations: the compute dtype
     models, trainables, dataset, cache, class_images, pivot = prepare_models(args, accelerator, info, model_dir,
                                                                             weight_dtype, scan, tokens)
+    startup.mark("model load")
     loader = build_data(args, dataset, accelerator.num_processes)
     world = accelerator.num_processes
     # the sampler's length: buckets pad each bucket to whole global batches
@@ -141,6 +146,7 @@ def setup(args) -> Run:
         transformer, optimizer, loader, lr_scheduler = accelerator.prepare(models.transformer, optimizer, loader, lr_scheduler)
     checkpoints.register_state_hooks(args, accelerator, models)
     pivotal.register_state_hooks(accelerator, pivot)
+    startup.mark("prepare")
     if accelerator.is_main_process:
         accelerator.init_trackers("flux-dreambooth-lora" if args.lora else "flux-dreambooth",
                                   config={k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))})
@@ -260,7 +266,9 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
         without += ("text_encoder",)
     with zero3.whole_models(accelerator):
         models = load_models(args, model_dir, without, weight_dtype, info.type)
+    startup.mark("model load")
     encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype, (keep_clip, keep_t5))
+    startup.mark("cache")
     deepspeed = zero3.zero_stage(accelerator) > 0
     with zero3.whole_models(accelerator):
         models.transformer = load_transformer(args, model_dir, weight_dtype, info.type, deepspeed)
@@ -397,7 +405,7 @@ def loop(run: Run) -> None:
         from .launch.record import write_trainer_run_config
 
         write_trainer_run_config(args, run.accelerator)
-    started = time.perf_counter()
+    started, first_marked = time.perf_counter(), False
     try:
         for epoch in range(run.first_epoch, run.schedule.epochs):
             if run.gate is not None:
@@ -407,6 +415,9 @@ def loop(run: Run) -> None:
                 if loss is None:  # accumulating: no optimizer step yet
                     continue
                 end_optimizer_step(run, loss)
+                if not first_marked:
+                    startup.mark("first step")
+                    first_marked = True
                 if run.step >= run.schedule.max_steps:
                     break
             if run.step >= run.schedule.max_steps:
@@ -544,6 +555,7 @@ def finish(run: Run) -> dict:
             outputs.push_to_hub(args)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    startup.mark("save")
 
     summary = run.meter.summary()
     summary.update({
@@ -552,6 +564,7 @@ def finish(run: Run) -> dict:
         "micro_batch": args.train_batch_size, "global_step": run.step, "max_train_steps": run.schedule.max_steps,
         "device": run.info.type, "mixed_precision": accelerator.mixed_precision, "run_type": run.run_type,
         "output_dir": os.path.abspath(args.output_dir),
+        "startup_seconds": startup.phases(), "process_started_at": startup.process_started_at(),
     })
     if run.main:
         fsio.atomic_write_json(os.path.join(args.output_dir, "train_summary.json"), summary)

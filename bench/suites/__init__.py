@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from . import data, flops, gpu, infer, memory, train
+from . import data, flops, gpu, infer, memory, startup, train
 
 SUITES = {
     "flops": flops.run,
@@ -15,5 +15,6 @@ SUITES = {
     "infer": infer.run,
     "memory": memory.run,
     "gpu": gpu.run,
+    "startup": startup.run,
 }
 DEFAULT_SUITES = list(SUITES)
