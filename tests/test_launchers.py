@@ -108,7 +108,7 @@ def test_help_documents_every_key_mode_and_variable(script):
     for key in keys:
         assert f"--{key}=" in proc.stdout, key
     for word in ("--dry_run", "--demo", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "FLUXKIT_DEMO_DIR", " -- ",
-                 "OMP_NUM_THREADS", *ASCEND_VARS):
+                 "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TORCH_EXTENSIONS_DIR", *ASCEND_VARS):
         assert word in proc.stdout, word
     if script == LORA:
         assert "--learning_rate=1e-6" in proc.stdout and "1e-4" in proc.stdout
@@ -130,6 +130,10 @@ def test_full_defaults_are_the_references(tmp_path):
     assert "16 per device x 1 processes x 4 accumulation = 64 images" in p.text
     assert p.env["TOKENIZERS_PARALLELISM"] == "false" and int(p.env["OMP_NUM_THREADS"]) >= 1
     assert not set(ASCEND_VARS) & set(p.env)  # CPU host: no Ascend settings
+    # OpenMP threads sleep between regions (a shared CPU host ran 10x slower spinning), JIT ops per environment
+    assert p.env["OMP_WAIT_POLICY"] == "PASSIVE" and "torch_extensions" in p.env["TORCH_EXTENSIONS_DIR"]
+    mine = dry(FULL, env={"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, cwd=tmp_path)
+    assert mine.env["OMP_WAIT_POLICY"] == "ACTIVE" and mine.env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext")
 
 
 def test_lora_defaults_are_the_references():

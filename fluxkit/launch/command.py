@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from ..environment import TOOLKIT_ROOT as ROOT
+from .. import host_runtime
 from ..environment import free_port
 from .keys import Request
 from .record import masked
@@ -120,6 +121,9 @@ def make_plan(req: Request, info, external: bool, script: str) -> LaunchPlan:
     if not threads:  # 1 beside an accelerator (the reference's), the cores shared out on a CPU
         threads = str(max(1, cores() // per_machine)) if info.type == "cpu" else "1"
     env["OMP_NUM_THREADS"] = threads
+    # OpenMP threads that sleep between regions, and a JIT-extensions folder per Python environment,
+    # unless set (fluxkit/host_runtime.py: measured on a shared CPU host)
+    env.update({k: os.environ.get(k) or v for k, v in host_runtime.env_defaults({}).items()})
     # DeepSpeed told the device the launcher chose, rather than guessing it in every process (and
     # warning "Setting accelerator to CPU" four times on a CPU host)
     env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", info.type)

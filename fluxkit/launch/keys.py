@@ -200,6 +200,9 @@ def usage(spec: Launcher, prog: str) -> str:
               "                 demo cache (default: ${XDG_CACHE_HOME:-$HOME/.cache}/fluxkit/demo)",
               "  OMP_NUM_THREADS, TOKENIZERS_PARALLELISM",
               "                 set everywhere (1 per process on NPU/GPU, cores / processes on CPU; false)",
+              "  OMP_WAIT_POLICY, TORCH_EXTENSIONS_DIR",
+              "                 each unless set: PASSIVE (OpenMP threads sleep between regions: a shared",
+              "                 CPU host ran 10x slower spinning), a folder per Python environment",
               "  TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
               "                 seconds a signalled run may take to save its checkpoint before it is killed (600)",
               "  On NPU only, each unless already set (the reference's Ascend settings):"]
