@@ -105,6 +105,9 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--no_cache", action="store_true", help="(ours) never cache latents or text embeddings (for comparisons)")
     g.add_argument("--offload_encoders", action="store_true",
                    help="(ours) keep the frozen text encoders and the VAE in host memory; they visit the device only while encoding")
+    g.add_argument("--blocks_to_swap", type=int, default=0,
+                   help="(ours, kohya's name) keep the last N transformer blocks' frozen weights in host memory; each "
+                        "visits the device only while it runs (LoRA, with --gradient_checkpointing; see docs/memory.md)")
     g.add_argument("--ignore_memory_plan", action="store_true",
                    help="(ours) start even when the memory plan (fluxkit.plan) says the run does not fit the device")
     g.add_argument("--device_memory_gb", type=float, default=None,
@@ -226,6 +229,10 @@ def validate(args) -> None:
         if not 0.0 <= args.lora_dropout < 1.0:
             raise UserError(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
     pivotal.validate(args)
+    if args.blocks_to_swap:
+        from .blockswap import check_flags
+
+        check_flags(args)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UserError(f"--report_to {args.report_to!r} must be tensorboard, wandb, all or none")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":

@@ -48,11 +48,14 @@ def trainer_flags(model: str, instance_dir: str, out: str, mode: str, resolution
 
 
 def planned_bytes(flags: list[str], mode: str, processes: int) -> int:
+    """The plan's training peak (forward + backward or the optimizer step, whichever is larger): the
+    phases between accelerator.prepare() and the last step, which is what memprobe's loop window sees."""
     from fluxkit.plan import plan_memory
     from fluxkit.train_args import parse_args
 
     args = parse_args(flags, lora=mode == "lora")
-    return plan_memory(args, processes, 2 if processes > 1 else 0, "cpu").peak_bytes
+    plan = plan_memory(args, processes, 2 if processes > 1 else 0, "cpu")
+    return max(p.bytes for p in plan.phases if p.name.startswith("train"))
 
 
 def measure(ctx, name: str, script: str, flags: list[str], processes: int) -> int:

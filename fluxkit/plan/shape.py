@@ -1,0 +1,109 @@
+"""The run a plan is made for, as plain numbers and switches (RunShape), read once from the
+trainer's parsed flags and the launch (processes, ZeRO stage and offload, device type). Every
+term of the plan (fluxkit.plan.terms) reads this, never the flags themselves."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..quant import refuse_for_full_finetune
+from .architecture import default_lora_targets
+
+
+@dataclass(frozen=True)
+class RunShape:
+    lora: bool = True
+    quant: str = "none"  # --base_quantization of a LoRA base
+    rank: int = 4
+    targets: tuple = ()  # LoRA module names
+    train_clip: bool = False
+    mixed: str = "bf16"  # the mixed precision the run computes in ("no" = fp32)
+    world: int = 1  # processes in the run
+    zero_stage: int = 0  # 0 = no DeepSpeed
+    offload_params: bool = False  # ZeRO-3 offload_param_device cpu
+    offload_optimizer: bool = False  # ZeRO offload_optimizer_device cpu
+    blocks_to_swap: int = 0  # transformer blocks kept in host memory (--blocks_to_swap)
+    batch: int = 1  # micro batch, doubled with prior preservation
+    resolution: int = 512
+    seq_len: int = 512  # T5 tokens
+    checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw, adamw8bit or prodigy
+    caching: bool = True  # latents and prompt embeddings come from the cache
+    warm_cache: bool = False  # the cache already holds everything: no encoder loads at all
+    samples: int | None = None  # training samples (cache entries), when the plan can see the data
+    prompts: int | None = None
+    offload_encoders: bool = False
+    validates: bool = False  # a --validation_prompt renders images
+    device: str = "cuda"
+    notes: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def cb(self) -> int:
+        """Bytes of the compute dtype."""
+        return 2 if self.mixed in ("bf16", "fp16") else 4
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.zero_stage > 0
+
+    @property
+    def parts(self) -> int:
+        """How many ways ZeRO splits what it partitions (DDP replicates: 1)."""
+        return self.world if self.deepspeed else 1
+
+    @property
+    def regime(self) -> str:
+        return "fp32" if self.cb == 4 else ("deepspeed" if self.deepspeed else "autocast")
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu"
+
+    @property
+    def mode(self) -> str:
+        return "lora" if self.lora else "full"
+
+
+def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str = "cuda",
+                    offload: tuple[bool, bool] = (False, False)) -> RunShape:
+    """The RunShape of trainer flags `args` launched on `world_size` processes with this ZeRO stage
+    and (offload_params, offload_optimizer)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"--zero_stage {zero_stage} must be 0 (no DeepSpeed), 1, 2 or 3")
+    if world_size < 1:
+        raise UserError(f"--num_processes {world_size} must be at least 1")
+    lora = bool(getattr(args, "lora", False))
+    quant = getattr(args, "base_quantization", None) or "none"
+    if not lora:
+        refuse_for_full_finetune(quant)
+    layers = getattr(args, "lora_layers", None)
+    targets = [t.strip() for t in layers.split(",") if t.strip()] if layers else default_lora_targets()
+    prior = bool(getattr(args, "with_prior_preservation", False))
+    images = _count_images(args)
+    samples = images * max(1, getattr(args, "repeats", 1)) * (2 if prior else 1) if images is not None else None
+    opt = args.optimizer.lower()
+    return RunShape(
+        lora=lora, quant=quant, rank=getattr(args, "rank", 4), targets=tuple(targets),
+        train_clip=bool(getattr(args, "train_text_encoder", False)),
+        mixed=args.mixed_precision or ("bf16" if zero_stage else "no"), world=world_size, zero_stage=zero_stage,
+        offload_params=bool(offload[0]) and zero_stage == 3, offload_optimizer=bool(offload[1]) and zero_stage > 0,
+        blocks_to_swap=int(getattr(args, "blocks_to_swap", 0) or 0),
+        batch=args.train_batch_size * (2 if prior else 1), resolution=args.resolution, seq_len=args.max_sequence_length,
+        checkpointing=bool(args.gradient_checkpointing),
+        optimizer="prodigy" if opt == "prodigy" else ("adamw8bit" if args.use_8bit_adam else "adamw"),
+        caching=not getattr(args, "no_cache", False), warm_cache=bool(getattr(args, "warm_cache", False)),
+        samples=samples, prompts=None if samples is None else (samples if getattr(args, "caption_column", None) else 1),
+        offload_encoders=bool(getattr(args, "offload_encoders", False)),
+        validates=bool(getattr(args, "validation_prompt", None)), device=device)
+
+
+def _count_images(args) -> int | None:
+    """Training images per epoch (before --repeats), when the plan can see them."""
+    from ..scan import IMAGE_EXTENSIONS
+
+    folder = getattr(args, "instance_data_dir", None)
+    if folder and os.path.isdir(folder) and not getattr(args, "dataset_name", None):
+        return len([f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)])
+    return None
