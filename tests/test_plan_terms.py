@@ -9,7 +9,7 @@ from fluxkit.plan import GiB, plan_shape, read_architecture, smallest_change
 from fluxkit.plan import terms
 from fluxkit.plan.architecture import block_linear_shapes
 from fluxkit.plan.shape import RunShape
-from fluxkit.models import DEFAULT_LORA_TARGETS
+from fluxkit.plan.architecture import default_lora_targets
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def dev():
 
 
 def shape(**kw):
-    base = dict(lora=True, targets=tuple(DEFAULT_LORA_TARGETS), rank=4, mixed="bf16", resolution=512, seq_len=512,
+    base = dict(lora=True, targets=tuple(default_lora_targets()), rank=4, mixed="bf16", resolution=512, seq_len=512,
                 checkpointing=True, device="cuda")
     return RunShape(**{**base, **kw})
 
