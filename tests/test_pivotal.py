@@ -206,6 +206,8 @@ def test_cached_run_equals_uncached_and_the_cache_never_holds_new_token_embeddin
     train(ti_args(tiny_flux, sample_data, str(tmp_path / "uncached"), no_cache=True, **common))
     (files_c, losses_c), (files_u, losses_u) = results(str(tmp_path / "cached")), results(str(tmp_path / "uncached"))
     assert losses_c == losses_u
+    for out in ("cached", "uncached"):  # validation rendered the prompt with the new tokens each epoch
+        assert sorted(os.listdir(tmp_path / out / "validation")) == ["validation-epoch-1.png", "validation-final.png"]
     for kind in files_c:
         assert all(torch.equal(files_c[kind][k], files_u[kind][k]) for k in files_c[kind]), kind
 
@@ -333,3 +335,14 @@ def test_tokens_and_prompts_as_the_advanced_script_names_them(tiny_flux, sample_
     ids = tok.encode("a red circle", add_special_tokens=False)
     rows = initial_rows(args, tok, table, 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(rows[k], table[ids[k % len(ids)]]) for k in range(4))
+
+
+def test_quantized_base_and_buckets(tiny_flux, sample_data, tmp_path):
+    """An NF4 base with aspect-ratio buckets: the rows train over the quantized transformer."""
+    pytest.importorskip("bitsandbytes")
+    out = str(tmp_path / "nf4")
+    run = train(ti_args(tiny_flux, sample_data, out, steps=4, base_quantization="nf4", aspect_ratio_buckets=True,
+                        enable_t5_ti=True, train_text_encoder_ti_frac=1))
+    assert_only_new_rows_changed(run, tiny_flux, ["clip_l", "t5"])
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert sorted(emb_file(out)[0]) == ["clip_l", "t5"]
