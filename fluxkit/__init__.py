@@ -12,7 +12,8 @@ Training
     cache/       latent/text cache keyed by sample index and prompt: store, keys, facade (Cache, build,
                  prepare_data), fill, admin (size, pruning), command (python -m fluxkit.cache)
     data, scan, buckets   the dataset (streamed, scanned up front), aspect-ratio buckets
-    checkpoints  complete-or-absent checkpoint-STEP folders, resume, pruning, save/load hooks
+    checkpoint   complete-or-absent checkpoint-STEP folders with a manifest, verified resume, pruning,
+                 save/load hooks; python -m fluxkit.checkpoint verify
     outputs      class images, validation grids, final weights, model card, hub upload
     runcontrol   SIGINT/SIGTERM as "checkpoint, then stop"; throughput and MFU
 Inference

@@ -175,9 +175,11 @@ def load_lora(input_dir: str, transformer, text_encoder=None) -> None:
                                 f"{field}={getattr(config, field)}; pass the same --rank/--lora_alpha as that run")
         result = set_peft_model_state_dict(target, state)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-        if unexpected:
-            raise UserError(f"{input_dir!r} has {prefix} LoRA weights the model lacks (e.g. {unexpected[0]}); "
-                            "resume with the same --lora_layers as the run that wrote it")
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]  # adapters the file did not restore
+        if unexpected or missing:
+            which = f"LoRA weights the model lacks (e.g. {unexpected[0]})" if unexpected else \
+                f"no weights for some of the model's {prefix} LoRA layers (e.g. {missing[0]})"
+            raise UserError(f"{input_dir!r} has {which}; resume with the same --lora_layers as the run that wrote it")
 
 
 # ---------------------------------------------------------------- reading a LoRA into a pipeline (inference)

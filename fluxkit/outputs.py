@@ -12,7 +12,7 @@ import shutil
 import torch
 
 from . import fsio
-from .checkpoints import complete_checkpoints
+from .checkpoint import complete_checkpoints
 from .scan import IMAGE_EXTENSIONS, list_images
 from .device import torch_dtype
 from .environment import hf_offline

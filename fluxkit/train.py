@@ -10,7 +10,7 @@ Read it top to bottom; `train` is the whole story:
 Everything these share is one `Run`. Full and LoRA runs differ only in what trains and how
 weights are saved. The parts live in modules named for what they hold: models and trainables
 (models.py), the flow-matching loss (loss.py), encoding through the latent/text cache (encode.py, cache/), checkpoints and
-their save/load hooks (checkpoints.py), outputs (outputs.py), signals and throughput
+their save/load hooks (checkpoint/), outputs (outputs.py), signals and throughput
 (runcontrol.py), data (data.py).
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import checkpoints, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
+from . import checkpoint, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
@@ -144,7 +144,7 @@ def setup(args) -> Run:
             models.transformer, text_encoder, optimizer, loader, lr_scheduler)
     else:
         transformer, optimizer, loader, lr_scheduler = accelerator.prepare(models.transformer, optimizer, loader, lr_scheduler)
-    checkpoints.register_state_hooks(args, accelerator, models)
+    checkpoint.register_state_hooks(args, accelerator, models)
     pivotal.register_state_hooks(accelerator, pivot)
     startup.mark("prepare")
     if accelerator.is_main_process:
@@ -181,7 +181,7 @@ def preflight(args):
         raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
     # the processes accelerate started (WORLD_SIZE), before the Accelerator exists
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    resume_from = checkpoints.check_run_folder(args, world)
+    resume_from = checkpoint.check_run_folder(args, world)
     # the memory plan: a run that cannot fit the device is refused here, before any weights load,
     # unless --ignore_memory_plan (the launchers check the same before they start the processes)
     memory = plan.check_fits(args, world, plan.launched_zero_stage(), info,
@@ -217,11 +217,11 @@ def start_accelerator(args, info):
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         if args.overwrite_output_dir:
-            moved = checkpoints.move_aside_previous_run(args.output_dir)
+            moved = checkpoint.move_aside_previous_run(args.output_dir)
             if moved:
                 logger.info("--overwrite_output_dir: the previous run in %s moved to %s", args.output_dir, moved)
         fsio.ensure_writable_dir(args.output_dir)
-        stale = checkpoints.remove_partials(args.output_dir)
+        stale = checkpoint.remove_partials(args.output_dir)
         if stale:
             logger.info("removed incomplete checkpoint folders from an interrupted run: %s", ", ".join(stale))
     accelerator.wait_for_everyone()
@@ -371,7 +371,7 @@ def resume(run: Run) -> None:
     place: the epoch, and the micro batches of it already trained (steps x accumulation)."""
     if run.resume_from:
         path, state = run.resume_from
-        checkpoints.load(run.accelerator, path)
+        checkpoint.load(run.accelerator, path, state)
         run.step = state["global_step"]
         run.first_epoch = run.step // run.schedule.updates_per_epoch
         run.skip_batches = (run.step % run.schedule.updates_per_epoch) * run.args.gradient_accumulation_steps
@@ -529,8 +529,8 @@ def record_step(run: Run, loss) -> None:
 
 def save_checkpoint(run: Run) -> None:
     args = run.args
-    state = {"global_step": run.step, **checkpoints.run_settings(args, run.accelerator.num_processes)}
-    checkpoints.save(run.accelerator, args.output_dir, run.step, state, args.checkpoints_total_limit)
+    state = {"global_step": run.step, **checkpoint.run_settings(args, run.accelerator.num_processes)}
+    checkpoint.save(run.accelerator, args.output_dir, run.step, state, args.checkpoints_total_limit)
     if run.main:
         logger.info("saved checkpoint-%d", run.step)
 

@@ -236,7 +236,7 @@ def validate(args) -> None:
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise UserError(f"--report_to {args.report_to!r} must be tensorboard, wandb, all or none")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        from .checkpoints import resume_path
+        from .checkpoint import resume_path
 
         if resume_path(args.output_dir, args.resume_from_checkpoint) is None:
             raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a checkpoint inside "

@@ -446,7 +446,7 @@ def test_a_new_run_into_a_finished_run_without_checkpoints_is_refused(finished_l
 
 @pytest.mark.slow
 def test_overwrite_output_dir_moves_a_finished_run_aside(finished_lora_run, tmp_path):
-    from fluxkit.checkpoints import move_aside_previous_run
+    from fluxkit.checkpoint import move_aside_previous_run
 
     out = _copy(finished_lora_run[0], tmp_path)
     moved = move_aside_previous_run(str(out))

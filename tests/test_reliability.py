@@ -163,7 +163,7 @@ def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path)
 
 
 def test_checkpoint_limit_counts_only_complete_checkpoints(tmp_path):
-    from fluxkit import checkpoints
+    from fluxkit import checkpoint as checkpoints
 
     def make(name, complete=True):
         d = tmp_path / name
@@ -321,7 +321,7 @@ def test_resume_with_another_process_count_is_named_as_a_changed_setting(tiny_fl
 def test_checkpoint_name_is_looked_up_inside_output_dir_before_the_working_folder(tmp_path, monkeypatch):
     """--resume_from_checkpoint checkpoint-2 names output_dir/checkpoint-2 (as diffusers looks it up),
     even when the folder the command runs in has a checkpoint-2 of its own (another run's)."""
-    from fluxkit import checkpoints
+    from fluxkit import checkpoint as checkpoints
 
     out, cwd = tmp_path / "out", tmp_path / "cwd"
     for folder, run_type in ((out, "lora"), (cwd, "full")):

@@ -58,9 +58,9 @@ def run(req: Request) -> int:
         if trainer_args is not None:
             scan_training_data(trainer_args, plan.processes)
             # the trainer's run-lifecycle rules (another run's checkpoints, a resume with other settings)
-            from .. import checkpoints
+            from .. import checkpoint
 
-            checkpoints.check_run_folder(trainer_args, plan.processes)
+            checkpoint.check_run_folder(trainer_args, plan.processes, hand_over=True)  # its trainer need not hash again
 
     if trainer_args is not None:  # refuses a run that cannot fit, in one line, before anything is written
         plan.memory = check_memory(trainer_args, plan, info, accelerate_config, refuse=not req.dry_run)
@@ -73,9 +73,9 @@ def run(req: Request) -> int:
 
     out = o["output_dir"]
     if trainer_args is not None and trainer_args.overwrite_output_dir:
-        from .. import checkpoints
+        from .. import checkpoint
 
-        moved = checkpoints.move_aside_previous_run(out)  # before this run writes its logs there
+        moved = checkpoint.move_aside_previous_run(out)  # before this run writes its logs there
         if moved:
             why = "demo: the previous demo run" if req.demo and "overwrite_output_dir" not in req.given else \
                 "--overwrite_output_dir: the previous run"

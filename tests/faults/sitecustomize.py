@@ -48,7 +48,7 @@ def _kill_after_step_logged(module, step: int) -> None:
 
 
 def _kill_inside_checkpoint(module, step: int) -> None:
-    """Wrap fluxkit.checkpoints.save so that checkpoint `step` dies between accelerate's
+    """Wrap fluxkit.checkpoint.save so that checkpoint `step` dies between accelerate's
     save_state (every rank done) and the rename that makes the checkpoint complete."""
     original = module.save
 
@@ -117,7 +117,7 @@ def _install():
         patches["fluxkit.train"] = lambda module: _kill_after_step_logged(module, n)
     if os.environ.get(KILL_IN_CHECKPOINT):
         n = int(os.environ[KILL_IN_CHECKPOINT])
-        patches["fluxkit.checkpoints"] = lambda module: _kill_inside_checkpoint(module, n)
+        patches["fluxkit.checkpoint"] = lambda module: _kill_inside_checkpoint(module, n)
     if os.environ.get(RECORD_BATCHES):
         folder = os.environ[RECORD_BATCHES]
         os.makedirs(folder, exist_ok=True)

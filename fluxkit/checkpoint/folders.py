@@ -1,8 +1,8 @@
 """Resumable checkpoints: checkpoint-STEP folders that are complete by construction.
 
 accelerate's save_state writes into a hidden partial folder on every rank (DeepSpeed needs all
-ranks); only when all ranks are done does the main process add our run-state file and rename the
-folder into place. A crash mid-write therefore leaves only a `.partial-` folder, which resume never
+ranks); only when all ranks are done does the main process add our run-state file, with the
+manifest of every file (fluxkit.checkpoint.manifest), and rename the folder into place. A crash mid-write therefore leaves only a `.partial-` folder, which resume never
 picks and the next run removes. Pruning to --checkpoints_total_limit happens after the new
 checkpoint is in place, and never removes the newest.
 """
@@ -16,12 +16,12 @@ import shutil
 
 import torch
 
-from .errors import UserError
-from .fsio import PARTIAL_PREFIX, discard_dir, write_failure
-from .lora import lora_save_load_hooks, unwrap_model
-from .zero3 import save_pretrained_gathered
-
-STATE_FILE = "fluxkit_state.json"
+from ..errors import UserError
+from ..fsio import PARTIAL_PREFIX, discard_dir, write_failure
+from ..lora import lora_save_load_hooks, unwrap_model
+from ..zero3 import save_pretrained_gathered
+from . import manifest, verify
+from .manifest import STATE_FILE
 # A storage error's cause is judged by a probe write of this size (room for a small file is not enough).
 _PROBE_BYTES = 1 << 20
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -54,15 +54,6 @@ def remove_partials(output_dir: str) -> list[str]:
     return removed
 
 
-def read_state(path: str) -> dict:
-    state_path = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_path):
-        raise UserError(f"--resume_from_checkpoint {path!r} is not a complete fluxkit checkpoint (no {STATE_FILE}); "
-                        "give a checkpoint-STEP folder written by this trainer, or 'latest'")
-    with open(state_path) as f:
-        return json.load(f)
-
-
 def resume_path(output_dir: str, spec: str) -> str | None:
     """Where --resume_from_checkpoint NAME points: a folder of that name inside output_dir (as diffusers
     looks it up), else the path itself; None when neither is a folder."""
@@ -72,21 +63,51 @@ def resume_path(output_dir: str, spec: str) -> str | None:
     return None
 
 
-def resolve_resume(output_dir: str, spec: str | None, run_type: str) -> tuple[str, dict] | None:
-    """The checkpoint to resume from and its state, or None to start fresh ('latest' with none yet)."""
+# set by a process that has checked a checkpoint deeply (a launcher) for the trainer it starts: "SEAL PATH"
+_CHECKED_ENV = "FLUXKIT_CHECKPOINT_CHECKED"
+
+
+def _check(path: str, hand_over: bool = False) -> dict:
+    """verify.check with this process's share of the work: one process (the main one, or a launcher before
+    any starts) reads the whole checkpoint, once; the others compare sizes and wait for its verdict.
+    hand_over (a launcher): tell the trainer it starts, through the environment, that this checkpoint passed."""
+    deep = int(os.environ.get("RANK", "0") or 0) == 0
+    seal, _, checked = os.environ.get(_CHECKED_ENV, "").partition(" ")
+    trusted = seal if checked and os.path.realpath(checked) == os.path.realpath(path) else None
+    state, complete = verify.check(path, deep=deep, trusted_seal=trusted)
+    if hand_over and deep and complete and state.get("seal"):
+        os.environ[_CHECKED_ENV] = f"{state['seal']} {os.path.realpath(path)}"
+    return state
+
+
+def resolve_resume(output_dir: str, spec: str | None, run_type: str, hand_over: bool = False) -> tuple[str, dict] | None:
+    """The checkpoint to resume from and its state, checked against its manifest (fluxkit.checkpoint.verify),
+    or None to start fresh ('latest' with none yet). A damaged checkpoint is one error line naming the file."""
     if not spec:
         return None
     if spec == "latest":
-        found = complete_checkpoints(output_dir)
+        found = _checkpoint_folders(output_dir)
         if not found:
             return None
         path = found[-1][1]
+        try:
+            state = _check(path, hand_over)
+        except verify.Damaged as damage:
+            raise UserError(_damaged_latest(path, damage, found[:-1])) from None
     else:
         path = resume_path(output_dir, spec)
         if path is None:
             raise UserError(f"--resume_from_checkpoint {spec!r} is neither a checkpoint inside --output_dir {output_dir!r} "
                             "nor a folder; give 'latest', a checkpoint-STEP name or a path")
-    state = read_state(path)
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
+            raise UserError(f"--resume_from_checkpoint {path!r} is not a complete fluxkit checkpoint (no {STATE_FILE}); "
+                            "give a checkpoint-STEP folder written by this trainer, or 'latest'")
+        try:
+            state = _check(path, hand_over)
+        except verify.Damaged as damage:
+            raise UserError(f"--resume_from_checkpoint {path!r} is damaged: {damage}; nothing was loaded; copy the "
+                            "checkpoint again from where it was written, or resume from an intact one "
+                            f"(python -m fluxkit.checkpoint verify {output_dir} lists them)") from None
     if state.get("run_type") != run_type:
         other = "train_flux_dreambooth_lora.py" if state.get("run_type") == "lora" else "train_flux_dreambooth.py"
         raise UserError(f"--resume_from_checkpoint {path!r} is from a {state.get('run_type')} run, this is a {run_type} run; "
@@ -94,34 +115,31 @@ def resolve_resume(output_dir: str, spec: str | None, run_type: str) -> tuple[st
     return path, state
 
 
-def load(accelerator, path: str) -> None:
-    """accelerator.load_state(path), with a tampered state file reported in one line.
-
-    accelerate reads optimizer, scheduler and RNG states with torch's weights-only unpickler, which
-    refuses (never runs) pickled objects other than tensors and plain data.
-    """
-    import pickle
-
-    try:
-        accelerator.load_state(path)
-    except pickle.UnpicklingError:
-        culprit = _first_unsafe_file(path)
-        raise UserError(f"checkpoint {path!r}: {culprit or 'a state file'} holds objects other than tensors and plain data, "
-                        "which could run code when loaded, so it was refused; resume from a checkpoint this trainer wrote") from None
+def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint-STEP folder, oldest first, complete or not: 'latest' names the
+    newest even when its state file is gone, rather than silently falling back to an older one."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted((int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+                  for m in [_NAME.match(name)] if m and os.path.isdir(os.path.join(output_dir, name)))
 
 
-def _first_unsafe_file(path: str) -> str | None:
-    import pickle
-
-    from accelerate.utils import load as safe_load  # weights_only=True with accelerate's allow-list, as load_state
-
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".bin", ".pkl", ".pt", ".pth")) and os.path.isfile(os.path.join(path, name)):
-            try:
-                safe_load(os.path.join(path, name), map_location="cpu")
-            except pickle.UnpicklingError:
-                return name
-    return None
+def _damaged_latest(path: str, damage: Exception, older: list[tuple[int, str]]) -> str:
+    """The error for 'latest' when the newest checkpoint is damaged: it, what is wrong, the newest intact one."""
+    intact = None
+    for _, candidate in reversed(older):
+        try:
+            _check(candidate)
+            intact = os.path.basename(candidate)
+            break
+        except verify.Damaged:
+            continue
+    name = os.path.basename(path)
+    fix = (f"the newest intact checkpoint is {intact}: resume from it with --resume_from_checkpoint {intact} (the steps "
+           f"after it are trained again), or copy {name} again from where it was written") if intact else \
+        (f"{'no older checkpoint is intact' if older else 'there is no older checkpoint'}: copy {name} again from "
+         "where it was written, or start over with --overwrite_output_dir")
+    return f"--resume_from_checkpoint latest: the newest checkpoint {path!r} is damaged: {damage}; nothing was loaded; {fix}"
 
 
 def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int | None) -> str:
@@ -137,19 +155,23 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
     except Exception as err:  # judged below, after every rank is done: a full disk or a bug
         error = err
     accelerator.wait_for_everyone()
+    # every process hashes what it wrote; the main one learns of any process's failure
+    recorded, failure = manifest.build(accelerator, partial, saved=error is None)
     if accelerator.is_main_process:
         try:
             if error is not None:
                 raise error
+            if failure is not None:
+                raise _ProcessFailed(failure)
             with open(os.path.join(partial, STATE_FILE), "w") as f:
-                json.dump(state, f, indent=2)
+                json.dump(manifest.seal({**state, "manifest": recorded}), f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.exists(final):  # the same step written again after a resume: replace it
                 discard_dir(final)
             os.replace(partial, final)
         except Exception as err:
-            reason = write_failure(err, output_dir, _PROBE_BYTES)
+            reason = str(err) if isinstance(err, _ProcessFailed) else write_failure(err, output_dir, _PROBE_BYTES)
             shutil.rmtree(partial, ignore_errors=True)
             if reason is None:
                 raise
@@ -165,6 +187,10 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
         raise UserError(f"could not write checkpoint {final!r} on this rank: {reason}")
     accelerator.wait_for_everyone()
     return final
+
+
+class _ProcessFailed(Exception):
+    """Another process could not write or read back its part of a checkpoint."""
 
 
 def prune(output_dir: str, total_limit: int | None) -> list[str]:
@@ -275,10 +301,10 @@ def finished_run(output_dir: str) -> list[str]:
     return [n for n in _FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, n))]
 
 
-def check_run_folder(args, world_size: int) -> tuple[str, dict] | None:
+def check_run_folder(args, world_size: int, hand_over: bool = False) -> tuple[str, dict] | None:
     """The lifecycle rules, before anything is written: a fresh run never mixes with another run's
     checkpoints nor replaces a finished run's weights, and a resume continues only the run it names.
-    Returns (checkpoint, state) or None."""
+    Returns (checkpoint, state) or None. hand_over: a launcher's check, which its trainer need not repeat (_check)."""
     output_dir = args.output_dir
     overwrite = getattr(args, "overwrite_output_dir", False)
     if args.resume_from_checkpoint and overwrite:
@@ -290,7 +316,7 @@ def check_run_folder(args, world_size: int) -> tuple[str, dict] | None:
         if found and not overwrite:
             raise UserError(f"--output_dir {output_dir!r} holds another run's checkpoints ({', '.join(found)}); continue "
                             f"that run with --resume_from_checkpoint latest, or {start_over}")
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint, "lora" if args.lora else "full")
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, "lora" if args.lora else "full", hand_over)
     if resume is None:  # a fresh run (also 'latest' with no checkpoint to continue)
         done = finished_run(output_dir)
         if done and not overwrite:
