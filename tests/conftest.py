@@ -108,6 +108,65 @@ def run_entry_inprocess(script, args):
     return mod.main(args)
 
 
+LAUNCHER_KINDS = {"finetune_flux_dreambooth_deepspeed_bf16.sh": "full", "finetune_flux_dreambooth_lora_deepspeed_bf16.sh": "lora"}
+
+
+def run_inprocess(command, env=None, cwd=ROOT, timeout=None):
+    """`command` as run_script would run it, in this process: an entry script (`python SCRIPT.py ARGS`,
+    run as __main__ with sys.argv set, so its error lines name it), `python -m fluxkit.X ARGS`, or a .sh
+    launcher (its one line: `python -m fluxkit.launch --launcher KIND "$0" "$@"`, the toolkit first on
+    PYTHONPATH). Saves the 3-5 s interpreter start and imports of a subprocess where a test asserts an
+    argument list or an error line. stdout/stderr are what the command printed through sys.stdout/err;
+    env values of None unset a variable; the environment, working folder and sys.argv are restored after. Returns a CompletedProcess."""
+    import contextlib
+    import io
+    import runpy
+
+    command = [str(c) for c in command]
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    for key, value in (env or {}).items():  # None: unset
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = _run_command(command, saved_env, runpy)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv[:] = saved_argv
+    return subprocess.CompletedProcess(command, rc, out.getvalue(), err.getvalue())
+
+
+def _run_command(command, saved_env, runpy) -> int:
+    name = os.path.basename(command[0])
+    if name in LAUNCHER_KINDS:
+        from fluxkit import launch
+
+        os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved_env["PYTHONPATH"] if saved_env.get("PYTHONPATH") else "")
+        sys.argv[:] = [os.path.join(ROOT, "fluxkit", "launch.py"), *command]
+        return launch.main(["--launcher", LAUNCHER_KINDS[name], *command])
+    assert command[0] == sys.executable, f"not a command run_inprocess knows: {command}"
+    try:
+        if command[1] == "-m":
+            sys.argv[:] = [command[2], *command[3:]]
+            runpy.run_module(command[2], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv[:] = command[1:]
+            runpy.run_path(command[1], run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    return 0
+
+
 def count_rows(monkeypatch, counts, cls, method, key):
     """Count in counts[key] the rows (the first argument's batch size) every call of cls.method sees;
     the real method still runs."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_inprocess, run_script
 
 
 def _transformer(preset, device=None, dtype=torch.float32):
@@ -217,7 +217,7 @@ def test_trainer_and_inference_summaries_are_read_as_documented(tmp_path):
     (["flops", "--model_path", "/nonexistent/model"], "--model_path"),
 ])
 def test_bench_cli_bad_input_is_one_line(args, needle, tmp_path):
-    proc = run_script([sys.executable, "-m", "bench", *args, "--results_dir", str(tmp_path)], timeout=120)
+    proc = run_inprocess([sys.executable, "-m", "bench", *args, "--results_dir", str(tmp_path)])
     assert_user_error(proc, needle)
     assert not list(tmp_path.iterdir())  # nothing written
 

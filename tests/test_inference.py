@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, assert_user_error, run_script
+from conftest import ROOT, accelerate_launch, assert_user_error, run_inprocess, run_script
 
 SCRIPTS = {
     "base": os.path.join(ROOT, "infer_flux_text2img_bf16.py"),
@@ -433,11 +433,11 @@ def test_script_defaults_fail_clearly(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = run_script([sys.executable, SCRIPTS["base"], "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path), env=env)
     assert_user_error(proc, "black-forest-labs/FLUX.1-dev", "--model_path", "download")
-    proc = run_script([sys.executable, SCRIPTS["dreambooth"]], cwd=str(tmp_path), env=env)
+    proc = run_inprocess([sys.executable, SCRIPTS["dreambooth"]], cwd=str(tmp_path), env=env)
     assert_user_error(proc, "output_flux_dreambooth", "does not exist")
-    proc = run_script([sys.executable, SCRIPTS["lora"], "--model_path", str(tmp_path)], cwd=str(tmp_path), env=env)
+    proc = run_inprocess([sys.executable, SCRIPTS["lora"], "--model_path", str(tmp_path)], cwd=str(tmp_path), env=env)
     assert_user_error(proc, "output_flux_dreambooth_lora", "does not exist")
-    proc = run_script([sys.executable, SCRIPTS["distrib"], "--seeds", "1", "x2"], cwd=str(tmp_path), env=env)
+    proc = run_inprocess([sys.executable, SCRIPTS["distrib"], "--seeds", "1", "x2"], cwd=str(tmp_path), env=env)
     assert_user_error(proc, "seeds must be integers")
     assert set(os.listdir(tmp_path)) <= {"hf"}  # no output folder was created by any of them
 

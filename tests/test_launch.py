@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_launchers import FULL, LORA, _SCRUB, dry, dry_inprocess, launch, launch_inprocess
+from test_launchers import FULL, LORA, _SCRUB, dry, launch, launch_inprocess
 
 
 def _one_line_nothing_written(proc, out, *needles):
@@ -68,7 +68,7 @@ def test_trainer_mistakes_are_one_line_before_anything_starts(tiny_flux, sample_
     data = [] if any(k.startswith(("--dataset_name", "--instance_dir")) for k in keys) else \
         [f"--instance_dir={sample_data['instance_dir']}"]
     model = [] if any(k.startswith("--model_name") for k in keys) else [f"--model_name={tiny_flux}"]
-    proc = launch(script, *model, *data, f"--output_dir={out}", *keys[:cut], *keys[cut:])
+    proc = launch_inprocess(script, *model, *data, f"--output_dir={out}", *keys[:cut], *keys[cut:])
     _one_line_nothing_written(proc, out, *needles)
 
 
@@ -104,7 +104,7 @@ def test_dataloader_workers_follow_the_cores():
 
 
 def test_unknown_key_is_still_refused(tmp_path):
-    proc = launch(LORA, "--lerning_rate=1e-4", f"--output_dir={tmp_path / 'out'}")
+    proc = launch_inprocess(LORA, "--lerning_rate=1e-4", f"--output_dir={tmp_path / 'out'}")
     _one_line_nothing_written(proc, tmp_path / "out", "--lerning_rate", "known keys")
 
 
@@ -128,7 +128,7 @@ def test_config_file_sets_keys_and_the_command_line_wins(tmp_path, kind):
 def test_config_file_with_an_unknown_key_is_one_line(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("batch_sise: 3\n")
-    proc = launch(LORA, f"--config={cfg}", f"--output_dir={tmp_path / 'out'}")
+    proc = launch_inprocess(LORA, f"--config={cfg}", f"--output_dir={tmp_path / 'out'}")
     _one_line_nothing_written(proc, tmp_path / "out", "batch_sise", str(cfg))
 
 
@@ -143,10 +143,10 @@ def test_config_file_switch_values(tmp_path, kind):
         cfg.write_text(f'{key} = "{value}"\n' if kind == "toml" else f'{key}: "{value}"\n')
         return f"--config={cfg}"
 
-    assert "--gradient_checkpointing" in dry_inprocess(FULL).trainer  # the full reference turns it on
-    assert "--gradient_checkpointing" not in dry_inprocess(FULL, config("gradient_checkpointing", "false")).trainer
-    assert "--random_flip" not in dry_inprocess(FULL).trainer
-    assert "--random_flip" in dry_inprocess(FULL, config("random_flip", "true")).trainer
+    assert "--gradient_checkpointing" in dry(FULL).trainer  # the full reference turns it on
+    assert "--gradient_checkpointing" not in dry(FULL, config("gradient_checkpointing", "false")).trainer
+    assert "--random_flip" not in dry(FULL).trainer
+    assert "--random_flip" in dry(FULL, config("random_flip", "true")).trainer
     proc = launch_inprocess(FULL, config("gradient_checkpointing", "maybe"), f"--output_dir={tmp_path / 'out'}")
     _one_line_nothing_written(proc, tmp_path / "out", "gradient_checkpointing", "'maybe'", str(cfg))
 
@@ -366,7 +366,7 @@ def _tiny_keys(tiny_flux, sample_data, out, *more):
 
 def test_a_run_that_does_not_fit_is_refused_before_anything_starts(tiny_flux, sample_data, tmp_path):
     out = tmp_path / "out"
-    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02"))
+    proc = launch_inprocess(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02"))
     line = _one_line_nothing_written(proc, out, "memory plan: ", "GiB peak per device (LoRA 32px batch 1 on 1 process(es), ZeRO-2)",
                                      "does NOT fit in 0.0 GiB", "to fit: ", "--ignore_memory_plan")
     assert "Traceback" not in line
@@ -375,7 +375,7 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_starts(tiny_flux, sa
 def test_a_quantization_deepspeed_cannot_run_is_refused_by_the_launcher(tiny_flux, sample_data, tmp_path):
     # the launchers' config is DeepSpeed ZeRO-2: torchao's int8 base cannot run there (fluxkit.quant.check)
     out = tmp_path / "out"
-    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--base_quantization=int8"))
+    proc = launch_inprocess(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--base_quantization=int8"))
     _one_line_nothing_written(proc, out, "--base_quantization int8 cannot run under DeepSpeed", "nf4")
 
 
@@ -394,11 +394,11 @@ def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
 
 def test_the_trainer_refuses_a_run_that_does_not_fit(tiny_flux, sample_data, tmp_path):
     """`python train_flux_dreambooth_lora.py ...` (no launcher) checks the same plan before any model loads."""
-    from conftest import run_script, trainer_args
+    from conftest import run_inprocess, trainer_args
 
     out = tmp_path / "out"
-    proc = run_script([sys.executable, "train_flux_dreambooth_lora.py",
-                       *trainer_args(tiny_flux, sample_data, out, steps=1, device_memory_gb="0.02")], timeout=300)
+    proc = run_inprocess([sys.executable, "train_flux_dreambooth_lora.py",
+                          *trainer_args(tiny_flux, sample_data, out, steps=1, device_memory_gb="0.02")])
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "does NOT fit in 0.0 GiB" in errors[0] and "--ignore_memory_plan" in errors[0], proc.stderr

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_user_error, free_port, run_script
+from conftest import ROOT, assert_user_error, free_port, run_inprocess, run_script
 
 FULL = os.path.join(ROOT, "finetune_flux_dreambooth_deepspeed_bf16.sh")
 LORA = os.path.join(ROOT, "finetune_flux_dreambooth_lora_deepspeed_bf16.sh")
@@ -59,39 +59,20 @@ class Plan:
         return values[-1] if values else None
 
 
-def dry(script, *args, env=None, cwd=ROOT):
-    return Plan(launch(script, "--dry_run", *args, env=env, cwd=cwd))
+def dry(script, *args, env=None, cwd=ROOT, real=False):
+    """What `script --dry_run ARGS` would run; in this process unless real (the command itself)."""
+    run = launch if real else launch_inprocess
+    return Plan(run(script, "--dry_run", *args, env=env, cwd=cwd))
 
 
 def launch_inprocess(script, *args, env=None, cwd=ROOT):
-    """What `script ARGS` does up to starting accelerate (a dry run, or a refusal), without an
-    interpreter start: the .sh launchers' one line (`python -m fluxkit.launch --launcher KIND "$0" "$@"`
-    with the toolkit first on PYTHONPATH) as a main(argv) call. Returns a CompletedProcess."""
-    import contextlib
-    import io
+    """launch() without an interpreter start (see conftest.run_inprocess): for tests of what a launcher
+    prints or refuses; each .sh launcher keeps real-command tests too."""
+    full_env = dict.fromkeys(_SCRUB)  # unset
+    full_env["PYTHON"] = sys.executable
+    full_env.update(env or {})
+    return run_inprocess([script, *args], env=full_env, cwd=cwd)
 
-    from fluxkit import launch as launcher
-
-    kind = {FULL: "full", LORA: "lora"}[script]
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    for name in _SCRUB:
-        os.environ.pop(name, None)
-    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved_env["PYTHONPATH"] if saved_env.get("PYTHONPATH") else "")
-    os.environ.update(env or {})
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = launcher.main(["--launcher", kind, script, *args])
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-    return subprocess.CompletedProcess([script, *args], rc, out.getvalue(), err.getvalue())
-
-
-def dry_inprocess(script, *args, env=None, cwd=ROOT):
-    return Plan(launch_inprocess(script, "--dry_run", *args, env=env, cwd=cwd))
 
 
 # ---------------------------------------------------------------------------------- help, parsing
@@ -179,7 +160,7 @@ def test_one_data_source_wins():
     lora = dry(LORA, "--instance_dir=/data/dog")
     assert lora.flag("instance_data_dir") == "/data/dog"
     assert lora.flag("dataset_name") is None and lora.flag("caption_column") is None
-    assert_user_error(launch(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
+    assert_user_error(launch_inprocess(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
 
 
 def test_toolkit_in_a_folder_with_spaces(tmp_path):
@@ -191,7 +172,7 @@ def test_toolkit_in_a_folder_with_spaces(tmp_path):
     shutil.copytree(os.path.join(ROOT, "fluxkit"), kit / "fluxkit", ignore=shutil.ignore_patterns("__pycache__"))
     elsewhere = tmp_path / "a work dir"
     elsewhere.mkdir()
-    p = dry(str(kit / "finetune_flux_dreambooth_lora_deepspeed_bf16.sh"), "--output_dir=out put", cwd=elsewhere)
+    p = dry(str(kit / "finetune_flux_dreambooth_lora_deepspeed_bf16.sh"), "--output_dir=out put", cwd=elsewhere, real=True)
     assert p.script == str(kit / "train_flux_dreambooth_lora.py")
     assert p.acc("--config_file") == str(kit / "pretrain_bf16_accelerate_config.yaml")
     assert p.env["PYTHONPATH"].split(os.pathsep)[0] == str(kit) and p.flag("output_dir") == "out put"
@@ -229,7 +210,7 @@ def test_train_script_runs_through_patch_flux(tmp_path):
 ])
 def test_bad_input_is_one_line_before_anything_starts(tmp_path, args, needles):
     out = tmp_path / "out"
-    proc = launch(FULL, f"--output_dir={out}", *args)
+    proc = launch_inprocess(FULL, f"--output_dir={out}", *args)
     line = assert_user_error(proc, *needles)
     assert line.startswith("finetune_flux_dreambooth_deepspeed_bf16.sh: error: ")
     assert proc.stdout == "" and not out.exists()
@@ -238,14 +219,14 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path, args, needles):
 def test_missing_model_and_data_paths(tmp_path, tiny_flux, sample_data):
     out = tmp_path / "out"
     common = [f"--output_dir={out}"]
-    assert_user_error(launch(FULL, *common, f"--model_name={tmp_path}/no flux", f"--instance_dir={sample_data['instance_dir']}"),
+    assert_user_error(launch_inprocess(FULL, *common, f"--model_name={tmp_path}/no flux", f"--instance_dir={sample_data['instance_dir']}"),
                       "model_name", "no flux", "no such")
-    assert_user_error(launch(FULL, *common, f"--model_name={tiny_flux}", f"--instance_dir={tmp_path}/no dog"),
+    assert_user_error(launch_inprocess(FULL, *common, f"--model_name={tiny_flux}", f"--instance_dir={tmp_path}/no dog"),
                       "instance_dir", "no dog")
-    assert_user_error(launch(LORA, *common, f"--model_name={tiny_flux}", f"--dataset_name={tmp_path}/gone"),
+    assert_user_error(launch_inprocess(LORA, *common, f"--model_name={tiny_flux}", f"--dataset_name={tmp_path}/gone"),
                       "dataset_name", "gone")
     # a hub id cannot be fetched offline: said up front, not after the processes start
-    assert_user_error(launch(LORA, *common, f"--dataset_name={sample_data['dataset_name']}", env={"HF_HUB_OFFLINE": "1"}),
+    assert_user_error(launch_inprocess(LORA, *common, f"--dataset_name={sample_data['dataset_name']}", env={"HF_HUB_OFFLINE": "1"}),
                       "black-forest-labs/FLUX.1-dev", "HF_HUB_OFFLINE")
     assert not out.exists()
 
@@ -255,9 +236,9 @@ def test_deepspeed_json_that_would_change_the_batch_is_refused(tmp_path):
     ds.write_text(json.dumps({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": "auto"}))
     config = tmp_path / "cfg.yaml"
     config.write_text(open(CONFIG).read().replace("deepspeed_config:\n", f"deepspeed_config:\n  deepspeed_config_file: {ds}\n"))
-    assert_user_error(launch(FULL, "--dry_run", f"--config_file={config}"), "gradient_accumulation_steps=2", "gives 4")
+    assert_user_error(launch_inprocess(FULL, "--dry_run", f"--config_file={config}"), "gradient_accumulation_steps=2", "gives 4")
     ds.write_text(json.dumps({"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": 3}))
-    assert_user_error(launch(FULL, "--dry_run", f"--config_file={config}"), "train_micro_batch_size_per_gpu=3", "gives 16")
+    assert_user_error(launch_inprocess(FULL, "--dry_run", f"--config_file={config}"), "train_micro_batch_size_per_gpu=3", "gives 16")
     ds.write_text(json.dumps({"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto"}))
     assert dry(FULL, f"--config_file={config}").acc("--config_file") == str(config)
 
@@ -265,42 +246,49 @@ def test_deepspeed_json_that_would_change_the_batch_is_refused(tmp_path):
 # ------------------------------------------------------------------------------ hardware branches
 
 @pytest.fixture
-def fake_npu(tmp_path):
-    """A stand-in torch_npu: 8 NPUs as far as fluxkit.device can tell; enough for our own branching."""
+def fake_npu(tmp_path, monkeypatch):
+    """A stand-in torch_npu: 8 NPUs as far as fluxkit.device can tell; enough for our own branching.
+    Importable in this process (for the in-process launcher) until the test ends; the returned env
+    puts it on a child process's path too."""
+    import torch
+
     pkg = tmp_path / "fake_npu" / "torch_npu"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(
         "import torch, types\n"
         "torch.npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8)\n")
-    return {"PYTHONPATH": str(pkg.parent)}
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    yield {"PYTHONPATH": str(pkg.parent)}
+    sys.modules.pop("torch_npu", None)
+    monkeypatch.delattr(torch, "npu", raising=False)
 
 
 def test_npu_host_gets_the_ascend_environment_and_a_process_per_npu(fake_npu):
-    p = dry(FULL, env={**fake_npu, "HCCL_CONNECT_TIMEOUT": "99"})
+    p = dry(FULL, env={"HCCL_CONNECT_TIMEOUT": "99"})
     assert p.acc("--num_processes") == "8" and p.flag("device") == "npu"
     assert set(ASCEND_VARS) <= set(p.env)
     assert p.env["HCCL_CONNECT_TIMEOUT"] == "99"  # the caller's value wins
     assert p.env["TASK_QUEUE_ENABLE"] == "2" and p.env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
     assert p.env["OMP_NUM_THREADS"] == "1"
     # asking for the CPU on that host drops the Ascend settings and the NPU count
-    cpu = dry(FULL, "--device=cpu", env=fake_npu)
+    cpu = dry(FULL, "--device=cpu")
     assert cpu.acc("--num_processes") == "1" and not set(ASCEND_VARS) & set(cpu.env)
 
 
-def test_gpu_host_gets_a_process_per_gpu_and_no_ascend_settings(tmp_path):
-    # torch on this host has no CUDA: a sitecustomize makes it report 4 GPUs to fluxkit.device
-    (tmp_path / "sitecustomize.py").write_text(
-        "import torch\n"
-        "torch.cuda.is_available = lambda: True\n"
-        "torch.cuda.device_count = lambda: 4\n"
-        "torch.cuda.is_bf16_supported = lambda *a, **k: True\n")
-    p = dry(LORA, env={"PYTHONPATH": str(tmp_path)})
+def test_gpu_host_gets_a_process_per_gpu_and_no_ascend_settings(monkeypatch):
+    import torch
+
+    # torch on this host has no CUDA: make it report 4 GPUs to fluxkit.device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    p = dry(LORA)
     assert p.acc("--num_processes") == "4" and p.flag("device") == "cuda"
     assert p.env["OMP_NUM_THREADS"] == "1" and not set(ASCEND_VARS) & set(p.env)
 
 
 def test_multi_node_from_the_environment_and_keys(fake_npu):
-    env = {**fake_npu, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29123"}
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29123"}
     p = dry(LORA, env=env)
     assert (p.acc("--num_machines"), p.acc("--machine_rank"), p.acc("--main_process_ip"), p.acc("--main_process_port")) == \
         ("2", "1", "10.0.0.7", "29123")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, assert_user_error, run_script
+from conftest import ROOT, accelerate_launch, assert_user_error, run_inprocess, run_script
 
 RUNNER = os.path.join(ROOT, "patch_flux.py")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -23,7 +23,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 def test_list_reports_every_patch_and_why():
     from fluxkit.patches import PATCHES
 
-    proc = run_script([sys.executable, RUNNER, "--list"], timeout=120)
+    proc = run_inprocess([sys.executable, RUNNER, "--list"])
     assert proc.returncode == 0, proc.stderr
     for p in PATCHES:
         line = next(l for l in proc.stdout.splitlines() if l.strip().startswith(p.name))
@@ -383,12 +383,12 @@ def test_missing_target_names_transform_and_script():
 # ------------------------------------------------------------------ the runner's command line
 
 def test_runner_bad_input_is_one_line(tmp_path):
-    assert_user_error(run_script([sys.executable, RUNNER], timeout=120), "no SCRIPT")
-    assert_user_error(run_script([sys.executable, RUNNER, str(tmp_path / "nope.py")], timeout=120), "does not exist")
+    assert_user_error(run_inprocess([sys.executable, RUNNER]), "no SCRIPT")
+    assert_user_error(run_inprocess([sys.executable, RUNNER, str(tmp_path / "nope.py")]), "does not exist")
     (tmp_path / "image.py").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
-    assert_user_error(run_script([sys.executable, RUNNER, str(tmp_path / "image.py")], timeout=120), "not a Python script")
+    assert_user_error(run_inprocess([sys.executable, RUNNER, str(tmp_path / "image.py")]), "not a Python script")
     (tmp_path / "hello.py").write_text("print('hello')\n")
-    proc = run_script([sys.executable, RUNNER, str(tmp_path / "hello.py")], timeout=120)
+    proc = run_inprocess([sys.executable, RUNNER, str(tmp_path / "hello.py")])
     assert_user_error(proc, "none of the constructs", "hello.py")
     assert "hello" not in proc.stdout, "nothing may run when the script cannot be fixed"
 
@@ -411,7 +411,7 @@ def test_runner_runs_script_as_main_with_args_and_exit_code(tmp_path):
 
 
 def test_check_reports_without_running(tmp_path):
-    proc = run_script([sys.executable, RUNNER, "--check", os.path.join(FIXTURES, "train_lora_flux_2024_shape.py")], timeout=120)
+    proc = run_inprocess([sys.executable, RUNNER, "--check", os.path.join(FIXTURES, "train_lora_flux_2024_shape.py")])
     assert proc.returncode == 0, proc.stderr
     assert "validation-dtype" in proc.stdout and "applied" in proc.stdout
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_inprocess, run_script
 
 from fluxkit.errors import UserError
 from fluxkit.plan import (ACTIVATION_CONSTANTS, GiB, check_fits, lora_parameter_count, measure_activation_constants,
@@ -129,9 +129,9 @@ def test_cli_table_json_and_fit_line(tmp_path, tiny_flux):
     assert plan["peak_bytes"] == max(p["bytes"] for p in plan["phases"])
     assert [p["name"] for p in plan["phases"]] == ["encode", "load", "train: forward + backward", "train: optimizer step", "save"]
     # the same run unquantized does not fit on a 24 GB card: one line says so, exit status 1
-    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev",
+    proc = run_inprocess([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev",
                        "--lora", "--rank", "16", "--resolution", "512", "--train_batch_size", "1", "--gradient_checkpointing",
-                       "--mixed_precision", "bf16", "--device_memory_gb", "24"], timeout=120)
+                       "--mixed_precision", "bf16", "--device_memory_gb", "24"])
     assert proc.returncode == 1
     assert [line for line in proc.stdout.splitlines() if "does NOT fit in 24.0 GiB" in line]
 
@@ -180,13 +180,13 @@ def test_architecture_memo_is_used_and_survives_damage(tiny_flux, tmp_path, monk
 
 
 def test_refusals(tiny_flux):
-    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", tiny_flux,
-                       "--base_quantization", "nf4"], timeout=120)
+    proc = run_inprocess([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", tiny_flux,
+                       "--base_quantization", "nf4"])
     assert proc.returncode == 2 and "error: --base_quantization nf4 quantizes the frozen base of a LoRA run" in proc.stderr
-    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "no/such-model"], timeout=120)
+    proc = run_inprocess([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "no/such-model"])
     assert proc.returncode == 2 and "--architecture dev" in proc.stderr
-    proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", tiny_flux,
-                       "--device_memory_gb", "0"], timeout=120)
+    proc = run_inprocess([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", tiny_flux,
+                       "--device_memory_gb", "0"])
     assert proc.returncode == 2 and "error: --device_memory_gb 0.0 must be positive" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from bad_inputs import CASES, ENTRY_POINTS
-from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_script, trainer_args
+from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_inprocess, run_script, trainer_args
 from conftest import with_faults
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
@@ -478,9 +478,8 @@ LAUNCHERS = [os.path.join(ROOT, "finetune_flux_dreambooth_lora_deepspeed_bf16.sh
 def test_launcher_plan_hides_the_hub_token(tiny_flux, sample_data, tmp_path, form):
     secret = "hf_FLAGsecret0123456789"
     token = [f"--hub_token={secret}"] if form == "joined" else ["--hub_token", secret]
-    proc = run_script([LAUNCHERS[0], "--dry_run", f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}",
-                       f"--output_dir={tmp_path / 'out'}", "--", *token],
-                      env={"PYTHON": sys.executable}, timeout=120)
+    proc = run_inprocess([LAUNCHERS[0], "--dry_run", f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}",
+                          f"--output_dir={tmp_path / 'out'}", "--", *token], env={"PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     assert "--hub_token" in proc.stdout and secret not in proc.stdout + proc.stderr
 
@@ -526,6 +525,12 @@ def test_bad_input_table_is_broad():
     assert {c["entry"] for c in CASES} == set(ENTRY_POINTS)
 
 
+# the first case of each entry point runs as the real command (interpreter or shell, as a user types
+# it), as do cases only a real command can show; the rest run in this process (conftest.run_inprocess)
+REAL_COMMAND = {next(c["name"] for c in CASES if c["entry"] == entry) for entry in ENTRY_POINTS} | {
+    "launcher: python not found"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_bad_input_is_one_clear_line(tiny_flux, sample_data, tmp_path, case):
     tmp = tmp_path / "case"
@@ -545,7 +550,8 @@ def test_bad_input_is_one_clear_line(tiny_flux, sample_data, tmp_path, case):
     *interpreter, script = ENTRY_POINTS[case["entry"]]
     command = [fill(a) for a in interpreter] + [os.path.join(ROOT, script)]
     env = {"PYTHON": sys.executable, **{k: fill(v) for k, v in case["env"].items()}}
-    proc = run_script(command + [fill(a) for a in case["args"]], env=env, timeout=300, cwd=str(tmp))
+    run = run_script if case["name"] in REAL_COMMAND else run_inprocess
+    proc = run(command + [fill(a) for a in case["args"]], env=env, cwd=str(tmp))
     prog = os.path.basename(script)
     line = assert_user_error(proc, *[fill(n) for n in case["needles"]])
     assert line.startswith(f"{prog}: error: "), line

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_inprocess, run_script
 
 
 def _generate(path, size):
@@ -95,7 +95,7 @@ def test_sample_data_loads_with_datasets(sample_data):
 
 
 def test_dev_preset_refuses_without_allow_large(tmp_path):
-    proc = run_script([sys.executable, "make_tiny_flux.py", "--preset", "dev", "--output_dir", str(tmp_path / "dev")], timeout=120)
+    proc = run_inprocess([sys.executable, "make_tiny_flux.py", "--preset", "dev", "--output_dir", str(tmp_path / "dev")], timeout=120)
     assert_user_error(proc, "--allow_large", "B random parameters")
     assert not (tmp_path / "dev").exists()
 
@@ -124,13 +124,13 @@ def test_builder_bad_input(tmp_path, case):
     out = tmp_path / "out"
     args = [sys.executable, "make_tiny_flux.py", "--output_dir", str(out)]
     if case == "preset":
-        proc = run_script(args + ["--preset", "huge"], timeout=120)
+        proc = run_inprocess(args + ["--preset", "huge"], timeout=120)
         assert_user_error(proc, "huge", "tiny")
         assert not out.exists()
     elif case == "nonempty":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-        proc = run_script(args, timeout=120)
+        proc = run_inprocess(args, timeout=120)
         assert_user_error(proc, "--overwrite")
         assert os.listdir(out) == ["keep.txt"]
     else:
@@ -143,7 +143,7 @@ def test_builder_bad_input(tmp_path, case):
             target = tmp_path / "file" / "sub"
         else:
             target = ro / "sub"
-        proc = run_script([sys.executable, "make_tiny_flux.py", "--output_dir", str(target)], timeout=120)
+        proc = run_inprocess([sys.executable, "make_tiny_flux.py", "--output_dir", str(target)], timeout=120)
         assert_user_error(proc, str(target))
     leftovers = [p for p in os.listdir(tmp_path) if ".partial-" in p]
     assert leftovers == []
