@@ -148,7 +148,7 @@ def _run_command(command, saved_env, runpy) -> int:
         from fluxkit import launch
 
         os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved_env["PYTHONPATH"] if saved_env.get("PYTHONPATH") else "")
-        sys.argv[:] = [os.path.join(ROOT, "fluxkit", "launch.py"), *command]
+        sys.argv[:] = [launch.__file__, *command]
         return launch.main(["--launcher", LAUNCHER_KINDS[name], *command])
     assert command[0] == sys.executable, f"not a command run_inprocess knows: {command}"
     try:

@@ -1,5 +1,7 @@
-"""The fine-tuning launchers (finetune_flux_dreambooth*_deepspeed_bf16.sh), their shell library,
-the accelerate config, the pre-flight check and the closing summary."""
+"""The fine-tuning launchers (finetune_flux_dreambooth*_deepspeed_bf16.sh: one line that runs
+`python -m fluxkit.launch`), the accelerate config, the pre-flight checks and the closing summary.
+What a launcher prints or refuses is asserted through its main() in this process (launch_inprocess);
+--help of both, the toolkit in a folder with spaces and the end-to-end runs use the real command."""
 
 import json
 import os
