@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import checkpoint, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
+from . import blockswap, checkpoint, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
@@ -179,6 +179,7 @@ def preflight(args):
     model_dir = resolve_model_dir(args)
     if args.enable_npu_flash_attention and info.type != "npu":
         raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
+    blockswap.check_launch(args, using_deepspeed(), model_dir)
     # the processes accelerate started (WORLD_SIZE), before the Accelerator exists
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     resume_from = checkpoint.check_run_folder(args, world)
@@ -275,7 +276,7 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
     trainables = setup_trainables(args, models, weight_dtype)
     pivot = pivotal.attach(args, tokens, models, trainables)  # after the fill: cached entries never see the new tokens
     if not zero3.is_zero3(accelerator):  # DeepSpeed moves it itself under ZeRO-3 (cast to bf16, to shard it)
-        models.transformer.to(accelerator.device)
+        blockswap.place(args, models.transformer, accelerator.device)  # --blocks_to_swap: part stays in host memory
     if args.gradient_checkpointing:
         models.transformer.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -520,7 +521,8 @@ def record_step(run: Run, loss) -> None:
     run.progress.set_postfix(loss=f"{run.last_loss:.4f}", lr=f"{lr:.2e}")
     run.accelerator.log({"loss": run.last_loss, "lr": lr}, step=run.step)
     if run.step_log is not None:
-        run.step_log.write(json.dumps({"step": run.step, "loss": run.last_loss, "lr": lr, "sec": run.meter.last}) + "\n")
+        run.step_log.write(json.dumps({"step": run.step, "loss": run.last_loss, "lr": lr, "sec": run.meter.last,
+                                       **blockswap.step_record(run.transformer)}) + "\n")
         run.step_log.flush()
     if run.main and run.step % run.args.log_every == 0 and run.meter.times:
         s = run.meter.summary()

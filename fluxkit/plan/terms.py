@@ -286,8 +286,9 @@ def transformer_arriving(s: RunShape, arch: Architecture, trained: int) -> Item:
         size, note = trained * s.cb, f"read in {s.mixed} (DeepSpeed builds the fp32 masters)"
     else:
         size, note = trained * 4, "fp32 (the module holds the masters)"
-    if s.blocks_to_swap and s.lora:
-        size += sum(i.bytes for i in block_offload(s, arch))  # the swapped blocks stay in host memory
+    if s.blocks_to_swap and s.lora and not (s.quant != "none" and s.device == "cuda"):
+        # the swapped blocks stay in host memory (a base diffusers quantizes on CUDA lands whole first)
+        size += sum(i.bytes for i in block_offload(s, arch))
     return Item("transient", "transformer arriving", size, note)
 
 
