@@ -95,7 +95,8 @@ def _changes(plan: Plan) -> list[list[tuple]]:
         kinds.append([("the cache filled first on the host (python -m fluxkit.cache [same flags] --device cpu)",
                        lambda x: replace(x, warm_cache=True))])
     if s.lora and not s.deepspeed:
-        kinds.append([(f"--blocks_to_swap {n}", lambda x, n=n: replace(x, blocks_to_swap=n, checkpointing=True))
+        also = "" if s.checkpointing else " --gradient_checkpointing"
+        kinds.append([(f"--blocks_to_swap {n}{also}", lambda x, n=n: replace(x, blocks_to_swap=n, checkpointing=True))
                       for n in range(max(1, s.blocks_to_swap + 1), len(plan.arch.block_params) - 1)])
     if not s.lora and s.world > 1 and s.zero_stage != 3:
         kinds.append([(f"ZeRO-3 ({ZERO3_CONFIG})", lambda x: replace(x, zero_stage=3))])
@@ -108,23 +109,38 @@ def _changes(plan: Plan) -> list[list[tuple]]:
 def smallest_change(plan: Plan) -> tuple[list[str], Plan] | None:
     """The first set of changes (cheapest kind first, the smallest alternative of each: block counts as
     small as they can be) whose plan fits plan.device_memory_bytes: (flags, that plan), or None. A kind
-    that does not fit alone is kept (its strongest alternative) only when it lowers the peak."""
+    that does not fit alone is kept (its strongest alternative) only when it lowers the peak; once a set
+    fits, each earlier change it no longer needs is dropped again."""
     if plan.shape is None or not plan.device_memory_bytes:
         return None
     replan = lambda shape: plan_shape(shape, plan.arch, plan.device_memory_bytes,  # noqa: E731
                                       plan.summary["processes_per_host"])
-    base, chosen, peak = plan.shape, [], plan.peak_bytes
+    apply = lambda changes: _apply(plan.shape, [c for _, c in changes])  # noqa: E731
+    chosen, peak = [], plan.peak_bytes
     for options in _changes(plan):
-        for text, change in options:
-            trial = replan(change(base))
+        for option in options:
+            trial = replan(apply(chosen + [option]))
             if trial.fits:
-                return chosen + [text], trial
-        text, change = options[-1]
-        trial = replan(change(base))
+                return _prune(chosen + [option], replan, apply)
+        trial = replan(apply(chosen + [options[-1]]))
         if trial.peak_bytes < peak:
-            base, peak = change(base), trial.peak_bytes
-            chosen.append(text)
+            chosen.append(options[-1])
+            peak = trial.peak_bytes
     return None
+
+
+def _apply(shape, changes):
+    for change in changes:
+        shape = change(shape)
+    return shape
+
+
+def _prune(chosen: list, replan, apply) -> tuple[list[str], Plan]:
+    for option in list(chosen[:-1]):
+        rest = [c for c in chosen if c is not option]
+        if replan(apply(rest)).fits:
+            chosen = rest
+    return [text for text, _ in chosen], replan(apply(chosen))
 
 
 def remedies(plan: Plan, args=None) -> str:
