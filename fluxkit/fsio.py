@@ -108,6 +108,29 @@ def storage_problem(folder: str, probe_bytes: int = 4096) -> str | None:
     return None
 
 
+def creatable_problem(path: str) -> str | None:
+    """Why a folder could not be created or written at path, judged without writing anything (a dry
+    run's check): the nearest existing folder on its way must be a folder that takes new entries."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "it is a file, not a folder"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} on its way is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable" + (" (read-only file system)" if _read_only(existing) else "")
+    return None
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def ensure_writable_dir(path: str, flag: str = "--output_dir", probe_bytes: int = 4096) -> str:
     """Create path if needed and prove it takes files; a UserError naming flag otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):

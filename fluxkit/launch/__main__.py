@@ -6,73 +6,123 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 from ..environment import TOOLKIT_ROOT as ROOT
 from ..errors import EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
 from . import report
 from .checks import (check_accelerate_config, check_data, check_keys, check_memory, check_model, check_output_dir,
                      resolve_config_file, scan_training_data, validate_trainer_args)
-from .command import make_plan, plan_text, resume_command
+from .command import LaunchPlan, make_plan, plan_text, resume_command
 from .console import Supervisor, tee_print
 from .demo import apply_demo, build_demo_cache, demo_infer
 from .keys import Request, parse_command_line
 from .spec import KEY_OF_FLAG, LAUNCHERS
 
 
+@dataclass
+class Launch:
+    """What the steps of a launch find out, in order."""
+    req: Request
+    script: str = ""  # the trainer script
+    external: bool = False  # --train_script: another trainer, run through patch_flux.py
+    accelerate_config: dict = field(default_factory=dict)
+    info: object = None  # fluxkit.device.DeviceInfo
+    plan: LaunchPlan | None = None
+    trainer_args: object = None  # our trainer's parsed flags (None for an external script)
+    started: float = 0.0
+    shown: str = ""  # the plan's text, as the log has it
+    supervisor: Supervisor | None = None  # the running training processes
+    trainer_rc: int | None = None  # the exit status our trainer left (None: none left)
+
+
 def run(req: Request) -> int:
-    spec, o = req.spec, req.opts
+    """One launch: every check before anything is written, then the training processes and the report."""
+    launch = Launch(req)
+    read_keys(launch)
+    find_devices(launch)
+    check_trainer_args(launch)
+    check_inputs(launch)
+    if req.dry_run:
+        print(plan_text(req, launch.plan))
+        return 0
+    open_run_folder(launch)
+    rc = start_training(launch)
+    if rc != 0:
+        return report_failure(launch, rc)
+    return report_success(launch)
+
+
+def read_keys(launch: Launch) -> None:
+    """The launcher's keys (with the demo's values), the trainer script and the accelerate config."""
+    req = launch.req
+    o = req.opts
     if req.demo:
         apply_demo(req)
     check_keys(req)
     o["config_file"] = resolve_config_file(o["config_file"])
-    external = bool(o["train_script"])
-    if external:
-        script = o["train_script"]
-        if not os.path.isfile(script):
-            raise UserError(f"train_script {script!r}: no such file; pass --train_script=PATH to a training script")
+    launch.external = bool(o["train_script"])
+    if launch.external:
+        launch.script = o["train_script"]
+        if not os.path.isfile(launch.script):
+            raise UserError(f"train_script {launch.script!r}: no such file; pass --train_script=PATH to a training script")
     else:
-        script = os.path.join(ROOT, spec.trainer)
-    accelerate_config = check_accelerate_config(o["config_file"], int(o["gradient_accumulation_steps"]), int(o["batch_size"]))
+        launch.script = os.path.join(ROOT, req.spec.trainer)
+    launch.accelerate_config = check_accelerate_config(o["config_file"], int(o["gradient_accumulation_steps"]),
+                                                       int(o["batch_size"]))
     check_output_dir(o["output_dir"])
 
+
+def find_devices(launch: Launch) -> None:
+    """The devices here, the processes, and the command that starts them (with the demo's model built)."""
     from .. import quiet
     from ..device import check_mixed_precision, detect
 
+    req = launch.req
     quiet.install(req.verbose)
-    info = detect(o["device"])
-    check_mixed_precision(info, o["mixed_precision"])
-    os.environ.setdefault("DS_ACCELERATOR", info.type)  # see make_plan
+    launch.info = detect(req.opts["device"])
+    check_mixed_precision(launch.info, req.opts["mixed_precision"])
+    os.environ.setdefault("DS_ACCELERATOR", launch.info.type)  # see make_plan
     if req.demo:
         build_demo_cache(req.dry_run, req.verbose)
-    plan = make_plan(req, info, external, script)
-    trainer_args = None
-    if not external:  # our trainer's own parser and checks judge its arguments (upstream scripts judge theirs)
-        trainer_args = validate_trainer_args(plan.trainer_args, spec.kind == "lora")
-        from .. import quant  # a quantized base this host or a DeepSpeed launch cannot run: refused here
+    launch.plan = make_plan(req, launch.info, launch.external, launch.script)
 
-        quant.check(getattr(trainer_args, "base_quantization", "none"), info.type,
-                    deepspeed=accelerate_config.get("distributed_type") == "DEEPSPEED")
+
+def check_trainer_args(launch: Launch) -> None:
+    """Our trainer's own parser and checks judge its arguments (upstream scripts judge theirs)."""
+    if launch.external:
+        return
+    launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora")
+    from .. import quant  # a quantized base this host or a DeepSpeed launch cannot run: refused here
+
+    quant.check(getattr(launch.trainer_args, "base_quantization", "none"), launch.info.type,
+                deepspeed=launch.accelerate_config.get("distributed_type") == "DEEPSPEED")
+
+
+def check_inputs(launch: Launch) -> None:
+    """The model, the data and the run folder (not under --dry_run), and the memory plan."""
+    req, plan, trainer_args = launch.req, launch.plan, launch.trainer_args
     if not req.dry_run:
-        check_model(o["model_name"])
-        check_data(o)
+        check_model(req.opts["model_name"])
+        check_data(req.opts)
         if trainer_args is not None:
             scan_training_data(trainer_args, plan.processes)
             # the trainer's run-lifecycle rules (another run's checkpoints, a resume with other settings)
             from .. import checkpoint
 
             checkpoint.check_run_folder(trainer_args, plan.processes, hand_over=True)  # its trainer need not hash again
-
     if trainer_args is not None:  # refuses a run that cannot fit, in one line, before anything is written
-        plan.memory = check_memory(trainer_args, plan, info, accelerate_config, refuse=not req.dry_run)
+        plan.memory = check_memory(trainer_args, plan, launch.info, launch.accelerate_config, refuse=not req.dry_run)
 
-    if req.dry_run:
-        print(plan_text(req, plan))
-        return 0
+
+def open_run_folder(launch: Launch) -> None:
+    """The previous run moved aside (--overwrite_output_dir), logs/, the log's head and run_config.json."""
+    req, plan = launch.req, launch.plan
+    o = req.opts
     if plan.memory is not None and plan.memory[0] is not None and plan.memory[0].fits is False:
         print(f"{req.prog}: warning: {plan.memory[1]}", file=sys.stderr, flush=True)
-
     out = o["output_dir"]
-    if trainer_args is not None and trainer_args.overwrite_output_dir:
+    if launch.trainer_args is not None and launch.trainer_args.overwrite_output_dir:
         from .. import checkpoint
 
         moved = checkpoint.move_aside_previous_run(out)  # before this run writes its logs there
@@ -80,20 +130,27 @@ def run(req: Request) -> int:
             why = "demo: the previous demo run" if req.demo and "overwrite_output_dir" not in req.given else \
                 "--overwrite_output_dir: the previous run"
             print(f"{why} in {out} moved to {moved}", flush=True)
-    logs = os.path.join(out, "logs")
-    os.makedirs(logs, exist_ok=True)
-    plan.log = os.path.join(logs, f"train_{o['mixed_precision']}_{spec.network}_{time.strftime('%Y%m%d_%H%M%S')}.log")
-    start = time.time()
-    text = plan_text(req, plan)
+    from ..fsio import ensure_writable_dir
+
+    logs = ensure_writable_dir(os.path.join(out, "logs"), "--output_dir")  # one line when it cannot be made
+    plan.log = os.path.join(logs, f"train_{o['mixed_precision']}_{req.spec.network}_{time.strftime('%Y%m%d_%H%M%S')}.log")
+    launch.started = time.time()
+    launch.shown = plan_text(req, plan)
     with open(plan.log, "a", encoding="utf-8") as f:
-        f.write(text + "\n")
+        f.write(launch.shown + "\n")
     # the console gets the devices and the batch; the environment and the command are in the log
-    print(text if req.verbose else "\n".join(text.splitlines()[:2]), flush=True)
+    print(launch.shown if req.verbose else "\n".join(launch.shown.splitlines()[:2]), flush=True)
     from .record import write_run_config
 
-    write_run_config(out, req, trainer_args, accelerate_config, plan, KEY_OF_FLAG)
+    write_run_config(out, req, launch.trainer_args, launch.accelerate_config, plan, KEY_OF_FLAG)
 
-    status_file = os.path.join(logs, ".trainer_exit_status")
+
+def start_training(launch: Launch) -> int:
+    """`accelerate launch` through the console filter; the trainer's own exit status when it left one."""
+    from .. import quiet
+
+    req, plan = launch.req, launch.plan
+    status_file = os.path.join(os.path.dirname(plan.log), ".trainer_exit_status")
     with contextlib.suppress(FileNotFoundError):
         os.remove(status_file)
     env = dict(os.environ)
@@ -102,41 +159,53 @@ def run(req: Request) -> int:
     env[quiet.LAUNCHER_ENV] = req.prog
     if req.verbose:
         env[quiet.VERBOSE_ENV] = "1"
-    runner = Supervisor(plan.log, req.verbose)
-    rc = runner(plan.command, env)
+    launch.supervisor = Supervisor(plan.log, req.verbose)
+    rc = launch.supervisor(plan.command, env)
     if rc != 0:
-        trainer_rc = None
         with contextlib.suppress(OSError, ValueError):
             with open(status_file) as f:
-                trainer_rc = int(f.read().strip())
-        if trainer_rc is not None:
-            rc = trainer_rc or 1  # the trainer ended well but another process did not
+                launch.trainer_rc = int(f.read().strip())
+        if launch.trainer_rc is not None:
+            rc = launch.trainer_rc or 1  # the trainer ended well but another process did not
         if rc < 0:
             rc = 128 - rc
-        if runner.signalled:
-            tee_print(f"{req.prog}: stopped on {runner.signalled} (exit status {rc}); resume with: {resume_command(req)}",
-                      plan.log, sys.stderr)
-        elif trainer_rc == EXIT_USER_ERROR:  # the trainer already said why, in one line
-            tee_print(f"{req.prog}: training failed with exit status {rc} (the trainer's message is above); "
-                      f"log: {plan.log}", plan.log, sys.stderr)
-        else:
-            tee_print(f"{req.prog}: error: training failed with exit status {rc}; see {plan.log}", plan.log, sys.stderr)
-        return rc
+    return rc
+
+
+def report_failure(launch: Launch, rc: int) -> int:
+    """One line: stopped by a signal (and how to resume), the trainer's own refusal, or a failure."""
+    req, log = launch.req, launch.plan.log
+    if launch.supervisor.signalled:
+        tee_print(f"{req.prog}: stopped on {launch.supervisor.signalled} (exit status {rc}); resume with: "
+                  f"{resume_command(req)}", log, sys.stderr)
+    elif launch.trainer_rc == EXIT_USER_ERROR:  # the trainer already said why, in one line
+        tee_print(f"{req.prog}: training failed with exit status {rc} (the trainer's message is above); "
+                  f"log: {log}", log, sys.stderr)
+    else:
+        tee_print(f"{req.prog}: error: training failed with exit status {rc}; see {log}", log, sys.stderr)
+    return rc
+
+
+def report_success(launch: Launch) -> int:
+    """The reference's closing lines from the trainer's summary; the demo's images."""
+    req, plan = launch.req, launch.plan
+    o = req.opts
     if int(o["machine_rank"]) != 0:
         tee_print(f"machine {o['machine_rank']}: training finished; machine 0 reports the summary and holds the weights",
                   plan.log)
         return 0
-    lines = report.final_report(os.path.join(out, report.SUMMARY_FILE), spec.network, logs,
-                                     int(o["batch_size"]), since=start, allow_missing=external)
+    logs = os.path.dirname(plan.log)
+    lines = report.final_report(os.path.join(o["output_dir"], report.SUMMARY_FILE), req.spec.network, logs,
+                                int(o["batch_size"]), since=launch.started, allow_missing=launch.external)
     with open(plan.log, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     # the trainer's global batch is shown again only when it is not the one the plan showed
-    shown_batch = text.splitlines()[1].split(": ", 1)[1]
+    shown_batch = launch.shown.splitlines()[1].split(": ", 1)[1]
     print("\n".join(line for line in lines if req.verbose or line.split(" : ", 1)[-1] != shown_batch), flush=True)
-    if not req.demo:  # the demo names its log at the end
+    if req.demo:  # the demo names its log at the end
+        demo_infer(req, plan, launch.info.type)
+    else:
         tee_print(f"log: {plan.log}", plan.log)
-    if req.demo:
-        demo_infer(req, plan, info.type)
     return 0
 
 

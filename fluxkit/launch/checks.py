@@ -208,5 +208,12 @@ def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict, 
 
 
 def check_output_dir(path: str) -> None:
+    """A folder the run can create and write (judged without writing: a dry run checks it too)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"output_dir {path!r} is a file; pass --output_dir=PATH to a folder")
+    from ..fsio import creatable_problem
+
+    problem = creatable_problem(path)
+    if problem:
+        raise UserError(f"output_dir {path!r} cannot be created or written ({problem}); pass --output_dir=PATH "
+                        "to a folder you can write")
