@@ -9,7 +9,6 @@ overlap; otherwise the difference is smaller than the spread and is reported as 
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import math
 import os
@@ -20,13 +19,12 @@ import sys
 import time
 from typing import Any, Iterable
 
-from fluxkit.environment import free_port
+from fluxkit.environment import free_port, git_state, versions
 from fluxkit.fsio import atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "fluxkit-bench/1"
 STATUSES = ("ok", "skipped", "failed")
-PACKAGES = ("torch", "torch_npu", "diffusers", "accelerate", "deepspeed", "peft", "transformers", "datasets")
 
 
 # ---------------------------------------------------------------- statistics
@@ -157,34 +155,13 @@ def results_markdown(result: dict) -> str:
 
 # ---------------------------------------------------------------- the result record
 
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git() -> dict:
-    def git(*args):
-        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit or "unknown", "dirty": bool(status)}
-
-
 def machine_info(device_info) -> dict:
     import psutil
-    import torch
 
+    from fluxkit.device import device_name
     from fluxkit.flops import _cpu_model
 
-    name = "cpu"
-    if device_info.type == "cuda":
-        name = torch.cuda.get_device_name()
-    elif device_info.type == "npu":
-        name = torch.npu.get_device_name()
+    name = device_name(device_info) or "cpu"
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
             "cpu_cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 2**30,
             "device": device_info.type, "device_name": name, "device_count": device_info.count}
@@ -196,9 +173,9 @@ def new_result(argv: list[str], flags: dict, device_info) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(["python -m bench", *argv]),
         "flags": flags,
-        "git": _git(),
+        "git": git_state(ROOT) or {"commit": "unknown", "dirty": False},
         "machine": machine_info(device_info),
-        "versions": {p: _version(p) for p in PACKAGES},
+        "versions": versions(),
         "suites": {},
     }
 

@@ -102,14 +102,59 @@ def torch_dtype(name: str | None) -> torch.dtype:
     return table[name]
 
 
+def zero_stage(source=None) -> int | None:
+    """The DeepSpeed ZeRO stage of a run (0-3), or None without DeepSpeed. source: None for the
+    environment `accelerate launch` exported to this process (before any Accelerator exists), an
+    accelerate config (the dict read from its YAML, with a DeepSpeed JSON's contents under
+    deepspeed_config_file_contents), or an Accelerator."""
+    if source is None:
+        return _stage_from_environment()
+    if isinstance(source, dict):
+        return _stage_from_config(source)
+    if not str(getattr(source, "distributed_type", "")).endswith("DEEPSPEED"):
+        return None
+    plugin = getattr(getattr(source, "state", None), "deepspeed_plugin", None)
+    return _whole_number((plugin.deepspeed_config.get("zero_optimization") or {}).get("stage", 0)) if plugin else 0
+
+
+def _stage_from_environment() -> int | None:
+    from .environment import parse_bool
+
+    if parse_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip()) is not True:
+        return None
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return _whole_number(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # a DeepSpeed JSON holds the stage instead
+    try:
+        with open(config) as f:
+            import json
+
+            return _whole_number((json.load(f).get("zero_optimization") or {}).get("stage", 0))
+    except (TypeError, OSError, ValueError, AttributeError):
+        return 0
+
+
+def _stage_from_config(config: dict) -> int | None:
+    if config.get("distributed_type") != "DEEPSPEED":
+        return None
+    ds_json = config.get("deepspeed_config_file_contents")
+    if ds_json is not None:
+        return _whole_number((ds_json.get("zero_optimization") or {}).get("stage", 0))
+    return _whole_number((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+
+
+def _whole_number(value) -> int:
+    return int(value) if str(value).isdigit() else 0
+
+
 def using_deepspeed() -> bool:
     """True when accelerate launch was told to use DeepSpeed (config file or flag)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return zero_stage() is not None
 
 
 def is_deepspeed(accelerator) -> bool:
     """True when this Accelerator (or anything with accelerate's distributed_type) runs DeepSpeed."""
-    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+    return zero_stage(accelerator) is not None
 
 
 def process_group_handlers(info: DeviceInfo, handlers=None) -> list:
@@ -167,26 +212,61 @@ def build_accelerator(info: DeviceInfo | None = None, **kwargs):
     return Accelerator(kwargs_handlers=handlers, **kwargs)
 
 
-def synchronize(info: DeviceInfo) -> None:
-    if info.type == "cuda":
-        torch.cuda.synchronize()
-    elif info.type == "npu":
-        torch.npu.synchronize()
+# ------------------------------------------------------------------ the device module: one dispatch
+#
+# torch.cuda and torch.npu (registered by torch_npu) offer the same calls; everything that needs one
+# of them asks here, by device type (a DeviceInfo, a torch.device or its type's name).
+
+def device_module(device):
+    """torch.cuda or torch.npu for an accelerator, None for the CPU."""
+    kind = getattr(device, "type", device)
+    kind = str(kind).split(":")[0]
+    return {"cuda": torch.cuda, "npu": getattr(torch, "npu", None)}.get(kind)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    module = device_module(device)
+    if module is not None:
+        module.synchronize()
+
+
+def empty_cache(device) -> None:
+    """Hand the caching allocator's unused blocks back to the device."""
+    module = device_module(device)
+    if module is not None:
+        module.empty_cache()
+
+
+def device_name(device) -> str | None:
+    """The accelerator's product name, None for the CPU."""
+    module = device_module(device)
+    return module.get_device_name() if module is not None else None
+
+
+def total_memory_bytes(device) -> int | None:
+    """The first accelerator's memory, None for the CPU."""
+    module = device_module(device)
+    return int(module.get_device_properties(0).total_memory) if module is not None else None
+
+
+def current_device(device_type: str) -> torch.device:
+    """This process's device of a type (its current index on an accelerator)."""
+    module = device_module(device_type)
+    return torch.device(device_type, module.current_device()) if module is not None else torch.device("cpu")
 
 
 def peak_memory_bytes(info: DeviceInfo) -> int:
     """Peak device memory on npu/cuda; peak resident set size of this process on cpu."""
-    if info.type == "cuda":
-        return int(torch.cuda.max_memory_allocated())
-    if info.type == "npu":
-        return int(torch.npu.max_memory_allocated())
+    module = device_module(info)
+    if module is not None:
+        return int(module.max_memory_allocated())
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def reset_peak_memory(info: DeviceInfo) -> None:
-    if info.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif info.type == "npu":
-        torch.npu.reset_peak_memory_stats()
+    module = device_module(info)
+    if module is not None:
+        module.reset_peak_memory_stats()

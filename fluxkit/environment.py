@@ -8,11 +8,13 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 
 from .errors import UserError
 
 _TRUE = ("1", "true", "yes", "on", "y")
-_FALSE = ("0", "false", "no", "off", "n", "")
+_FALSE = ("0", "false", "no", "off", "n")
 
 # A hub id is exactly ORG/NAME; anything else that is not on disk is a mistyped path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -23,18 +25,61 @@ PIPELINE_INDEX = "model_index.json"
 # Components whose folders hold weights (the others hold configs and vocabularies).
 _WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
+# the packages a run's record (run_config.json) and a benchmark result name with their versions
+PACKAGES = ("torch", "torch_npu", "diffusers", "transformers", "accelerate", "deepspeed", "peft", "datasets",
+            "safetensors", "tokenizers")
+
+
+def parse_bool(value) -> bool | None:
+    """The one truth table for yes/no values, wherever they come from (launcher keys, --config files,
+    environment flags, the trainers' true/false flags): 1/true/yes/y/on -> True, 0/false/no/n/off ->
+    False, in any case; a bool is itself. None for anything else: the caller names the culprit."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
 
 def env_flag(name: str, default: bool = False) -> bool:
     """An on/off environment variable: 1/true/yes/on or 0/false/no/off, any case; unset = default."""
     value = os.environ.get(name)
     if value is None:
         return default
-    value = value.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
+    if not value.strip():
         return False
+    if parse_bool(value) is not None:
+        return parse_bool(value)
     raise UserError(f"environment variable {name}={os.environ[name]!r} is not a yes/no value; use 1 or 0")
+
+
+
+def versions() -> dict:
+    """Python's and each installed package's version (PACKAGES)."""
+    from importlib import metadata
+
+    found = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def git_state(root: str = TOOLKIT_ROOT) -> dict | None:
+    """{"commit": the checkout's commit, "dirty": whether tracked files differ from it}, or None
+    outside a git checkout."""
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def hf_offline() -> bool:

@@ -176,13 +176,9 @@ _HALF_PRECISION_PEAK_TFLOPS = (
 
 
 def _device_name(device_info) -> str:
-    import torch
+    from .device import device_name
 
-    if device_info.type == "cuda":
-        return torch.cuda.get_device_name()
-    if device_info.type == "npu":
-        return torch.npu.get_device_name()
-    return platform.processor() or platform.machine()
+    return device_name(device_info) or platform.processor() or platform.machine()
 
 
 def table_peak_flops(name: str, dtype) -> float | None:
@@ -206,10 +202,9 @@ def measure_matmul_peak(device: str = "cpu", dtype=None, size: int = 1024, secon
     b = torch.randn(size, size, device=device).to(dtype)
 
     def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elif device.startswith("npu"):
-            torch.npu.synchronize()
+        from .device import synchronize
+
+        synchronize(device)
 
     torch.matmul(a, b)
     sync()

@@ -32,7 +32,9 @@ _MARK = "__fluxkit_patch__"
 
 
 def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    from .environment import parse_bool
+
+    return parse_bool(os.environ.get(name, "")) is True
 
 
 def _replace(owner, attr: str, make: Callable, name: str) -> bool:
@@ -73,21 +75,11 @@ def preferred_device(self) -> torch.device:
     """ShardedTensor._get_preferred_device that knows hccl, and falls back to this host's device."""
     import torch.distributed as dist
 
-    from .device import detect
+    from .device import current_device, detect
 
     backend = str(dist.get_backend(self._process_group)).lower()
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    if backend == "hccl":
-        return torch.device("npu", torch.npu.current_device())
-    if backend == "gloo":
-        return torch.device("cpu")
-    info = detect()
-    if info.type == "npu":
-        return torch.device("npu", torch.npu.current_device())
-    if info.type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    by_backend = {"nccl": "cuda", "hccl": "npu", "gloo": "cpu"}
+    return current_device(by_backend.get(backend) or detect().type)
 
 
 def _sharded_tensor_check():

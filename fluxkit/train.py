@@ -30,7 +30,8 @@ from . import blockswap, checkpoint, fsio, offload, outputs, pivotal, plan, quan
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
-from .device import build_accelerator, check_mixed_precision, detect, is_deepspeed, synchronize, torch_dtype, using_deepspeed
+from .device import (build_accelerator, check_mixed_precision, detect, empty_cache, is_deepspeed, synchronize, torch_dtype,
+                     using_deepspeed, zero_stage)
 from .errors import UserError
 from .encode import encode_batch
 from .loss import flow_matching_loss
@@ -185,7 +186,7 @@ def preflight(args):
     resume_from = checkpoint.check_run_folder(args, world)
     # the memory plan: a run that cannot fit the device is refused here, before any weights load,
     # unless --ignore_memory_plan (the launchers check the same before they start the processes)
-    memory = plan.check_fits(args, world, plan.launched_zero_stage(), info,
+    memory = plan.check_fits(args, world, zero_stage() or 0, info,
                              int(os.environ.get("LOCAL_WORLD_SIZE", world) or world), model_dir)
     return info, model_dir, resume_from, memory
 
@@ -270,7 +271,7 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
     startup.mark("model load")
     encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype, (keep_clip, keep_t5))
     startup.mark("cache")
-    deepspeed = zero3.zero_stage(accelerator) > 0
+    deepspeed = zero_stage(accelerator) is not None
     with zero3.whole_models(accelerator):
         models.transformer = load_transformer(args, model_dir, weight_dtype, info.type, deepspeed)
     trainables = setup_trainables(args, models, weight_dtype)
@@ -329,10 +330,7 @@ def release_encoders(models: Models, keep_clip: bool, device_type: str, keep_t5:
     if not keep_clip:
         models.text_encoder = None
     gc.collect()
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
-    elif device_type == "npu":
-        torch.npu.empty_cache()
+    empty_cache(device_type)
 
 
 def build_data(args, dataset, world: int):

@@ -173,12 +173,11 @@ def trainer_flags(lora: bool) -> dict[str, argparse.Action]:
 
 
 def _bool(value: str) -> bool:
-    v = str(value).lower()
-    if v in ("1", "true", "yes", "y"):
-        return True
-    if v in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    from .environment import parse_bool
+
+    if parse_bool(value) is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return parse_bool(value)
 
 
 def parse_args(argv=None, lora: bool = False) -> argparse.Namespace:

@@ -24,15 +24,8 @@ import contextlib
 
 import torch
 
+from .device import zero_stage
 from .errors import UserError
-
-
-def zero_stage(accelerator) -> int:
-    """The DeepSpeed ZeRO stage this accelerator runs (0 without DeepSpeed)."""
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    if plugin is None:
-        return 0
-    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def is_zero3(accelerator) -> bool:

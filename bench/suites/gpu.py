@@ -28,7 +28,7 @@ import time
 import torch
 
 from fluxkit import flops
-from fluxkit.device import peak_memory_bytes, reset_peak_memory, synchronize
+from fluxkit.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
 
 from .. import harness
 
@@ -266,8 +266,7 @@ def run(ctx) -> dict:
                             **harness.compare(eager, infer_rows["compiled"]["metrics"]["s/image"])})
     del pipe, models  # the context-parallel processes need the device memory
     gc.collect()
-    if ctx.device.has_accelerator:
-        getattr(torch, device).empty_cache()
+    empty_cache(device)
     cp_row, cp_note = _context_parallel(ctx, preset, sizes["infer"])
     notes.append(cp_note)
     if cp_row:

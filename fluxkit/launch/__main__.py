@@ -95,8 +95,10 @@ def check_trainer_args(launch: Launch) -> None:
     launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora")
     from .. import quant  # a quantized base this host or a DeepSpeed launch cannot run: refused here
 
+    from ..device import zero_stage
+
     quant.check(getattr(launch.trainer_args, "base_quantization", "none"), launch.info.type,
-                deepspeed=launch.accelerate_config.get("distributed_type") == "DEEPSPEED")
+                deepspeed=zero_stage(launch.accelerate_config) is not None)
 
 
 def check_inputs(launch: Launch) -> None:

@@ -188,18 +188,12 @@ def validate_trainer_args(argv: list[str], lora: bool):
 def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict, refuse: bool):
     """The memory plan of the run about to start (fluxkit.plan.check_fits): (plan or None, its line).
     Raises UserError when it cannot fit and refuse is set (not --dry_run, no --ignore_memory_plan)."""
+    from ..device import zero_stage
     from ..plan import accelerate_offload, check_fits
 
-    zero = 0
-    if accelerate_config.get("distributed_type") == "DEEPSPEED":
-        ds_json = accelerate_config.get("deepspeed_config_file_contents")
-        if ds_json is not None:
-            zero = (ds_json.get("zero_optimization") or {}).get("stage", 0)
-        else:
-            zero = (accelerate_config.get("deepspeed_config") or {}).get("zero_stage", 0)
-        zero = int(zero) if str(zero).isdigit() else 0
-    memory, line = check_fits(trainer_args, plan.processes, zero, info, processes_per_host=plan.per_machine,
-                              ignore=None if refuse else True, offload=accelerate_offload(accelerate_config))
+    memory, line = check_fits(trainer_args, plan.processes, zero_stage(accelerate_config) or 0, info,
+                              processes_per_host=plan.per_machine, ignore=None if refuse else True,
+                              offload=accelerate_offload(accelerate_config))
     if not refuse and memory is not None and memory.fits is False and not trainer_args.ignore_memory_plan:
         from ..plan import remedies
 

@@ -104,13 +104,10 @@ def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
 
 
 def _switch_value(key: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
+    from ..environment import parse_bool
+
+    if parse_bool(value) is not None:
+        return parse_bool(value)
     raise UserError(f"--{key}={value!r}: an on/off flag takes no value, or true/false")
 
 

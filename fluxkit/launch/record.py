@@ -14,11 +14,11 @@ token) are never written; their names are listed under `masked`.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
 from ..environment import TOOLKIT_ROOT as ROOT
+from ..environment import git_state, versions
 from ..fsio import atomic_write_json
 
 RUN_CONFIG = "run_config.json"
@@ -27,35 +27,12 @@ SECRETS = ("hub_token",)
 _NOT_SETTINGS = ("lora", "local_rank")
 # launcher keys that describe this machine's rendezvous, not the run: a replay picks its own
 _PER_LAUNCH = ("main_process_port",)
-_PACKAGES = ("torch", "torch_npu", "diffusers", "transformers", "accelerate", "deepspeed", "peft", "datasets",
-             "safetensors", "tokenizers")
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    found = {"python": sys.version.split()[0]}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def toolkit_commit(root: str) -> str | None:
     """The toolkit's git commit (with '-dirty' when files differ from it), or None outside a checkout."""
-    if not os.path.exists(os.path.join(root, ".git")):
-        return None
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    state = git_state(root)
+    return None if state is None else state["commit"] + ("-dirty" if state["dirty"] else "")
 
 
 def masked(argv: list[str]) -> list[str]:
