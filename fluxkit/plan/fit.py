@@ -23,13 +23,11 @@ ZERO3_OFFLOAD_CONFIG = "pretrain_bf16_zero3_offload_accelerate_config.yaml"
 def device_memory_bytes(device_info, processes_per_host: int = 1) -> int | None:
     """Memory one process may use: the accelerator's total, or on CPU the host's RAM shared by
     its processes. None when it cannot be told."""
-    import torch
+    from ..device import total_memory_bytes
 
     try:
-        if device_info.type == "cuda":
-            return int(torch.cuda.get_device_properties(0).total_memory)
-        if device_info.type == "npu":
-            return int(torch.npu.get_device_properties(0).total_memory)
+        if device_info.has_accelerator:
+            return total_memory_bytes(device_info)
         import psutil
 
         return int(psutil.virtual_memory().total // max(1, processes_per_host))
@@ -40,16 +38,16 @@ def device_memory_bytes(device_info, processes_per_host: int = 1) -> int | None:
 def launched_zero_stage() -> int:
     """The ZeRO stage `accelerate launch` set up for this process (0 without DeepSpeed), read from the
     environment it exports, so a trainer can plan before its Accelerator exists."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
-        return 0
-    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
-        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-    return int(_deepspeed_json().get("zero_optimization", {}).get("stage", 0) or 0)
+    from ..device import zero_stage
+
+    return zero_stage() or 0
 
 
 def launched_offload() -> tuple[bool, bool]:
     """(parameters, optimizer) offloaded to the CPU by the DeepSpeed config accelerate launched with."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
+    from ..device import zero_stage
+
+    if zero_stage() is None:
         return False, False
     zero = _deepspeed_json().get("zero_optimization", {})
     param = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") or (zero.get("offload_param") or {}).get("device")
