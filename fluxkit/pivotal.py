@@ -551,3 +551,12 @@ def load_embeddings(pipe, path: str) -> list[str]:
                             f"{name} rows are {width} wide; use embeddings trained on this base model")
         pipe.load_textual_inversion(tensors[name], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
     return tokens
+
+
+def planned_tokens(args) -> int:
+    """New tokens the memory plan counts (before the tokenizer is read: an --initializer_concept's
+    count is taken as its words')."""
+    if not enabled(args):
+        return 0
+    per = len(args.initializer_concept.split()) if args.initializer_concept else (args.num_new_tokens_per_abstraction or 2)
+    return len(abstractions(args.token_abstraction)) * max(1, per)

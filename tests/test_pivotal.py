@@ -346,3 +346,23 @@ def test_quantized_base_and_buckets(tiny_flux, sample_data, tmp_path):
     assert_only_new_rows_changed(run, tiny_flux, ["clip_l", "t5"])
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert sorted(emb_file(out)[0]) == ["clip_l", "t5"]
+
+
+def test_memory_plan_counts_the_rows_and_the_encoders_that_stay(tiny_flux, sample_data, tmp_path):
+    from fluxkit.plan import plan_memory
+    from fluxkit.train_args import parse_args
+
+    base = trainer_args(tiny_flux, sample_data, tmp_path / "o", mixed_precision="bf16")
+    plans = {ti: plan_memory(parse_args(base + list(ti), lora=True)) for ti in ((), ("--train_text_encoder_ti",),
+                                                                           ("--train_text_encoder_ti", "--enable_t5_ti"))}
+    plain, clip, both = plans.values()
+    cfg = plain.arch.transformer
+    assert clip.summary["trained_params"] - plain.summary["trained_params"] == 2 * cfg["pooled_projection_dim"]
+    assert both.summary["trained_params"] - plain.summary["trained_params"] == 2 * (cfg["pooled_projection_dim"]
+                                                                                    + cfg["joint_attention_dim"])
+    staying = lambda plan: {i.name: i.bytes for i in plan.phase("train: forward + backward").items if "(new tokens)" in i.name}
+    P = plain.arch.params
+    assert staying(plain) == {}
+    assert staying(clip) == {"CLIP text encoder (new tokens)": P["text_encoder"] * 2}
+    assert staying(both) == {"CLIP text encoder (new tokens)": P["text_encoder"] * 2,
+                             "T5 text encoder (new tokens)": P["text_encoder_2"] * 2}

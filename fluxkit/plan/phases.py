@@ -131,7 +131,8 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
     encoders = terms.encoder_weights(s, arch)
     # a device that is the host keeps no encoder "elsewhere"; with a cache they leave after encoding
     encoders_stay = not s.caching and not (s.offload_encoders and not s.on_cpu)
-    around = terms.caches(s, arch) + terms.trained_clip_weights(s, arch) + (encoders if encoders_stay else [])
+    around = (terms.caches(s, arch) + terms.trained_clip_weights(s, arch)
+              + (encoders if encoders_stay else terms.pivotal_encoders(s, arch)))
     if not encoders_stay:
         around = [terms.vae_decoder_weights(s, arch)] + around
     phases = []

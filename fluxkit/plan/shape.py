@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .. import pivotal
 from ..errors import UserError
 from ..quant import refuse_for_full_finetune
 from .architecture import default_lora_targets
@@ -19,6 +20,8 @@ class RunShape:
     rank: int = 4
     targets: tuple = ()  # LoRA module names
     train_clip: bool = False
+    pivotal_tokens: int = 0  # --train_text_encoder_ti's new tokens (fluxkit.pivotal): their rows train
+    pivotal_t5: bool = False  # ... in T5 too (--enable_t5_ti)
     mixed: str = "bf16"  # the mixed precision the run computes in ("no" = fp32)
     world: int = 1  # processes in the run
     zero_stage: int = 0  # 0 = no DeepSpeed
@@ -87,6 +90,7 @@ def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str 
     return RunShape(
         lora=lora, quant=quant, rank=getattr(args, "rank", 4), targets=tuple(targets),
         train_clip=bool(getattr(args, "train_text_encoder", False)),
+        pivotal_tokens=pivotal.planned_tokens(args), pivotal_t5=pivotal.enabled(args) and bool(args.enable_t5_ti),
         mixed=args.mixed_precision or ("bf16" if zero_stage else "no"), world=world_size, zero_stage=zero_stage,
         offload_params=bool(offload[0]) and zero_stage == 3, offload_optimizer=bool(offload[1]) and zero_stage > 0,
         blocks_to_swap=int(getattr(args, "blocks_to_swap", 0) or 0),

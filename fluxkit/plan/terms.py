@@ -75,7 +75,7 @@ def trained_parameters(s: RunShape, arch: Architecture) -> int:
     """Parameters that train: LoRA's adapters (transformer, and CLIP's when it trains) or every
     weight of the transformer (and CLIP)."""
     if s.lora:
-        n = lora_parameter_count(arch.linear_shapes, list(s.targets), s.rank)
+        n = lora_parameter_count(arch.linear_shapes, list(s.targets), s.rank) + pivotal_rows(s, arch)
         return n + (lora_parameter_count(arch.clip_linear_shapes, list(CLIP_LORA_TARGETS), s.rank) if s.train_clip else 0)
     return arch.params["transformer"] + (arch.params["text_encoder"] if s.train_clip else 0)
 
@@ -102,6 +102,26 @@ def trained_clip_weights(s: RunShape, arch: Architecture) -> list[Item]:
         return []  # a fully trained CLIP is counted with the trained weights
     return [Item("weights", "CLIP text encoder (LoRA base)", arch.params["text_encoder"] * s.cb,
                  f"{arch.params['text_encoder'] / 1e6:.0f}M params")]
+
+
+def pivotal_rows(s: RunShape, arch: Architecture) -> int:
+    """Parameters of pivotal tuning's new token rows: CLIP's width (the pooled projection's input),
+    plus T5's (the transformer's joint attention width) with --enable_t5_ti."""
+    width = arch.transformer["pooled_projection_dim"] + (arch.transformer["joint_attention_dim"] if s.pivotal_t5 else 0)
+    return s.pivotal_tokens * width
+
+
+def pivotal_encoders(s: RunShape, arch: Architecture) -> list[Item]:
+    """With pivotal tuning CLIP (and T5) encode prompts with new tokens every step: they stay on the
+    device with the transformer after the cache fill. Their activations for backward (a few
+    prompts) are left out."""
+    if not s.pivotal_tokens:
+        return []
+    P, cb = arch.params, s.cb
+    out = [Item("weights", "CLIP text encoder (new tokens)", P["text_encoder"] * cb, "encodes prompts with new tokens every step")]
+    if s.pivotal_t5:
+        out.append(Item("weights", "T5 text encoder (new tokens)", P["text_encoder_2"] * cb, "--enable_t5_ti"))
+    return out
 
 
 def transformer_base(s: RunShape, arch: Architecture) -> Item:
