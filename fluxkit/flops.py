@@ -87,6 +87,31 @@ def flux_forward_flop_parts(transformer_config: Any, image_tokens: int, text_tok
     return {"linear": 2 * batch * (per_sample + per_token), "attention": 2 * batch * attention}
 
 
+def flux2_forward_flop_parts(transformer_config: Any, image_tokens: int, text_tokens: int, batch: int = 1) -> dict:
+    """flux_forward_flop_parts for Flux2Transformer2DModel: bias-free linears, SwiGLU MLPs of
+    mlp_ratio x dim (gate and value halves), modulation shared by all blocks of a kind, no pooled text."""
+    heads = int(_get(transformer_config, "num_attention_heads"))
+    dim = heads * int(_get(transformer_config, "attention_head_dim"))
+    ratio = float(_get(transformer_config, "mlp_ratio", 3.0))
+    in_ch = int(_get(transformer_config, "in_channels"))
+    out_ch = int(_get(transformer_config, "out_channels") or in_ch)
+    joint = int(_get(transformer_config, "joint_attention_dim"))
+    double, single = int(_get(transformer_config, "num_layers")), int(_get(transformer_config, "num_single_layers"))
+    guidance = bool(_get(transformer_config, "guidance_embeds", False))
+    channels = int(_get(transformer_config, "timestep_guidance_channels", TIMESTEP_CHANNELS))
+    n_img, n_txt = int(image_tokens), int(text_tokens)
+    n = n_img + n_txt
+    # once per sample: time (and guidance) MLPs; modulation: 6 dim^2 per stream (double), 3 single, 2 final
+    per_sample = (1 + guidance) * (channels * dim + dim * dim) + (2 * 6 + 3 + 2) * dim * dim
+    per_token = n_img * in_ch * dim + n_txt * joint * dim + n_img * dim * out_ch
+    # double block, each stream: q, k, v, out (4 dim^2) + SwiGLU in (2 ratio dim^2) and out (ratio dim^2)
+    per_token += double * n * (4 + 3 * ratio) * dim * dim
+    # single block: fused q, k, v + SwiGLU in ((3 + 2 ratio) dim^2), fused out ((1 + ratio) dim^2)
+    per_token += single * n * (4 + 3 * ratio) * dim * dim
+    attention = (double + single) * 2 * n * n * dim
+    return {"linear": int(2 * batch * (per_sample + per_token)), "attention": 2 * batch * attention}
+
+
 def flux_forward_flops(transformer_config: Any, image_tokens: int, text_tokens: int, batch: int = 1) -> int:
     """FLOPs of one FluxTransformer2DModel forward (matmuls and attention; multiply-add = 2 FLOPs)."""
     parts = flux_forward_flop_parts(transformer_config, image_tokens, text_tokens, batch)
@@ -94,14 +119,15 @@ def flux_forward_flops(transformer_config: Any, image_tokens: int, text_tokens: 
 
 
 def training_step_flops(transformer_config: Any, image_tokens: int, text_tokens: int, batch: int = 1,
-                        frozen_base: bool = False) -> int:
+                        frozen_base: bool = False, flop_parts=None) -> int:
     """Model FLOPs of one training micro-step of `batch` samples: forward + backward.
 
     3x forward when every weight trains. frozen_base=True (LoRA): base weight matmuls need
     input gradients only (2x), attention still needs both (3x); adapter FLOPs are left out.
-    Gradient-checkpointing recomputation is never counted.
+    Gradient-checkpointing recomputation is never counted. flop_parts: the family's forward count
+    (fluxkit.families: Family.flop_parts; FLUX.1's by default).
     """
-    parts = flux_forward_flop_parts(transformer_config, image_tokens, text_tokens, batch)
+    parts = (flop_parts or flux_forward_flop_parts)(transformer_config, image_tokens, text_tokens, batch)
     linear_factor = 2 if frozen_base else 3
     return linear_factor * parts["linear"] + 3 * parts["attention"]
 

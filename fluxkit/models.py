@@ -126,9 +126,6 @@ class Trainables:
 def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
     from diffusers.training_utils import cast_training_params
 
-    if args.train_text_encoder and not m.family.trains_text_encoder:
-        raise UserError(f"--train_text_encoder trains FLUX.1's CLIP; {m.family.name} has no text encoder this "
-                        "toolkit trains: drop the flag")
     freeze_encoders(args, m, weight_dtype)  # text encoders are None once the cache holds all they would make
     m.transformer.requires_grad_(False)
     # Frozen parts run in the compute dtype; trained full weights stay fp32 (masters for mixed precision).

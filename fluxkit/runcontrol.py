@@ -96,5 +96,6 @@ def flops_and_peak(args, m, device_info, weight_dtype, per_process_images: int):
     vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
     tokens = flops.image_tokens(args.resolution, args.resolution, vae_scale)
     step_flops = flops.training_step_flops(m.transformer.config, tokens, args.max_sequence_length,
-                                           batch=per_process_images, frozen_base=args.lora)
+                                           batch=per_process_images, frozen_base=args.lora,
+                                           flop_parts=m.family.flop_parts())
     return step_flops, flops.peak_flops(device_info, weight_dtype)

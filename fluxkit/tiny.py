@@ -1,9 +1,10 @@
-"""Build a random FLUX.1 pipeline of a chosen size, and sample training data, fully offline.
+"""Build a random FLUX pipeline of a chosen family and size, and sample training data, fully offline.
 
-The pipeline folder has the same layout and component classes as black-forest-labs/FLUX.1-dev
+A FLUX.1 folder has the same layout and component classes as black-forest-labs/FLUX.1-dev
 (scheduler, vae, text_encoder + tokenizer (CLIP), text_encoder_2 + tokenizer_2 (T5),
-transformer), so every script in the toolkit runs on it unchanged. Tokenizers are trained
-here from a small in-memory corpus: no hub access is ever needed.
+transformer); a Kontext folder is the same components saved as FluxKontextPipeline; FLUX.2
+[klein] folders come from fluxkit.tiny_flux2. Every script in the toolkit runs on them unchanged.
+Tokenizers are trained here from a small in-memory corpus: no hub access is ever needed.
 """
 
 from __future__ import annotations
@@ -155,13 +156,22 @@ def build_t5_tokenizer(vocab_size: int = 1000):
                            extra_ids=0, model_max_length=512)
 
 
-def parameter_count(preset: Preset) -> dict:
+FAMILIES = ("flux1", "kontext", "flux2-klein")  # what build_pipeline builds
+
+
+def parameter_count(preset) -> dict:
     """Parameter counts per component, computed on the meta device (nothing materialised)."""
     import torch
 
     with torch.device("meta"):
-        comps = build_models(preset)
+        comps = _builder(preset)(preset)
     return {name: sum(p.numel() for p in m.parameters()) for name, m in comps.items()}
+
+
+def _builder(preset):
+    from . import tiny_flux2
+
+    return tiny_flux2.build_models if isinstance(preset, tiny_flux2.Flux2Preset) else build_models
 
 
 def build_models(preset: Preset) -> dict:
@@ -193,20 +203,20 @@ def check_output_dir(path: str, overwrite: bool, what: str) -> None:
 
 
 def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0, overwrite: bool = False,
-                   allow_large: bool = False, dtype: str = "fp32", progress: bool = False) -> str:
-    """Write a random FLUX pipeline folder at output_dir and return its path."""
+                   allow_large: bool = False, dtype: str = "fp32", progress: bool = False, family: str = "flux1") -> str:
+    """Write a random pipeline folder of `family` (one of FAMILIES) at output_dir and return its path."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from .device import torch_dtype as device_dtype
 
-    p = resolve_preset(preset)
+    p = resolve_preset(preset, family)
     if p.large and not allow_large:
         counts = parameter_count(p)
         total = sum(counts.values())
+        text = counts.get("text_encoder_2", counts["text_encoder"])
         raise UserError(
             f"--preset {p.name} builds {total / 1e9:.1f}B random parameters "
-            f"(transformer {counts['transformer'] / 1e9:.1f}B, T5 {counts['text_encoder_2'] / 1e9:.1f}B), "
+            f"(transformer {counts['transformer'] / 1e9:.1f}B, text encoder {text / 1e9:.1f}B), "
             f"about {total * 2 / 2**30:.0f} GiB in bf16; pass --allow_large if this machine has the memory and disk for it")
     check_output_dir(output_dir, overwrite, "--output_dir")
     torch_dtype = device_dtype(dtype)
@@ -217,17 +227,15 @@ def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch_dtype if torch_dtype != torch.float16 else torch.float32)
         try:
-            models = build_models(p)
+            models = _builder(p)(p)
         finally:
             torch.set_default_dtype(previous)
         if torch_dtype == torch.float16:  # built in fp32 (fp16 init is unstable), stored in fp16
             models = {k: m.to(torch_dtype) for k, m in models.items()}
-        pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-            tokenizer=build_clip_tokenizer(p.clip_vocab), tokenizer_2=build_t5_tokenizer(p.t5_vocab), **models,
-        )
+        pipe = _pipeline(family, p, models)
         pipe.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
-        fsio.atomic_write_json(os.path.join(staging, "fluxkit_preset.json"), {"preset": p.name, "seed": seed, "dtype": dtype})
+        fsio.atomic_write_json(os.path.join(staging, "fluxkit_preset.json"),
+                               {"preset": p.name, "seed": seed, "dtype": dtype, "family": family})
         fsio.publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -235,12 +243,34 @@ def build_pipeline(output_dir: str, preset: str | Preset = "tiny", seed: int = 0
     return output_dir
 
 
-def resolve_preset(preset: str | Preset) -> Preset:
-    if isinstance(preset, Preset):
+def _pipeline(family: str, p, models: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from . import families, tiny_flux2
+
+    if family == "flux2-klein":
+        return tiny_flux2.pipeline(p, models)
+    return families.get(family).pipeline_class()(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        tokenizer=build_clip_tokenizer(p.clip_vocab), tokenizer_2=build_t5_tokenizer(p.t5_vocab), **models)
+
+
+def presets_of(family: str) -> dict:
+    """The presets `family` can be built at (FLUX.1 and Kontext share theirs)."""
+    from .tiny_flux2 import KLEIN_PRESETS
+
+    if family not in FAMILIES:
+        raise UserError(f"--family {family!r} cannot be built here; choose one of {', '.join(FAMILIES)}")
+    return KLEIN_PRESETS if family == "flux2-klein" else PRESETS
+
+
+def resolve_preset(preset, family: str = "flux1"):
+    if not isinstance(preset, str):
         return preset
-    if preset not in PRESETS:
-        raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset]
+    presets = presets_of(family)
+    if preset not in presets:
+        raise UserError(f"unknown --preset {preset!r} for --family {family}; choose one of {', '.join(presets)}")
+    return presets[preset]
 
 
 # ---------------------------------------------------------------- sample data

@@ -27,6 +27,7 @@ import torch
 
 from . import cache as latent_cache
 from . import blockswap, checkpoint, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
+from . import families
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
@@ -178,6 +179,7 @@ def preflight(args):
     if args.push_to_hub:
         outputs.check_hub_reachable()
     model_dir = resolve_model_dir(args)
+    families.of_args(args, model_dir).check(args)  # the family's own refusals (e.g. no CLIP to train)
     if args.enable_npu_flash_attention and info.type != "npu":
         raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
     blockswap.check_launch(args, using_deepspeed(), model_dir)
@@ -441,7 +443,7 @@ def validation_embeddings(run: Run):
     from .encode import encode_prompts
 
     encode = lambda p: encode_prompts(p, m, run.args, run.accelerator.device)  # noqa: E731
-    prompts = [run.args.validation_prompt]
+    prompts = m.family.validation_prompts(run.args)
     if run.pivot is not None:  # CLIP's half of a prompt with new tokens is never cached
         with torch.no_grad():
             return run.pivot.text_embeddings(prompts, run.cache, encode, m, run.accelerator.device)

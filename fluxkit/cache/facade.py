@@ -168,7 +168,7 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     _say_if_other_models(cache)
     _check_known_unreadable(cache, dataset)
     if is_rank0():
-        mark_used(cache, training_prompts(dataset, args))
+        mark_used(cache, training_prompts(dataset, args, family))
     return cache
 
 
@@ -221,4 +221,6 @@ def prepare_data(args, scan, class_images, model_dir: str, weight_dtype: torch.d
         add_class_images(scan, class_images, args)
     dataset = DreamBoothDataset(args, seed=args.seed or 0, scan=scan)
     cache = build(args, dataset, model_dir, weight_dtype, device)
-    return dataset, cache, training_prompts(dataset, args)
+    from ..families import of_args
+
+    return dataset, cache, training_prompts(dataset, args, of_args(args, model_dir))

@@ -119,13 +119,14 @@ def latent_keys(dataset, per_image: tuple[list[str], list[str]], images: dict[st
     return keys
 
 
-def training_prompts(dataset, args) -> list[str]:
-    """Every prompt the run can encode: captions, the dropped caption, class and validation prompts."""
+def training_prompts(dataset, args, family=None) -> list[str]:
+    """Every prompt the run can encode: captions, the dropped caption, class and validation prompts
+    (with the negative prompt the family's pipeline renders validation images with)."""
     prompts = {s.caption for s in dataset.scan.samples}
     if dataset.caption_dropout_rate > 0:
         prompts.add("")
     if dataset.class_prompt is not None:
         prompts.add(dataset.class_prompt)
     if getattr(args, "validation_prompt", None):
-        prompts.add(args.validation_prompt)
+        prompts.update(family.validation_prompts(args) if family is not None else [args.validation_prompt])
     return sorted(prompts)

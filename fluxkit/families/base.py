@@ -23,6 +23,15 @@ class Family:
     # the defaults of diffusers' LoRA script for this family, shown by --help and the launchers
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
 
+    def check(self, args) -> None:
+        """Refuse flags this family cannot honour, before anything loads."""
+        from ..errors import UserError
+
+        for flag in ("train_text_encoder", "train_text_encoder_ti"):
+            if getattr(args, flag, False) and not self.trains_text_encoder:
+                raise UserError(f"--{flag} trains FLUX.1's CLIP; {self.name} has no text encoder this toolkit "
+                                "trains: drop the flag")
+
     # ------------------------------------------------------------------ components
 
     def pipeline_class(self):
@@ -65,9 +74,15 @@ class Family:
         """Pooled embeddings from the text encoder that trains (with gradients)."""
         raise NotImplementedError(f"{self.name} does not train its text encoder")
 
+    def validation_prompts(self, args) -> list[str]:
+        """The prompts a validation render encodes: --validation_prompt (and the family pipeline's
+        negative prompt); their embeddings come from the cache once the text encoders have left."""
+        return [args.validation_prompt]
+
     def validation_text(self, prompt: str, embeds, args) -> dict:
-        """The pipeline call's text arguments: the prompt, or its cached embeddings when the text
-        encoders have left (embeds: (sequence, pooled) of the prompt, or None)."""
+        """The pipeline call's text arguments: the prompt, or the cached embeddings of
+        validation_prompts (embeds: (sequences, pooled) stacked in that order) when the text
+        encoders have left (embeds None: they are loaded)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ latents and tokens
@@ -105,6 +120,8 @@ class Family:
         """The transformer's output tokens back to latents of `shape` (reference tokens dropped)."""
         raise NotImplementedError
 
-    def vae_scale(self, vae_config) -> int:
-        """Pixels per latent cell along one side (before 2x2 packing)."""
-        return 2 ** (len(vae_config.block_out_channels) - 1)
+    def flop_parts(self):
+        """The transformer's forward FLOP count (fluxkit.flops: (config, image_tokens, text_tokens, batch) -> parts)."""
+        from ..flops import flux_forward_flop_parts
+
+        return flux_forward_flop_parts

@@ -63,11 +63,14 @@ class Flux2(Family):
         seq = hidden.permute(0, 2, 1, 3).reshape(b, length, n * d)
         return seq, seq.new_zeros(b, 0)  # no pooled embedding: an empty one keeps the cache's pairs
 
+    def validation_prompts(self, args):
+        return [args.validation_prompt, ""]  # "": the negative prompt of classifier-free guidance
+
     def validation_text(self, prompt, embeds, args):
         text = dict(max_sequence_length=args.max_sequence_length, text_encoder_out_layers=self.layers(args))
         if embeds is None:
             return dict(prompt=prompt, **text)
-        return dict(prompt_embeds=embeds[0], **text)
+        return dict(prompt_embeds=embeds[0][:1], negative_prompt_embeds=embeds[0][1:2], **text)
 
     # ------------------------------------------------------------------ latents and tokens
 
@@ -112,8 +115,10 @@ class Flux2(Family):
         b, c, h, w = shape
         return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w)
 
-    def vae_scale(self, vae_config) -> int:
-        return 2 * super().vae_scale(vae_config)  # latents are patchified 2x2 before packing
+    def flop_parts(self):
+        from ..flops import flux2_forward_flop_parts
+
+        return flux2_forward_flop_parts
 
 
 FAMILY = Flux2()
