@@ -560,3 +560,11 @@ def planned_tokens(args) -> int:
         return 0
     per = len(args.initializer_concept.split()) if args.initializer_concept else (args.num_new_tokens_per_abstraction or 2)
     return len(abstractions(args.token_abstraction)) * max(1, per)
+
+
+def settings(args) -> str:
+    """What a checkpoint records of pivotal tuning: resuming with other tokens would continue another run."""
+    if not enabled(args):
+        return "off"
+    per = f"from {args.initializer_concept!r}" if args.initializer_concept else f"x{args.num_new_tokens_per_abstraction or 2}"
+    return f"{','.join(abstractions(args.token_abstraction))} {per}" + (" in CLIP+T5" if args.enable_t5_ti else " in CLIP")

@@ -134,6 +134,11 @@ def test_transformer_frac_0_is_textual_inversion_only(tiny_flux, sample_data, tm
     (record,) = [json.loads(l) for l in open(f"{out}-img/manifest.jsonl")]
     assert record["lora"] is None and record["embeddings"].endswith("ti_only_emb.safetensors")
     assert record["prompt"] == "<s0><s1>"
+    # resuming its checkpoint without pivotal tuning would continue another run: refused in one line
+    from fluxkit.errors import UserError
+
+    with pytest.raises(UserError, match="pivotal TOK x2 in CLIP -> off"):
+        train(trainer_args(tiny_flux, sample_data, out, steps=6, resume_from_checkpoint="latest", learning_rate=1e-3))
 
 
 def copy_run_until(src, dst, step):
@@ -366,3 +371,23 @@ def test_memory_plan_counts_the_rows_and_the_encoders_that_stay(tiny_flux, sampl
     assert staying(clip) == {"CLIP text encoder (new tokens)": P["text_encoder"] * 2}
     assert staying(both) == {"CLIP text encoder (new tokens)": P["text_encoder"] * 2,
                              "T5 text encoder (new tokens)": P["text_encoder_2"] * 2}
+
+
+def test_launcher_keys(tiny_flux, sample_data, tmp_path):
+    """Launcher keys are the trainer's flags: the eight pass through, switches as yes/no; the LoRA
+    launcher's full launcher has none of them (the full trainer does not take them)."""
+    from test_launchers import FULL, LORA as LORA_LAUNCHER, dry, launch_inprocess
+
+    keys = [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--resolution=32",
+            "--batch_size=1", "--num_processes=1", f"--output_dir={tmp_path / 'out'}", "--instance_prompt=a TOK dog"]
+    p = dry(LORA_LAUNCHER, *keys, "--train_text_encoder_ti=yes", "--enable_t5_ti=no", "--token_abstraction=TOK,SKS",
+            "--num_new_tokens_per_abstraction=3", "--initializer_concept=red circle", "--train_text_encoder_ti_frac=1",
+            "--train_text_encoder_frac=1", "--train_transformer_frac=0.5")
+    assert "--train_text_encoder_ti" in p.trainer and "--enable_t5_ti" not in p.trainer
+    assert (p.flag("token_abstraction"), p.flag("num_new_tokens_per_abstraction"), p.flag("initializer_concept")) == \
+        ("TOK,SKS", "3", "red circle")
+    assert (p.flag("train_text_encoder_ti_frac"), p.flag("train_transformer_frac")) == ("1", "0.5")
+    assert "CLIP text encoder (new tokens)" in p.text  # the dry run's memory plan
+    proc = launch_inprocess(FULL, *keys, "--train_text_encoder_ti=yes")
+    assert proc.returncode == 2 and "train_text_encoder_ti" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ import torch
 from ..errors import UserError
 from ..fsio import PARTIAL_PREFIX, discard_dir, write_failure
 from ..lora import lora_save_load_hooks, unwrap_model
+from ..pivotal import settings as pivotal_settings
 from ..zero3 import save_pretrained_gathered
 from . import manifest, verify
 from .manifest import STATE_FILE
@@ -268,7 +269,7 @@ def run_settings(args, world_size: int) -> dict:
     return {"run_type": "lora" if args.lora else "full", "world_size": world_size,
             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "learning_rate": args.learning_rate, "rank": args.rank, "base_quantization": getattr(args, "base_quantization", "none"),
-            "model": os.path.abspath(model) if os.path.exists(model) else model}
+            "model": os.path.abspath(model) if os.path.exists(model) else model, "pivotal": pivotal_settings(args)}
 
 
 def changed_settings(recorded: dict, now: dict) -> list[str]:
@@ -278,7 +279,7 @@ def changed_settings(recorded: dict, now: dict) -> list[str]:
     if all(k in recorded for k in batch) and any(recorded[k] != now[k] for k in batch):
         changes.append("world size x batch x accumulation " + "x".join(str(recorded[k]) for k in batch) + " -> "
                        + "x".join(str(now[k]) for k in batch))
-    for key in ("learning_rate", "rank", "base_quantization", "model"):
+    for key in ("learning_rate", "rank", "base_quantization", "model", "pivotal"):
         if key in recorded and recorded[key] != now[key]:
             changes.append(f"{key} {recorded[key]} -> {now[key]}")
     return changes
