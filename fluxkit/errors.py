@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -17,6 +18,34 @@ class UserError(Exception):
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+def nearest(word: str, choices) -> str | None:
+    """The choice closest to a misspelt word, or None when none is close."""
+    import difflib
+
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError (one line, exit status 2, no usage block); an unknown
+    flag names the nearest known one ("did you mean --learning_rate?")."""
+
+    def error(self, message: str):
+        raise UserError(self._suggest(message))
+
+    def _suggest(self, message: str) -> str:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return message
+        unknown = [a.split("=", 1)[0] for a in message[len(prefix):].split() if a.startswith("-")]
+        if not unknown:
+            return message
+        flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        guess = nearest(unknown[0], flags)
+        hint = f"did you mean {guess}?" if guess else f"{self.prog} --help lists the flags"
+        return f"unknown flag {unknown[0]}; {hint}" + (f" (also unknown: {' '.join(unknown[1:])})" if unknown[1:] else "")
 
 
 def report_user_error(err: UserError, prog: str | None = None) -> int:

@@ -8,7 +8,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import FlagParser, UserError
 from .lora import LORA_WEIGHT_NAME
 from .quant import add_flag as add_quantization_flag
 
@@ -96,7 +96,7 @@ def _seed(text: str) -> int:
 def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES
 
-    p = argparse.ArgumentParser(description=defaults.description,
+    p = FlagParser(description=defaults.description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_path", default=defaults.model_path,

@@ -8,7 +8,7 @@ import os
 
 from . import families, pivotal, quant
 from .data import INTERPOLATION_MODES
-from .errors import UserError
+from .errors import FlagParser, UserError
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -16,7 +16,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 def build_parser(lora: bool) -> argparse.ArgumentParser:
     kind = "DreamBooth-LoRA" if lora else "full DreamBooth"
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         description=f"{kind} fine-tuning of FLUX.1. Accepts the flags of diffusers' "
                     f"{'train_dreambooth_lora_flux.py' if lora else 'train_dreambooth_flux.py'}; run it with "
                     "`accelerate launch` (DeepSpeed ZeRO-2 bf16 via pretrain_bf16_accelerate_config.yaml) or plain python.",

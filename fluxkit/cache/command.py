@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..errors import UserError
+from ..errors import FlagParser, UserError
 from .admin import prune_to_size, prune_unused, usage
 from .facade import cache_root, check_cache_dir, prepare_data
 from .fill import fill
@@ -48,7 +48,7 @@ def _size_command(argv) -> int:
     import datetime
     import json
 
-    p = argparse.ArgumentParser(prog="python -m fluxkit.cache", description="show the latent cache's size, or shrink it")
+    p = FlagParser(prog="python -m fluxkit.cache", description="show the latent cache's size, or shrink it")
     p.add_argument("--list", action="store_true", help="one line per model namespace: shards, entries, size, last used")
     p.add_argument("--max_size_gb", type=float, default=None, help="remove least recently used shards down to this size")
     p.add_argument("--latent_cache_dir", default=None, help="the cache folder (as given to the trainer)")

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from ..errors import EXIT_USER_ERROR, UserError, cli, report_user_error
+from ..errors import EXIT_USER_ERROR, FlagParser, UserError, cli, report_user_error
 from .folders import _NAME
 from .manifest import STATE_FILE
 from .verify import Damaged, check
@@ -17,7 +17,7 @@ PROG = "python -m fluxkit.checkpoint"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=(
+    p = FlagParser(prog=PROG, description=(
         "Check fluxkit training checkpoints without starting a run, e.g. after copying them between machines. "
         f"Every checkpoint records each file's size and SHA-256 in its {STATE_FILE}."),
         epilog=f"example: {PROG} verify OUTPUT_DIR/checkpoint-500")

@@ -173,16 +173,11 @@ def scan_training_data(args, world_size: int) -> None:
 
 
 def validate_trainer_args(argv: list[str], lora: bool):
-    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError."""
+    """The trainer's parser and value checks on exactly the arguments it will get: its error is one
+    UserError (fluxkit.errors.FlagParser)."""
     from ..train_args import parse_args
 
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            return parse_args(argv, lora=lora)
-    except SystemExit:  # argparse: usage and `prog: error: message` on stderr
-        message = [line for line in captured.getvalue().splitlines() if ": error: " in line]
-        raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
+    return parse_args(argv, lora=lora)
 
 
 def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict, refuse: bool):

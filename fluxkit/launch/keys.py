@@ -7,7 +7,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..errors import UserError, nearest
 from .spec import ASCEND_ENV, COMMON_DEFAULTS, COMMON_KEYS, KEY_HELP, KEY_OF_FLAG, TRAINER_NAME, Launcher
 
 
@@ -44,7 +44,9 @@ def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
     given_values = {}
 
     def unknown(key):
-        return UserError(f"unknown option --{key}; known keys: {' '.join(spec.keys + COMMON_KEYS)}, any trainer flag "
+        guess = nearest(key, known | {"config", "verbose", "dry_run", "demo", "help"})
+        return UserError(f"unknown option --{key}" + (f" (did you mean --{guess}?)" if guess else "")
+                         + f"; known keys: {' '.join(spec.keys + COMMON_KEYS)}, any trainer flag "
                          "(see --help), --config, --verbose, --dry_run, --demo, --help")
 
     args = list(argv)
@@ -138,7 +140,9 @@ def read_config(path: str, known: set, flags: dict) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise UserError(f"--config {path!r}: unknown key {key!r}; use the launcher's keys or trainer flags")
+            guess = nearest(name, known)
+            raise UserError(f"--config {path!r}: unknown key {key!r}" + (f" (did you mean {guess!r}?)" if guess else "")
+                            + "; use the launcher's keys or trainer flags")
         name = KEY_OF_FLAG.get(name, name)
         if value is None:
             value = ""

@@ -7,11 +7,10 @@ comparable setup beside it. --write replaces the table between WHERE_BEGIN and W
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 
-from ..errors import UserError, cli
+from ..errors import FlagParser, UserError, cli
 from .architecture import default_lora_targets, read_architecture
 from .fit import smallest_change
 from .phases import GiB, plan_shape
@@ -99,7 +98,7 @@ def write_into(path: str, table: str) -> None:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fluxkit.plan.where", description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog="python -m fluxkit.plan.where", description=__doc__.split("\n\n")[0])
     p.add_argument("--write", default=None, help="replace the generated table in this markdown file (docs/memory.md)")
     args = p.parse_args(argv)
     table = markdown(read_architecture("black-forest-labs/FLUX.1-dev"))
