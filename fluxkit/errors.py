@@ -29,11 +29,12 @@ def nearest(word: str, choices) -> str | None:
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse whose mistakes are a UserError (one line, exit status 2, no usage block); an unknown
-    flag names the nearest known one ("did you mean --learning_rate?")."""
+    """argparse whose mistakes are one `PROG: error:` line and exit status 2 (SystemExit, as argparse's
+    own) without the usage block; an unknown flag names the nearest known one ("did you mean
+    --learning_rate?")."""
 
     def error(self, message: str):
-        raise UserError(self._suggest(message))
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {' '.join(self._suggest(message).split())}\n")
 
     def _suggest(self, message: str) -> str:
         prefix = "unrecognized arguments: "

@@ -8,6 +8,12 @@ import pytest
 from conftest import ROOT, run_entry_inprocess
 
 
+def exits_2(call):
+    with pytest.raises(SystemExit) as exc:
+        call()
+    return exc.value.code
+
+
 def one_error_line(capsys):
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.strip()]
@@ -20,8 +26,8 @@ def one_error_line(capsys):
     ("train_flux_dreambooth_lora.py", "--rnak", "--rank"),
 ])
 def test_trainer_names_the_nearest_flag(script, flag, meant, capsys):
-    rc = run_entry_inprocess(os.path.join(ROOT, script), ["--pretrained_model_name_or_path", "m", "--instance_prompt", "p",
-                                                         flag, "1"])
+    rc = exits_2(lambda: run_entry_inprocess(os.path.join(ROOT, script), [
+        "--pretrained_model_name_or_path", "m", "--instance_prompt", "p", flag, "1"]))
     line = one_error_line(capsys)
     assert rc == 2 and f"unknown flag {flag}; did you mean {meant}?" in line, line
 
@@ -33,7 +39,7 @@ def test_inference_scripts_name_the_nearest_flag(which, flag, meant, capsys):
     from fluxkit.errors import cli
     from fluxkit.inference import main
 
-    assert cli(main)(getattr(infer_args, which), [flag, "x"]) == 2
+    assert exits_2(lambda: cli(main)(getattr(infer_args, which), [flag, "x"])) == 2
     line = one_error_line(capsys)
     assert (f"unknown flag {flag}; did you mean {meant}?" if meant else "--help lists the flags") in line, line
 
@@ -42,9 +48,9 @@ def test_plan_and_cache_commands_share_it(capsys):
     from fluxkit.cache import main as cache_main
     from fluxkit.plan import main as plan_main
 
-    assert plan_main(["--pretrained_model_name_or_path", "m", "--resolutoin", "64"]) == 2
+    assert exits_2(lambda: plan_main(["--pretrained_model_name_or_path", "m", "--resolutoin", "64"])) == 2
     assert "did you mean --resolution?" in one_error_line(capsys)
-    assert cache_main(["--list", "--latent_cache_dri", "x"]) == 2
+    assert exits_2(lambda: cache_main(["--list", "--latent_cache_dri", "x"])) == 2
     assert "did you mean --latent_cache_dir?" in one_error_line(capsys)
 
 

@@ -173,11 +173,16 @@ def scan_training_data(args, world_size: int) -> None:
 
 
 def validate_trainer_args(argv: list[str], lora: bool):
-    """The trainer's parser and value checks on exactly the arguments it will get: its error is one
-    UserError (fluxkit.errors.FlagParser)."""
+    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError."""
     from ..train_args import parse_args
 
-    return parse_args(argv, lora=lora)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            return parse_args(argv, lora=lora)
+    except SystemExit:  # the parser's one line: `prog: error: message` (fluxkit.errors.FlagParser)
+        message = [line for line in captured.getvalue().splitlines() if ": error: " in line]
+        raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
 
 
 def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict, refuse: bool):

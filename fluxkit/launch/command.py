@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from ..environment import TOOLKIT_ROOT as ROOT
 from .. import host_runtime
 from ..environment import free_port
-from ..errors import UserError
 from .keys import Request
 from .record import masked
 from .spec import ASCEND_ENV, LAUNCHER_ONLY, TRAINER_NAME
@@ -95,7 +94,7 @@ def trainer_flags_given(extra: list[str], lora: bool) -> dict:
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             ns, _ = parser.parse_known_args(extra)
-    except (SystemExit, UserError):  # a mistake there is the trainer parser's to report, once
+    except SystemExit:  # a mistake there is the trainer parser's to report, once
         return {}
     return {k: str(v) for k, v in vars(ns).items()}
 
