@@ -29,7 +29,8 @@ TRAINER_BASE = ["--pretrained_model_name_or_path", "{model}", "--instance_data_d
                 "--max_train_steps", "1", "--output_dir", "{out}", "--report_to", "none"]
 INFER_BASE = ["--model_path", "{model}", "--prompt", "a photo of sks dog", "--seeds", "1", "--height", "32",
               "--width", "32", "--num_inference_steps", "1", "--output_dir", "{out}"]
-LAUNCH_BASE = ["--model_name={model}", "--instance_dir={instance}", "--output_dir={out}", "--max_train_steps=1"]
+LAUNCH_BASE = ["--model_name={model}", "--instance_dir={instance}", "--instance_prompt=a photo of sks dog",
+               "--output_dir={out}", "--max_train_steps=1"]
 
 
 def _png() -> bytes:
@@ -105,6 +106,11 @@ CASES = [
          ["list.yaml", "not an accelerate config"], LAUNCH_BASE, files={"list.yaml": "- a\n- b\n"}),
     case("launcher: instance dir is empty", "launch_lora", ["--instance_dir={tmp}/empty"], ["instance_dir", "empty"],
          LAUNCH_BASE, files={"empty/.keep": ""}),
+    # the reference's prompts ("a photo of pokemon") describe its own data: with the user's images and
+    # no captions, the missing prompt is named instead of training every image as a pokemon
+    case("launcher: own images without a prompt or captions", "launch_lora",
+         ["--model_name={model}", "--instance_dir={tmp}/mine", "--output_dir={out}", "--max_train_steps=1",
+          "--batch_size=1"], ["--instance_prompt", "have no caption", "a.png"], files={"mine/a.png": PNG, "mine/b.png": PNG}),
     case("launcher: train script missing", "launch_lora", ["--train_script={tmp}/train_dreambooth_lora_flux.py"],
          ["train_script", "train_dreambooth_lora_flux.py", "no such file"], LAUNCH_BASE),
     case("launcher: output dir is a file", "launch", ["--output_dir={tmp}/taken"], ["output_dir", "taken", "is a file"],

@@ -68,7 +68,8 @@ def test_trainer_mistakes_are_one_line_before_anything_starts(tiny_flux, sample_
     data = [] if any(k.startswith(("--dataset_name", "--instance_dir")) for k in keys) else \
         [f"--instance_dir={sample_data['instance_dir']}"]
     model = [] if any(k.startswith("--model_name") for k in keys) else [f"--model_name={tiny_flux}"]
-    proc = launch_inprocess(script, *model, *data, f"--output_dir={out}", *keys[:cut], *keys[cut:])
+    prompt = ["--instance_prompt=a photo of sks dog"]  # the reference's prompt goes with its own data only
+    proc = launch_inprocess(script, *model, *data, *prompt, f"--output_dir={out}", *keys[:cut], *keys[cut:])
     _one_line_nothing_written(proc, out, *needles)
 
 
@@ -248,7 +249,8 @@ def test_every_upstream_default_is_ours(lora):
 # ------------------------------------------------------------------ run lifecycle (through the launcher)
 
 def _run_keys(tiny_flux, sample_data, out, *more):
-    return [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--resolution=32",
+    return [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--instance_prompt=a photo of sks dog",
+            "--resolution=32",
             "--batch_size=1", "--gradient_accumulation_steps=1", "--max_train_steps=2", "--checkpointing_steps=1",
             "--learning_rate=1e-4", "--num_processes=1", f"--output_dir={out}", "--report_to=none", *more]
 
@@ -359,7 +361,8 @@ def test_a_trainer_run_without_the_launcher_writes_run_config_too(tiny_flux, sam
 # ------------------------------------------------------------------ the memory plan (issue 15)
 
 def _tiny_keys(tiny_flux, sample_data, out, *more):
-    return [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--resolution=32",
+    return [f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}", "--instance_prompt=a photo of sks dog",
+            "--resolution=32",
             "--batch_size=1", "--max_train_steps=1", "--checkpointing_steps=100", "--num_processes=1",
             "--validation_prompt=", f"--output_dir={out}", "--report_to=none", *more]
 

@@ -162,6 +162,12 @@ def test_one_data_source_wins():
     lora = dry(LORA, "--instance_dir=/data/dog")
     assert lora.flag("instance_data_dir") == "/data/dog"
     assert lora.flag("dataset_name") is None and lora.flag("caption_column") is None
+    # the pokemon prompts belong to the pokemon dataset: gone with it (the data scan names a missing prompt)
+    assert lora.flag("instance_prompt") == "" and lora.flag("validation_prompt") is None
+    mine = dry(LORA, "--instance_dir=/data/dog", "--instance_prompt=a photo of zwx dog")
+    assert mine.flag("instance_prompt") == "a photo of zwx dog"
+    assert dry(FULL, "--instance_dir=/data/cat").flag("instance_prompt") == ""  # not the default folder's "sks dog"
+    assert dry(FULL).flag("instance_prompt") == "a photo of sks dog"
     assert_user_error(launch_inprocess(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
 
 

@@ -51,7 +51,7 @@ def check_keys(req: Request) -> None:
         raise UserError(f"--mixed_precision='{o['mixed_precision']}' is not one of bf16, fp16, no")
     if o["device"] not in ("auto", "npu", "cuda", "cpu"):
         raise UserError(f"--device='{o['device']}' is not one of auto, npu, cuda, cpu")
-    for key in ("model_name", "output_dir", "config_file", "instance_prompt"):
+    for key in ("model_name", "output_dir", "config_file") + (("instance_prompt",) if o["train_script"] else ()):
         if not o[key]:
             raise UserError(f"--{key} is empty; pass --{key}=VALUE")
     machines = int(o["num_machines"])
@@ -68,6 +68,10 @@ def check_keys(req: Request) -> None:
         o["dataset_name" if "instance_dir" in req.given else "instance_dir"] = ""
     if not o.get("dataset_name") and not o.get("instance_dir"):
         raise UserError("no training data: pass --instance_dir=PATH or --dataset_name=PATH")
+    if {"dataset_name", "instance_dir"} & req.given:  # the reference's prompts name its data, not the user's
+        for key in req.spec.data_defaults:
+            if key not in req.given:
+                o[key] = ""  # our trainer's data scan names a missing --instance_prompt in one line
     for arg in req.extra:
         flag = arg.split("=", 1)[0]
         if not flag.startswith("--") or len(flag) < 4:

@@ -76,7 +76,7 @@ def trainer_arguments(req: Request, device_type: str, per_machine: int, external
             continue  # a key of the other launcher kind cannot reach here; kept safe for --train_script
         if value is True:
             out.append(f"--{name}")
-        elif value is False or value == "":
+        elif value is False or (value == "" and key != "instance_prompt"):  # our trainers require that flag
             continue
         else:
             out.append(f"--{name}={value}")

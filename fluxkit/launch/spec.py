@@ -22,6 +22,8 @@ class Launcher:
     keys: tuple  # this launcher's named keys, in --help order (COMMON_KEYS follow)
     defaults: dict
     demo: dict = field(default_factory=dict)  # values under --demo ("{cache}" = the demo cache); given keys win
+    # defaults that describe the reference's own data (its prompts): dropped when the user names other data
+    data_defaults: tuple = ()
 
 
 COMMON_KEYS = ("lr_scheduler", "lr_warmup_steps", "dataloader_num_workers", "resume_from_checkpoint", "config_file",
@@ -48,7 +50,8 @@ LAUNCHERS = {
                   "guidance_scale": "1", "gradient_checkpointing": True, "max_grad_norm": "1"},
         demo={"model_name": "{cache}/tiny_flux", "instance_dir": "{cache}/data/instance", "dataset_name": "",
               "resolution": "32", "batch_size": "1", "gradient_accumulation_steps": "2", "learning_rate": "1e-4",
-              "max_train_steps": "30", "output_dir": "output_flux_dreambooth_demo", "report_to": "none"}),
+              "max_train_steps": "30", "output_dir": "output_flux_dreambooth_demo", "report_to": "none"},
+        data_defaults=("instance_prompt",)),
     "lora": Launcher(
         kind="lora", network="FluxLora", trainer="train_flux_dreambooth_lora.py",
         description="DreamBooth-LoRA fine-tuning of FLUX.1 (output: pytorch_lora_weights.safetensors for FluxPipeline.load_lora_weights).",
@@ -67,7 +70,8 @@ LAUNCHERS = {
               "validation_prompt": "a red circle on a gray background", "resolution": "32", "batch_size": "2",
               "gradient_accumulation_steps": "1", "learning_rate": "1e-4", "max_train_steps": "30",
               "output_dir": "output_flux_dreambooth_lora_demo", "report_to": "none", "dataloader_num_workers": "0",
-              "num_validation_images": "1", "num_validation_steps": "4"}),
+              "num_validation_images": "1", "num_validation_steps": "4"},
+        data_defaults=("instance_prompt", "validation_prompt")),
 }
 # Launcher keys whose trainer flag has another name; the trainer's name is accepted as the key too.
 TRAINER_NAME = {"model_name": "pretrained_model_name_or_path", "instance_dir": "instance_data_dir",
