@@ -175,6 +175,25 @@ def _env():
     return env
 
 
+def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path, tiny_flux, sample_data):
+    """Ctrl-C right after the launcher starts accelerate: nothing was saved, so the launcher must not
+    offer --resume_from_checkpoint=latest (it would start over anyway) and says so instead."""
+    out = tmp_path / "out"
+    args = [LORA, *_tiny_keys(tiny_flux, sample_data, out, "--max_train_steps=60")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    first = proc.stdout.readline()  # the plan's first line
+    deadline = time.time() + 120
+    while not (out / "run_config.json").exists() and time.time() < deadline:  # written just before accelerate starts
+        time.sleep(0.1)
+    time.sleep(1)  # the trainer process is starting: the launcher's supervisor passes the signal on
+    os.killpg(proc.pid, signal.SIGINT)
+    output = first + proc.stdout.read()
+    assert proc.wait(timeout=300) == 130, output[-3000:]
+    assert "nothing to resume" in output and "resume with" not in output and "Traceback" not in output, output[-3000:]
+    assert not list(out.glob("checkpoint-*"))
+
+
 @pytest.mark.slow
 def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_works(tmp_path, tiny_flux, sample_data):
     out = tmp_path / "out"

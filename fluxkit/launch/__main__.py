@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..environment import TOOLKIT_ROOT as ROOT
-from ..errors import EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
+from ..errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
 from . import report
 from .checks import (check_accelerate_config, check_data, check_keys, check_memory, check_model, check_output_dir,
                      resolve_config_file, scan_training_data, validate_trainer_args)
@@ -109,6 +109,9 @@ def check_inputs(launch: Launch) -> None:
         check_data(req.opts)
         if trainer_args is not None:
             scan_training_data(trainer_args, plan.processes)
+            from ..cache import check_cache_dir
+
+            check_cache_dir(trainer_args, given_only=True)  # a --latent_cache_dir that takes no files: before logs/
             # the trainer's run-lifecycle rules (another run's checkpoints, a resume with other settings)
             from .. import checkpoint
 
@@ -178,8 +181,7 @@ def report_failure(launch: Launch, rc: int) -> int:
     """One line: stopped by a signal (and how to resume), the trainer's own refusal, or a failure."""
     req, log = launch.req, launch.plan.log
     if launch.supervisor.signalled:
-        tee_print(f"{req.prog}: stopped on {launch.supervisor.signalled} (exit status {rc}); resume with: "
-                  f"{resume_command(req)}", log, sys.stderr)
+        tee_print(stopped_line(req, launch.supervisor.signalled, rc, req.opts["output_dir"]), log, sys.stderr)
     elif launch.trainer_rc == EXIT_USER_ERROR:  # the trainer already said why, in one line
         tee_print(f"{req.prog}: training failed with exit status {rc} (the trainer's message is above); "
                   f"log: {log}", log, sys.stderr)
@@ -211,6 +213,16 @@ def report_success(launch: Launch) -> int:
     return 0
 
 
+def stopped_line(req: Request, signal_name: str, rc: int, out: str) -> str:
+    """What a stopped run says: how to resume when a checkpoint exists, else that nothing was saved."""
+    from ..checkpoints import complete_checkpoints
+
+    if complete_checkpoints(out):
+        return f"{req.prog}: stopped on {signal_name} (exit status {rc}); resume with: {resume_command(req)}"
+    return (f"{req.prog}: stopped on {signal_name} (exit status {rc}) before the first checkpoint: nothing to resume; "
+            "run the same command again to start over")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 3 or argv[0] != "--launcher" or argv[1] not in LAUNCHERS:
@@ -222,6 +234,10 @@ def main(argv=None) -> int:
         return run(parse_command_line(spec, prog, rest))
     except UserError as err:
         return report_user_error(err, prog=os.path.basename(prog))
+    except KeyboardInterrupt:  # Ctrl-C before accelerate started (the supervisor handles it after)
+        print(f"{os.path.basename(prog)}: stopped on SIGINT before training started: nothing to resume; "
+              "run the same command again to start", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
