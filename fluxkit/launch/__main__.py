@@ -215,7 +215,7 @@ def report_success(launch: Launch) -> int:
 
 def stopped_line(req: Request, signal_name: str, rc: int, out: str) -> str:
     """What a stopped run says: how to resume when a checkpoint exists, else that nothing was saved."""
-    from ..checkpoints import complete_checkpoints
+    from ..checkpoint import complete_checkpoints
 
     if complete_checkpoints(out):
         return f"{req.prog}: stopped on {signal_name} (exit status {rc}); resume with: {resume_command(req)}"
