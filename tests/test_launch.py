@@ -184,9 +184,10 @@ def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path, tiny_flux
                             start_new_session=True)
     first = proc.stdout.readline()  # the plan's first line
     deadline = time.time() + 120
-    while not (out / "run_config.json").exists() and time.time() < deadline:  # written just before accelerate starts
+    while time.time() < deadline:  # until the trainer process has scanned the data: it is loading, not training
+        if any("data: " in log.read_text() for log in out.glob("logs/train_*.log")):
+            break
         time.sleep(0.1)
-    time.sleep(1)  # the trainer process is starting: the launcher's supervisor passes the signal on
     os.killpg(proc.pid, signal.SIGINT)
     output = first + proc.stdout.read()
     assert proc.wait(timeout=300) == 130, output[-3000:]

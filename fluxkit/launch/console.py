@@ -112,8 +112,12 @@ class Supervisor:
         previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             # its own process group: a Ctrl-C at the terminal reaches only us, and we pass it on once
+            if self.signalled:  # stopped before the command started: nothing to pass it on to
+                return 128 + signal.Signals[self.signalled].value
             self.proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, process_group=0)
+            if self.signalled:  # it came while the command was starting
+                self._forward(signal.Signals[self.signalled].value, None)
             sel = selectors.DefaultSelector()
             pending = {}
             for stream, out in ((self.proc.stdout, sys.stdout), (self.proc.stderr, sys.stderr)):
