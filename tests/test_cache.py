@@ -283,8 +283,9 @@ def _as_two_processes(process):
         t.join(timeout=120)
 
 
-def test_size_command_bad_input_is_one_line(tmp_path, capsys):
-    assert fcache.main(["--list"]) == 2  # no cache named
+def test_size_command_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fcache.main(["--list"]) == 2  # no cache in the default folder of runs started here
     assert fcache.main(["--list", "--latent_cache_dir", str(tmp_path / "none")]) == 2
     assert fcache.main(["--max_size_gb", "-1", "--latent_cache_dir", str(tmp_path)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]

@@ -369,7 +369,15 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     train(a, "a")
     train(b, "b")
     listing = command("--list", "--latent_cache_dir", str(cache_dir))
-    assert any(line.split()[0].startswith("latents/") and line.split()[1] == "4" for line in listing.splitlines()[1:]), listing
+    named = {line.split()[0]: line for line in listing.splitlines()[1:]}
+    # namespaces are named in words (the model folder, the encoders, the precision), not by their hash alone
+    assert f"VAE latents of {tiny_flux} (float32)" in named["4"], listing
+    assert f"text_encoder + text_encoder_2 embeddings of {tiny_flux} (float32, 16 tokens)" in named["2"], listing
+    # with no flag: the default folder of runs started here (OUTPUT/../.fluxkit-cache), as a user types it
+    (tmp_path / ".fluxkit-cache").symlink_to(cache_dir)
+    typed = run_script([sys.executable, "-m", "fluxkit.cache", "--list"], cwd=str(tmp_path), timeout=120)
+    assert typed.returncode == 0 and typed.stderr == "", typed.stderr  # no library noise
+    assert typed.stdout.splitlines()[1:] == listing.splitlines()[1:]
 
     # a run of A is using the cache (its shards indexed and mapped, as a trainer holds them) ...
     args = parse_args(flags(a, "live"), lora=True)

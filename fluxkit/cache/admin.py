@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .keys import text_key
-from .store import LATENT_FIELDS, SHARD_PREFIX, SHARD_SUFFIX, TEXT_FIELDS, ShardStore
+from .store import ABOUT, LATENT_FIELDS, SHARD_PREFIX, SHARD_SUFFIX, TEXT_FIELDS, ShardStore, read_about
 
 
 def _namespaces(root: str) -> list[str]:
@@ -66,7 +66,8 @@ def usage(root: str) -> list[dict]:
                 continue
             size, last = size + st.st_size, max(last, st.st_mtime)
             entries += len(_shard_entries(path) or ())
-        rows.append({"namespace": ns, "shards": len(shards), "entries": entries, "bytes": size, "last_used": last})
+        rows.append({"namespace": ns, "shards": len(shards), "entries": entries, "bytes": size, "last_used": last,
+                     "about": read_about(os.path.join(root, ns))})
     markers = os.path.join(root, "unreadable")
     rows.append({"namespace": "unreadable", "shards": 0, "entries": len(os.listdir(markers)) if os.path.isdir(markers) else 0,
                  "bytes": 0, "last_used": 0.0})
@@ -125,6 +126,7 @@ def prune_unused(cache, prompts: list[str]) -> dict:
             stats["removed_entries"] += len(entries - kept)
         if not _shard_files(folder) and folder not in keep_of:
             try:
+                _remove(os.path.join(folder, ABOUT))
                 os.rmdir(folder)
             except OSError:  # a run is writing into it right now: leave the folder
                 pass

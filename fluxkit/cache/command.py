@@ -11,7 +11,7 @@ import torch
 
 from ..errors import FlagParser, UserError
 from .admin import prune_to_size, prune_unused, usage
-from .facade import cache_root, check_cache_dir, prepare_data
+from .facade import cache_root, check_cache_dir, default_cache_dir, prepare_data
 from .fill import fill
 from .store import FORMAT
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
 
     python -m fluxkit.cache [--full] TRAINER FLAGS            fill what the run needs
     python -m fluxkit.cache --prune [--full] TRAINER FLAGS    remove every entry that run does not use
-    python -m fluxkit.cache --list (--latent_cache_dir DIR | --output_dir OUT)
+    python -m fluxkit.cache --list [--latent_cache_dir DIR | --output_dir OUT]   (default: ./.fluxkit-cache)
     python -m fluxkit.cache --max_size_gb N (--latent_cache_dir DIR | --output_dir OUT)
 
     Give the same flags as the training command (data, --resolution, crops, --seed, buckets,
@@ -54,14 +54,17 @@ def _size_command(argv) -> int:
     p.add_argument("--latent_cache_dir", default=None, help="the cache folder (as given to the trainer)")
     p.add_argument("--output_dir", default=None, help="or the run's output folder (the default cache is beside it)")
     args = p.parse_args(argv)
-    if not (args.latent_cache_dir or args.output_dir):
-        raise UserError("give --latent_cache_dir DIR (or the run's --output_dir) to name the cache")
     if args.max_size_gb is not None and args.max_size_gb < 0:
         raise UserError(f"--max_size_gb {args.max_size_gb} must be 0 or more")
-    top = cache_root(argparse.Namespace(no_cache=False, latent_cache_dir=args.latent_cache_dir, output_dir=args.output_dir or "."))
+    if args.latent_cache_dir or args.output_dir:
+        top = cache_root(argparse.Namespace(no_cache=False, latent_cache_dir=args.latent_cache_dir, output_dir=args.output_dir))
+    else:  # the default folder of runs whose --output_dir is in this folder (the launchers' and trainers' defaults)
+        top = default_cache_dir(os.path.join(os.getcwd(), "output"))
     root = os.path.join(top, FORMAT)
     if not os.path.isdir(root):
-        raise UserError(f"{top!r} holds no fluxkit cache ({FORMAT}/ is missing); check --latent_cache_dir")
+        where = "" if args.latent_cache_dir or args.output_dir else " (the default folder for runs started here)"
+        raise UserError(f"{top!r}{where} holds no fluxkit cache ({FORMAT}/ is missing); "
+                        "pass --latent_cache_dir DIR, or the run's --output_dir")
     if args.max_size_gb is not None:
         stats = prune_to_size(root, int(args.max_size_gb * 2**30))
         print(json.dumps({"cache_dir": root, **stats}), flush=True)
@@ -71,8 +74,15 @@ def _size_command(argv) -> int:
         for r in rows:
             when = datetime.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M") if r["last_used"] else "-"
             what = "image(s) that do not decode" if r["namespace"] == "unreadable" else f"entries in {r['shards']} shard(s)"
-            print(f"  {r['namespace']:<42} {r['entries']:>8} {what:<28} {r['bytes'] / 2**20:>10.1f} MiB  last used {when}")
+            print(f"  {r['entries']:>8} {what:<28} {r['bytes'] / 2**20:>10.1f} MiB  last used {when}  {_named(r)}")
     return 0
+
+
+def _named(row: dict) -> str:
+    """A namespace in words (its about.json), else its folder (written before namespaces were named)."""
+    if row["namespace"] == "unreadable":
+        return "unreadable/"
+    return f"{row['about']} [{row['namespace'][:20]}]" if row.get("about") else f"{row['namespace']} (unnamed)"
 
 
 def _fill_command(argv=None) -> int:

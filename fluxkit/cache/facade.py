@@ -12,7 +12,7 @@ import torch
 
 from .. import fsio
 from .keys import ImageHashes, image_hashes, latent_keys, text_identity, text_key, training_prompts, vae_identity
-from .store import FORMAT, LATENT_FIELDS, TEXT_FIELDS, ShardStore, UnreadableImages
+from .store import FORMAT, LATENT_FIELDS, TEXT_FIELDS, ShardStore, UnreadableImages, write_about
 
 logger = logging.getLogger("fluxkit.cache")
 
@@ -169,6 +169,11 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     _check_known_unreadable(cache, dataset)
     if is_rank0():
         mark_used(cache, training_prompts(dataset, args, family))
+        precision = str(weight_dtype).replace("torch.", "")
+        write_about(cache.latents.folder, f"VAE latents of {os.path.abspath(model_dir)} ({precision})")
+        encoders = [p for p in family.text_parts() if not p.startswith("tokenizer")]
+        write_about(cache.text.folder, f"{' + '.join(encoders)} embeddings of {os.path.abspath(model_dir)} "
+                                       f"({precision}, {args.max_sequence_length} tokens)")
     return cache
 
 

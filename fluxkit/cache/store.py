@@ -23,6 +23,7 @@ FORMAT = "v1"
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
 SHARD_TARGET_BYTES = 64 * 2**20   # a shard is written when its entries reach this size,
 SHARD_MAX_SECONDS = 60.0          # or when its first pending entry is this old (a crash loses at most that)
+ABOUT = "about.json"  # in each namespace folder: what wrote it, in words (python -m fluxkit.cache --list)
 LATENT_FIELDS = ("mean", "logvar")
 TEXT_FIELDS = ("seq", "pooled")
 
@@ -165,3 +166,21 @@ class UnreadableImages:
         self.known[key] = {"name": name, "reason": reason}
         os.makedirs(self.folder, exist_ok=True)
         fsio.atomic_write_json(os.path.join(self.folder, key + ".json"), self.known[key])
+
+
+def write_about(folder: str, what: str) -> None:
+    """Name a namespace folder (its name is a hash of the encoders) once, for people reading --list."""
+    path = os.path.join(folder, ABOUT)
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        fsio.atomic_write_json(path, {"what": what})
+
+
+def read_about(folder: str) -> str:
+    import json
+
+    try:
+        with open(os.path.join(folder, ABOUT), encoding="utf-8") as f:
+            return str(json.load(f).get("what", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
