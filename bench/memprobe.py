@@ -6,6 +6,10 @@ Writes OUT_PREFIX.rank{RANK}.json with:
   baseline_bytes   RSS after the heavy libraries are imported, before the script runs
   loop_peak_bytes  highest RSS from the end of accelerator.prepare() to the last optimizer step
   run_peak_bytes   highest RSS over the whole script (loading and saving included)
+  phase_peak_bytes highest RssAnon per phase of fluxkit.train: encode (the encoders load, fill the
+                   cache and leave), load (the transformer arrives, up to accelerator.prepare()), train;
+                   PHASE+file: the same with file-mapped pages (memory-mapped weights) added
+  timeline         (seconds, anon - baseline, anon + file - its baseline, phase) every 10 ms
 A thread samples RSS every millisecond (psutil); glibc is told (by the suite, through
 MALLOC_MMAP_THRESHOLD_) to return freed blocks to the system, so RSS follows live memory.
 """
@@ -23,22 +27,36 @@ import time
 from fluxkit.environment import process_rank
 
 
-def anonymous_rss() -> int:
-    """Resident anonymous memory (Linux RssAnon): the process's data, without the shared
-    libraries' code pages that RSS also counts (they fault in as kernels are first used)."""
+def memory_status() -> tuple[int, int]:
+    """(RssAnon, RssFile) of this process in bytes. RssAnon is the process's data, without the shared
+    libraries' code pages (they fault in as kernels are first used). RssFile adds what is mapped
+    from files: weights read from safetensors in their stored dtype stay memory-mapped (file-backed,
+    shared between processes reading the same file), so they count there, not in RssAnon."""
+    anon = file = None
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1]) * 1024
     except OSError:
         pass
-    import psutil
+    if anon is None:
+        import psutil
 
-    return psutil.Process().memory_info().rss
+        return psutil.Process().memory_info().rss, 0
+    return anon, file or 0
+
+
+def anonymous_rss() -> int:
+    return memory_status()[0]
 
 
 class Sampler(threading.Thread):
+    """Samples RSS every `interval` seconds: the run's peak, the training window's peak (from
+    accelerator.prepare() on), the peak of each phase label, and a timeline of (seconds, bytes, phase)."""
+
     def __init__(self, interval: float = 0.001):
         super().__init__(daemon=True)
         self.interval = interval
@@ -46,18 +64,55 @@ class Sampler(threading.Thread):
         self.window_open = False
         self.loop_peak = 0
         self.stopped = threading.Event()
+        self.phase = "start"
+        self.phase_peaks: dict[str, int] = {}
+        self.timeline: list = []
+        self.t0 = time.perf_counter()
 
     def sample(self) -> int:
-        rss = anonymous_rss()
+        rss, file = memory_status()
         self.run_peak = max(self.run_peak, rss)
+        self.run_peak_resident = max(getattr(self, "run_peak_resident", 0), rss + file)
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), rss)
+        key = self.phase + "+file"
+        self.phase_peaks[key] = max(self.phase_peaks.get(key, 0), rss + file)
         if self.window_open:
             self.window_peak = max(self.window_peak, rss)
         return rss
 
     def run(self):
+        last = -1.0
         while not self.stopped.is_set():
             self.sample()
+            now = time.perf_counter() - self.t0
+            if now - last >= 0.01:  # the timeline keeps one point per 10 ms: (s, anon, anon + file, phase)
+                anon, file = memory_status()
+                self.timeline.append((round(now, 3), anon, anon + file, self.phase))
+                last = now
             time.sleep(self.interval)
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+        self.sample()
+
+
+def mark_phases(sampler: Sampler) -> None:
+    """Label the trainer's phases (fluxkit.train): 'encode' until the cache is filled and the encoders
+    are released (the encoders' loading included), 'load' until accelerator.prepare() returns, then
+    'train'."""
+    import fluxkit.train as train
+
+    encode = train.encode_phase
+
+    def encode_phase(*args, **kwargs):
+        try:
+            return encode(*args, **kwargs)
+        finally:
+            sampler.enter("load")
+
+    train.encode_phase = encode_phase
+    sampler.enter("encode")
 
 
 def warm_up_kernels() -> None:
@@ -123,6 +178,7 @@ def main(argv: list[str]) -> int:
     sampler = Sampler()
     gc.collect()
     baseline = sampler.sample()
+    baseline_resident = sum(memory_status())
     sampler.start()
 
     prepare = accelerate.Accelerator.prepare
@@ -131,6 +187,7 @@ def main(argv: list[str]) -> int:
         sampler.before_prepare = sampler.sample()
         result = prepare(self, *args, **kwargs)
         sampler.window_open = True
+        sampler.enter("train")
         return result
 
     accelerate.Accelerator.prepare = prepare_and_open
@@ -144,6 +201,7 @@ def main(argv: list[str]) -> int:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(after_step)
+    mark_phases(sampler)
     sys.argv = [script, *script_args]
     rc = 0
     try:
@@ -154,7 +212,10 @@ def main(argv: list[str]) -> int:
     sampler.sample()
     rank = process_rank()
     with open(f"{out_prefix}.rank{rank}.json", "w") as f:
-        json.dump({"baseline_bytes": baseline, "loop_peak_bytes": sampler.loop_peak, "run_peak_bytes": sampler.run_peak, "before_prepare_bytes": getattr(sampler, "before_prepare", 0),
+        json.dump({"baseline_bytes": baseline, "loop_peak_bytes": sampler.loop_peak, "run_peak_bytes": sampler.run_peak,
+                   "before_prepare_bytes": getattr(sampler, "before_prepare", 0), "phase_peak_bytes": sampler.phase_peaks,
+                   "baseline_resident_bytes": baseline_resident, "run_peak_resident_bytes": sampler.run_peak_resident,
+                   "timeline": [(t, a - baseline, r - baseline_resident, p) for t, a, r, p in sampler.timeline],
                    "rc": rc, "rank": rank, "rss_after_steps": steps}, f)
     return rc
 

@@ -120,3 +120,55 @@ def test_lora_base_is_read_in_the_compute_dtype(tiny_flux, sample_data, tmp_path
     assert train_inprocess(FULL, trainer_args(tiny_flux, sample_data, tmp_path / "full", steps=1, mixed_precision="bf16")) == 0
     assert seen == [torch.float32]  # outside DeepSpeed the module holds the fp32 masters
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# --------------------------------------------------------------- phases in a sampled RSS timeline (CPU)
+
+@pytest.fixture(scope="module")
+def devlike(tmp_path_factory):
+    """FLUX.1-dev's proportions (T5 0.40 of the transformer), stored in bf16 like FLUX.1-dev's files."""
+    from fluxkit.tiny import build_datasets, build_pipeline
+
+    root = tmp_path_factory.mktemp("devlike")
+    model = build_pipeline(str(root / "devlike"), "devlike", seed=0, dtype="bf16")
+    data = build_datasets(str(root / "data"), seed=0, resolution=256)
+    return model, data["instance_dir"]
+
+
+@pytest.mark.slow
+def test_cache_fill_and_training_peak_apart_as_planned(devlike, tmp_path):
+    """On a CPU the host is the device: the RSS timeline shows the encode phase (T5 and friends) and
+    the training phase (the transformer) peak separately, each within 15% of the plan's phase, and the
+    run's peak is the larger of the two, not their sum."""
+    import json
+    import sys
+
+    from conftest import ROOT, run_script
+
+    sys.path.insert(0, ROOT)
+    from bench.suites import memory
+
+    from fluxkit.plan import plan_memory
+    from fluxkit.train_args import parse_args
+
+    model, instance = devlike
+    flags = memory.trainer_flags(model, instance, str(tmp_path / "out"), "lora", 256, 1, False)
+    flags += ["--max_train_steps", "1", "--latent_cache_dir", str(tmp_path / "cache")]
+    prefix = str(tmp_path / "probe")
+    proc = run_script([sys.executable, "-m", "bench.memprobe", prefix, memory.SCRIPTS["lora"], *flags],
+                      env={**memory.PROBE_ENV, "OMP_NUM_THREADS": "2"}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(prefix + ".rank0.json") as f:
+        probe = json.load(f)
+    base, peaks = probe["baseline_resident_bytes"], probe["phase_peak_bytes"]
+    measured = {"encode": peaks["encode+file"] - base, "train": peaks["train+file"] - base}
+    plan = plan_memory(parse_args(flags, lora=True), 1, 0, "cpu")
+    planned = {"encode": plan.phase("encode").bytes,
+               "train": max(p.bytes for p in plan.phases if p.name.startswith("train"))}
+    for phase in ("encode", "train"):
+        assert abs(planned[phase] / measured[phase] - 1) <= memory.TOLERANCE, (phase, planned, measured)
+    run_peak = probe["run_peak_resident_bytes"] - base
+    assert run_peak <= 1.02 * max(measured.values()) < 0.9 * sum(measured.values())
+    # the timeline runs encode -> load -> train, never back
+    order = [p for i, (_, _, _, p) in enumerate(probe["timeline"]) if i == 0 or probe["timeline"][i - 1][3] != p]
+    assert order[-3:] == ["encode", "load", "train"], order

@@ -121,3 +121,10 @@ def test_smallest_change_names_the_block_count(dev):
     assert fewer.fits is False  # the smallest count that fits
     full = plan_shape(shape(lora=False, zero_stage=2, world=1, resolution=512, batch=1, seq_len=77), dev, 80 * GiB)
     assert full.fits is False and "ZeRO-3 with CPU offload" in smallest_change(full)[0][-1]
+
+
+def test_text_encoding_working_set(dev):
+    (t5,) = [terms.text_encoding(shape(), dev)]
+    assert dev.text_encoder_shape == {"d_model": 4096, "d_ff": 10240, "num_heads": 64}
+    assert t5.bytes == (64 * 512 ** 2 + 512 * (2 * 10240 + 4 * 4096)) * 2
+    assert t5.bytes < terms.vae_encoding(shape(), dev).bytes  # at 512 px the VAE's maps are the larger transient

@@ -17,7 +17,7 @@ from ..errors import UserError
 HUB_DEV_IDS = ("black-forest-labs/FLUX.1-dev",)
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
 ARCHITECTURE_MEMO_ENV = "FLUXKIT_PLAN_MEMO"
-MEMO_SCHEMA = 2  # bump when Architecture's fields change
+MEMO_SCHEMA = 3  # bump when Architecture's fields change
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the transformer's blocks, in forward order
 
@@ -36,6 +36,8 @@ class Architecture:
     clip_linear_shapes: list = field(default_factory=list)
     # parameters of each transformer block in forward order (what --blocks_to_swap moves)
     block_params: list = field(default_factory=list)
+    # the T5 encoder's width, feed-forward width and heads: its working set while it encodes
+    text_encoder_shape: dict = field(default_factory=dict)
 
     @property
     def hidden(self) -> int:
@@ -140,7 +142,8 @@ def _count_architecture(configs: dict, source: str) -> Architecture:
                         transformer=dict(models["transformer"].config), vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
                         latent_channels=vae["latent_channels"], vae_first_channels=vae["block_out_channels"][0],
                         vae_layers_per_block=vae.get("layers_per_block", 2), linear_shapes=linears(models["transformer"]),
-                        clip_linear_shapes=linears(models["text_encoder"]))
+                        clip_linear_shapes=linears(models["text_encoder"]),
+                        text_encoder_shape={k: configs["text_encoder_2"].get(k) for k in ("d_model", "d_ff", "num_heads")})
 
 
 def lora_parameter_count(shapes: list, targets: list[str], rank: int) -> int:

@@ -137,7 +137,8 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
         around = [terms.vae_decoder_weights(s, arch)] + around
     phases = []
     if s.caching and not s.warm_cache:
-        phases.append(Phase("encode", encoders + [terms.vae_encoding(s, arch)] + terms.caches(s, arch),
+        encoding = max(terms.vae_encoding(s, arch), terms.text_encoding(s, arch), key=lambda i: i.bytes)  # one at a time
+        phases.append(Phase("encode", encoders + [encoding] + terms.caches(s, arch),
                             host_bytes=max(i.bytes for i in encoders), note="encoders fill the cache, then leave"))
     phases.append(Phase("load", around + [terms.transformer_arriving(s, arch, trained)],
                         host_bytes=terms.host_transformer_read(s, arch), note="the transformer arrives"))

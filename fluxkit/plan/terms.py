@@ -220,6 +220,16 @@ def vae_encoding(s: RunShape, arch: Architecture) -> Item:
     return Item("transient", "VAE encoding", size, f"{s.batch} image(s) at {s.resolution}px")
 
 
+def text_encoding(s: RunShape, arch: Architecture) -> Item:
+    """T5's working set while it encodes one prompt (no gradients): the attention scores with its
+    position bias (heads x tokens^2), the gated feed-forward's two inner tensors and a few hidden
+    states, in the compute dtype."""
+    t = arch.text_encoder_shape or {}
+    d, ff, heads = t.get("d_model") or 0, t.get("d_ff") or 0, t.get("num_heads") or 0
+    size = (heads * s.seq_len ** 2 + s.seq_len * (2 * ff + 4 * d)) * s.cb
+    return Item("transient", "T5 encoding one prompt", size, f"{s.seq_len} tokens")
+
+
 def validation_working_set(s: RunShape, arch: Architecture) -> list[Item]:
     """Rendering one validation image: the transformer's no-grad working tensors, then the VAE
     decoding (its feature maps mirror the encoder's at full resolution)."""
