@@ -328,15 +328,11 @@ class Pivot:
         return torch.cat(seqs), torch.cat(pooled)
 
     def _encode_live(self, prompt: str, m, device, seq=None):
+        """The family's encoding of one prompt with the live (spliced) encoders; seq given: CLIP only."""
         with torch.set_grad_enabled(self.rows_train and torch.is_grad_enabled()):
-            ids = m.tokenizer([prompt], padding="max_length", max_length=m.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(device)
-            pooled = m.text_encoder(ids).pooler_output
             if seq is None:
-                ids2 = m.tokenizer_2([prompt], padding="max_length", max_length=self.args.max_sequence_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(device)
-                seq = m.text_encoder_2(ids2)[0]
-        return seq, pooled
+                return m.family.encode_prompts(m, [prompt], self.args, device)
+            return seq, m.family.trained_pooled(m, m.text_encoder, [prompt], device)
 
     # -------------------------------------------------------------- the file
 

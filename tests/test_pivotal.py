@@ -392,3 +392,21 @@ def test_launcher_keys(tiny_flux, sample_data, tmp_path):
     proc = launch_inprocess(FULL, *keys, "--train_text_encoder_ti=yes")
     assert proc.returncode == 2 and "train_text_encoder_ti" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_text_encoder_frac_stops_the_clip_lora(tiny_flux, sample_data, tmp_path):
+    """--train_text_encoder_frac gates --train_text_encoder's CLIP LoRA the same way (no new tokens)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "te"
+    train_lora = trainer_args(tiny_flux, sample_data, out, 8, mixed_precision="no", train_text_encoder=True,
+                              train_text_encoder_frac=0.5, text_encoder_lr=1e-2, checkpointing_steps=2)
+    from fluxkit import train as trainer
+    from fluxkit.train_args import parse_args
+
+    trainer.train(parse_args(train_lora, lora=True))
+    files = {s: load_file(str(out / f"checkpoint-{s}" / "pytorch_lora_weights.safetensors")) for s in (2, 4, 8)}
+    clip = [k for k in files[2] if k.startswith("text_encoder.")]
+    moved = lambda a, b, keys: any(not torch.equal(files[a][k], files[b][k]) for k in keys)  # noqa: E731
+    assert clip and moved(2, 4, clip) and not moved(4, 8, clip)
+    assert moved(4, 8, [k for k in files[2] if k.startswith("transformer.")])
