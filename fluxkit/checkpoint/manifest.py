@@ -110,7 +110,7 @@ def build(accelerator, folder: str, saved: bool) -> tuple[dict | None, str | Non
     Returns, on the main process, (the manifest, None) or (None, a process's failure); elsewhere (None, None)."""
     from accelerate.utils import gather_object
 
-    own, failure = {}, None
+    own, failure = {}, None if saved else f"process {accelerator.process_index} could not write its part"
     if saved:
         try:
             own = hash_files(folder, own_files(folder, accelerator.process_index, accelerator.num_processes))
@@ -125,8 +125,6 @@ def build(accelerator, folder: str, saved: bool) -> tuple[dict | None, str | Non
     files = {}
     for part in parts:
         files.update(part["files"])
-    unclaimed = [rel for rel in files_in(folder) if rel not in files]  # written by no process's rule: hash it here
-    files.update(hash_files(folder, unclaimed))
     return {"hash": HASH, "files": dict(sorted(files.items()))}, None
 
 
