@@ -129,6 +129,25 @@ def test_lora_defaults_are_the_references():
     assert p.flag("instance_data_dir") is None and p.acc("--gradient_accumulation_steps") == "1"
 
 
+def test_validation_is_said_and_light_on_a_cpu_host(tiny_flux):
+    """The launcher says what validation renders and its estimated share of the run; on a CPU host
+    1 image x 4 steps unless the user named the settings; --validation=full is the reference's 4 x 28."""
+    short = [f"--model_name={tiny_flux}", "--max_train_steps=10", "--batch_size=1"]
+    p = dry(LORA, *short)
+    assert (p.flag("num_validation_images"), p.flag("num_validation_steps")) == ("1", "4")
+    line = p.text.splitlines()[2]
+    assert line.startswith("validation: 'A photo of pokemon in a bucket', 1 image(s) x 4 steps at 512x512"), line
+    assert "% of the run's transformer compute (estimate)" in line and "--validation=full" in line
+    full = dry(LORA, *short, "--validation=full")
+    assert full.flag("num_validation_images") is None and full.flag("num_validation_steps") is None  # the trainer's 4, 28
+    assert "4 image(s) x 28 steps" in full.text.splitlines()[2]
+    assert int(full.text.split("about ")[1].split("%")[0]) > int(line.split("about ")[1].split("%")[0])
+    mine = dry(LORA, *short, "--", "--num_validation_steps=10")  # named by the user: kept as given
+    assert mine.flag("num_validation_images") is None and "4 image(s) x 10 steps" in mine.text
+    assert "validation: none" in dry(LORA, *short, "--validation_prompt=").text
+    assert_user_error(launch(LORA, "--dry_run", "--validation=some"), "--validation='some'", "auto, full")
+
+
 def test_every_override_reaches_accelerate_or_the_trainer(tmp_path):
     config = tmp_path / "my config.yaml"
     shutil.copy(CONFIG, config)

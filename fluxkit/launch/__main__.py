@@ -104,11 +104,12 @@ def check_trainer_args(launch: Launch) -> None:
 def check_inputs(launch: Launch) -> None:
     """The model, the data and the run folder (not under --dry_run), and the memory plan."""
     req, plan, trainer_args = launch.req, launch.plan, launch.trainer_args
+    samples = None
     if not req.dry_run:
         check_model(req.opts["model_name"])
         check_data(req.opts)
         if trainer_args is not None:
-            scan_training_data(trainer_args, plan.processes)
+            samples = scan_training_data(trainer_args, plan.processes)
             from ..cache import check_cache_dir
 
             check_cache_dir(trainer_args, given_only=True)  # a --latent_cache_dir that takes no files: before logs/
@@ -118,6 +119,9 @@ def check_inputs(launch: Launch) -> None:
             checkpoint.check_run_folder(trainer_args, plan.processes, hand_over=True)  # its trainer need not hash again
     if trainer_args is not None:  # refuses a run that cannot fit, in one line, before anything is written
         plan.memory = check_memory(trainer_args, plan, launch.info, launch.accelerate_config, refuse=not req.dry_run)
+        from .validation import describe
+
+        plan.validation = describe(trainer_args, plan.processes, samples)
 
 
 def open_run_folder(launch: Launch) -> None:
@@ -143,8 +147,8 @@ def open_run_folder(launch: Launch) -> None:
     launch.shown = plan_text(req, plan)
     with open(plan.log, "a", encoding="utf-8") as f:
         f.write(launch.shown + "\n")
-    # the console gets the devices and the batch; the environment and the command are in the log
-    print(launch.shown if req.verbose else "\n".join(launch.shown.splitlines()[:2]), flush=True)
+    # the console gets the devices, the batch and validation; the environment and the command are in the log
+    print(launch.shown if req.verbose else "\n".join(launch.shown.splitlines()[:3 if plan.validation else 2]), flush=True)
     from .record import write_run_config
 
     write_run_config(out, req, launch.trainer_args, launch.accelerate_config, plan, KEY_OF_FLAG)

@@ -49,6 +49,8 @@ def check_keys(req: Request) -> None:
         raise UserError(f"--learning_rate='{o['learning_rate']}' is not a number; pass e.g. --learning_rate=1e-4") from None
     if o["mixed_precision"] not in ("bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision='{o['mixed_precision']}' is not one of bf16, fp16, no")
+    if o["validation"] not in ("auto", "full"):
+        raise UserError(f"--validation='{o['validation']}' is not one of auto, full")
     if o["device"] not in ("auto", "npu", "cuda", "cpu"):
         raise UserError(f"--device='{o['device']}' is not one of auto, npu, cuda, cpu")
     for key in ("model_name", "output_dir", "config_file") + (("instance_prompt",) if o["train_script"] else ()):
@@ -167,13 +169,13 @@ def check_data(opts: dict) -> None:
             raise UserError(f"instance_dir {folder!r} is empty; put the subject's images there")
 
 
-def scan_training_data(args, world_size: int) -> None:
+def scan_training_data(args, world_size: int) -> int:
     """The trainer's data scan (fluxkit.scan: image headers, captions, columns, enough samples per
-    process), run here so that a data mistake is one line before any process starts."""
+    process), run here so that a data mistake is one line before any process starts; its sample count."""
     from ..scan import scan_dataset
 
     with contextlib.redirect_stderr(io.StringIO()):  # datasets' progress bars; mistakes come as UserError
-        scan_dataset(args, world_size=world_size, quiet=True)
+        return scan_dataset(args, world_size=world_size, quiet=True).num_samples
 
 
 def validate_trainer_args(argv: list[str], lora: bool):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..environment import TOOLKIT_ROOT as ROOT
 from .. import host_runtime
 from ..environment import free_port
+from . import validation
 from .keys import Request
 from .record import masked
 from .spec import ASCEND_ENV, LAUNCHER_ONLY, TRAINER_NAME
@@ -31,6 +32,7 @@ class LaunchPlan:
     trainer_args: list
     log: str = ""
     memory: tuple | None = None  # (fluxkit.plan.Plan or None, its line), for our own trainers
+    validation: str = ""  # what validation renders and costs (fluxkit.launch.validation), for our own trainers
 
 
 def python() -> str:
@@ -138,6 +140,8 @@ def make_plan(req: Request, info, external: bool, script: str) -> LaunchPlan:
     if machines > 1:
         # every machine runs this launcher itself (torchrun style): no ssh/pdsh hostfile
         command += ["--main_process_ip", o["main_process_ip"], "--deepspeed_multinode_launcher", "standard"]
+    if not external:  # upstream scripts have no --num_validation_steps
+        validation.apply_cpu_default(req, info.type, trainer_flags_given(req.extra, req.spec.kind == "lora"))
     targs = trainer_arguments(req, info.type, per_machine, external)
     command += ([os.path.join(ROOT, "patch_flux.py"), script] if external else [script]) + targs
     return LaunchPlan(info.type, info.count, int(o["num_processes"]), per_machine, env, command, targs)
@@ -148,8 +152,9 @@ def plan_text(req: Request, plan: LaunchPlan) -> str:
     b, n, a = int(o["batch_size"]), plan.processes, int(o["gradient_accumulation_steps"])
     lines = [f"device: {plan.device_type} x {plan.device_count} per machine; machines: {o['num_machines']} "
              f"(this one: rank {o['machine_rank']}); processes: {n}",
-             f"global batch: {b} per device x {n} processes x {a} accumulation = {b * n * a} images per optimizer step",
-             "environment:"]
+             f"global batch: {b} per device x {n} processes x {a} accumulation = {b * n * a} images per optimizer step"]
+    lines += [plan.validation] if plan.validation else []
+    lines += ["environment:"]
     lines += [f"  {k}={shlex.quote(v)}" for k, v in plan.env.items()]
     lines += ["command:", "  " + shlex.join(masked(plan.command))]
     if plan.memory is not None:  # per device, before anything loads (python -m fluxkit.plan tells the same)

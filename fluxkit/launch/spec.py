@@ -28,8 +28,8 @@ class Launcher:
 
 COMMON_KEYS = ("lr_scheduler", "lr_warmup_steps", "dataloader_num_workers", "resume_from_checkpoint", "config_file",
                "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port", "device",
-               "train_script")
-COMMON_DEFAULTS = {"config_file": ACCELERATE_CONFIG, "num_processes": "", "num_machines": "1", "machine_rank": "0",
+               "train_script", "validation")
+COMMON_DEFAULTS = {"config_file": ACCELERATE_CONFIG, "validation": "auto", "num_processes": "", "num_machines": "1", "machine_rank": "0",
                    "main_process_ip": "", "main_process_port": "", "device": "auto", "train_script": "",
                    "resume_from_checkpoint": "",
                    # the reference's constant schedule; a warm-up given without a scheduler turns it into
@@ -79,7 +79,7 @@ TRAINER_NAME = {"model_name": "pretrained_model_name_or_path", "instance_dir": "
 KEY_OF_FLAG = {v: k for k, v in TRAINER_NAME.items()}
 # Keys that are the launcher's own (accelerate's settings), not trainer flags.
 LAUNCHER_ONLY = ("config_file", "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
-                 "train_script")
+                 "train_script", "validation")
 # Trainer flags the launcher also hands to accelerate/DeepSpeed or reads itself: after `--` they would
 # disagree with what DeepSpeed uses, so they go through the keys.
 OWNED_FLAGS = {"--gradient_accumulation_steps": "gradient_accumulation_steps", "--train_batch_size": "batch_size",
@@ -91,6 +91,8 @@ KEY_HELP = {
     "instance_prompt": "prompt naming the subject (the caption when the data has none)",
     "caption_column": "caption column of dataset_name (empty: instance_prompt for every image)",
     "validation_prompt": "prompt rendered at validation (empty: no validation)",
+    "validation": "auto: on a CPU host 1 image x 4 steps (unless num_validation_images/_steps are given); "
+                  "full: the reference's 4 x 28 everywhere",
     "batch_size": "micro batch per device (--train_batch_size)",
     "max_train_steps": "optimizer steps",
     "mixed_precision": "bf16, fp16 or no; given to accelerate and the trainer",
