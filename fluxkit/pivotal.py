@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -158,11 +159,12 @@ def make_tokens(args, tokenizer, tokenizer_2) -> Tokens:
     return Tokens({ident: [f"<s{i * n + j}>" for j in range(n)] for i, ident in enumerate(names)})
 
 
-def prepare_prompts(args, model_dir: str) -> Tokens | None:
-    """Decide the new tokens (reading the tokenizers) and put them into --instance_prompt,
-    --class_prompt and --validation_prompt; captions follow in rewrite_captions. None without TI."""
+def prepare_prompts(args, model_dir: str):
+    """(the run's config with the new tokens in --instance_prompt, --class_prompt and
+    --validation_prompt, the Tokens) after deciding the tokens (reading the tokenizers); captions
+    follow in rewrite_captions. Without TI: (args unchanged, None)."""
     if not enabled(args):
-        return None
+        return args, None
     from transformers import AutoTokenizer
 
     from . import families
@@ -181,11 +183,10 @@ def prepare_prompts(args, model_dir: str) -> Tokens | None:
     if rewritten == args.instance_prompt:
         logger.warning("--instance_prompt %r holds no --token_abstraction %r: the new tokens train only through captions "
                        "that hold it", args.instance_prompt, args.token_abstraction)
-    args.instance_prompt = rewritten
-    args.class_prompt = tokens.rewrite(args.class_prompt)
-    args.validation_prompt = tokens.rewrite(args.validation_prompt)
+    args = dataclasses.replace(args, instance_prompt=rewritten, class_prompt=tokens.rewrite(args.class_prompt),
+                               validation_prompt=tokens.rewrite(args.validation_prompt))
     logger.info("pivotal tuning: %s", ", ".join(f"{k} -> {''.join(v)}" for k, v in tokens.by_abstraction.items()))
-    return tokens
+    return args, tokens
 
 
 def rewrite_captions(tokens: Tokens | None, scan) -> None:

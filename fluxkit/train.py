@@ -115,7 +115,7 @@ def setup(args) -> Run:
     started = time.perf_counter()
     info, model_dir, resume_from, memory = preflight(args)
     startup.mark("plan")
-    tokens = pivotal.prepare_prompts(args, model_dir)  # TOK -> <s0><s1> in the prompts, before the scan reads them
+    args, tokens = pivotal.prepare_prompts(args, model_dir)  # TOK -> <s0><s1> in the prompts, before the scan reads them
     scan = scan_dataset(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before anything loads or is written
     pivotal.rewrite_captions(tokens, scan)
     latent_cache.check_cache_dir(args, given_only=True)

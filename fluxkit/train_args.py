@@ -1,10 +1,17 @@
 """Command-line flags of the trainers: diffusers' FLUX DreamBooth flags (same names, meanings and
-defaults), LoRA's extra flags, and a few of ours. Validation of values lives here too."""
+defaults), LoRA's extra flags, and a few of ours. Validation of values lives here too.
+
+`parse(argv, lora)` is the one reader of a trainer's flags: it returns a TrainConfig, a frozen
+dataclass whose fields are the parser's flags (an attribute per flag, under the flag's name), so
+the trainers, the launcher, `python -m fluxkit.cache` and everything they call read one value,
+checked once. A change to a setting is a new config (dataclasses.replace), never an edit.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+from typing import Any
 
 from . import families, pivotal, quant
 from .data import INTERPOLATION_MODES
@@ -180,14 +187,40 @@ def _bool(value: str) -> bool:
     return parse_bool(value)
 
 
-def parse_args(argv=None, lora: bool = False) -> argparse.Namespace:
-    args = build_parser(lora).parse_args(argv)
-    args.lora = lora
-    if not lora:  # the full fine-tune has no LoRA flags; keep attribute access uniform
-        args.rank = args.lora_alpha = None
-        args.lora_dropout, args.lora_layers, args.upcast_before_saving = 0.0, None, False
-    validate(args)
-    return args
+def _field_type(action: argparse.Action):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return bool
+    if action.nargs not in (None, "?"):
+        return list | None
+    return (action.type if action.type in (int, float, str) else str if action.type is None else Any) | None
+
+
+def _config_class():
+    """TrainConfig: a field per flag of the LoRA trainer (the full trainer's flags are a subset) and `lora`."""
+    actions = [a for a in build_parser(lora=True)._actions if a.dest != "help"]
+    fields = [(a.dest, _field_type(a)) for a in actions] + [("lora", bool)]
+    cls = dataclasses.make_dataclass("TrainConfig", fields, frozen=True)
+    cls.__module__ = __name__  # Python 3.11 has no module= yet: pickling and repr name this module
+    cls.__doc__ = "A trainer's settings, one attribute per flag (see build_parser); made by parse()."
+    return cls, {a.dest: a.default for a in actions}
+
+
+TrainConfig, _LORA_DEFAULTS = _config_class()
+# the full fine-tune has no LoRA flags: their values there (attribute access stays uniform)
+_FULL_FINETUNE_LORA_VALUES = {"rank": None, "lora_alpha": None, "lora_dropout": 0.0, "lora_layers": None,
+                              "upcast_before_saving": False}
+
+
+def parse(argv=None, lora: bool = False) -> TrainConfig:
+    """The trainer's flags, read by its parser and checked (validate): a mistake is one error line."""
+    given = vars(build_parser(lora).parse_args(argv))
+    values = {**_LORA_DEFAULTS, **({} if lora else _FULL_FINETUNE_LORA_VALUES), **given, "lora": lora}
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+parse_args = parse  # diffusers' scripts' name for it
 
 
 def validate(args) -> None:

@@ -23,9 +23,9 @@ def make_args(folder=None, **extra):
                        "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1"], lora=True)
     defaults = dict(caption_extension=".txt", alpha_background="white", caption_dropout_rate=0.0,
                     aspect_ratio_buckets=False, bucket_step=16, min_bucket_side=None, max_bucket_side=None)
-    for k, v in {**defaults, **extra}.items():
-        setattr(args, k, v)
-    return args
+    import dataclasses
+
+    return dataclasses.replace(args, **{**defaults, **extra})
 
 
 def save(folder, name, image, **kw):

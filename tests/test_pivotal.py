@@ -4,6 +4,7 @@ Runs are in-process on the tiny FLUX (fp32, one process) so the tests can look i
 encoders' base embedding tables, the new rows, the LoRA. One short 2-process DeepSpeed ZeRO-2 run.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -330,7 +331,7 @@ def test_tokens_and_prompts_as_the_advanced_script_names_them(tiny_flux, sample_
     tokens = make_tokens(args, tok, tok2)
     assert tokens.by_abstraction == {"TOK": ["<s0>", "<s1>", "<s2>"], "SKS": ["<s3>", "<s4>", "<s5>"]}
     assert tokens.rewrite("TOK and SKS") == "<s0><s1><s2> and <s3><s4><s5>"
-    args.initializer_concept, args.enable_t5_ti = "a red circle", True  # as many tokens as the concept takes
+    args = dataclasses.replace(args, initializer_concept="a red circle", enable_t5_ti=True)  # as many tokens as the concept takes
     expected = max(len(tok.encode("a red circle", add_special_tokens=False)),
                    len(tok2.encode("a red circle", add_special_tokens=False)))
     assert len(make_tokens(args, tok, tok2).by_abstraction["TOK"]) == expected

@@ -3,6 +3,7 @@ prune it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -98,7 +99,7 @@ def _fill_command(argv=None) -> int:
     lora, prune = "--full" not in argv, "--prune" in argv
     args = parse_args([a for a in argv if a not in ("--full", "--prune")], lora=lora)
     if prune:  # pruning trains nothing: images recorded as undecodable are kept out, not an error
-        args.skip_bad_images = True
+        args = dataclasses.replace(args, skip_bad_images=True)
     if args.no_cache:
         raise UserError("--no_cache leaves nothing to fill; drop it")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
