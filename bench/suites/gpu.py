@@ -5,6 +5,8 @@
    trainer runs it (fp32 adapters, bf16 autocast, every encoder resident): s/step, MFU, and
    torch.cuda's (or torch.npu's) peak allocated memory beside fluxkit.plan's planned peak for the
    same run: the ratio planned / measured, and whether it is within PLAN_TOLERANCE (issue 15's 10%);
+2b. the memory ladder (bench/suites/gpu_memory.py): bf16 LoRA, the HF QLoRA recipe and block offload
+   (16 / 22 / 28 blocks swapped) once the cache is full, each beside the plan's training peak;
 3. 1024x1024, 28-step text-to-image through FluxPipeline: s/image and transformer it/s, eager
    and torch.compile'd;
 4. the same image split over every accelerator here with Ulysses context parallelism
@@ -31,6 +33,7 @@ from fluxkit import flops
 from fluxkit.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
 
 from .. import harness
+from . import gpu_memory
 
 TRAIN_WARMUP, TRAIN_STEPS = 3, 8
 INFER_STEPS, INFER_REPEATS = 28, 3
@@ -137,8 +140,10 @@ def _planned_peak(ctx, res: int, checkpointing: bool) -> int:
         "--pretrained_model_name_or_path", ctx.args.gpu_preset, "--architecture", ctx.args.gpu_preset, "--lora",
         "--rank", str(LORA_RANK), "--lora_alpha", str(LORA_RANK), "--resolution", str(res), "--train_batch_size", "1",
         "--mixed_precision", "bf16", "--max_sequence_length", str(T5_TRAIN_TOKENS)]
-        + (["--gradient_checkpointing"] if checkpointing else []))
-    return plan_memory(args, 1, 0, ctx.device.type).peak_bytes
+        + (["--gradient_checkpointing", "--no_cache"] if checkpointing else ["--no_cache"]))
+    # --no_cache: the plan keeps every encoder on the device through training, as this step does
+    plan = plan_memory(args, 1, 0, ctx.device.type)
+    return max(p.bytes for p in plan.phases if p.name.startswith("train"))
 
 
 def _infer(ctx, pipe, res: int, compiled: bool) -> dict:
@@ -247,6 +252,9 @@ def run(ctx) -> dict:
             lora_mfu = train_metrics["MFU % (measured peak)"]["median"] / 100
         gc.collect()
 
+    ladder_rows, ladder_notes = gpu_memory.ladder(ctx, preset, sizes["train"], vae_scale, PLAN_TOLERANCE)
+    rows += ladder_rows
+    notes += ladder_notes
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), tokenizer=build_clip_tokenizer(preset.clip_vocab),
                         tokenizer_2=build_t5_tokenizer(preset.t5_vocab), **models)
     pipe.set_progress_bar_config(disable=True)

@@ -7,12 +7,17 @@ step minus the process's own after its libraries were imported and their kernels
 flags (device cpu). Cases: LoRA/full, batch 1/4, gradient checkpointing on/off, and 2-process
 DeepSpeed ZeRO-2. The first case, the tiny preset at 32 px (almost no data), shows the CPU
 runtime's own lasting allocations that the plan adds as a constant (fluxkit.plan.CPU_RUNTIME_BYTES).
+
+Before them: the devlike preset's phases (phase_rows: encode, load and train, each planned vs
+measured, and the run's peak against the sum of the phases), and the memory rungs' cost in s/step
+against the resident run (rung_rows: --blocks_to_swap 0 / 2 / 4 on the small preset).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from .. import harness
 
@@ -60,17 +65,84 @@ def planned_bytes(flags: list[str], mode: str, processes: int) -> int:
 
 def measure(ctx, name: str, script: str, flags: list[str], processes: int) -> int:
     """Highest measured delta over the ranks (bytes)."""
+    return max(r["loop_peak_bytes"] - r["baseline_bytes"] for r in probe(ctx, name, script, flags, processes))
+
+
+def probe(ctx, name: str, script: str, flags: list[str], processes: int) -> list[dict]:
+    """Run the trainer under bench.memprobe: each rank's record."""
     out_prefix = ctx.path("memory", name.replace(" ", "_"))
     os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
     cmd = harness.launch_prefix(processes, deepspeed=processes > 1) + ["-m", "bench.memprobe", out_prefix, script, *flags]
     env = {**harness.threads_env(processes), **PROBE_ENV}
     harness.run_command(cmd, ctx.path("logs", f"memory-{name.replace(' ', '_')}.log"), env=env, timeout=ctx.args.timeout)
-    deltas = []
+    records = []
     for rank in range(processes):
         with open(f"{out_prefix}.rank{rank}.json") as f:
-            r = json.load(f)
-        deltas.append(r["loop_peak_bytes"] - r["baseline_bytes"])
-    return max(deltas)
+            records.append(json.load(f))
+    return records
+
+
+def phase_rows(ctx) -> tuple[list, list]:
+    """The devlike preset (FLUX.1-dev's proportions, stored in bf16 like its files), LoRA from a cold
+    cache: each phase's measured peak (RssAnon + RssFile: weights read in their stored dtype stay
+    memory-mapped) beside the plan's, and the run's peak beside the sum of the phases."""
+    from fluxkit.plan import plan_memory
+    from fluxkit.tiny import build_datasets, build_pipeline
+    from fluxkit.train_args import parse_args
+
+    model, data = ctx.path("devlike_bf16"), ctx.path("devlike_data")
+    if not os.path.isdir(model):
+        build_pipeline(model, "devlike", seed=0, dtype="bf16")
+    if not os.path.isdir(data):
+        build_datasets(data, seed=0, resolution=256)
+    flags = trainer_flags(model, os.path.join(data, "instance"), ctx.path("memory", "devlike-out"), "lora", 256, 1, False)
+    flags += ["--max_train_steps", "1", "--latent_cache_dir", ctx.path("memory", "devlike-cache")]
+    shutil.rmtree(ctx.path("memory", "devlike-cache"), ignore_errors=True)  # a cold cache: the encoders load
+    ctx.log("memory: devlike phases")
+    (r,) = probe(ctx, "devlike phases", SCRIPTS["lora"], flags, 1)
+    base, peaks = r["baseline_resident_bytes"], r["phase_peak_bytes"]
+    plan = plan_memory(parse_args(flags, lora=True), 1, 0, "cpu")
+    planned = {"encode": plan.phase("encode").bytes, "load": plan.phase("load").bytes,
+               "train": max(p.bytes for p in plan.phases if p.name.startswith("train"))}
+    rows = []
+    for phase, plan_bytes in planned.items():
+        measured = peaks[phase + "+file"] - base
+        error = plan_bytes / measured - 1
+        judged = phase != "load"  # mapped weights fault in when first used: at the first step, not at load
+        rows.append({"case": f"devlike LoRA phase: {phase}", "params": {"preset": "devlike", "mode": "lora", "px": 256,
+                                                                         "batch": 1, "ckpt": "off", "processes": 1},
+                     "metrics": {"planned MiB": plan_bytes / 2**20, "measured MiB": measured / 2**20, "plan error %": 100 * error,
+                                 "within 15%": ("yes" if abs(error) <= TOLERANCE else "NO") if judged else "n/a (lazy mapping)"}})
+    run_peak = (r["run_peak_resident_bytes"] - base) / 2**20
+    note = (f"devlike: run peak {run_peak:.0f} MiB; encode {rows[0]['metrics']['measured MiB']:.0f} + train "
+            f"{rows[2]['metrics']['measured MiB']:.0f} MiB would be {rows[0]['metrics']['measured MiB'] + rows[2]['metrics']['measured MiB']:.0f}"
+            " if the encoders and the transformer shared the device")
+    return rows, [note]
+
+
+def rung_rows(ctx) -> tuple[list, list]:
+    """s/step of each memory rung against the resident run: the small preset's LoRA with gradient
+    checkpointing, 0 / 2 / 4 of its 6 blocks swapped (on a CPU the host is the device: this is the
+    hooks' cost, not a transfer's). ZeRO-3 CPU offload is not run here (DeepSpeed's CPU Adam op
+    compiles for minutes on first use)."""
+    small = ctx.small_assets()
+    rows, times = [], {}
+    for swap in (0, 2, 4):
+        name = f"LoRA ckpt blocks_to_swap {swap}"
+        out = ctx.path("memory", name.replace(" ", "_") + "-out")
+        flags = trainer_flags(small["model_path"], small["instance_dir"], out, "lora", 256, 1, True) + [
+            "--blocks_to_swap", str(swap), "--max_train_steps", "5"]
+        ctx.log(f"memory: {name}")
+        probe(ctx, name, SCRIPTS["lora"], flags, 1)
+        with open(os.path.join(out, "train_log.jsonl")) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        times[swap] = harness.summarize(r["sec"] for r in log[2:])  # after 2 warm-up steps
+        rows.append({"case": name, "params": {"preset": "small", "mode": "lora", "px": 256, "batch": 1, "ckpt": "on",
+                                              "processes": 1},
+                     "metrics": {"s/step": times[swap], "blocks resident": max(r.get("resident_blocks", 6) for r in log)}})
+    comparisons = [{"name": f"blocks_to_swap {n} / resident", "metric": "s/step", **harness.compare(times[0], times[n])}
+                   for n in (2, 4)]
+    return rows, comparisons
 
 
 def run(ctx) -> dict:
@@ -82,7 +154,15 @@ def run(ctx) -> dict:
         build_pipeline(tiny_model, "tiny", seed=0)
     if not os.path.isdir(tiny_data):
         build_datasets(tiny_data, seed=0, resolution=32)
-    rows, failures = [], []
+    rows, failures, notes, comparisons = [], [], [], []
+    for extra in (phase_rows, rung_rows):
+        try:
+            more = extra(ctx)
+        except (harness.CommandFailed, OSError, ValueError, KeyError) as err:
+            failures.append(f"{extra.__name__}: {err}")
+            continue
+        rows += more[0]
+        (notes if extra is phase_rows else comparisons).extend(more[1])
     for name, preset, mode, res, batch, ckpt, processes in CASES:
         model, instance = ((small["model_path"], small["instance_dir"]) if preset == "small"
                            else (tiny_model, os.path.join(tiny_data, "instance")))
@@ -104,8 +184,8 @@ def run(ctx) -> dict:
                      "metrics": {"planned MiB": planned / 2**20, "measured MiB": measured / 2**20,
                                  "plan error %": 100 * error,
                                  "within 15%": "n/a (floor)" if floor else ("yes" if abs(error) <= TOLERANCE else "NO")}})
-    notes = [f"{STEPS} optimizer steps, bf16 mixed precision, CPU; measured = peak resident anonymous memory from "
+    notes += [f"{STEPS} optimizer steps, bf16 mixed precision, CPU; measured = peak resident anonymous memory from "
              "accelerator.prepare() to the last step minus the loaded, warmed process's (bench/memprobe.py); "
              "2-process rows: the larger rank",
              "planned = fluxkit.plan.plan_memory(trainer flags, processes, ZeRO stage, 'cpu').peak_bytes"]
-    return harness.suite_result(rows, [], notes, failures)
+    return harness.suite_result(rows, comparisons, notes, failures)

@@ -1,0 +1,149 @@
+"""The gpu suite's memory ladder (bench/suites/gpu.py calls `ladder`): LoRA training steps as the
+trainer runs them once the cache is full (no encoder on the device), on FLUX.1-dev's architecture
+with random weights, one rung per row:
+
+    bf16 LoRA        rank 16, bf16 base (published: HF bf16 LoRA about 26 GB)
+    HF QLoRA recipe  rank 4, NF4 base, 8-bit Adam (published: about 9 GB on an RTX 4090)
+    block offload    the QLoRA recipe with 16 / 22 / 28 blocks swapped (kohya's ladder counts)
+
+all at 512 px, batch 1, gradient checkpointing. Each row: s/step, the device's peak allocated
+memory during the steps, and the plan's training peak for the same run (fluxkit.plan, the larger
+of its forward+backward and optimizer-step phases) with planned / measured; on an accelerator the
+verdict is whether they agree within gpu.PLAN_TOLERANCE. On a CPU (a small preset) it runs the same
+code without a verdict (the peak there is the process's RSS; 8-bit Adam, which needs CUDA, is
+replaced by AdamW).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from argparse import Namespace
+
+import torch
+
+from fluxkit import flops
+from fluxkit.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
+
+from .. import harness
+
+WARMUP, STEPS = 2, 4
+T5_TOKENS = 77
+KOHYA_SWAPS = (16, 22, 28)
+# (case, rank, base quantization, 8-bit Adam, blocks to swap, published measurement)
+RUNGS = [("bf16 LoRA r16", 16, "none", False, 0, "HF bf16 LoRA: 26 GB"),
+         ("HF QLoRA recipe (NF4 r4, 8-bit Adam)", 4, "nf4", True, 0, "HF QLoRA: about 9 GB (RTX 4090, 512x768)")]
+RUNGS += [(f"QLoRA + --blocks_to_swap {n}", 4, "nf4", True, n, f"kohya (fp8 base): {gb} GB")
+          for n, gb in zip(KOHYA_SWAPS, (12, 10, 8))]
+
+
+def _transformer(preset, device, quantization: str):
+    """The transformer alone with random bf16 weights on the device, its Linear weights quantized as asked."""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxkit import quant
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            t = FluxTransformer2DModel(**preset.transformer)
+    finally:
+        torch.set_default_dtype(previous)
+    t.requires_grad_(False)
+    if quantization == "nf4":
+        quant.swap_in_nf4(t, torch.bfloat16)
+    return t
+
+
+def _optimizer(params, eight_bit: bool, device):
+    if eight_bit and device.type == "cuda":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def _planned(preset_name: str, res: int, rank: int, quantization: str, eight_bit: bool, swap: int, device: str) -> int:
+    from fluxkit.plan import parse, plan_memory
+
+    args = parse(["--pretrained_model_name_or_path", preset_name, "--architecture", preset_name, "--lora", "--rank", str(rank),
+                  "--lora_alpha", str(rank), "--resolution", str(res), "--train_batch_size", "1", "--mixed_precision", "bf16",
+                  "--max_sequence_length", str(T5_TOKENS), "--gradient_checkpointing", "--base_quantization", quantization,
+                  "--blocks_to_swap", str(swap)] + (["--use_8bit_adam"] if eight_bit else []))
+    plan = plan_memory(args, 1, 0, device)
+    return max(p.bytes for p in plan.phases if p.name.startswith("train"))
+
+
+def _steps(ctx, t, res: int, vae_scale: int, rank: int, eight_bit: bool, swap: int) -> tuple[list, int, int]:
+    """(step times, peak allocated, blocks resident at most) of WARMUP + STEPS LoRA steps."""
+    from peft import LoraConfig
+
+    from fluxkit import blockswap
+    from fluxkit.families.flux1 import FAMILY as FLUX1
+
+    device = torch.device(ctx.device.type)
+    t.enable_gradient_checkpointing()
+    t.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(FLUX1.lora_targets)))
+    params = [p for p in t.parameters() if p.requires_grad]
+    for p in params:  # as the trainer: fp32 adapters over the frozen base, under bf16 autocast
+        p.data = p.data.float()
+    swapper = blockswap.place(Namespace(blocks_to_swap=swap), t, device)
+    opt = _optimizer(params, eight_bit, device)
+    cfg, tokens = t.config, flops.image_tokens(res, res, vae_scale)
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, torch.bfloat16)  # noqa: E731
+    x0, noise, text, pooled = (rand(1, tokens, cfg.in_channels), rand(1, tokens, cfg.in_channels),
+                               rand(1, T5_TOKENS, cfg.joint_attention_dim), rand(1, cfg.pooled_projection_dim))
+    ids = dict(img_ids=torch.zeros(tokens, 3, device=device), txt_ids=torch.zeros(T5_TOKENS, 3, device=device),
+               guidance=torch.ones(1, device=device, dtype=torch.bfloat16) if cfg.guidance_embeds else None)
+    gc.collect()
+    empty_cache(device.type)
+    reset_peak_memory(ctx.device)
+    times, resident = [], 0
+    for i in range(WARMUP + STEPS):
+        synchronize(ctx.device)
+        start = time.perf_counter()
+        sigma = torch.rand(1, generator=gen).to(device, torch.bfloat16)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            pred = t(hidden_states=(1 - sigma) * x0 + sigma * noise, encoder_hidden_states=text, pooled_projections=pooled,
+                     timestep=sigma, return_dict=False, **ids)[0]
+        torch.nn.functional.mse_loss(pred.float(), (noise - x0).float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(ctx.device)
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+        resident = max(resident, swapper.resident_blocks() if swapper else len(blockswap.blocks_of(t)))
+    return times, peak_memory_bytes(ctx.device), resident
+
+
+def ladder(ctx, preset, res: int, vae_scale: int, tolerance: float) -> tuple[list, list]:
+    """(rows, notes) of the memory ladder; see the module doc."""
+    rows, notes = [], []
+    device = ctx.device.type
+    blocks = preset.transformer["num_layers"] + preset.transformer["num_single_layers"]
+    for case, rank, quantization, eight_bit, swap, published in RUNGS:
+        ctx.log(f"gpu: memory ladder, {case}")
+        swap = min(swap, blocks - 1)
+        t = _transformer(preset, device, quantization)
+        times, measured, resident = _steps(ctx, t, res, vae_scale, rank, eight_bit and ctx.device.has_accelerator, swap)
+        planned = _planned(preset.name, res, rank, quantization, eight_bit and ctx.device.has_accelerator, swap, device)
+        metrics = {"s/step": harness.summarize(times), "peak mem GB": measured / 2**30, "planned GB": planned / 2**30,
+                   "blocks resident": resident}
+        if ctx.device.has_accelerator:
+            metrics["planned / measured"] = planned / measured
+            metrics[f"within {tolerance:.0%}"] = "yes" if abs(planned / measured - 1) <= tolerance else "NO"
+        else:
+            metrics["planned / measured"] = "n/a (CPU RSS)"
+        rows.append({"table": "memory ladder (cache full, no encoder on the device)",
+                     "case": f"{case}, {res}x{res}, batch 1, grad ckpt", "params": {"published": published},
+                     "metrics": metrics})
+        del t, times
+        gc.collect()
+        empty_cache(device)
+    if not ctx.device.has_accelerator:
+        notes.append("memory ladder: on CPU a check of the code path (AdamW instead of 8-bit Adam, swap counts clipped "
+                     "to the preset's blocks), not a GPU measurement")
+    return rows, notes
