@@ -229,6 +229,21 @@ def test_cached_run_equals_uncached_and_the_cache_never_holds_new_token_embeddin
         assert torch.equal(held[0], seq[0]) and torch.equal(held[1], pooled[0]), prompt
 
 
+def test_cache_fill_command_fills_what_a_pivotal_run_reads(tiny_flux, sample_data, tmp_path, capsys):
+    """python -m fluxkit.cache with the run's flags fills the prompts as the run rewrites them; the
+    run then encodes nothing through the cache (only prompts with new tokens, live)."""
+    from fluxkit.cache.command import main as cache_command
+
+    data = mixed_captions(sample_data, str(tmp_path / "mixed"))
+    argv = ti_args(tiny_flux, sample_data, str(tmp_path / "run"), steps=2, instance_data_dir=data,
+                   latent_cache_dir=tmp_path / "cache", validation_prompt="TOK on a beach")
+    assert cache_command(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["prompts"] == 3 and report["prompts_encoded"] == 3  # <s0><s1> captions, plain ones, validation
+    run = train(argv)
+    assert run.cache.encoded == {"latents": 0, "text": 0}
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes(tiny_flux, sample_data, tmp_path):
     """The rows are parameters of the transformer's engine: they train, stop at their fraction (an lr

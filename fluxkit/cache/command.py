@@ -89,6 +89,7 @@ def _named(row: dict) -> str:
 def _fill_command(argv=None) -> int:
     import json
 
+    from .. import pivotal
     from ..device import check_mixed_precision, detect, torch_dtype
     from ..encode import encode_prompts, latent_moments
     from ..models import load_models, resolve_model_dir
@@ -105,7 +106,9 @@ def _fill_command(argv=None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     info = detect(args.device)
     model_dir = resolve_model_dir(args)
+    tokens = pivotal.prepare_prompts(args, model_dir)  # the trainer's prompts: TOK -> <s0><s1> (pivotal tuning)
     scan = scan_dataset(args, world_size=1)
+    pivotal.rewrite_captions(tokens, scan)
     check_cache_dir(args)
     class_images = None  # the class images already there (the trainer generates missing ones)
     if args.with_prior_preservation and os.path.isdir(args.class_data_dir or ""):
