@@ -1,7 +1,7 @@
 """Where a run's start-up goes: named marks, each the seconds since the previous one.
 
 The trainer marks the end of each phase (imports, plan, scan, accelerate, model load, cache,
-prepare, first step, save); the first mark counts from this process's start (interpreter start-up
+prepare, first step, train (the other steps), save); the first mark counts from this process's start (interpreter start-up
 and imports included). The summary's `startup_seconds` holds them, `process_started_at` the
 process's start as a Unix time, so a caller timing the whole command can tell what came before
 the process (`accelerate launch` itself). `python -m bench startup` reads both.

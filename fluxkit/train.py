@@ -106,6 +106,7 @@ def train(args) -> dict:
     run = setup(args)
     resume(run)
     loop(run)
+    startup.mark("train")  # the steps after the first
     return finish(run)
 
 

@@ -40,7 +40,7 @@ def test_full_run_checkpoints_resume_and_limit(tiny_flux, sample_data, tmp_path,
     assert "step_seconds" not in summary and len(saved["step_seconds"]) == 2
     # where start-up went (python -m bench startup reads it), phase by phase, from this process's start
     assert list(saved["startup_seconds"]) == ["imports", "plan", "scan", "accelerate", "model load", "cache", "prepare",
-                                              "first step", "save"]
+                                              "first step", "train", "save"]
     assert all(v >= 0 for v in saved["startup_seconds"].values()) and saved["process_started_at"] < time.time()
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "scheduler" / "scheduler_config.json").is_file()
