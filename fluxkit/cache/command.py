@@ -106,7 +106,7 @@ def _fill_command(argv=None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     info = detect(args.device)
     model_dir = resolve_model_dir(args)
-    tokens = pivotal.prepare_prompts(args, model_dir)  # the trainer's prompts: TOK -> <s0><s1> (pivotal tuning)
+    args, tokens = pivotal.prepare_prompts(args, model_dir)  # the trainer's prompts: TOK -> <s0><s1> (pivotal tuning)
     scan = scan_dataset(args, world_size=1)
     pivotal.rewrite_captions(tokens, scan)
     check_cache_dir(args)
