@@ -42,6 +42,67 @@ def sample_data(tmp_path_factory):
     return build_datasets(str(tmp_path_factory.mktemp("data") / "sample"), seed=0, resolution=32)
 
 
+# ------------------------------------------------------------------------------- cost marks
+# Every test has one cost mark (pytest.ini): unit (no model, no subprocess), tiny (the tiny FLUX in this
+# process), cli (one real command), multiproc (accelerate with 2+ processes). A test without one is
+# tiny when it uses a fixture that builds the tiny FLUX, else unit; the old `slow` counts as cli.
+# The fast loop is `python -m pytest -m "unit or tiny"`.
+COST_MARKS = ("unit", "tiny", "cli", "multiproc")
+TINY_FIXTURES = {"tiny_flux", "small_flux"}
+
+
+def cost_of(item) -> str:
+    given = [m.name for m in item.iter_markers() if m.name in COST_MARKS]
+    if len(set(given)) > 1:
+        raise pytest.UsageError(f"{item.nodeid} has the cost marks {sorted(set(given))}; give it one")
+    if given:
+        return given[0]
+    if item.get_closest_marker("slow") is not None:
+        return "cli"
+    return "tiny" if TINY_FIXTURES & set(getattr(item, "fixturenames", ())) else "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        cost = cost_of(item)
+        item.stash[_COST] = cost
+        if item.get_closest_marker(cost) is None:
+            item.add_marker(cost)
+
+
+_COST = pytest.StashKey[str]()
+# what a unit or tiny test may not start: another interpreter (inductor's compile workers excepted)
+_INTERPRETERS = ("python", "accelerate", "torchrun", "deepspeed")
+
+
+@pytest.fixture(autouse=True)
+def _in_process_only(request, monkeypatch):
+    """A unit or tiny test that starts an interpreter or a launcher is mislabelled: it fails when a -m
+    expression chose it (the fast loop would pay for it), and is reported otherwise."""
+    cost = request.node.stash.get(_COST, None)
+    if cost not in ("unit", "tiny"):
+        yield
+        return
+    original = subprocess.Popen.__init__
+    node, strict = request.node.nodeid, bool(request.config.option.markexpr)
+
+    def guarded(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        first = os.path.basename(str(argv[0])) if argv else ""
+        starts = str(argv[0]) == sys.executable or first.endswith(".sh") or first.startswith(_INTERPRETERS)
+        if starts and not any("torch._inductor" in str(a) for a in argv):
+            message = f"{node} is marked {cost} but starts {[str(a) for a in argv[:3]]}: mark it cli or multiproc"
+            if strict:
+                raise AssertionError(message)
+            import warnings
+
+            warnings.warn(message, pytest.PytestWarning, stacklevel=2)
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
+
+
 _port = [29600 + (os.getpid() % 200) * 2]
 
 

@@ -222,6 +222,7 @@ def test_bench_cli_bad_input_is_one_line(args, needle, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.cli
 def test_bench_run_writes_a_valid_result_and_prints_the_table_last(tmp_path):
     """The gpu suite's own code path on CPU with the tiny preset: a real run, end to end."""
     from bench.harness import validate

@@ -152,6 +152,7 @@ def test_latest_names_the_damaged_newest_and_the_newest_intact(tiny_flux, sample
     assert verify_main(["verify", str(out / "checkpoint-2")]) == 0
 
 
+@pytest.mark.cli
 def test_verify_cli_help_and_bad_path(tmp_path):
     import sys
 
@@ -310,7 +311,7 @@ def zero3_run(tiny_flux, sample_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("kind", ["zero2", "zero3"])
 def test_deepspeed_manifest_holds_every_process_files(request, kind):
     run = request.getfixturevalue(f"{kind}_run")
@@ -322,7 +323,7 @@ def test_deepspeed_manifest_holds_every_process_files(request, kind):
         "DeepSpeed's optimizer state of process 1"
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("rel", ZERO2_FILES)
 def test_damaged_zero2_checkpoint_is_refused(tiny_flux, sample_data, zero2_run, tmp_path, capsys, rel, how):
@@ -330,18 +331,18 @@ def test_damaged_zero2_checkpoint_is_refused(tiny_flux, sample_data, zero2_run, 
     assert_refused_inprocess(LORA, tiny_flux, sample_data, zero2_run, rel, how, tmp_path, capsys)
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("how", DAMAGES)
 @pytest.mark.parametrize("rel", ZERO3_FILES)
 def test_damaged_zero3_checkpoint_is_refused(tiny_flux, sample_data, zero3_run, tmp_path, capsys, rel, how):
     assert_refused_inprocess(FULL, tiny_flux, sample_data, zero3_run, rel, how, tmp_path, capsys)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind, rel, how", [
     ("zero2", "pytorch_model/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "flip"),  # process 1's shard
     ("zero3", "pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt", "pickle"),  # DeepSpeed would unpickle it
 ])
+@pytest.mark.multiproc
 def test_a_real_two_process_resume_refuses_a_damaged_checkpoint(request, tiny_flux, sample_data, tmp_path, kind, rel, how):
     run = request.getfixturevalue(f"{kind}_run")
     out, marker = tmp_path / "out", tmp_path / "UNPICKLED"

@@ -134,6 +134,7 @@ def test_split_must_divide_heads_and_tokens(tiny_flux):
         check_sequence_split(pipe, Grid(2, 2, 1), 32, 32, 7)
 
 
+@pytest.mark.cli
 def test_cpu_device_count_patch():
     """Listed by patch_flux.py --list; applies here (no accelerator); makes enable_parallelism's
     device choice finite, and only while that call runs."""
@@ -174,7 +175,7 @@ def single_process(tiny_flux, tmp_path_factory):
     return out, np.array(seen), np.concatenate(latents), argv
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_ulysses_two_processes_match_one(single_process, tmp_path):
     one, seen_one, latents_one, argv = single_process
     argv = [str(a) for a in argv]
@@ -202,7 +203,7 @@ def test_ulysses_two_processes_match_one(single_process, tmp_path):
         assert np.abs(rec["latents"] - latents_one).max() < 1e-5
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_grid_2x1_and_1x2_cover_the_same_pairs(single_process, tmp_path):
     """Two processes data-parallel (2 groups of 1) render each pair once, like one group of two."""
     one, _, _, argv = single_process
@@ -218,7 +219,7 @@ def test_grid_2x1_and_1x2_cover_the_same_pairs(single_process, tmp_path):
     assert sorted((r["prompt"], r["seed"]) for r in manifest(out)) == sorted((p, s) for p in PROMPTS for s in (8, 23))
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_ulysses_bf16_within_two_levels(tiny_flux, tmp_path):
     argv = ["--model_path", tiny_flux, "--prompt", PROMPTS[0], "--seeds", "8", "--height", "32", "--width", "32",
             "--num_inference_steps", "2", "--dtype", "bf16"]
@@ -232,7 +233,7 @@ def test_ulysses_bf16_within_two_levels(tiny_flux, tmp_path):
 
 # ---------------------------------------------------------------- the defects
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_launch_that_starts_fewer_processes_is_reported(tiny_flux, tmp_path):
     """`accelerate launch --num_processes 2` without --multi_gpu starts one process on a CPU host: say so."""
     env = {"HF_HOME": str(tmp_path / "hf")}  # no default accelerate config
@@ -320,6 +321,7 @@ def test_batch_size_is_in_bf16_names_and_a_name_is_its_pixels(tiny_flux, tmp_pat
     assert np.array_equal(pixels(tmp_path / "b3" / victim), pixels(tmp_path / "first" / victim))
 
 
+@pytest.mark.cli
 def test_hub_cache_copy_missing_a_component_is_named(tiny_flux, tmp_path):
     """A hub id whose cached snapshot lacks text_encoder/: the line names the component, not a file in the root."""
     snapshot = tmp_path / "hf" / "hub" / "models--org--flux" / "snapshots" / ("0" * 40)

@@ -104,6 +104,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.cli
 def test_fill_killed_midway_resumes_with_what_was_committed(tiny_flux, tmp_path, encoder_use):
     folder = captioned_folder(tmp_path / "data", [(40, 36)] * 5)
     cache_dir = tmp_path / "cache"
@@ -122,6 +123,7 @@ def test_fill_killed_midway_resumes_with_what_was_committed(tiny_flux, tmp_path,
     assert losses(tmp_path / "rerun") == losses(tmp_path / "clean")
 
 
+@pytest.mark.cli
 def test_fill_command_ahead_of_training(tiny_flux, tmp_path, encoder_use):
     folder = captioned_folder(tmp_path / "data", [(40, 36)] * 3)
     args = args_for(tiny_flux, folder, tmp_path / "run", steps=2, latent_cache_dir=str(tmp_path / "cache"))
@@ -177,7 +179,7 @@ def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder
         assert im.size == (32, 32)  # validation renders at --resolution
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_buckets_under_deepspeed_two_processes_kill_resume_bit_identical(tiny_flux, tmp_path):
     folder = captioned_folder(tmp_path / "data", MIXED)
 
@@ -404,6 +406,7 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
 
 # ----------------------------------------------------------------------------- machines that share no cache folder
 
+@pytest.mark.multiproc
 def test_processes_without_a_shared_cache_folder_fill_their_own_and_say_so(tiny_flux, tmp_path):
     """Two real processes (accelerate, gloo), each with a cache folder of its own as on two machines
     without a shared filesystem: no hang at the fill's barriers, each machine fills what the other's

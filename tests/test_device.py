@@ -68,6 +68,7 @@ def test_mixed_precision_check():
         check_mixed_precision(cpu, "fp16")
 
 
+@pytest.mark.multiproc
 def test_deepspeed_zero2_bf16_two_cpu_processes(tmp_path):
     """... and builds no DeepSpeed op on the way: its shm comm op (a minute of C++ on a user's clock,
     used only by inference_all_reduce) is skipped on CPU hosts. The empty extensions folder would

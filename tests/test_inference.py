@@ -128,6 +128,7 @@ def test_prompts_file_and_flags(tmp_path):
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.cli
 def test_base_script_files_metadata_manifest_and_resume(tiny_flux, tmp_path):
     out = tmp_path / "out"
     argv = ["--model_path", tiny_flux, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seeds", "8", "23",
@@ -222,6 +223,7 @@ def test_first_block_cache_threshold_changes_pixels(tiny_flux, tmp_path):
     assert np.array_equal(pixels(tmp_path / "off" / off), pixels(tmp_path / "never" / never))
 
 
+@pytest.mark.cli
 def test_npu_branch_applies_the_patches(tmp_path):
     """With a stand-in torch_npu, the npu path asks fluxkit.patches for float32 RoPE and fused attention."""
     fake = tmp_path / "fake"
@@ -411,6 +413,7 @@ def _private_mount_prefix(probe):
     return None
 
 
+@pytest.mark.cli
 def test_read_only_output_dir_is_refused_before_loading(tiny_flux, tmp_path):
     """The write probe, also as root (CI): a read-only tmpfs refuses the probe file whatever the
     permission bits say, so the run stops with one line before it loads the model."""
@@ -429,6 +432,7 @@ def test_read_only_output_dir_is_refused_before_loading(tiny_flux, tmp_path):
     assert proc.returncode == 2 and "Loading" not in proc.stderr
 
 
+@pytest.mark.cli
 def test_script_defaults_fail_clearly(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = run_script([sys.executable, SCRIPTS["base"], "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path), env=env)
@@ -451,7 +455,7 @@ def _multi_process_config(tmp_path):
     return str(config)
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_distrib_64_pairs_two_processes_once_each_same_pixels_and_resume(tiny_flux, tmp_path):
     prompts = [f"a {c} {s} on a gray background" for c in ("red", "blue") for s in ("circle", "square", "stripes", "dot")]
     seeds = [str(s) for s in range(100, 108)]
@@ -507,6 +511,7 @@ def _train(script, tiny_flux, sample_data, out, extra):
     assert rc == 0
 
 
+@pytest.mark.cli
 def test_lora_from_our_trainer(tiny_flux, sample_data, tmp_path):
     trained = tmp_path / "output_flux_dreambooth_lora"
     _train(os.path.join(ROOT, "train_flux_dreambooth_lora.py"), tiny_flux, sample_data, trained,

@@ -175,6 +175,7 @@ def _env():
     return env
 
 
+@pytest.mark.cli
 def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path, tiny_flux, sample_data):
     """Ctrl-C right after the launcher starts accelerate: nothing was saved, so the launcher must not
     offer --resume_from_checkpoint=latest (it would start over anyway) and says so instead."""
@@ -195,7 +196,7 @@ def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path, tiny_flux
     assert not list(out.glob("checkpoint-*"))
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_works(tmp_path, tiny_flux, sample_data):
     out = tmp_path / "out"
     args = [LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}", "--resolution=32",
@@ -234,7 +235,7 @@ def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_wo
     assert steps == list(range(1, 61))  # the resumed run continued where the stopped one left off
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_lora_demo_console_is_short(tmp_path):
     """The LoRA demo end to end (build, 2-process training, summary, images) in under 20 lines a user reads;
     known library noise is filtered where it is made, and --verbose would show it."""
@@ -294,7 +295,7 @@ def _listing(folder):
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_a_fresh_run_in_a_folder_with_another_runs_checkpoints_is_refused(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
     before = _listing(out)
@@ -306,7 +307,7 @@ def test_a_fresh_run_in_a_folder_with_another_runs_checkpoints_is_refused(finish
     assert _listing(out) == before  # nothing written
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_overwrite_output_dir_moves_the_old_run_aside(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
     proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=1", "--overwrite_output_dir"),
@@ -318,7 +319,7 @@ def test_overwrite_output_dir_moves_the_old_run_aside(finished_run, tmp_path, ti
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_resume_with_changed_settings_is_refused_naming_them(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
     before = _listing(out)
@@ -332,7 +333,7 @@ def test_resume_with_changed_settings_is_refused_naming_them(finished_run, tmp_p
     assert _listing(out) == before
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_resume_by_checkpoint_name_inside_output_dir(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -344,7 +345,7 @@ def test_resume_by_checkpoint_name_inside_output_dir(finished_run, tmp_path, tin
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, sample_data):
     record = json.loads((finished_run / "run_config.json").read_text())
     assert record["settings"]["learning_rate"] == 1e-4 and record["settings"]["model_name"] == tiny_flux
@@ -441,7 +442,7 @@ def finished_lora_run(tmp_path_factory, tiny_flux, sample_data):
     return out, proc
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_ignore_memory_plan_trains_anyway(finished_lora_run):
     out, proc = finished_lora_run
     assert (out / "pytorch_lora_weights.safetensors").is_file() and not list(out.glob("checkpoint-*"))
@@ -450,7 +451,7 @@ def test_ignore_memory_plan_trains_anyway(finished_lora_run):
     assert "does NOT fit in 0.0 GiB" in warned[0]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 @pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume latest"])
 def test_a_new_run_into_a_finished_run_without_checkpoints_is_refused(finished_lora_run, tmp_path, tiny_flux,
                                                                       sample_data, resume):
@@ -467,7 +468,7 @@ def test_a_new_run_into_a_finished_run_without_checkpoints_is_refused(finished_l
     assert {p: (out / p).read_bytes() for p in _listing(out)} == before  # nothing written
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_overwrite_output_dir_moves_a_finished_run_aside(finished_lora_run, tmp_path):
     from fluxkit.checkpoint import move_aside_previous_run
 

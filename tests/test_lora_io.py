@@ -179,7 +179,7 @@ def test_hooks_with_plain_accelerate_replace_full_model_file(pipe, tmp_path):
     torch.testing.assert_close(_out(transformer, inputs), expected)
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_hooks_under_deepspeed_two_processes(tiny_flux, tmp_path):
     """Both ranks call save_state (no hang), rank 0 writes a clean file, resume loads it back."""
     from diffusers import FluxPipeline

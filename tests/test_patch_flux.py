@@ -199,6 +199,7 @@ print(json.dumps({"status": status, "applied": applied, "calls": len(torch_npu.C
 '''
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("asked", [False, True])
 def test_npu_branches_with_a_stand_in_torch_npu(tmp_path, tiny_flux, asked):
     (tmp_path / "torch_npu").mkdir()
@@ -393,6 +394,7 @@ def test_runner_bad_input_is_one_line(tmp_path):
     assert "hello" not in proc.stdout, "nothing may run when the script cannot be fixed"
 
 
+@pytest.mark.cli
 def test_runner_runs_script_as_main_with_args_and_exit_code(tmp_path):
     script = tmp_path / "train_shape.py"
     script.write_text(SHAPE_2024 + textwrap.dedent('''
@@ -425,7 +427,7 @@ def fixture_run(tiny_flux, sample_data, out, fixture):
             "--checkpoints_total_limit", "1", "--mixed_precision", "bf16"]
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deepspeed_lora_run_checkpoints_twice_and_resumes(tiny_flux, sample_data, tmp_path):
     from diffusers import FluxPipeline
     from safetensors import safe_open
@@ -464,7 +466,7 @@ def test_deepspeed_lora_run_checkpoints_twice_and_resumes(tiny_flux, sample_data
     assert (tuned - base).abs().max() > 1e-3, "the LoRA trained under DeepSpeed must change the output"
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deepspeed_full_finetune_shape_checkpoints_prunes_resumes_and_saves_a_pipeline(tiny_flux, sample_data, tmp_path):
     """The full fine-tune shape (train_dreambooth_flux.py): the save hook save_pretrained()s the
     transformer, the checkpoint block is rank 0's, the end saves a whole pipeline."""

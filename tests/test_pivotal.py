@@ -244,7 +244,7 @@ def test_cache_fill_command_fills_what_a_pivotal_run_reads(tiny_flux, sample_dat
     assert run.cache.encoded == {"latents": 0, "text": 0}
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deepspeed_zero2_two_processes(tiny_flux, sample_data, tmp_path):
     """The rows are parameters of the transformer's engine: they train, stop at their fraction (an lr
     of 0 on DeepSpeed's fp32 masters) and reach every checkpoint. 4 images on 2 processes: 2 steps

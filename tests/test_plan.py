@@ -112,6 +112,7 @@ def test_quantized_base_shrinks_the_frozen_transformer():
     del argparse
 
 
+@pytest.mark.cli
 def test_cli_table_json_and_fit_line(tmp_path, tiny_flux):
     out = tmp_path / "plan.json"
     proc = run_script([sys.executable, "-m", "fluxkit.plan", "--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev",
@@ -203,7 +204,7 @@ def small_flux(tmp_path_factory):
     return model, data["instance_dir"]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 @pytest.mark.parametrize("mode,resolution,batch,checkpointing", [("full", 256, 1, False), ("lora", 256, 4, True)])
 def test_plan_within_15_percent_of_measured(tmp_path, small_flux, mode, resolution, batch, checkpointing):
     sys.path.insert(0, ROOT)
@@ -223,6 +224,7 @@ def test_plan_within_15_percent_of_measured(tmp_path, small_flux, mode, resoluti
     assert os.path.isdir(tmp_path / "out")
 
 
+@pytest.mark.cli
 def test_trainer_logs_the_plan_before_loading(tmp_path, tiny_flux, sample_data):
     from conftest import trainer_args
 

@@ -122,6 +122,7 @@ def test_lora_on_a_quantized_base_learns_and_loads_into_an_unquantized_pipeline(
     assert effect > 5 and np.abs(images["fused"] - images["lora"]).mean() < 0.4 * effect
 
 
+@pytest.mark.cli
 def test_killed_run_on_a_quantized_base_resumes_bit_identical(tiny_flux, sample_data, tmp_path, capsys):
     """Killed after step 3 (checkpoint-2 on disk), resumed: the uninterrupted run's losses and LoRA.
     A resume that changes the quantization is refused, naming it."""
@@ -184,7 +185,7 @@ def test_inference_renders_on_a_quantized_transformer(tiny_flux, tmp_path):
         assert 0 < diff.mean() < 40, (quantization, diff.mean())
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_deepspeed_zero2_two_processes_nf4_resumes_bit_identical(tiny_flux, sample_data, tmp_path):
     """ZeRO-2 bf16 on 2 CPU processes over an NF4 base, resumed from DeepSpeed's own checkpoint (which holds
     the quantized module), equals the uninterrupted run. (int8 and fp8 are refused under DeepSpeed before

@@ -107,6 +107,7 @@ FULL_CHAIN = [
 ]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("script, chain, steps", [(LORA, LORA_CHAIN, 6), (FULL, FULL_CHAIN, 4)], ids=["lora", "full"])
 def test_sigkill_chain_resumes_bit_identical(tiny_flux, sample_data, tmp_path, script, chain, steps):
     common = dict(checkpointing_steps=2, checkpoints_total_limit=1)
@@ -132,7 +133,6 @@ def test_sigkill_chain_resumes_bit_identical(tiny_flux, sample_data, tmp_path, s
     assert_bit_identical(weights(out, script), weights(reference, script))
 
 
-@pytest.mark.slow
 def assert_killed_at_step_3_resumes_bit_identical(launch, out, reference):
     """launch(out, env, **flags) SIGKILLed after step 3 leaves checkpoint-2 only; rerun with
     --resume_from_checkpoint latest, it ends with the uninterrupted reference's losses and weights."""
@@ -158,6 +158,7 @@ def assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path,
     assert_killed_at_step_3_resumes_bit_identical(launch, tmp_path / "crashed", reference)
 
 
+@pytest.mark.multiproc
 def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path):
     assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path)
 
@@ -211,6 +212,7 @@ def _pages(folder):
     return sum(-(-os.path.getsize(os.path.join(d, f)) // 4096) * 4096 for d, _, fs in os.walk(folder) for f in fs)
 
 
+@pytest.mark.cli
 def test_full_disk_during_checkpoint_and_final_save(tiny_flux, sample_data, checkpoint_2, tmp_path):
     """A checkpoint write and the final save that run out of space: one clear line, exit 2, checkpoint-2
     untouched and no partial left; a read-only output is refused before training; the run then resumes."""
@@ -342,6 +344,7 @@ def _finished_steps(out):
     return path.read_text().count("\n") if path.is_file() else 0
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_flux, sample_data, tmp_path, sig):
     out = tmp_path / "out"
@@ -487,6 +490,7 @@ def test_launcher_plan_hides_the_hub_token(tiny_flux, sample_data, tmp_path, for
 HOSTILE = "x $(touch PWNED) `touch PWNED` ; touch PWNED & | > PWNED 'q' \"dq\" \\ * ?"
 
 
+@pytest.mark.cli
 def test_launcher_passes_hostile_paths_and_prompts_verbatim(tiny_flux, sample_data, tmp_path):
     """Spaces and shell metacharacters in paths and prompts reach the trainer as one argument each, unexpanded."""
     box = tmp_path / "box"
@@ -531,7 +535,8 @@ REAL_COMMAND = {next(c["name"] for c in CASES if c["entry"] == entry) for entry 
     "launcher: python not found"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["name"], marks=[pytest.mark.cli] if c["name"] in REAL_COMMAND else [])
+                                  for c in CASES])
 def test_bad_input_is_one_clear_line(tiny_flux, sample_data, tmp_path, case):
     tmp = tmp_path / "case"
     tmp.mkdir()

@@ -142,7 +142,7 @@ def test_validation_images_and_tensorboard(tiny_flux, sample_data, tmp_path):
 
 # ----------------------------------------------------------------------------- DeepSpeed
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script", [LORA, FULL], ids=["lora", "full"])
 def test_deepspeed_zero2_two_processes_checkpoint_and_resume(tiny_flux, sample_data, tmp_path, script):
     out = tmp_path / "ds"
@@ -243,11 +243,13 @@ def test_resume_across_run_types_is_refused(tiny_flux, sample_data, tmp_path, ca
     assert rc == 2 and "lora run" in err and "train_flux_dreambooth_lora.py" in err
 
 
+@pytest.mark.cli
 def test_bad_input_through_the_real_entry_point(tiny_flux, sample_data, tmp_path):
     proc = run_script([sys.executable, LORA] + base_args(tiny_flux, sample_data, tmp_path / "o", resolution=40), timeout=120)
     assert_user_error(proc, "--resolution")
 
 
+@pytest.mark.multiproc
 def test_plain_accelerate_launch_reports_a_mistake_once(tiny_flux, sample_data, tmp_path):
     # every process checks the same flags before they connect; only the machine's first one says so
     proc = accelerate_launch([LORA] + base_args(tiny_flux, sample_data, tmp_path / "o", resolution=40), timeout=180)

@@ -49,6 +49,7 @@ def run_chain(tiny_flux, sample_data, tmp_path, steps, kills, **extra):
 
 # ------------------------------------------------------------------ resume: epochs and accumulation
 
+@pytest.mark.cli
 def test_kill_resume_across_an_epoch_boundary_is_bit_identical(tiny_flux, sample_data, tmp_path):
     """4 samples, micro batch 1: 4 steps an epoch. Killed at step 5 (resumes from checkpoint-3 in
     epoch 0 and runs into epoch 1), then at step 7 (resumes from checkpoint-6 inside epoch 1)."""
@@ -58,6 +59,7 @@ def test_kill_resume_across_an_epoch_boundary_is_bit_identical(tiny_flux, sample
     assert_bit_identical(weights(out, LORA), weights(reference, LORA))
 
 
+@pytest.mark.cli
 def test_kill_resume_mid_epoch_with_gradient_accumulation_is_bit_identical(tiny_flux, sample_data, tmp_path):
     """Accumulation 2 over 4 samples: 2 optimizer steps an epoch. checkpoint-3 sits after the first
     step of epoch 1, so the resumed run must start in epoch 1 and skip 2 micro batches (not 1)."""
@@ -264,6 +266,7 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.cli
 def test_sharded_tensor_device_follows_hccl_and_nccl():
     proc = run_script([sys.executable, "-c", _SHARDED_DEVICE], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -49,7 +49,7 @@ def _tensors(path):
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 @pytest.mark.parametrize("script", [FULL, LORA], ids=["full", "lora"])
 def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_path, script):
     z2, z3, resumed = tmp_path / "zero2", tmp_path / "zero3", tmp_path / "zero3-resumed"
@@ -91,7 +91,7 @@ def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_
     assert close >= MIN_CLOSE and moved >= MIN_MOVED, f"{close:.4f} of ZeRO-3's weights close to ZeRO-2's, {moved:.4f} moved"
 
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_train_text_encoder_under_deepspeed_is_one_line(tiny_flux, sample_data, tmp_path):
     proc = accelerate_launch([FULL] + base_args(tiny_flux, sample_data, tmp_path / "te", steps=1, train_text_encoder=True),
                              num_processes=2, config=ZERO3_CONFIG, timeout=300)
@@ -104,6 +104,7 @@ def test_train_text_encoder_under_deepspeed_is_one_line(tiny_flux, sample_data, 
     assert not (tmp_path / "te" / "transformer").exists()
 
 
+@pytest.mark.multiproc
 def test_the_trainer_plans_the_zero_stage_accelerate_launched(tiny_flux, sample_data, tmp_path):
     """`accelerate launch --config_file <ZeRO-3 config>` with the trainer: its memory plan (checked before
     any model loads) is ZeRO-3's over 2 processes, read from what accelerate exports, and a run that
