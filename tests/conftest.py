@@ -48,7 +48,8 @@ def sample_data(tmp_path_factory):
 # tiny when it uses a fixture that builds the tiny FLUX, else unit; the old `slow` counts as cli.
 # The fast loop is `python -m pytest -m "unit or tiny"`.
 COST_MARKS = ("unit", "tiny", "cli", "multiproc")
-TINY_FIXTURES = {"tiny_flux", "small_flux"}
+# fixtures that build a tiny FLUX of some shape (test modules name theirs here)
+TINY_FIXTURES = {"tiny_flux", "small_flux", "five_blocks", "tiny_klein", "devlike"}
 
 
 def cost_of(item) -> str:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_user_error, run_entry_inprocess as train_inprocess, run_script, trainer_args
+from conftest import assert_user_error, run_entry_inprocess as train_inprocess, run_inprocess, run_script, trainer_args
 from test_reliability import LORA, assert_bit_identical, log_lines, weights
 from test_train_guards import run_chain
 
@@ -67,6 +67,7 @@ def test_same_losses_and_lora_as_without_it(five_blocks, sample_data, tmp_path, 
     assert "resident_blocks" not in log_lines(tmp_path / "plain")[0]
 
 
+@pytest.mark.cli
 def test_kill_and_resume_across_it(five_blocks, sample_data, tmp_path):
     reference, out, left = run_chain(five_blocks, sample_data, tmp_path, 4, kills=[3], checkpointing_steps=2,
                                      gradient_checkpointing=True, blocks_to_swap=SWAP)
@@ -82,8 +83,7 @@ def test_kill_and_resume_across_it(five_blocks, sample_data, tmp_path):
     (LORA, ["--blocks_to_swap", "-1"], "must be 0 or more"),
 ])
 def test_refusals_are_one_line(five_blocks, sample_data, tmp_path, script, flags, needle):
-    proc = run_script([sys.executable, script, *trainer_args(five_blocks, sample_data, tmp_path / "out", steps=1), *flags],
-                      timeout=120)
+    proc = run_inprocess([sys.executable, script, *trainer_args(five_blocks, sample_data, tmp_path / "out", steps=1), *flags])
     assert_user_error(proc, "--blocks_to_swap", needle)
     assert not (tmp_path / "out").exists()
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, count_rows, run_entry_inprocess as train_inprocess, run_script, with_faults
+from conftest import (ROOT, accelerate_launch, count_rows, run_entry_inprocess as train_inprocess, run_inprocess, run_script,
+                      with_faults)
 from test_reliability import (LORA, SIGKILLED, assert_killed_at_step_3_resumes_bit_identical, steps_and_losses,
                               train_args)
 
@@ -377,7 +378,7 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     assert f"text_encoder + text_encoder_2 embeddings of {tiny_flux} (float32, 16 tokens)" in named["2"], listing
     # with no flag: the default folder of runs started here (OUTPUT/../.fluxkit-cache), as a user types it
     (tmp_path / ".fluxkit-cache").symlink_to(cache_dir)
-    typed = run_script([sys.executable, "-m", "fluxkit.cache", "--list"], cwd=str(tmp_path), timeout=120)
+    typed = run_inprocess([sys.executable, "-m", "fluxkit.cache", "--list"], cwd=str(tmp_path))
     assert typed.returncode == 0 and typed.stderr == "", typed.stderr  # no library noise
     assert typed.stdout.splitlines()[1:] == listing.splitlines()[1:]
 

@@ -146,7 +146,7 @@ def test_validation_is_said_and_light_on_a_cpu_host(tiny_flux):
     mine = dry(LORA, *short, "--", "--num_validation_steps=10")  # named by the user: kept as given
     assert mine.flag("num_validation_images") is None and "4 image(s) x 10 steps" in mine.text
     assert "validation: none" in dry(LORA, *short, "--validation_prompt=").text
-    assert_user_error(launch(LORA, "--dry_run", "--validation=some"), "--validation='some'", "auto, full")
+    assert_user_error(launch_inprocess(LORA, "--dry_run", "--validation=some"), "--validation='some'", "auto, full")
 
 
 def test_every_override_reaches_accelerate_or_the_trainer(tmp_path):

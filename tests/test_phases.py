@@ -135,7 +135,7 @@ def devlike(tmp_path_factory):
     return model, data["instance_dir"]
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_cache_fill_and_training_peak_apart_as_planned(devlike, tmp_path):
     """On a CPU the host is the device: the RSS timeline shows the encode phase (T5 and friends) and
     the training phase (the transformer) peak separately, each within 15% of the plan's phase, and the
