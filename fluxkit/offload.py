@@ -27,14 +27,19 @@ def resident(args, m) -> list:
             if mod is not None and not any(mod is a for a in away)]
 
 
+def text_encoders(m) -> list:
+    return [mod for mod in (m.text_encoder_2, m.text_encoder) if mod is not None]
+
+
 @contextlib.contextmanager
-def encoders_visiting(args, m, device):
+def encoders_visiting(args, m, device, text: bool = True):
     """With --offload_encoders, the frozen encoders on `device` for the duration and back in host
-    memory after it (also when encoding fails); without it they already live on `device`."""
+    memory after it (also when encoding fails); without it they already live on `device`. text=False:
+    the text encoders stay in host memory (they encode there: fluxkit.train.encode_phase)."""
     if not args.offload_encoders:
         yield
         return
-    visitors = frozen_encoders(args, m)
+    visitors = [mod for mod in frozen_encoders(args, m) if text or not any(mod is t for t in text_encoders(m))]
     for mod in visitors:
         mod.to(device)
     try:

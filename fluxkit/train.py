@@ -128,7 +128,8 @@ def setup(args) -> Run:
         (logger.warning if memory[0] is not None and memory[0].fits is False else logger.info)(memory[1])
     weight_dtype = torch_dtype(accelerator.mixed_precision)  # frozen weights and activations: the compute dtype
     models, trainables, dataset, cache, class_images, pivot = prepare_models(args, accelerator, info, model_dir,
-                                                                            weight_dtype, scan, tokens)
+                                                                            weight_dtype, scan, tokens,
+                                                                            plan.text_on_host(memory[0]))
     startup.mark("model load")
     loader = build_data(args, dataset, accelerator.num_processes)
     world = accelerator.num_processes
@@ -246,7 +247,7 @@ def _sync_deepspeed_accumulation(accelerator, args) -> None:
     plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
 
 
-def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, tokens=None):
+def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, tokens=None, text_on_host=False):
     """(models on the device, what trains, the dataset, its filled cache, class images or None, the
     pivotal tuning or None).
 
@@ -272,7 +273,8 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
     with zero3.whole_models(accelerator):
         models = load_models(args, model_dir, without, weight_dtype, info.type)
     startup.mark("model load")
-    encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype, (keep_clip, keep_t5))
+    encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype, (keep_clip, keep_t5),
+                 text_on_host and not (keep_clip or keep_t5))
     startup.mark("cache")
     deepspeed = zero_stage(accelerator) is not None
     with zero3.whole_models(accelerator):
@@ -288,18 +290,25 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
     return models, trainables, dataset, cache, class_images, pivot
 
 
-def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bool, weight_dtype, keep=(False, False)) -> None:
+def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bool, weight_dtype, keep=(False, False),
+                 text_on_host: bool = False) -> None:
     """The encoders on the device (host memory with --offload_encoders), the cache filled, and the
     encoders released once it holds everything, but for those that run every step (keep: CLIP, T5);
-    without a cache they stay for the whole run."""
+    without a cache they stay for the whole run. text_on_host (the plan's decision: T5 does not fit
+    on the device beside the VAE): the text encoders encode on the host CPU."""
     freeze_encoders(args, models, weight_dtype)
+    host = offload.text_encoders(models) if text_on_host and cache.enabled else []
     for module in offload.resident(args, models):  # --offload_encoders leaves the frozen encoders in host memory
-        module.to(accelerator.device)
+        if not any(module is h for h in host):
+            module.to(accelerator.device)
     if not cache.enabled:
         return
     if not covered:
-        with offload.encoders_visiting(args, models, accelerator.device):
-            stats = fill_cache(args, accelerator, models, dataset, cache, prompts)
+        if accelerator.is_main_process and models.text_encoder_2 is not None:
+            logger.info("prompts are encoded on the %s", "host CPU (the plan: the text encoders do not fit on the device "
+                        "beside the VAE)" if host else f"device ({accelerator.device.type})")
+        with offload.encoders_visiting(args, models, accelerator.device, text=not host):
+            stats = fill_cache(args, accelerator, models, dataset, cache, prompts, torch.device("cpu") if host else None)
         if accelerator.is_main_process:
             logger.info("cache %s: encoded %d latents and %d prompts in %.1f s", cache.root, stats["latents"],
                         stats["text"], stats["seconds"])
@@ -309,11 +318,12 @@ def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bo
     dataset.use_cached_latents(*cache.unreadable_images())  # workers read captions only
 
 
-def fill_cache(args, accelerator, models, dataset, cache, prompts) -> dict:
-    """Encode what the cache lacks, every process its share (fluxkit.cache.fill)."""
+def fill_cache(args, accelerator, models, dataset, cache, prompts, text_device=None) -> dict:
+    """Encode what the cache lacks, every process its share (fluxkit.cache.fill); prompts on
+    text_device (default: the run's device)."""
     from .encode import encode_prompts, latent_moments
 
-    device = accelerator.device
+    device = text_device or accelerator.device
     return latent_cache.fill(
         cache, dataset, prompts,
         encode_image=lambda pixels: latent_moments(models.vae, pixels),

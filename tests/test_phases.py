@@ -172,3 +172,22 @@ def test_cache_fill_and_training_peak_apart_as_planned(devlike, tmp_path):
     # the timeline runs encode -> load -> train, never back
     order = [p for i, (_, _, _, p) in enumerate(probe["timeline"]) if i == 0 or probe["timeline"][i - 1][3] != p]
     assert order[-3:] == ["encode", "load", "train"], order
+
+
+def test_prompts_encoded_on_the_host_when_the_plan_says_so(tiny_flux, sample_data, tmp_path, monkeypatch, caplog):
+    """The plan's decision reaches the run: the text encoders are never moved to the device (on this CPU
+    host the device is the CPU too, so the path is what is checked: the log line and a complete run)."""
+    import logging
+
+    from fluxkit import plan
+
+    monkeypatch.setattr(plan, "text_on_host", lambda memory_plan: True)
+    moved = []
+    from transformers import T5EncoderModel
+
+    original = T5EncoderModel.to
+    monkeypatch.setattr(T5EncoderModel, "to", lambda self, *a, **kw: moved.append((a, kw)) or original(self, *a, **kw))
+    with caplog.at_level(logging.INFO, logger="fluxkit.train"):
+        assert train_inprocess(LORA, trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1)) == 0
+    assert any("prompts are encoded on the host CPU" in r.getMessage() for r in caplog.records)
+    assert not [a for a, kw in moved if a and not isinstance(a[0], torch.dtype)]  # only dtype casts, no device moves

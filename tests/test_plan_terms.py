@@ -128,3 +128,16 @@ def test_text_encoding_working_set(dev):
     assert dev.text_encoder_shape == {"d_model": 4096, "d_ff": 10240, "num_heads": 64}
     assert t5.bytes == (64 * 512 ** 2 + 512 * (2 * 10240 + 4 * 4096)) * 2
     assert t5.bytes < terms.vae_encoding(shape(), dev).bytes  # at 512 px the VAE's maps are the larger transient
+
+
+def test_text_encoders_go_to_the_host_only_when_they_do_not_fit(dev):
+    roomy = plan_shape(shape(quant="nf4"), dev, 24 * GiB)
+    assert roomy.summary["text_encoders_on"] == "device"
+    assert "T5 text encoder (frozen)" in {i.name for i in roomy.phase("encode").items}
+    tight = plan_shape(shape(quant="nf4"), dev, 8 * GiB)
+    assert tight.summary["text_encoders_on"] == "host" and tight.shape.text_on_host
+    encode = tight.phase("encode")
+    assert not {i.name for i in encode.items} & {"T5 text encoder (frozen)", "CLIP text encoder (frozen)"}
+    assert encode.host_bytes >= dev.params["text_encoder_2"] * 2
+    cpu = plan_shape(shape(quant="nf4", device="cpu"), dev, 8 * GiB)
+    assert cpu.summary["text_encoders_on"] == "device"  # a CPU device is the host already

@@ -150,6 +150,11 @@ def remedies(plan: Plan, args=None) -> str:
     return "lower --train_batch_size or --resolution, or use a device with more memory"
 
 
+def text_on_host(plan: Plan | None) -> bool:
+    """Whether the run should encode its prompts on the host CPU, as its plan decided (fluxkit.train)."""
+    return bool(plan is not None and plan.shape is not None and plan.shape.text_on_host)
+
+
 def check_fits(args, world_size: int, zero_stage: int, device_info, processes_per_host: int | None = None,
                model_dir: str | None = None, ignore: bool | None = None,
                offload: tuple[bool, bool] | None = None) -> tuple[Plan | None, str]:
@@ -188,5 +193,5 @@ def check_fits(args, world_size: int, zero_stage: int, device_info, processes_pe
     return plan, plan.one_line()
 
 
-__all__ = ["HEADROOM_FRACTION", "accelerate_offload", "check_fits", "device_memory_bytes", "launched_offload", "launched_zero_stage",
+__all__ = ["HEADROOM_FRACTION", "accelerate_offload", "check_fits", "text_on_host", "device_memory_bytes", "launched_offload", "launched_zero_stage",
            "remedies", "smallest_change"]

@@ -11,7 +11,7 @@ and host memory per process beside it. The peak is the largest phase, never a su
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import terms
 from .architecture import Architecture, read_architecture
@@ -127,6 +127,8 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
 
 def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None = None,
                processes_per_host: int = 1) -> Plan:
+    if _text_goes_to_host(s, arch, device_memory_bytes):
+        s = replace(s, text_on_host=True)
     trained = terms.trained_parameters(s, arch)
     encoders = terms.encoder_weights(s, arch)
     # a device that is the host keeps no encoder "elsewhere"; with a cache they leave after encoding
@@ -137,9 +139,7 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
         around = [terms.vae_decoder_weights(s, arch)] + around
     phases = []
     if s.caching and not s.warm_cache:
-        encoding = max(terms.vae_encoding(s, arch), terms.text_encoding(s, arch), key=lambda i: i.bytes)  # one at a time
-        phases.append(Phase("encode", encoders + [encoding] + terms.caches(s, arch),
-                            host_bytes=max(i.bytes for i in encoders), note="encoders fill the cache, then leave"))
+        phases.append(_encode_phase(s, arch, encoders))
     phases.append(Phase("load", around + [terms.transformer_arriving(s, arch, trained)],
                         host_bytes=terms.host_transformer_read(s, arch), note="the transformer arrives"))
     resident = (around + ([terms.transformer_base(s, arch)] if s.lora else []) + terms.block_offload(s, arch)
@@ -170,7 +170,7 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
     save_host = trained * (s.cb if s.deepspeed else 4) if not s.lora else 0
     phases.append(Phase("save", resident + terms.cpu_runtime(s), host_bytes=host_train + save_host,
                         note="weights copied to host memory and written"))
-    summary = {"run": "LoRA" if s.lora else "full", "resolution": s.resolution, "batch": s.batch,
+    summary = {"run": "LoRA" if s.lora else "full", "text_encoders_on": "host" if s.text_on_host else "device", "resolution": s.resolution, "batch": s.batch,
                "mixed_precision": s.mixed, "regime": s.regime, "trained_params": trained,
                "image_tokens": terms.image_tokens(s, arch), "text_tokens": s.seq_len,
                "gradient_checkpointing": s.checkpointing, "base_quantization": s.quant,
@@ -178,3 +178,30 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
                "offload": {"params": s.offload_params, "optimizer": s.offload_optimizer},
                "architecture": arch.source, "params": arch.params, "processes_per_host": processes_per_host}
     return Plan(phases, s.device, device_memory_bytes, s.world, s.zero_stage, summary, s, arch)
+
+
+def _text(items) -> list:
+    return [i for i in items if i.name.startswith(("T5", "CLIP"))]
+
+
+def _encode_phase(s: RunShape, arch: Architecture, encoders: list) -> Phase:
+    """The encoders fill the cache: all on the device, or with text_on_host the text encoders on the
+    host CPU (their weights and their working set in host memory) and only the VAE on the device."""
+    text = _text(encoders) if s.text_on_host else []
+    vae_side = [i for i in encoders if i not in text] + [terms.vae_encoding(s, arch)]
+    if s.text_on_host:
+        return Phase("encode", vae_side + terms.caches(s, arch),
+                     host_bytes=sum(i.bytes for i in text) + terms.text_encoding(s, arch).bytes,
+                     note="the VAE fills the cache; the text encoders run on the host CPU (they do not fit beside it)")
+    encoding = max(vae_side[-1], terms.text_encoding(s, arch), key=lambda i: i.bytes)  # one at a time
+    return Phase("encode", encoders + [encoding] + terms.caches(s, arch), host_bytes=max(i.bytes for i in encoders),
+                 note="encoders fill the cache, then leave")
+
+
+def _text_goes_to_host(s: RunShape, arch: Architecture, device_memory_bytes: int | None) -> bool:
+    """Whether the text encoders should encode on the host: an accelerator run whose encoders, all on
+    the device, would not fit in it (encoding a few prompts on the CPU costs seconds to minutes; a run
+    refused for it costs the run). A CPU device is the host already."""
+    if s.on_cpu or s.text_on_host or not s.caching or s.warm_cache or not device_memory_bytes:
+        return False
+    return _encode_phase(s, arch, terms.encoder_weights(s, arch)).bytes > HEADROOM_FRACTION * device_memory_bytes

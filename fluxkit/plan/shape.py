@@ -35,6 +35,7 @@ class RunShape:
     optimizer: str = "adamw"  # adamw, adamw8bit or prodigy
     caching: bool = True  # latents and prompt embeddings come from the cache
     warm_cache: bool = False  # the cache already holds everything: no encoder loads at all
+    text_on_host: bool = False  # the text encoders fill the cache on the host CPU (decided by the plan)
     samples: int | None = None  # training samples (cache entries), when the plan can see the data
     prompts: int | None = None
     offload_encoders: bool = False

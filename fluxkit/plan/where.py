@@ -52,6 +52,7 @@ def describe(s: RunShape) -> list[str]:
     out += [f"--base_quantization {s.quant}"] if s.quant != "none" else []
     out += ["--use_8bit_adam"] if s.optimizer == "adamw8bit" else []
     out += [f"--blocks_to_swap {s.blocks_to_swap}"] if s.blocks_to_swap else []
+    out += ["(prompts encoded on the host: T5 does not fit beside the VAE)"] if s.text_on_host else []
     out += ["a cache filled first on the host (`python -m fluxkit.cache` with the same flags and `--device cpu`)"] \
         if s.warm_cache else []
     if s.offload_params:
