@@ -111,3 +111,17 @@ class BucketSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self._length
+
+
+def add_flags(g) -> None:
+    """--aspect_ratio_buckets and the buckets' sizes."""
+    g.add_argument("--aspect_ratio_buckets", action="store_true",
+                   help="(ours) train each image in the bucket nearest its aspect ratio (about resolution^2 pixels) instead of a square crop")
+    g.add_argument("--bucket_step", type=int, default=64, help="(ours) bucket sides step by this many pixels (a multiple of 16)")
+    g.add_argument("--min_bucket_side", type=int, default=None, help="(ours) shortest bucket side (default: half the resolution)")
+    g.add_argument("--max_bucket_side", type=int, default=None, help="(ours) longest bucket side (default: twice the resolution)")
+
+
+def validate(args) -> None:
+    if args.aspect_ratio_buckets:
+        make_buckets(args.resolution, args.bucket_step, args.min_bucket_side, args.max_bucket_side)

@@ -394,3 +394,43 @@ def default_num_workers(processes_per_machine: int = 1) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(0, min(8, cores // max(1, processes_per_machine) - 1))
+
+
+def add_flags(g, lora: bool) -> None:
+    """The data flags (diffusers' names and defaults, and ours) on a parser or group."""
+    g.add_argument("--dataset_name", default=None, help="a local dataset folder, parquet file or hub id with images and captions")
+    g.add_argument("--dataset_config_name", default=None, help="dataset config (hub datasets only)")
+    g.add_argument("--instance_data_dir", default=None, help="folder of instance images (used when --dataset_name is not given)")
+    g.add_argument("--image_column", default="image", help="image column of --dataset_name")
+    g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (else --instance_prompt for all)")
+    g.add_argument("--repeats", type=int, default=1, help="how many times to repeat the training data")
+    g.add_argument("--instance_prompt", default=None, required=True, help="prompt with the identifier of the instance, e.g. 'a photo of sks dog'")
+    g.add_argument("--class_data_dir", default=None, help="folder of class images for prior preservation (filled up when short)")
+    g.add_argument("--class_prompt", default=None, help="prompt for class images, e.g. 'a photo of dog'")
+    g.add_argument("--num_class_images", type=int, default=100, help="class images wanted; missing ones are generated with the base model")
+    g.add_argument("--with_prior_preservation", action="store_true", help="add the prior-preservation loss")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior-preservation loss")
+    g.add_argument("--resolution", type=int, default=512, help="training resolution (a multiple of 16)")
+    g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
+    g.add_argument("--random_flip", action="store_true", help="randomly flip images horizontally")
+    g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
+    g.add_argument("--max_sequence_length", type=int, default=512 if lora else 77,
+                   help="T5 tokens per prompt (at most 512; upstream's defaults: 77 full, 512 LoRA)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="DataLoader worker processes per process, which decode images (upstream's default 0; the "
+                        "launchers' auto picks from the cores per process)")
+    g.add_argument("--skip_bad_images", action="store_true", help="(ours) skip unreadable images with a count instead of stopping")
+    g.add_argument("--caption_extension", default=".txt", help="(ours) caption file beside each image: IMAGE.txt")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="(ours) fraction of samples trained with the empty caption")
+    g.add_argument("--alpha_background", default="white", help="(ours) colour transparent images are composited on (name or #rrggbb)")
+
+
+def validate(args) -> None:
+    """The data flags' checks: one line naming the flag."""
+    if args.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers {args.dataloader_num_workers} must be 0 or more")
+    if not 0.0 <= args.caption_dropout_rate < 1.0:
+        raise UserError(f"--caption_dropout_rate {args.caption_dropout_rate} must be in [0, 1)")
+    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
+        raise UserError(f"--caption_extension {args.caption_extension!r} must look like .txt")
+    parse_color(args.alpha_background)

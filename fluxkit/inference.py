@@ -262,11 +262,11 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
     return settings
 
 
-def run(args, defaults: ScriptDefaults) -> dict:
-    t_start = time.perf_counter()
+def check_before_loading(args, defaults: ScriptDefaults):
+    """Everything that can be checked without the model, on every rank alike: (prompts, LoRA file,
+    embeddings file, device info, process grid, attention backend)."""
     from .device import detect
 
-    # Everything that can be checked without the model is checked first, on every rank alike.
     prompts = collect_prompts(args, defaults)
     lora_weights, embeddings = pivotal.inference_files(args.lora_weights, getattr(args, "embeddings", None))
     lora_file = os.path.realpath(resolve_lora_file(lora_weights)) if lora_weights else None
@@ -286,6 +286,12 @@ def run(args, defaults: ScriptDefaults) -> dict:
     if grid.group_size > 1 and args.first_block_cache is not None:
         raise UserError("--first_block_cache cannot be combined with --ulysses_degree/--ring_degree: each process "
                         "would decide on its own share of the tokens whether to skip blocks; drop one of them")
+    return prompts, lora_file, embeddings, info, grid, backend
+
+
+def run(args, defaults: ScriptDefaults) -> dict:
+    t_start = time.perf_counter()
+    prompts, lora_file, embeddings, info, grid, backend = check_before_loading(args, defaults)
     output_dir = check_output_dir(args.output_dir)
     model_id = os.path.realpath(args.model_path) if os.path.isdir(args.model_path) else args.model_path
     jobs = plan_jobs(prompts, args.seeds, settings_of(args, model_id, lora_file, embeddings))

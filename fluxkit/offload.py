@@ -47,3 +47,8 @@ def encoders_visiting(args, m, device, text: bool = True):
     finally:
         for mod in visitors:
             mod.to("cpu")
+
+
+def add_flags(g) -> None:
+    g.add_argument("--offload_encoders", action="store_true",
+                   help="(ours) keep the frozen text encoders and the VAE in host memory; they visit the device only while encoding")

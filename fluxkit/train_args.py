@@ -13,24 +13,40 @@ import argparse
 import dataclasses
 from typing import Any
 
-from . import families, pivotal, quant
-from .data import INTERPOLATION_MODES
+from . import buckets, data, families, offload, optim, pivotal, quant
+from .cache.facade import add_flags as cache_flags
 from .errors import FlagParser, UserError
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def build_parser(lora: bool) -> argparse.ArgumentParser:
+    """Every flag of a trainer, each concern adding its own: the one parser through which the trainers,
+    the launcher and the plan and cache commands read a trainer's flags."""
     kind = "DreamBooth-LoRA" if lora else "full DreamBooth"
     p = FlagParser(
         description=f"{kind} fine-tuning of FLUX.1. Accepts the flags of diffusers' "
                     f"{'train_dreambooth_lora_flux.py' if lora else 'train_dreambooth_flux.py'}; run it with "
                     "`accelerate launch` (DeepSpeed ZeRO-2 bf16 via pretrain_bf16_accelerate_config.yaml) or plain python.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    _model_flags(p.add_argument_group("model"))
+    g = p.add_argument_group("data")
+    data.add_flags(g, lora)
+    buckets.add_flags(g)
+    cache_flags(g)
+    g = p.add_argument_group("training")
+    _training_flags(g, lora)
+    offload.add_flags(g)
+    _resource_flags(g)
+    optim.add_flags(p.add_argument_group("optimizer"))
+    _validation_flags(p.add_argument_group("validation and logging"))
+    if lora:
+        _lora_flags(p.add_argument_group("LoRA"))
+        pivotal.add_flags(p)
+    return p
 
-    g = p.add_argument_group("model")
+
+def _model_flags(g) -> None:
     g.add_argument("--pretrained_model_name_or_path", required=True, help="FLUX pipeline folder or hub id")
     g.add_argument("--model_family", default=None, choices=families.NAMES,
                    help="(ours) the FLUX family to train (default: read from the folder's model_index.json); "
@@ -43,42 +59,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default=None, help="where downloaded models and datasets are cached")
     quant.add_flag(g, "LoRA only: quantize the frozen transformer base")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default=None, help="a local dataset folder, parquet file or hub id with images and captions")
-    g.add_argument("--dataset_config_name", default=None, help="dataset config (hub datasets only)")
-    g.add_argument("--instance_data_dir", default=None, help="folder of instance images (used when --dataset_name is not given)")
-    g.add_argument("--image_column", default="image", help="image column of --dataset_name")
-    g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (else --instance_prompt for all)")
-    g.add_argument("--repeats", type=int, default=1, help="how many times to repeat the training data")
-    g.add_argument("--instance_prompt", default=None, required=True, help="prompt with the identifier of the instance, e.g. 'a photo of sks dog'")
-    g.add_argument("--class_data_dir", default=None, help="folder of class images for prior preservation (filled up when short)")
-    g.add_argument("--class_prompt", default=None, help="prompt for class images, e.g. 'a photo of dog'")
-    g.add_argument("--num_class_images", type=int, default=100, help="class images wanted; missing ones are generated with the base model")
-    g.add_argument("--with_prior_preservation", action="store_true", help="add the prior-preservation loss")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior-preservation loss")
-    g.add_argument("--resolution", type=int, default=512, help="training resolution (a multiple of 16)")
-    g.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
-    g.add_argument("--random_flip", action="store_true", help="randomly flip images horizontally")
-    g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES, help="resize filter")
-    g.add_argument("--max_sequence_length", type=int, default=512 if lora else 77,
-                   help="T5 tokens per prompt (at most 512; upstream's defaults: 77 full, 512 LoRA)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="DataLoader worker processes per process, which decode images (upstream's default 0; the "
-                        "launchers' auto picks from the cores per process)")
-    g.add_argument("--skip_bad_images", action="store_true", help="(ours) skip unreadable images with a count instead of stopping")
-    g.add_argument("--caption_extension", default=".txt", help="(ours) caption file beside each image: IMAGE.txt")
-    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="(ours) fraction of samples trained with the empty caption")
-    g.add_argument("--alpha_background", default="white", help="(ours) colour transparent images are composited on (name or #rrggbb)")
-    g.add_argument("--aspect_ratio_buckets", action="store_true",
-                   help="(ours) train each image in the bucket nearest its aspect ratio (about resolution^2 pixels) instead of a square crop")
-    g.add_argument("--bucket_step", type=int, default=64, help="(ours) bucket sides step by this many pixels (a multiple of 16)")
-    g.add_argument("--min_bucket_side", type=int, default=None, help="(ours) shortest bucket side (default: half the resolution)")
-    g.add_argument("--max_bucket_side", type=int, default=None, help="(ours) longest bucket side (default: twice the resolution)")
-    g.add_argument("--latent_cache_dir", default=None,
-                   help="(ours) persistent VAE latent / text embedding cache (default: OUTPUT_DIR's parent/.fluxkit-cache); "
-                        "--cache_dir stays diffusers' download cache")
 
-    g = p.add_argument_group("training")
+def _training_flags(g, lora: bool) -> None:
     g.add_argument("--output_dir", default="flux-dreambooth-lora" if lora else "flux-dreambooth", help="where weights, checkpoints and logs go")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible training")
     g.add_argument("--train_text_encoder", action="store_true", help="also train the CLIP text encoder (T5 stays frozen)")
@@ -109,9 +91,10 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
                    help="accepted for compatibility with diffusers' scripts; unused (accelerate sets LOCAL_RANK)")
     g.add_argument("--enable_npu_flash_attention", action="store_true", help="fused attention on Ascend NPUs (needs torch_npu)")
     g.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"), help="(ours) device; auto = npu > cuda > cpu")
-    g.add_argument("--no_cache", action="store_true", help="(ours) never cache latents or text embeddings (for comparisons)")
-    g.add_argument("--offload_encoders", action="store_true",
-                   help="(ours) keep the frozen text encoders and the VAE in host memory; they visit the device only while encoding")
+
+
+def _resource_flags(g) -> None:
+    """Memory: block offload and the memory plan; throughput reporting."""
     g.add_argument("--blocks_to_swap", type=int, default=0,
                    help="(ours, kohya's name) keep the last N transformer blocks' frozen weights in host memory; each "
                         "visits the device only while it runs (LoRA, with --gradient_checkpointing; see docs/memory.md)")
@@ -124,27 +107,8 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--log_every", type=int, default=100,
                    help="(ours) log throughput every N optimizer steps (the progress bar shows loss and lr every step)")
 
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="learning rate after warm-up")
-    g.add_argument("--text_encoder_lr", type=float, default=5e-6, help="learning rate of the text encoder")
-    g.add_argument("--scale_lr", action="store_true", help="scale lr by processes x accumulation x batch")
-    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="learning rate schedule")
-    g.add_argument("--lr_warmup_steps", type=int, default=500, help="warm-up steps of the schedule")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
-    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
-    g.add_argument("--optimizer", default="AdamW", help="AdamW or prodigy")
-    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (CUDA only)")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--prodigy_beta3", type=float, default=None, help="prodigy's beta3 (default sqrt(beta2))")
-    g.add_argument("--prodigy_decouple", type=_bool, default=True, help="prodigy: decoupled weight decay")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    g.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--prodigy_use_bias_correction", type=_bool, default=True)
-    g.add_argument("--prodigy_safeguard_warmup", type=_bool, default=True)
 
-    g = p.add_argument_group("validation and logging")
+def _validation_flags(g) -> None:
     g.add_argument("--validation_prompt", default=None, help="prompt rendered every --validation_epochs")
     g.add_argument("--num_validation_images", type=int, default=4, help="images per validation")
     g.add_argument("--validation_epochs", type=int, default=50, help="validate every N epochs")
@@ -155,18 +119,16 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
     g.add_argument("--hub_token", default=None, help="hub token (never logged)")
     g.add_argument("--hub_model_id", default=None, help="hub repository name")
 
-    if lora:
-        g = p.add_argument_group("LoRA")
-        g.add_argument("--rank", type=int, default=4, help="LoRA rank")
-        g.add_argument("--lora_alpha", type=int, default=4, help="LoRA alpha (scale = alpha / rank)")
-        g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
-        g.add_argument("--lora_layers", default=None,
-                       help="comma-separated module names to adapt, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' (default: all attention and MLP linears)")
-        g.add_argument("--cache_latents", action="store_true",
-                       help="accepted for compatibility with diffusers' script; latents are always cached (see --no_cache)")
-        g.add_argument("--upcast_before_saving", action="store_true", help="save LoRA weights in fp32 (default: training dtype)")
-        pivotal.add_flags(p)
-    return p
+
+def _lora_flags(g) -> None:
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=int, default=4, help="LoRA alpha (scale = alpha / rank)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--lora_layers", default=None,
+                   help="comma-separated module names to adapt, e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' (default: all attention and MLP linears)")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="accepted for compatibility with diffusers' script; latents are always cached (see --no_cache)")
+    g.add_argument("--upcast_before_saving", action="store_true", help="save LoRA weights in fp32 (default: training dtype)")
 
 
 def trainer_flags(lora: bool) -> dict[str, argparse.Action]:
@@ -177,14 +139,6 @@ def trainer_flags(lora: bool) -> dict[str, argparse.Action]:
             if opt.startswith("--") and opt != "--help":
                 flags[opt[2:]] = action
     return flags
-
-
-def _bool(value: str) -> bool:
-    from .environment import parse_bool
-
-    if parse_bool(value) is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-    return parse_bool(value)
 
 
 def _field_type(action: argparse.Action):
@@ -237,17 +191,13 @@ def validate(args) -> None:
         raise UserError(f"--max_train_steps {args.max_train_steps} must be a positive integer")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise UserError(f"--checkpoints_total_limit {args.checkpoints_total_limit} must be a positive integer")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate {args.learning_rate} must be positive")
-    if args.train_text_encoder and args.text_encoder_lr <= 0:
-        raise UserError(f"--text_encoder_lr {args.text_encoder_lr} must be positive")
-    validate_data_flags(args)
+    optim.validate(args)
+    data.validate(args)
+    buckets.validate(args)
     if args.device_memory_gb is not None and args.device_memory_gb <= 0:
         raise UserError(f"--device_memory_gb {args.device_memory_gb} must be positive (GiB of one device)")
     if not 1 <= args.max_sequence_length <= 512:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and 512 (T5's limit)")
-    if args.optimizer.lower() not in ("adamw", "prodigy"):
-        raise UserError(f"--optimizer {args.optimizer!r} is not supported; use AdamW or prodigy")
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
@@ -273,18 +223,3 @@ def validate(args) -> None:
         if resume_path(args.output_dir, args.resume_from_checkpoint) is None:
             raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a checkpoint inside "
                             f"--output_dir {args.output_dir!r} nor a folder; give 'latest', a checkpoint-STEP name or a path")
-
-
-def validate_data_flags(args) -> None:
-    from .buckets import make_buckets
-    from .data import parse_color
-
-    if args.dataloader_num_workers < 0:
-        raise UserError(f"--dataloader_num_workers {args.dataloader_num_workers} must be 0 or more")
-    if not 0.0 <= args.caption_dropout_rate < 1.0:
-        raise UserError(f"--caption_dropout_rate {args.caption_dropout_rate} must be in [0, 1)")
-    if not args.caption_extension.startswith(".") or len(args.caption_extension) < 2:
-        raise UserError(f"--caption_extension {args.caption_extension!r} must look like .txt")
-    parse_color(args.alpha_background)
-    if args.aspect_ratio_buckets:
-        make_buckets(args.resolution, args.bucket_step, args.min_bucket_side, args.max_bucket_side)

@@ -30,7 +30,8 @@ def test_every_reader_agrees_with_it(value, monkeypatch, tmp_path):
     """The trainer's true/false flags, a launcher switch on the command line and in a --config file,
     and an environment flag read the same word the same way (and refuse the same word)."""
     from fluxkit.launch.keys import _switch_value, read_config
-    from fluxkit.train_args import _bool, trainer_flags
+    from fluxkit.optim import _bool
+    from fluxkit.train_args import trainer_flags
 
     expected = parse_bool(value)
     monkeypatch.setenv("FLUXKIT_SOME_FLAG", value)

@@ -151,3 +151,81 @@ def test_train_py_functions_are_short():
     assert {"train", "setup", "resume", "loop", "finish"} <= set(lengths)
     too_long = {name: n for name, n in lengths.items() if n >= 80}
     assert not too_long, too_long
+
+
+def test_every_function_in_the_package_is_short():
+    too_long = {f"{name}.{n.name}": n.end_lineno - n.lineno + 1 for name in MODULES
+                for n in ast.walk(ast.parse(_source(name)))
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 >= 80}
+    assert not too_long, too_long
+
+
+def test_no_file_in_the_package_is_long():
+    too_long = {name: _source(name).count("\n") for name in MODULES if _source(name).count("\n") > 600}
+    assert not too_long, too_long
+
+
+def _trainer_flags():
+    from fluxkit.train_args import build_parser
+
+    return {o for lora in (False, True) for a in build_parser(lora)._actions for o in a.option_strings
+            if o.startswith("--") and o != "--help"}
+
+
+def test_each_trainer_flag_is_defined_once():
+    """Every trainer flag is one add_argument call in the package (the inference scripts' parser is
+    another program's flags); the full and LoRA parsers are the same function."""
+    defined = {}
+    for name in MODULES:
+        if name == "infer_args":
+            continue
+        for node in ast.walk(ast.parse(_source(name))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+                    and node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("--")):
+                defined.setdefault(node.args[0].value, []).append(f"{name}:{node.lineno}")
+    flags = _trainer_flags()
+    assert len(flags) > 90
+    twice = {flag: where for flag, where in defined.items() if flag in flags and len(where) > 1}
+    assert not twice, twice
+    assert flags <= set(defined), flags - set(defined)
+
+
+def test_launcher_plan_and_cache_commands_take_the_trainer_flags_from_its_parser(monkeypatch, capsys):
+    """A flag added to the trainer's parser (and nowhere else) is a launcher key, a plan flag and a
+    cache-command flag at once."""
+    import fluxkit.train_args as train_args
+
+    real = train_args.build_parser
+
+    def with_sentinel(lora):
+        p = real(lora)
+        p.add_argument("--zz_sentinel", type=int, default=0)
+        return p
+
+    monkeypatch.setattr(train_args, "build_parser", with_sentinel)
+    from fluxkit.launch.keys import parse_command_line
+    from fluxkit.launch.spec import LAUNCHERS
+    from fluxkit.plan.cli import build_parser as plan_parser
+
+    assert parse_command_line(LAUNCHERS["lora"], "launcher", ["--zz_sentinel=3"]).opts["zz_sentinel"] == "3"
+    assert "--zz_sentinel" in plan_parser()._option_string_actions
+    from fluxkit.cache import main as cache_main
+
+    with pytest.raises(SystemExit):  # the fill command parses with it: the sentinel is known, the int is not
+        cache_main(["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--zz_sentinel", "x"])
+    assert "argument --zz_sentinel: invalid int value" in capsys.readouterr().err
+
+
+def test_train_config_is_the_parser_frozen():
+    """TrainConfig has a field per trainer flag (its dest) and nothing else but `lora`; it cannot be edited."""
+    import dataclasses
+
+    from fluxkit.train_args import TrainConfig, build_parser, parse
+
+    dests = {a.dest for lora in (False, True) for a in build_parser(lora)._actions if a.dest != "help"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == dests | {"lora"}
+    cfg = parse(["--pretrained_model_name_or_path", "m", "--instance_prompt", "p", "--instance_data_dir", "d"])
+    assert isinstance(cfg, TrainConfig) and cfg.lora is False and cfg.rank is None and cfg.resolution == 512
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.resolution = 64
+    assert dataclasses.replace(cfg, resolution=64).resolution == 64

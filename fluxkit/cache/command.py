@@ -52,8 +52,14 @@ def _size_command(argv) -> int:
     p = FlagParser(prog="python -m fluxkit.cache", description="show the latent cache's size, or shrink it")
     p.add_argument("--list", action="store_true", help="one line per model namespace: shards, entries, size, last used")
     p.add_argument("--max_size_gb", type=float, default=None, help="remove least recently used shards down to this size")
-    p.add_argument("--latent_cache_dir", default=None, help="the cache folder (as given to the trainer)")
-    p.add_argument("--output_dir", default=None, help="or the run's output folder (the default cache is beside it)")
+    import copy
+
+    from ..train_args import build_parser
+
+    trainer = {a.dest: a for a in build_parser(lora=True)._actions}
+    for name in ("latent_cache_dir", "output_dir"):  # the trainer's flags, defined once (there)
+        p._add_action(copy.copy(trainer[name]))
+    p.set_defaults(output_dir=None)  # not given: the default cache of runs in this folder (below)
     args = p.parse_args(argv)
     if args.max_size_gb is not None and args.max_size_gb < 0:
         raise UserError(f"--max_size_gb {args.max_size_gb} must be 0 or more")

@@ -229,3 +229,11 @@ def prepare_data(args, scan, class_images, model_dir: str, weight_dtype: torch.d
     from ..families import of_args
 
     return dataset, cache, training_prompts(dataset, args, of_args(args, model_dir))
+
+
+def add_flags(g) -> None:
+    """Where the cache lives, or none at all."""
+    g.add_argument("--latent_cache_dir", default=None,
+                   help="(ours) persistent VAE latent / text embedding cache (default: OUTPUT_DIR's parent/.fluxkit-cache); "
+                        "--cache_dir stays diffusers' download cache")
+    g.add_argument("--no_cache", action="store_true", help="(ours) never cache latents or text embeddings (for comparisons)")
