@@ -5,7 +5,9 @@ patch_flux.py) stay thin: parse, call a module here, exit. One module per idea:
 
 Training
     train        the run, read top to bottom: setup, resume, loop, finish around one `Run`
-    train_args   the trainers' flags (diffusers' names and defaults) and their checks
+    train_args   the trainers' one parser (each concern adds its flags) and parse() -> TrainConfig,
+                 a frozen dataclass with a field per flag
+    optim        the optimizer's and schedule's flags and checks
     models       loading the FLUX pipeline's components; what trains (full or LoRA); the optimizer
     loss         the flow-matching loss on tensors (latents, embeddings) with prior preservation
     encode       the encoders (VAE moments, CLIP + T5) and a batch's encoding through the cache
@@ -26,10 +28,12 @@ Launching
     launch/      the launchers: spec, keys, checks, command, console, demo, record (run_config.json),
                  report (the closing report), __main__ (the run in steps); quiet (known library noise)
 Shared facts, one home each
-    device       npu > cuda > cpu, backends, the Accelerator, dtype names
-    environment  env flags, HF offline, rank 0, hub ids, the pipeline-folder rule, free ports
+    device       npu > cuda > cpu, backends, the Accelerator, dtype names, zero_stage(source), the
+                 torch.cuda/torch.npu dispatch (synchronize, empty_cache, memory statistics)
+    environment  parse_bool (one yes/no truth table), env flags, HF offline, rank 0, hub ids, the
+                 pipeline-folder rule, free ports, versions + git state of a run's record
     fsio         atomic writes, staging and publishing folders, the writable-folder probe
-    errors       user mistakes as one `error:` line and exit status 2
+    errors       user mistakes as one `error:` line and exit status 2; FlagParser (nearest flag)
     flops        model FLOPs and device peaks
     patches, script_fixes   runtime patches and source fixes for upstream scripts (patch_flux.py)
     tiny         random FLUX pipelines and sample data, offline
