@@ -6,8 +6,6 @@
 Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output_dir.
 """
 
-import sys
-
 from fluxkit.host_runtime import apply_defaults
 
 apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
@@ -16,4 +14,6 @@ from fluxkit.infer_args import DREAMBOOTH  # noqa: E402
 from fluxkit.inference import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli(main)(DREAMBOOTH))
+    from fluxkit.host_runtime import exit_without_teardown
+
+    exit_without_teardown(cli(main)(DREAMBOOTH), __file__)  # everything is written: skip the interpreter's slow teardown

@@ -7,8 +7,6 @@
 Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output_dir.
 """
 
-import sys
-
 from fluxkit.host_runtime import apply_defaults
 
 apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
@@ -17,4 +15,6 @@ from fluxkit.infer_args import LORA  # noqa: E402
 from fluxkit.inference import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli(main)(LORA))
+    from fluxkit.host_runtime import exit_without_teardown
+
+    exit_without_teardown(cli(main)(LORA), __file__)  # everything is written: skip the interpreter's slow teardown

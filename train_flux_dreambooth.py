@@ -6,8 +6,6 @@
         --instance_prompt "a photo of sks dog" --output_dir flux-dreambooth
 """
 
-import sys
-
 from fluxkit.host_runtime import apply_defaults
 
 apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
@@ -23,4 +21,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fluxkit.host_runtime import exit_without_teardown
+
+    exit_without_teardown(main(), __file__)  # everything is written: skip the interpreter's slow teardown

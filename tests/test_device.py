@@ -97,3 +97,21 @@ def test_host_runtime_defaults_leave_what_the_user_set(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
     assert host_runtime.env_defaults()["TORCH_EXTENSIONS_DIR"] != defaults["TORCH_EXTENSIONS_DIR"]
     assert host_runtime.env_defaults({"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": "/mine"}) == {}
+
+
+def test_fast_exit_only_for_the_script_the_interpreter_was_started_with(monkeypatch, tmp_path):
+    """Entry scripts skip the interpreter's teardown (seconds after a run's last line) only when the
+    interpreter was started to run them: inside a test runner or a wrapper they exit as usual."""
+    from fluxkit import host_runtime
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    for argv, expected in ((["python", str(script), "--x"], True), (["python", "-u", "-X", "importtime", str(script)], True),
+                           (["python", "-m", "pytest", str(script)], False), (["python", "-c", "pass"], False),
+                           (["python", str(tmp_path / "other.py")], False)):
+        monkeypatch.setattr(sys, "orig_argv", argv)
+        assert host_runtime._started_as(str(script)) is expected, argv
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "pytest"])
+    with pytest.raises(SystemExit) as stopped:  # not the started script: a plain exit, this process lives on
+        host_runtime.exit_without_teardown(3, str(script))
+    assert stopped.value.code == 3
