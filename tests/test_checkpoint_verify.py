@@ -382,3 +382,26 @@ def test_lora_file_without_some_layers_is_refused_not_half_loaded(tiny_flux, sam
     assert run_entry_inprocess(LORA, args_for(tiny_flux, sample_data, out, 3, resume_from_checkpoint="latest")) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "no weights for some of the model's transformer LoRA layers" in lines[0], lines
+
+
+def test_a_checkpoint_another_process_failed_to_write_is_not_published(tiny_flux, sample_data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """The main process learns of every process's save through the manifest's gather: when one failed (here a
+    second process is simulated at the gather), the checkpoint is not published and the previous one stays."""
+    import accelerate.utils
+
+    real_gather, calls = accelerate.utils.gather_object, []
+
+    def gather(parts):
+        calls.append(1)
+        failed = {"files": {}, "failure": "process 1 could not write its part"}
+        return real_gather(parts) + ([failed] if len(calls) == 2 else [])  # the checkpoint at step 4
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_entry_inprocess(LORA, args_for(tiny_flux, sample_data, out, 4, checkpointing_steps=2)) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "checkpoint-4" in lines[0] and "process 1 could not write its part" in lines[0], lines
+    assert "checkpoint-2" in lines[0] and "is intact" in lines[0], lines
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
