@@ -150,6 +150,10 @@ def test_latest_names_the_damaged_newest_and_the_newest_intact(tiny_flux, sample
     assert len(error_lines(cli.err)) == 1 and "checkpoint-4" in cli.err and "optimizer.bin" in cli.err
     assert "checkpoint-2: intact at step 2" in cli.out and "newest intact checkpoint: " in cli.out
     assert verify_main(["verify", str(out / "checkpoint-2")]) == 0
+    (tmp_path / "empty").mkdir()
+    assert verify_main(["verify", str(tmp_path / "empty")]) == 2  # neither a checkpoint nor an output folder
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "neither a checkpoint" in lines[0] and "empty" in lines[0], lines
     damage(out / "checkpoint-2" / "scheduler.bin", "delete", tmp_path / "m")  # now none is intact
     capsys.readouterr()
     assert run_entry_inprocess(LORA, args_for(tiny_flux, sample_data, out, 5, resume_from_checkpoint="latest")) == 2
