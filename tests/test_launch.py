@@ -403,6 +403,12 @@ def test_a_quantization_deepspeed_cannot_run_is_refused_by_the_launcher(tiny_flu
     _one_line_nothing_written(proc, out, "--base_quantization int8 cannot run under DeepSpeed", "nf4")
 
 
+def test_block_swapping_under_deepspeed_is_refused_by_the_launcher(tiny_flux, sample_data, tmp_path):
+    out = tmp_path / "out"
+    proc = launch_inprocess(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--blocks_to_swap=1", "--gradient_checkpointing"))
+    _one_line_nothing_written(proc, out, "--blocks_to_swap 1 cannot run under DeepSpeed", "zero3_offload")
+
+
 def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
     p = dry(LORA, *_tiny_keys(tiny_flux, sample_data, tmp_path / "out", "--device_memory_gb=0.02"))
     text = p.text.split("memory plan per device:\n", 1)[1]

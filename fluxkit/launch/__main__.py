@@ -99,6 +99,10 @@ def check_trainer_args(launch: Launch) -> None:
 
     quant.check(getattr(launch.trainer_args, "base_quantization", "none"), launch.info.type,
                 deepspeed=zero_stage(launch.accelerate_config) is not None)
+    from .. import blockswap  # --blocks_to_swap under a DeepSpeed config, or too many blocks: refused here too
+
+    blockswap.check_launch(launch.trainer_args, zero_stage(launch.accelerate_config) is not None,
+                           launch.req.opts.get("model_name") or "")
 
 
 def check_inputs(launch: Launch) -> None:
