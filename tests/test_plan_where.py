@@ -28,3 +28,12 @@ def test_every_row_fits_and_the_anchors_hold():
     assert reference["card"] == "64 GB x 8" and reference["flags"] == ["--gradient_checkpointing", "ZeRO-2"]
     eight = next(r for r in table if r["card"] == "8 GB")
     assert any(f.startswith("--blocks_to_swap ") for f in eight["flags"])
+
+
+def test_the_readme_quotes_the_table():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = rows(read_architecture("black-forest-labs/FLUX.1-dev"))
+    qlora = next(r for r in table if r["run"].startswith("HF QLoRA"))
+    reference = next(r for r in table if "reference" in r["run"])
+    assert f"QLoRA recipe: {qlora['plan']:.1f} GiB" in readme and f"at {reference['plan']:.1f} GiB" in readme
