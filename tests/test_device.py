@@ -115,3 +115,23 @@ def test_fast_exit_only_for_the_script_the_interpreter_was_started_with(monkeypa
     with pytest.raises(SystemExit) as stopped:  # not the started script: a plain exit, this process lives on
         host_runtime.exit_without_teardown(3, str(script))
     assert stopped.value.code == 3
+
+
+def test_one_set_of_progress_bars_per_machine(monkeypatch):
+    """transformers' "Loading weights" bars and diffusers' bars are drawn by a machine's first process
+    only: the others would draw the same bars again."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    from fluxkit import quiet
+
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        quiet.install(verbose=False)
+        assert tlog.is_progress_bar_enabled() and dlog.is_progress_bar_enabled()
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        quiet.install(verbose=False)
+        assert not tlog.is_progress_bar_enabled() and not dlog.is_progress_bar_enabled()
+    finally:
+        tlog.enable_progress_bar()
+        dlog.enable_progress_bar()
