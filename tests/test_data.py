@@ -231,6 +231,9 @@ def test_kohya_folders_give_each_concept_its_repeats_and_prompt(tmp_path):
     ds = DreamBoothDataset(make_args(tmp_path / "k"), scan=scan)
     assert Counter(ds[i]["prompt"] for i in range(len(ds))) == captions
     assert "3 image(s)" in scan.report() and "'10_sks cat' 2 x10" in scan.report()
+    from fluxkit.plan.shape import _count_images  # the memory plan's cache rows count the same samples
+
+    assert _count_images(make_args(tmp_path / "k")) == scan.num_samples
     # a plain folder with other subfolders is still a plain folder
     plain = _images(tmp_path / "plain", 2)
     _images(plain / "extra", 1)

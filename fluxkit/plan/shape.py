@@ -108,7 +108,17 @@ def _count_images(args) -> int | None:
     """Training images per epoch (before --repeats), when the plan can see them."""
     from ..scan import IMAGE_EXTENSIONS
 
+    from ..errors import UserError
+    from ..scan import kohya_concepts
+
     folder = getattr(args, "instance_data_dir", None)
     if folder and os.path.isdir(folder) and not getattr(args, "dataset_name", None):
+        try:
+            concepts = kohya_concepts(folder, "--instance_data_dir", 1)
+        except UserError:  # a layout the data scan refuses, in its own words
+            return None
+        if concepts:  # kohya-style N_prompt folders: each image N times (their repeats are the samples')
+            return sum(repeats * len([f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_EXTENSIONS)])
+                       for name, repeats, _ in concepts)
         return len([f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)])
     return None
