@@ -409,3 +409,18 @@ def test_a_checkpoint_another_process_failed_to_write_is_not_published(tiny_flux
     assert len(lines) == 1 and "checkpoint-4" in lines[0] and "process 1 could not write its part" in lines[0], lines
     assert "checkpoint-2" in lines[0] and "is intact" in lines[0], lines
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+
+
+@pytest.mark.cli
+def test_the_launcher_refuses_a_damaged_checkpoint_before_it_starts_anything(tiny_flux, sample_data, plain_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(plain_run, out)
+    damage(out / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors", "flip", tmp_path / "m")
+    before = snapshot(out)
+    proc = run_script([os.path.join(ROOT, "finetune_flux_dreambooth_deepspeed_bf16.sh"), f"--model_name={tiny_flux}",
+                       f"--instance_dir={sample_data['instance_dir']}", "--instance_prompt=a photo of sks dog",
+                       f"--output_dir={out}", "--max_train_steps=3", "--batch_size=1", "--resume_from_checkpoint=latest"])
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "transformer/diffusion_pytorch_model.safetensors (the transformer's weights)" in lines[0], lines
+    assert snapshot(out) == before  # no logs/, no run_config.json: refused before the launcher writes
