@@ -553,7 +553,7 @@ def load_embeddings(pipe, path: str) -> list[str]:
 def planned_tokens(args) -> int:
     """New tokens the memory plan counts (before the tokenizer is read: an --initializer_concept's
     count is taken as its words')."""
-    if not enabled(args):
+    if not enabled(args) or not getattr(args, "lora", False):  # a LoRA trainer's flag
         return 0
     per = len(args.initializer_concept.split()) if args.initializer_concept else (args.num_new_tokens_per_abstraction or 2)
     return len(abstractions(args.token_abstraction)) * max(1, per)

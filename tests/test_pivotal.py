@@ -388,6 +388,8 @@ def test_memory_plan_counts_the_rows_and_the_encoders_that_stay(tiny_flux, sampl
     assert staying(clip) == {"CLIP text encoder (new tokens)": P["text_encoder"] * 2}
     assert staying(both) == {"CLIP text encoder (new tokens)": P["text_encoder"] * 2,
                              "T5 text encoder (new tokens)": P["text_encoder_2"] * 2}
+    backward = lambda plan: [i for i in plan.phase("train: forward + backward").items if "new rows' gradients" in i.name]  # noqa: E731
+    assert not backward(clip) and backward(both)[0].bytes > 0
 
 
 def test_launcher_keys(tiny_flux, sample_data, tmp_path):

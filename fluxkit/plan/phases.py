@@ -153,7 +153,8 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
     held = [Item("gradients", "gradients (backward)", grads_bw, grad_note),
             Item("overlap", "gradients fill freed activations", -min(grads_bw, sum(i.bytes for i in acts)),
                  "backward holds about the larger of the two")]
-    fwd_bwd = resident + acts + held + terms.autocast_copies(s, trained) + terms.cpu_runtime(s)
+    fwd_bwd = (resident + acts + held + terms.pivotal_t5_backward(s, arch) + terms.autocast_copies(s, trained)
+               + terms.cpu_runtime(s))
     if not s.caching:  # encoding every step, before the forward pass
         fwd_bwd = fwd_bwd + [terms.vae_encoding(s, arch)]
         if s.offload_encoders and not s.on_cpu:

@@ -91,7 +91,7 @@ def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str 
     return RunShape(
         lora=lora, quant=quant, rank=getattr(args, "rank", 4), targets=tuple(targets),
         train_clip=bool(getattr(args, "train_text_encoder", False)),
-        pivotal_tokens=pivotal.planned_tokens(args), pivotal_t5=pivotal.enabled(args) and bool(args.enable_t5_ti),
+        pivotal_tokens=pivotal.planned_tokens(args), pivotal_t5=pivotal.planned_tokens(args) > 0 and bool(args.enable_t5_ti),
         mixed=args.mixed_precision or ("bf16" if zero_stage else "no"), world=world_size, zero_stage=zero_stage,
         offload_params=bool(offload[0]) and zero_stage == 3, offload_optimizer=bool(offload[1]) and zero_stage > 0,
         blocks_to_swap=int(getattr(args, "blocks_to_swap", 0) or 0),

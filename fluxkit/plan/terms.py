@@ -230,6 +230,21 @@ def text_encoding(s: RunShape, arch: Architecture) -> Item:
     return Item("transient", "T5 encoding one prompt", size, f"{s.seq_len} tokens")
 
 
+def pivotal_t5_backward(s: RunShape, arch: Architecture) -> list[Item]:
+    """--enable_t5_ti: T5 runs with gradients for each prompt holding new tokens (at most the micro
+    batch): every layer keeps about its encoding working set (text_encoding) for backward. Layers
+    from the parameter count (4 d^2 attention + 3 d ff gated feed-forward each; T5-XXL: 24). CLIP's
+    share (77 tokens, 12 narrow layers) is left out."""
+    if not s.pivotal_t5:
+        return []
+    t = arch.text_encoder_shape or {}
+    d, ff = t.get("d_model") or 0, t.get("d_ff") or 0
+    layers = arch.params["text_encoder_2"] // (4 * d * d + 3 * d * ff) if d and ff else 0
+    size = s.batch * layers * text_encoding(s, arch).bytes
+    return [Item("activations", "T5 saved for the new rows' gradients", size,
+                 f"{s.batch} prompt(s) x {layers} layers, --enable_t5_ti")]
+
+
 def validation_working_set(s: RunShape, arch: Architecture) -> list[Item]:
     """Rendering one validation image: the transformer's no-grad working tensors, then the VAE
     decoding (its feature maps mirror the encoder's at full resolution)."""
