@@ -42,11 +42,11 @@ the model card shows and the LoRA inference script reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
-import dataclasses
 from dataclasses import dataclass
 
 import torch
