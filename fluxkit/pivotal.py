@@ -20,8 +20,8 @@ module of trained parameters (`NewTokenRows`, clip_l (n, 768) and t5 (n, 4096));
 reads the untouched base table. The base tables are never trainable and never in the optimizer,
 so each of their rows stays bit-identical, under any optimizer, weight decay or DeepSpeed stage.
 `NewTokenRows` is a submodule of the transformer: DeepSpeed gets one model per run (accelerate),
-so the rows train, shard (ZeRO-3) and checkpoint with the transformer's engine. Outside
-DeepSpeed the checkpoint holds them in OUTPUT_NAME_emb.safetensors (fp32, exact).
+so the rows train, shard (ZeRO-3) and checkpoint with the transformer's engine. Every checkpoint
+also holds them as token_embeddings.safetensors (fp32, exact), which a resume outside DeepSpeed reads.
 
 A fraction gates its parameter group by epoch: once the epoch reaches int(frac x epochs) the
 group's learning rate is held at 0 (AdamW and Prodigy then leave those weights exactly as they
