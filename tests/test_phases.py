@@ -191,3 +191,18 @@ def test_prompts_encoded_on_the_host_when_the_plan_says_so(tiny_flux, sample_dat
         assert train_inprocess(LORA, trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1)) == 0
     assert any("prompts are encoded on the host CPU" in r.getMessage() for r in caplog.records)
     assert not [a for a, kw in moved if a and not isinstance(a[0], torch.dtype)]  # only dtype casts, no device moves
+
+
+def test_reading_in_the_compute_dtype_equals_casting_after(tiny_flux):
+    """A base read straight in bf16 holds exactly the weights an fp32 read cast to bf16 holds (what the
+    LoRA base and DeepSpeed's engine did before), so runs are unchanged by the cheaper read."""
+    from argparse import Namespace
+
+    from fluxkit.models import load_transformer, transformer_load_dtype
+
+    args = Namespace(lora=False, base_quantization="none", variant=None, revision=None)
+    assert transformer_load_dtype(args, torch.bfloat16, deepspeed=True) == torch.bfloat16
+    assert transformer_load_dtype(args, torch.bfloat16, deepspeed=False) == torch.float32
+    direct = load_transformer(args, tiny_flux, torch.bfloat16, "cpu", deepspeed=True).state_dict()
+    cast = load_transformer(args, tiny_flux, torch.bfloat16, "cpu", deepspeed=False).to(torch.bfloat16).state_dict()
+    assert direct.keys() == cast.keys() and all(torch.equal(direct[k], cast[k]) for k in direct)
