@@ -28,6 +28,7 @@ def _rel(a, b):
 
 # ---------------------------------------------------------------- fluxkit.flops
 
+@pytest.mark.tiny
 @pytest.mark.parametrize("image_tokens, text_tokens, batch", [(64, 16, 1), (256, 77, 2), (100, 512, 3)])
 def test_forward_flops_match_torch_counter_on_tiny_model(image_tokens, text_tokens, batch):
     from fluxkit.flops import flux_forward_flops, torch_counted_flops
@@ -39,6 +40,7 @@ def test_forward_flops_match_torch_counter_on_tiny_model(image_tokens, text_toke
     assert _rel(ours, measured) < 0.05, (ours, measured)
 
 
+@pytest.mark.tiny
 def test_forward_flops_match_torch_counter_on_flux_dev_architecture():
     """FLUX.1-dev's exact layer sizes, counted on the meta device (no memory, no compute)."""
     from fluxkit.flops import flux_forward_flops, torch_counted_flops
@@ -51,6 +53,7 @@ def test_forward_flops_match_torch_counter_on_flux_dev_architecture():
     assert 70e12 < flux_forward_flops(model.config, 4096, 512) < 78e12
 
 
+@pytest.mark.tiny
 def test_full_training_step_is_forward_plus_backward():
     from fluxkit.flops import torch_counted_flops, training_step_flops
 
@@ -59,6 +62,7 @@ def test_full_training_step_is_forward_plus_backward():
     assert _rel(training_step_flops(model.config, 64, 16, 2), measured) < 0.05
 
 
+@pytest.mark.tiny
 def test_lora_training_step_skips_base_weight_gradients():
     from peft import LoraConfig
 

@@ -24,6 +24,7 @@ def test_tiny_pipeline_loads_and_generates(tiny_flux):
     assert np.isfinite(img).all() and img.std() > 0
 
 
+@pytest.mark.tiny
 def test_small_preset_matches_flux_structure(tmp_path):
     from diffusers import FluxPipeline
 
@@ -56,6 +57,7 @@ def test_tokenizers_are_real(tiny_flux):
     assert t5.decode(ids2, skip_special_tokens=True).strip() == "a photo of sks dog"
 
 
+@pytest.mark.tiny
 def test_builder_is_deterministic(tmp_path):
     from fluxkit.tiny import build_datasets, build_pipeline
 
@@ -109,6 +111,7 @@ def test_dev_preset_is_flux1_dev_architecture():
     assert 120e6 < counts["text_encoder"] < 125e6  # CLIP-L text: 123M
 
 
+@pytest.mark.tiny
 def test_devlike_preset_has_flux1_dev_proportions():
     from fluxkit.tiny import PRESETS, parameter_count
 
