@@ -424,3 +424,37 @@ def test_the_launcher_refuses_a_damaged_checkpoint_before_it_starts_anything(tin
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "transformer/diffusion_pytorch_model.safetensors (the transformer's weights)" in lines[0], lines
     assert snapshot(out) == before  # no logs/, no run_config.json: refused before the launcher writes
+
+
+def test_npu_random_states_accelerate_leaves_out_are_saved_and_restored(tmp_path, monkeypatch):
+    """accelerate saves no NPU random states, and the noise is drawn on the device: each process writes its
+    device's states as tensors beside accelerate's and sets them back (a stand-in torch.npu here: CPU host)."""
+    from types import SimpleNamespace
+
+    from fluxkit.checkpoint import device_states, manifest
+
+    class FakeNpu:
+        def __init__(self):
+            self.states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+
+        def get_rng_state_all(self):
+            return [s.clone() for s in self.states]
+
+        def set_rng_state_all(self, states):
+            self.states = [s.clone() for s in states]
+
+    npu = FakeNpu()
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    process = SimpleNamespace(device=SimpleNamespace(type="npu"), process_index=1)
+    device_states.save(process, str(tmp_path))
+    assert manifest.files_in(str(tmp_path)) == ["device_random_states_1.safetensors"]
+    assert manifest.owner("device_random_states_1.safetensors") == 1  # hashed by the process that wrote it
+    saved = npu.get_rng_state_all()
+    npu.states = [torch.zeros(3, dtype=torch.uint8)]
+    assert device_states.restore(process, str(tmp_path)) is True
+    assert all(torch.equal(a, b) for a, b in zip(npu.states, saved)) and len(npu.states) == 2
+    other = SimpleNamespace(device=SimpleNamespace(type="npu"), process_index=0)
+    assert device_states.restore(other, str(tmp_path)) is False  # none for it: the resume warns
+    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"), process_index=0)
+    device_states.save(cpu, str(tmp_path / "cpu"))  # accelerate's own states cover other devices: nothing written
+    assert not (tmp_path / "cpu").exists() and device_states.restore(cpu, str(tmp_path)) is None

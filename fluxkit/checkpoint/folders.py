@@ -21,7 +21,7 @@ from ..fsio import PARTIAL_PREFIX, discard_dir, write_failure
 from ..lora import lora_save_load_hooks, unwrap_model
 from ..pivotal import settings as pivotal_settings
 from ..zero3 import save_pretrained_gathered
-from . import manifest, verify
+from . import device_states, manifest, verify
 from .manifest import STATE_FILE
 # A storage error's cause is judged by a probe write of this size (room for a small file is not enough).
 _PROBE_BYTES = 1 << 20
@@ -153,6 +153,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, total_limit: int 
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(partial)
+        device_states.save(accelerator, partial)  # what accelerate leaves out (NPU random states)
     except Exception as err:  # judged below, after every rank is done: a full disk or a bug
         error = err
     accelerator.wait_for_everyone()

@@ -25,11 +25,13 @@ STATE_FILE = "fluxkit_state.json"
 HASH = "sha256"
 _CHUNK = 16 << 20  # bytes read at a time: big enough to keep the hash busy, small enough to stream
 # files written by one process each: accelerate's random states, DeepSpeed's per-rank shards
-_PER_PROCESS = re.compile(r"(?:^|/)(?:random_states_(\d+)\.pkl|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt)$")
+_PER_PROCESS = re.compile(r"(?:^|/)(?:(?:device_)?random_states_(\d+)\.(?:pkl|safetensors)"
+                          r"|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt)$")
 # what a file of a checkpoint holds, for messages: (pattern on its path, description; {0} = the number matched)
 _HOLDS = (
     (re.compile(rf"^{re.escape(STATE_FILE)}$"), "the run state: step and data position, settings, this manifest"),
     (re.compile(r"^random_states_(\d+)\.pkl$"), "process {0}'s random number generator states"),
+    (re.compile(r"^device_random_states_(\d+)\.safetensors$"), "process {0}'s device random number generator states"),
     (re.compile(r"^optimizer(?:_\d+)?\.bin$"), "the optimizer state"),
     (re.compile(r"^scheduler(?:_\d+)?\.bin$"), "the learning-rate schedule's state"),
     (re.compile(r"^(?:sampler|dl_state_dict)(?:_\d+)?\.bin$"), "the data loader's position"),

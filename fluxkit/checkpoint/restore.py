@@ -15,7 +15,7 @@ import os
 import pickle
 
 from ..errors import UserError
-from . import verify
+from . import device_states, verify
 from .verify import Damaged
 
 logger = logging.getLogger("fluxkit.checkpoint")
@@ -72,9 +72,16 @@ def restore_random_states(accelerator, path: str, state: dict) -> str | None:
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"checkpoint {path!r}: {Damaged(rel, f'cannot be restored ({err})')}; resume from a checkpoint "
                         "this trainer wrote") from None
+    try:
+        device_set = device_states.restore(accelerator, path)  # what accelerate leaves out (NPUs)
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        other = device_states.FILE.format(rank)
+        raise UserError(f"checkpoint {path!r}: {Damaged(other, f'cannot be restored ({err})')}; resume from a "
+                        "checkpoint this trainer wrote") from None
     key = dict(_DEVICE_STATES).get(device_type)
-    if key and key not in states and rank == 0:
-        return (f"checkpoint {path!r} holds no {device_type} random states (written on another kind of device): "
+    if ((key and key not in states) or device_set is False) and rank == 0:
+        return (f"checkpoint {path!r} holds no {device_type} random states (written on another kind of device, or "
+                "before they were saved): "
                 f"random draws on the {device_type} devices start from the seed, so this run is not bit-identical to "
                 "an uninterrupted one; everything else is restored")
     return None
