@@ -26,16 +26,15 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import blockswap, checkpoint, fsio, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
+from . import blockswap, checkpoint, fsio, offload, outputs, pivotal, plan, quiet, startup, zero3
 from . import families
 from .buckets import BucketSampler
 from .cache import Cache
 from .data import DreamBoothDataset, EpochShuffleSampler, collate
-from .device import (build_accelerator, check_mixed_precision, detect, empty_cache, is_deepspeed, synchronize, torch_dtype,
-                     using_deepspeed, zero_stage)
-from .errors import UserError
+from .device import build_accelerator, detect, empty_cache, is_deepspeed, synchronize, torch_dtype, using_deepspeed, zero_stage
 from .encode import encode_batch
 from .loss import flow_matching_loss
+from .preflight import check_host, require
 from .models import (Models, Trainables, build_optimizer, freeze_encoders, load_models, load_transformer, resolve_model_dir,
                      setup_trainables)
 from .runcontrol import Interrupted, StopRequest, Throughput, flops_and_peak
@@ -172,18 +171,11 @@ def preflight(args):
     """Everything that can be refused before anything heavy starts: (device info, model folder,
     (checkpoint, state) to resume or None, (memory plan or None, its line))."""
     info = detect(args.device)
-    check_mixed_precision(info, args.mixed_precision)
-    quant.check(args.base_quantization, info.type, deepspeed=using_deepspeed())
-    if args.use_8bit_adam:
-        _require("bitsandbytes", "--use_8bit_adam needs bitsandbytes (CUDA only); drop the flag or pip install bitsandbytes")
-    if args.optimizer.lower() == "prodigy":
-        _require("prodigyopt", "--optimizer prodigy needs prodigyopt; pip install prodigyopt")
+    check_host(args, info, deepspeed=using_deepspeed())  # the launcher checked the same before starting us
     if args.push_to_hub:
         outputs.check_hub_reachable()
     model_dir = resolve_model_dir(args)
     families.of_args(args, model_dir).check(args)  # the family's own refusals (e.g. no CLIP to train)
-    if args.enable_npu_flash_attention and info.type != "npu":
-        raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu; drop the flag on this host")
     blockswap.check_launch(args, using_deepspeed(), model_dir)
     # the processes accelerate started (WORLD_SIZE), before the Accelerator exists
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -195,20 +187,13 @@ def preflight(args):
     return info, model_dir, resume_from, memory
 
 
-def _require(module: str, message: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise UserError(message)
-
-
 def start_accelerator(args, info):
     """The Accelerator (trackers, DeepSpeed, mixed precision), logging, seeds, and a writable output_dir."""
     from accelerate.utils import ProjectConfiguration, set_seed
 
     log_with = None if args.report_to == "none" else (["tensorboard", "wandb"] if args.report_to == "all" else args.report_to)
     if log_with in ("wandb", ["tensorboard", "wandb"]):
-        _require("wandb", "--report_to wandb needs wandb; pip install wandb or use --report_to tensorboard")
+        require("wandb", "--report_to wandb needs wandb; pip install wandb or use --report_to tensorboard")
     accelerator = build_accelerator(
         info, gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=log_with, project_config=ProjectConfiguration(project_dir=args.output_dir,

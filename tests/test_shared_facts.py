@@ -105,3 +105,22 @@ def test_run_record_and_bench_share_versions_and_commit():
     if state is not None:
         assert result["git"] == state
         assert toolkit_commit(ROOT) == state["commit"] + ("-dirty" if state["dirty"] else "")
+
+
+def test_launcher_and_trainer_share_the_host_checks(tmp_path, capsys, monkeypatch):
+    """fluxkit.preflight.check_host runs in the launcher before any process starts and in the
+    trainer first thing: the same refusal, in the same words, from both."""
+    from conftest import run_entry_inprocess
+
+    from fluxkit.launch import main as launch
+
+    monkeypatch.chdir(tmp_path)
+    trainer = run_entry_inprocess(os.path.join(ROOT, "train_flux_dreambooth_lora.py"), [
+        "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p",
+        "--device", "cpu", "--enable_npu_flash_attention"])
+    said_by_trainer = capsys.readouterr().err.strip().split(": error: ", 1)[1]
+    launcher = launch(["--launcher", "lora", "launcher.sh", "--device=cpu", "--enable_npu_flash_attention"])
+    said_by_launcher = capsys.readouterr().err.strip().split(": error: ", 1)[1]
+    assert trainer == launcher == 2
+    assert said_by_trainer == said_by_launcher and "--enable_npu_flash_attention needs an Ascend NPU" in said_by_trainer
+    assert not os.listdir(tmp_path)

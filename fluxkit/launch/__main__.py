@@ -93,16 +93,14 @@ def check_trainer_args(launch: Launch) -> None:
     if launch.external:
         return
     launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora")
-    from .. import quant  # a quantized base this host or a DeepSpeed launch cannot run: refused here
-
     from ..device import zero_stage
+    from ..preflight import check_host  # what the trainer checks first, in every process: refused here
 
-    quant.check(getattr(launch.trainer_args, "base_quantization", "none"), launch.info.type,
-                deepspeed=zero_stage(launch.accelerate_config) is not None)
+    deepspeed = zero_stage(launch.accelerate_config) is not None
+    check_host(launch.trainer_args, launch.info, deepspeed=deepspeed)
     from .. import blockswap  # --blocks_to_swap under a DeepSpeed config, or too many blocks: refused here too
 
-    blockswap.check_launch(launch.trainer_args, zero_stage(launch.accelerate_config) is not None,
-                           launch.req.opts.get("model_name") or "")
+    blockswap.check_launch(launch.trainer_args, deepspeed, launch.req.opts.get("model_name") or "")
 
 
 def check_inputs(launch: Launch) -> None:
