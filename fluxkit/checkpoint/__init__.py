@@ -6,6 +6,7 @@ hold, are checked against it before a resume loads anything, and are confirmed r
     manifest   every file's size and SHA-256, hashed by the process that wrote it; the state file's seal
     verify     the check against the manifest (or the partial check of a checkpoint without one)
     restore    load_state, then each part confirmed (random states set here, DeepSpeed's engine asked)
+    device_states   the device random states accelerate leaves out (NPUs), saved and restored per process
     __main__   python -m fluxkit.checkpoint verify PATH
 """
 
