@@ -224,17 +224,20 @@ def test_plan_within_15_percent_of_measured(tmp_path, small_flux, mode, resoluti
     assert os.path.isdir(tmp_path / "out")
 
 
-@pytest.mark.cli
-def test_trainer_logs_the_plan_before_loading(tmp_path, tiny_flux, sample_data):
-    from conftest import trainer_args
+def test_trainer_logs_the_plan_before_loading(tmp_path, tiny_flux, sample_data, caplog):
+    import logging
 
-    proc = run_script([sys.executable, "train_flux_dreambooth_lora.py",
-                       *trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1)], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if "memory plan: " in line]
+    from conftest import ROOT, run_entry_inprocess, trainer_args
+
+    caplog.set_level(logging.INFO)
+    rc = run_entry_inprocess(os.path.join(ROOT, "train_flux_dreambooth_lora.py"),
+                             trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1))
+    assert rc == 0
+    messages = [r.getMessage() for r in caplog.records]
+    lines = [m for m in messages if "memory plan: " in m]
     assert len(lines) == 1 and "GiB peak per device (LoRA 32px batch 1 on 1 process(es), no DeepSpeed)" in lines[0], lines
     # logged before the models load (the run's first model-loading message comes after it)
-    assert proc.stderr.index("memory plan: ") < proc.stderr.index("run: ")
+    assert messages.index(lines[0]) < next(i for i, m in enumerate(messages) if m.startswith("run: ") or " run: " in m)
 
 
 def test_encoders_are_on_the_device_only_while_they_encode(tiny_flux, sample_data):
