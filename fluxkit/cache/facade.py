@@ -131,9 +131,9 @@ class Cache:
 
 def cache_root(args) -> str | None:
     """The cache folder of a run, or None with --no_cache."""
-    if getattr(args, "no_cache", False):
+    if args.no_cache:
         return None
-    return os.path.abspath(os.path.expanduser(getattr(args, "latent_cache_dir", None) or default_cache_dir(args.output_dir)))
+    return os.path.abspath(os.path.expanduser(args.latent_cache_dir or default_cache_dir(args.output_dir)))
 
 
 def check_cache_dir(args, given_only: bool = False) -> str | None:
@@ -141,7 +141,7 @@ def check_cache_dir(args, given_only: bool = False) -> str | None:
     given_only: check only a --latent_cache_dir the user gave (the default one sits beside the
     output folder, whose own check names the right flag when that place is unusable)."""
     root = cache_root(args)
-    if root is not None and not (given_only and not getattr(args, "latent_cache_dir", None)):
+    if root is not None and not (given_only and not args.latent_cache_dir):
         fsio.ensure_writable_dir(root, "--latent_cache_dir")
     return root
 
