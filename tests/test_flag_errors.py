@@ -61,3 +61,19 @@ def test_launcher_key_names_the_nearest_key_or_trainer_flag(key, meant, capsys):
 
     assert main(["--launcher", "lora", "launcher.sh", f"--{key}=1"]) == 2
     assert f"unknown option --{key} (did you mean --{meant}?)" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_output_folder_that_cannot_be_made_is_one_line(kind, dry_run, tmp_path, capsys):
+    """An --output_dir under a file (or on a read-only place) through either launcher: one line, exit 2,
+    nothing written; a dry run judges it too, without writing."""
+    from fluxkit.launch import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["--launcher", kind, "launcher.sh", f"--output_dir={blocker / 'out'}"] + (["--dry_run"] if dry_run else [])
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "output_dir" in line and "cannot be created or written" in line and "a_file" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
