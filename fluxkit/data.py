@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .pairs import REFERENCE
 from .scan import scan_dataset
 
 INTERPOLATION_MODES = ("lanczos", "bilinear", "bicubic", "nearest", "box", "hamming")
@@ -239,6 +240,26 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return place(self.class_of(index).size, self.target_size(index), self.center_crop, self.random_flip,
                      sample_rng(self.seed, index, "class-crop"))
 
+    def reference_of(self, index: int):
+        return self.scan.references[index % len(self.scan.samples)]
+
+    def reference_placement(self, index: int) -> Placement:
+        """The reference image placed into its target's shape, with the target's crop draws and flip."""
+        return place(self.reference_of(index).size, self.target_size(index), self.center_crop, self.random_flip,
+                     sample_rng(self.seed, index))
+
+    def pixels_at(self, index: int) -> torch.Tensor:
+        """The pixels of latent index `index`: sample i (i >= 0), its class partner (-1 - i) or its
+        reference image (REFERENCE + i, fluxkit.pairs)."""
+        if index >= REFERENCE:
+            i = index - REFERENCE
+            ref = self.reference_of(i)
+            image = to_rgb(open_image(self.scan.reference_source(ref), ref.name), self.background)
+            return apply_placement(image, self.reference_placement(i), self.interpolation)
+        if index >= 0:
+            return self.pixels(self.instance_of(index), self.placement(index))
+        return self.pixels(self.class_of(-1 - index), self.class_placement(-1 - index))
+
     def caption(self, index: int, epoch: int) -> str:
         text = self.instance_of(index).caption
         if self.caption_dropout_rate > 0 and sample_rng(self.seed, index, f"caption-dropout:{epoch}").random() < self.caption_dropout_rate:
@@ -268,13 +289,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if self.scan.class_samples:
             parts.append(("class_pixel_values", self.class_of, self.class_placement, self.unreadable_class,
                           len(self.scan.class_samples)))
+        if self.scan.references:
+            parts.append(("cond_pixel_values", self.reference_of, None, {}, len(self.scan.samples)))
         for field_name, sample_of, placement_of, known, count in parts:
             sample = sample_of(index)
             try:
                 if index % count in known:
                     raise UnreadableImage(sample.name, known[index % count])
                 if self.decode_pixels:
-                    out[field_name] = self.pixels(sample, placement_of(index))
+                    out[field_name] = self.pixels_at(REFERENCE + index) if placement_of is None else \
+                        self.pixels(sample, placement_of(index))
             except UnreadableImage as err:
                 if not self.skip_bad:
                     raise
@@ -350,6 +374,8 @@ def collate(examples: list[dict]) -> dict:
         "prompts": [e["prompt"] for e in examples],
         "is_class": torch.zeros(len(examples), dtype=torch.bool),
     }
+    if "cond_pixel_values" in examples[0]:
+        batch["cond_pixel_values"] = torch.stack([e["cond_pixel_values"] for e in examples])
     skipped = sorted({name for e in examples for name in e.get("skipped", ())})
     if skipped:
         batch["skipped"] = skipped
@@ -403,6 +429,10 @@ def add_flags(g, lora: bool) -> None:
     g.add_argument("--instance_data_dir", default=None, help="folder of instance images (used when --dataset_name is not given)")
     g.add_argument("--image_column", default="image", help="image column of --dataset_name")
     g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (else --instance_prompt for all)")
+    g.add_argument("--cond_image_column", default=None,
+                   help="editing families (Kontext, FLUX.2): the reference-image column of --dataset_name (fluxkit.pairs)")
+    g.add_argument("--cond_image_dir", default=None,
+                   help="(ours) editing families: a folder of reference images named like the targets in --instance_data_dir")
     g.add_argument("--repeats", type=int, default=1, help="how many times to repeat the training data")
     g.add_argument("--instance_prompt", default=None, required=True, help="prompt with the identifier of the instance, e.g. 'a photo of sks dog'")
     g.add_argument("--class_data_dir", default=None, help="folder of class images for prior preservation (filled up when short)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .offload import encoders_visiting
+from .pairs import REFERENCE
 
 
 @dataclass
@@ -52,10 +53,15 @@ def encode_batch(run, batch) -> Encoded:
 
     mean, logvar = run.cache.latent_moments(batch["index"].tolist(), batch["pixel_values"], encode_images)
     x0 = m.family.latents(mean, logvar, m.vae).to(run.weight_dtype)  # FLUX.1 samples here: cached = uncached
+    refs = None
+    if run.dataset.scan.references:  # editing pairs: the reference images' latents, cached like the targets'
+        keys = (batch["index"] + REFERENCE).tolist()
+        ref_mean, ref_logvar = run.cache.latent_moments(keys, batch.get("cond_pixel_values"), encode_images)
+        refs = m.family.reference_latents(ref_mean, ref_logvar, m.vae).to(run.weight_dtype)
     if run.pivot is not None:  # prompts with new tokens: encoded live, never cached (fluxkit.pivotal)
         seq, pooled = run.pivot.text_embeddings(batch["prompts"], run.cache, encode_text, m, device)
     else:
         seq, pooled = run.cache.text_embeddings(batch["prompts"], encode_text)
     if run.text_encoder is not None:  # CLIP trains: its pooled embeddings need gradients; T5 stays cached
         pooled = m.family.trained_pooled(m, run.text_encoder, batch["prompts"], device)
-    return Encoded(x0, seq, pooled, batch["is_class"].to(device))
+    return Encoded(x0, seq, pooled, batch["is_class"].to(device), refs)

@@ -118,6 +118,9 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
                    help="a prompt (repeat the flag for several); default: the reference's prompt list")
     g.add_argument("--prompts_file", default=None,
                    help="a UTF-8 text file, one prompt per line; blank lines and lines starting with # are skipped")
+    g.add_argument("--image", default=None,
+                   help="editing families (Kontext, FLUX.2): the reference image every prompt edits; its path and "
+                        "content hash go into each image's metadata and name")
     g.add_argument("--seeds", type=_seed, nargs="+", default=list(REFERENCE_SEEDS),
                    help="one image per prompt and seed (default: the reference's %(default)s)")
     g.add_argument("--num_inference_steps", type=int, default=28, help="denoising steps (default: %(default)s)")

@@ -17,6 +17,7 @@ skipped (unless --overwrite). Files are written under a temporary name and renam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -259,7 +260,37 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
         settings["base_quantization"] = args.base_quantization
     if embeddings:  # likewise absent without pivotal tuning's new tokens
         settings["embeddings"] = embeddings
+    if getattr(args, "image", None):  # editing families: the reference image, by path and content
+        from .cache.keys import content_digest
+
+        settings["image"] = os.path.realpath(args.image)
+        settings["image_digest"] = content_digest(args.image)
     return settings
+
+
+def check_reference_image(args) -> None:
+    """--image: a readable image, for a pipeline of an editing family (fluxkit.families)."""
+    if not getattr(args, "image", None):
+        return
+    if not os.path.isfile(args.image):
+        raise UserError(f"--image {args.image!r} is not a file; give the reference image to edit")
+    from .scan import inspect_image
+
+    try:
+        inspect_image(args.image, args.image)
+    except Exception as err:
+        raise UserError(f"--image {args.image!r} cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
+    if os.path.isdir(args.model_path) and not families.of_folder(args.model_path).editing:
+        raise UserError(f"--image edits a reference image, but {args.model_path!r} is a "
+                        f"{families.of_folder(args.model_path).name} pipeline (text-to-image); use a Kontext or FLUX.2 model")
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
 
 
 def check_before_loading(args, defaults: ScriptDefaults):
@@ -276,6 +307,7 @@ def check_before_loading(args, defaults: ScriptDefaults):
     if lora_file:
         read_lora_shapes(lora_file)
     check_model_path(args.model_path, args.local_files_only)
+    check_reference_image(args)
     info = detect(args.device)
     if not info.supports(args.dtype):
         raise UserError(f"--dtype {args.dtype} is not supported on {info.type}; use bf16 or fp32")
@@ -400,8 +432,11 @@ def render(pipe, jobs: list[Job], args, output_dir: str, write: bool, show: bool
         batch = jobs[start:start + args.batch_size]
         call = batch + [batch[-1]] * (args.batch_size - len(batch)) if pad else batch
         t_batch = time.perf_counter()
+        edit = {}
+        if getattr(args, "image", None):  # one reference for the batch, as its family's pipeline takes it
+            edit = families.of_folder(args.model_path).edit_call(_reference_image(args.image), args.height, args.width)
         images = pipe(
-            prompt=[j.prompt for j in call],
+            **edit, prompt=[j.prompt for j in call],
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in call],
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
             height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,

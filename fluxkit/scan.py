@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import pairs
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -70,6 +71,8 @@ class DatasetScan:
     image_column: str | None = None
     origin: str = ""
     concepts: list = field(default_factory=list)   # kohya-style folders: (name, images, repeats, prompt)
+    references: list | None = None     # editing pairs: the reference image of each sample (fluxkit.pairs)
+    cond_column: str | None = None     # the table's reference-image column
 
     @property
     def num_samples(self) -> int:
@@ -82,6 +85,10 @@ class DatasetScan:
             return info.ref
         return _row_image(self.table[int(info.ref)][self.image_column])
 
+    def reference_source(self, info: ImageInfo):
+        """What data.open_image reads for a reference image (fluxkit.pairs)."""
+        return info.ref if self.table is None else _row_image(self.table[int(info.ref)][self.cond_column])
+
     def report(self) -> str:
         shown = list({s.name: s for s in self.samples}.values())  # a kohya folder's repeats count once
         sizes = Counter(f"{w}x{h}" for w, h in (s.size for s in shown))
@@ -92,7 +99,8 @@ class DatasetScan:
             repeats = "kohya folders " + ", ".join(f"{name!r} {n} x{r}" for name, n, r, _ in self.concepts)
         else:
             images, repeats = len(self.samples), f"repeats {self.repeats}"
-        lines = [f"data: {images} image(s) from {self.origin}; {repeats} -> "
+        pairs = " editing pair(s)" if self.references else " image(s)"
+        lines = [f"data: {images}{pairs} from {self.origin}; {repeats} -> "
                  f"{self.num_samples} sample(s)" + (f"; {len(self.class_samples)} class image(s)" if self.class_samples else "")
                  + "; sizes " + _top(sizes) + f"; modes {_top(modes)}; captions "
                  + ", ".join(f"{n} from {src}" for src, n in captions.most_common())]
@@ -417,6 +425,9 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
 
     scan = DatasetScan(samples, [], skipped, max(1, int(args.repeats)), table=table, image_column=image_column, origin=origin,
                        concepts=concepts)
+    if pairs.editing_requested(args):
+        pairs.check_flags(args)
+        pairs.attach_references(scan, args, skipped)
     add_class_images(scan, class_images or [], args)
     if getattr(args, "aspect_ratio_buckets", False):
         from .buckets import assign, make_buckets

@@ -314,6 +314,9 @@ def build_datasets(dataset_dir: str, seed: int = 0, resolution: int = 64, num_in
     instance/            images of one subject ("a photo of sks dog": a red circle) for DreamBooth
     captioned/data/train-00000-of-00001.parquet   pokemon-blip-captions layout: image {bytes, path}, text
     prompts.txt          prompts for inference
+    edit/targets/ + edit/references/   editing pairs (same file names; NAME.txt the instruction) for
+                         Kontext and FLUX.2: --instance_data_dir edit/targets --cond_image_dir edit/references
+    edit/data/train-00000-of-00001.parquet   the same pairs as columns image, cond_image, text
     """
     import datasets
 
@@ -341,6 +344,8 @@ def build_datasets(dataset_dir: str, seed: int = 0, resolution: int = 64, num_in
         datasets.Dataset.from_dict({"image": images, "text": texts}, features=features).to_parquet(
             os.path.join(data_dir, "train-00000-of-00001.parquet"))
 
+        _write_editing_pairs(os.path.join(staging, "edit"), resolution, rnd, num_instance)
+
         with open(os.path.join(staging, "prompts.txt"), "w") as f:
             f.write("# one prompt per line; blank lines and comments are skipped\n")
             f.write(f"{SUBJECT_PROMPT}\n{SUBJECT_PROMPT} on a beach\n\na blue square on a gray background\n")
@@ -352,4 +357,40 @@ def build_datasets(dataset_dir: str, seed: int = 0, resolution: int = 64, num_in
         "instance_dir": os.path.join(dataset_dir, "instance"),
         "dataset_name": os.path.join(dataset_dir, "captioned"),
         "prompts_file": os.path.join(dataset_dir, "prompts.txt"),
+        "edit_targets": os.path.join(dataset_dir, "edit", "targets"),
+        "edit_references": os.path.join(dataset_dir, "edit", "references"),
+        "edit_dataset": os.path.join(dataset_dir, "edit"),
     }
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_editing_pairs(folder: str, resolution: int, rnd: random.Random, count: int) -> None:
+    """Pairs whose instruction recolours the shape: the reference has it red, the target in the named colour."""
+    import datasets
+
+    targets, references = os.path.join(folder, "targets"), os.path.join(folder, "references")
+    os.makedirs(targets)
+    os.makedirs(references)
+    rows = {"image": [], "cond_image": [], "text": []}
+    for i in range(count):
+        color, shape = rnd.choice(sorted(set(_COLORS) - {"red"})), rnd.choice(_SHAPES)
+        state = rnd.getstate()
+        reference = pattern_image(resolution, _COLORS["red"], shape, rnd)
+        rnd.setstate(state)  # the same placement of the shape in both images
+        target = pattern_image(resolution, _COLORS[color], shape, rnd)
+        name, text = f"pair_{i:03d}", f"make the {shape} {color}"
+        reference.save(os.path.join(references, name + ".png"))
+        target.save(os.path.join(targets, name + ".png"))
+        with open(os.path.join(targets, name + ".txt"), "w") as f:
+            f.write(text + "\n")
+        rows["image"].append({"bytes": _png(target), "path": name + ".png"})
+        rows["cond_image"].append({"bytes": _png(reference), "path": name + ".png"})
+        rows["text"].append(text)
+    features = datasets.Features({"image": datasets.Image(), "cond_image": datasets.Image(), "text": datasets.Value("string")})
+    os.makedirs(os.path.join(folder, "data"))
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))

@@ -89,3 +89,105 @@ def test_klein_refuses_training_a_text_encoder_in_one_line(tiny_klein, sample_da
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert status == 2 and len(errors) == 1 and "--train_text_encoder" in errors[0] and "flux2-klein" in errors[0]
     assert not (tmp_path / "o").exists()  # refused before the output folder is made
+
+
+# ----------------------------------------------------------------------------- editing pairs (Kontext, FLUX.2)
+
+def _edit_args(model, data, out, steps=2, **extra):
+    from conftest import trainer_args
+
+    args = trainer_args(model, data, out, steps=steps, max_sequence_length=16, **extra)
+    args[args.index("--instance_data_dir") + 1] = data["edit_targets"]
+    return args
+
+
+def _record_inputs(monkeypatch, cls):
+    """Every transformer forward's (image tokens, image position ids), the real forward still running."""
+    seen = []
+    original = cls.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        seen.append((hidden_states.shape[1], kwargs["img_ids"].detach().clone()))
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    return seen
+
+
+def test_kontext_pairs_reach_the_transformer_and_cached_equals_uncached(tiny_flux, sample_data, tmp_path, monkeypatch):
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from conftest import run_entry_inprocess
+
+    seen = _record_inputs(monkeypatch, FluxTransformer2DModel)
+    pairs = dict(cond_image_dir=sample_data["edit_references"], model_family="kontext")
+    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
+    assert run_entry_inprocess(LORA, _edit_args(tiny_flux, sample_data, cached, latent_cache_dir=tmp_path / "c", **pairs)) == 0
+    # 32 px, a 2x VAE, 2x2 packing: 64 target tokens + 64 reference tokens, the reference's ids marked 1 on axis 0
+    assert [n for n, _ in seen] == [128, 128]
+    ids = seen[0][1]
+    assert (ids[:64, 0] == 0).all() and (ids[64:, 0] == 1).all() and torch_equal(ids[:64, 1:], ids[64:, 1:])
+    assert run_entry_inprocess(LORA, _edit_args(tiny_flux, sample_data, uncached, no_cache=True, **pairs)) == 0
+    assert _losses(str(cached)) == _losses(str(uncached))
+
+    # the Kontext LoRA loads into the plain FluxKontextPipeline and changes its edit of an image
+    import numpy as np
+    from PIL import Image
+
+    pipe = FluxKontextPipeline.from_pretrained(tiny_flux, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(os.path.join(sample_data["edit_references"], "pair_000.png"))
+
+    def edit():
+        import torch
+
+        return pipe(**families.get("kontext").edit_call(image, 32, 32), prompt="make the circle blue", height=32, width=32,
+                    num_inference_steps=2,
+                    max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    before = edit()
+    pipe.load_lora_weights(str(cached), weight_name="pytorch_lora_weights.safetensors")
+    assert np.abs(edit() - before).max() > 1e-4
+    assert all(k.startswith("transformer.") for k in load_file(str(cached / "pytorch_lora_weights.safetensors")))
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_pairs_from_a_parquet_column_train_klein_with_reference_tokens(tiny_klein, sample_data, tmp_path, monkeypatch):
+    from diffusers import Flux2Transformer2DModel
+
+    from conftest import run_entry_inprocess, trainer_args
+
+    seen = _record_inputs(monkeypatch, Flux2Transformer2DModel)
+    args = trainer_args(tiny_klein, sample_data, tmp_path / "o", steps=2, max_sequence_length=16, no_cache=True,
+                        dataset_name=sample_data["edit_dataset"], caption_column="text", cond_image_column="cond_image")
+    assert run_entry_inprocess(LORA, args) == 0
+    # FLUX.2: 64 target tokens (patchified 2x2) + 64 reference tokens at t = 10 on the first of 4 axes
+    assert [n for n, _ in seen] == [128, 128]
+    ids = seen[0][1][0]
+    assert (ids[:64, 0] == 0).all() and (ids[64:, 0] == 10).all() and ids.shape[-1] == 4
+
+
+@pytest.mark.parametrize("case", ["missing reference", "text-to-image family"])
+def test_a_bad_pair_is_one_error_line_and_nothing_is_written(tiny_flux, sample_data, tmp_path, capsys, case):
+    from conftest import run_entry_inprocess
+
+    refs = tmp_path / "refs"
+    shutil.copytree(sample_data["edit_references"], refs)
+    extra = dict(cond_image_dir=refs, model_family="kontext")
+    if case == "missing reference":
+        os.remove(refs / "pair_002.png")
+        needles = ["pair_002.png", "no reference image", str(refs)]
+    else:
+        extra.pop("model_family")
+        needles = ["flux1 trains text-to-image only", "--model_family kontext"]
+    status = run_entry_inprocess(LORA, _edit_args(tiny_flux, sample_data, tmp_path / "o", **extra))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1, errors
+    assert all(n in errors[0] for n in needles), errors[0]
+    assert not (tmp_path / "o").exists()

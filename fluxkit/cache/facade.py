@@ -11,7 +11,8 @@ import os
 import torch
 
 from .. import fsio
-from .keys import ImageHashes, image_hashes, latent_keys, text_identity, text_key, training_prompts, vae_identity
+from .keys import (ImageHashes, image_hashes, latent_keys, reference_hashes, text_identity, text_key, training_prompts,
+                   vae_identity)
 from .store import FORMAT, LATENT_FIELDS, TEXT_FIELDS, ShardStore, UnreadableImages, write_about
 
 logger = logging.getLogger("fluxkit.cache")
@@ -154,7 +155,7 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     hashes = ImageHashes(os.path.join(root, FORMAT))
     per_image = image_hashes(dataset, hashes)  # reads (or hashes) each image once
     key_images = {}
-    keys = latent_keys(dataset, per_image, key_images)
+    keys = latent_keys(dataset, per_image, key_images, reference_hashes(dataset, hashes))
     from ..environment import is_rank0
 
     if is_rank0():

@@ -32,12 +32,8 @@ class _PixelsOf(torch.utils.data.Dataset):
         from ..data import UnreadableImage
 
         key, index = self.items[i]
-        d = self.dataset
         try:
-            if index >= 0:
-                return key, d.pixels(d.instance_of(index), d.placement(index)), None
-            partner = -1 - index
-            return key, d.pixels(d.class_of(partner), d.class_placement(partner)), None
+            return key, self.dataset.pixels_at(index), None
         except UnreadableImage as err:
             return key, None, (err.name, err.reason)
 

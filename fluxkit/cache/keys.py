@@ -104,9 +104,19 @@ def image_hashes(dataset, hashes: ImageHashes) -> tuple[list[str], list[str]]:
     return [hashes(scan.source(s)) for s in scan.samples], [hashes(scan.source(s)) for s in scan.class_samples]
 
 
-def latent_keys(dataset, per_image: tuple[list[str], list[str]], images: dict[str, str] | None = None) -> dict[int, str]:
-    """Content key of every sample's latent: sample index i, and -1 - i for its class partner.
-    per_image: image_hashes(dataset, ...); images, when given, receives each key's image hash."""
+def reference_hashes(dataset, hashes: ImageHashes) -> list[str]:
+    """Content hash of each editing pair's reference image (none without pairs, fluxkit.pairs)."""
+    scan = dataset.scan
+    return [hashes(scan.reference_source(r)) for r in scan.references or ()]
+
+
+def latent_keys(dataset, per_image: tuple[list[str], list[str]], images: dict[str, str] | None = None,
+                references: list[str] | None = None) -> dict[int, str]:
+    """Content key of every sample's latent: sample index i, -1 - i for its class partner and
+    REFERENCE + i for its reference image (editing pairs). per_image: image_hashes(dataset, ...);
+    references: reference_hashes(dataset, ...); images, when given, receives each key's image hash."""
+    from ..pairs import REFERENCE
+
     image_hash, class_hash = per_image
     common = (dataset.interpolation, dataset.background)
     keys, images = {}, images if images is not None else {}
@@ -116,6 +126,10 @@ def latent_keys(dataset, per_image: tuple[list[str], list[str]], images: dict[st
         if class_hash:
             keys[-1 - i] = digest("image", class_hash[i % len(class_hash)], dataset.class_placement(i).key(), *common)
             images[keys[-1 - i]] = class_hash[i % len(class_hash)]
+        if references:
+            ref_hash = references[i % len(references)]
+            keys[REFERENCE + i] = digest("image", ref_hash, dataset.reference_placement(i).key(), *common)
+            images[keys[REFERENCE + i]] = ref_hash
     return keys
 
 

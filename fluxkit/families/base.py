@@ -27,6 +27,12 @@ class Family:
         """Refuse flags this family cannot honour, before anything loads."""
         from ..errors import UserError
 
+        from ..pairs import editing_requested
+
+        if editing_requested(args) and not self.editing:
+            raise UserError(f"--cond_image_dir/--cond_image_column give editing pairs, but {self.name} trains "
+                            "text-to-image only; use a Kontext or FLUX.2 model (a FLUX.1 folder trains Kontext with "
+                            "--model_family kontext)")
         for flag in ("train_text_encoder", "train_text_encoder_ti"):
             if getattr(args, flag, False) and not self.trains_text_encoder:
                 raise UserError(f"--{flag} trains FLUX.1's CLIP; {self.name} has no text encoder this toolkit "
@@ -84,6 +90,10 @@ class Family:
         validation_prompts (embeds: (sequences, pooled) stacked in that order) when the text
         encoders have left (embeds None: they are loaded)."""
         raise NotImplementedError
+
+    def edit_call(self, image, height: int, width: int) -> dict:
+        """The pipeline call's arguments for editing `image` into a height x width result."""
+        return {"image": image}
 
     # ------------------------------------------------------------------ latents and tokens
 

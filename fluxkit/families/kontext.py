@@ -12,5 +12,11 @@ class Kontext(Flux1):
     pipeline_name = "FluxKontextPipeline"
     editing = True
 
+    def edit_call(self, image, height, width):
+        # the reference at the result's size, as training places it into its target's shape (the
+        # pipeline would otherwise resize it to one of its preferred ~1 MP resolutions, and the
+        # result to max_area)
+        return {"image": image, "max_area": height * width, "_auto_resize": False}
+
 
 FAMILY = Kontext()
