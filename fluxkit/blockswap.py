@@ -162,12 +162,21 @@ def place(args, transformer, device) -> BlockSwap | None:
     if n > len(blocks) - 1:
         raise UserError(f"--blocks_to_swap {n} leaves no block on the device: this transformer has {len(blocks)} "
                         f"blocks; give at most {len(blocks) - 1}")
-    swapped = {id(p) for b in blocks[len(blocks) - n:] for p in b.parameters() if not p.requires_grad}
-    for p in transformer.parameters():
-        if id(p) not in swapped:
-            p.data = p.data.to(device)
-    for b in transformer.buffers():
-        b.data = b.data.to(device)
+    swapped = blocks[len(blocks) - n:]
+    # everything but the swapped blocks moves the library's own way (module.to: quantized tensors
+    # and their quantization state move with their weights)
+    for name, child in transformer.named_children():
+        for module in (child if name in BLOCK_LISTS else [child]):
+            if not any(module is b for b in swapped):
+                module.to(device)
+    for block in swapped:  # of a swapped block only what trains (LoRA) and its buffers go now
+        for p in block.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(device)
+            elif getattr(p, "quant_state", None) is not None:
+                p.quant_state.to(device)  # bitsandbytes' absmax etc.: small, stays on the device
+        for b in block.buffers():
+            b.data = b.data.to(device)
     swap = BlockSwap(blocks, n, device)
     setattr(transformer, ATTRIBUTE, swap)
     return swap
