@@ -185,7 +185,6 @@ def prepare_prompts(args, model_dir: str):
                        "that hold it", args.instance_prompt, args.token_abstraction)
     args = dataclasses.replace(args, instance_prompt=rewritten, class_prompt=tokens.rewrite(args.class_prompt),
                                validation_prompt=tokens.rewrite(args.validation_prompt))
-    logger.info("pivotal tuning: %s", ", ".join(f"{k} -> {''.join(v)}" for k, v in tokens.by_abstraction.items()))
     return args, tokens
 
 
@@ -277,7 +276,7 @@ class FractionGate:
 
     def begin_epoch(self, epoch: int) -> None:
         for part, bound in self.bounds.items():
-            if self.training[part] and epoch >= bound:
+            if self.training[part] and epoch >= bound > 0:  # a bound of 0 was warned about at the start
                 logger.info("the %s stop training at epoch %d (its fraction is over)", part, epoch)
             self.training[part] = epoch < bound
 
@@ -413,6 +412,8 @@ def attach(args, tokens: Tokens | None, models, trainables) -> Pivot | None:
             p.requires_grad_(False)
         trainables.transformer_params = []
     trainables.text_encoder_params = list(module.parameters())
+    logger.info("pivotal tuning in %s: %s", "CLIP and T5" if args.enable_t5_ti else "CLIP",
+                ", ".join(f"{k} -> {''.join(v)}" for k, v in tokens.by_abstraction.items()))
     return Pivot(args, tokens, module, args.enable_t5_ti)
 
 
