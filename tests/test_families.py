@@ -191,3 +191,30 @@ def test_a_bad_pair_is_one_error_line_and_nothing_is_written(tiny_flux, sample_d
     assert status == 2 and len(errors) == 1, errors
     assert all(n in errors[0] for n in needles), errors[0]
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- inference
+
+def test_inference_scripts_take_any_family_and_an_image_for_editing(tiny_flux, tiny_klein, sample_data, tmp_path, capsys):
+    from fluxkit import infer_args, inference
+    from fluxkit.errors import cli
+
+    def infer(*argv):
+        return cli(inference.main)(infer_args.BASE, [str(a) for a in argv])
+
+    fast = ["--height", "32", "--width", "32", "--num_inference_steps", "2", "--max_sequence_length", "16",
+            "--dtype", "fp32", "--seeds", "1", "--prompt", "make the circle blue"]
+    assert infer("--model_path", tiny_klein, "--output_dir", tmp_path / "klein", *fast) == 0
+    kontext = tmp_path / "kontext"  # FLUX.1's components saved as a Kontext pipeline
+    shutil.copytree(tiny_flux, kontext)
+    index = json.loads((kontext / "model_index.json").read_text())
+    (kontext / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    image = os.path.join(sample_data["edit_references"], "pair_000.png")
+    assert infer("--model_path", kontext, "--output_dir", tmp_path / "edit", "--image", image, *fast) == 0
+    record = [json.loads(line) for line in open(tmp_path / "edit" / "manifest.jsonl")][0]
+    assert record["image"] == os.path.realpath(image) and len(record["image_digest"]) >= 16
+
+    capsys.readouterr()
+    assert infer("--model_path", tiny_flux, "--output_dir", tmp_path / "t2i", "--image", image, *fast) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--image" in errors[0] and "flux1" in errors[0]
