@@ -484,8 +484,9 @@ def model_card_usage(args, pivot: Pivot) -> list[str]:
 
 def inference_files(lora_weights: str | None, embeddings: str | None) -> tuple[str | None, str | None]:
     """(LoRA weights to attach or None, embeddings file or None). The embeddings default to the one
-    OUTPUT_NAME_emb.safetensors beside the LoRA; a folder holding only that (a --train_transformer_frac 0
-    run) gives no LoRA. --lora_weights still goes through fluxkit.lora's checks."""
+    OUTPUT_NAME_emb.safetensors (or a checkpoint's token_embeddings.safetensors) beside the LoRA; a
+    folder holding only that (a --train_transformer_frac 0 run) gives no LoRA. --lora_weights still
+    goes through fluxkit.lora's checks."""
     if embeddings is not None:
         if not os.path.isfile(embeddings):
             raise UserError(f"--embeddings {embeddings!r} is not a file; pass the trainer's OUTPUT_NAME_emb.safetensors")
@@ -493,7 +494,8 @@ def inference_files(lora_weights: str | None, embeddings: str | None) -> tuple[s
     if not lora_weights or not os.path.exists(lora_weights):
         return lora_weights, embeddings
     folder = lora_weights if os.path.isdir(lora_weights) else os.path.dirname(os.path.abspath(lora_weights))
-    found = sorted(n for n in os.listdir(folder) if n.endswith("_emb.safetensors"))
+    # a checkpoint-STEP folder holds its rows as CHECKPOINT_FILE (same format)
+    found = sorted(n for n in os.listdir(folder) if n.endswith("_emb.safetensors") or n == CHECKPOINT_FILE)
     if embeddings is None and len(found) > 1:
         raise UserError(f"{folder!r} holds several embeddings files ({', '.join(found)}); pass one with --embeddings")
     if embeddings is None and found:

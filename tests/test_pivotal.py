@@ -295,7 +295,8 @@ def test_lora_inference_loads_the_embeddings_beside_the_lora(tiny_flux, sample_d
     from diffusers import FluxPipeline
 
     out = str(tmp_path / "trained")
-    train(ti_args(tiny_flux, sample_data, out, steps=4, enable_t5_ti=True, train_text_encoder_ti_frac=1))
+    train(ti_args(tiny_flux, sample_data, out, steps=4, enable_t5_ti=True, train_text_encoder_ti_frac=1,
+                  checkpointing_steps=4))
     fast = ["--model_path", tiny_flux, "--seeds", "3", "--height", "32", "--width", "32", "--num_inference_steps", "2",
             "--dtype", "fp32"]
     assert infer(fast + ["--lora_weights", out, "--prompt", "a photo of TOK dog", "--output_dir", tmp_path / "a"]) == 0
@@ -307,8 +308,11 @@ def test_lora_inference_loads_the_embeddings_beside_the_lora(tiny_flux, sample_d
     assert infer(fast + ["--lora_weights", lora_only, "--embeddings", moved, "--prompt", "a photo of <s0><s1> dog",
                          "--output_dir", tmp_path / "b"]) == 0
     assert infer(fast + ["--lora_weights", lora_only, "--prompt", "a photo of TOK dog", "--output_dir", tmp_path / "c"]) == 0
-    a, b, c = (only_png(tmp_path / x) for x in "abc")
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # a checkpoint folder as --lora_weights brings its rows too (the last checkpoint is the final state, in fp32)
+    assert infer(fast + ["--lora_weights", os.path.join(out, "checkpoint-4"), "--prompt", "a photo of TOK dog",
+                         "--output_dir", tmp_path / "d"]) == 0
+    a, b, c, d = (only_png(tmp_path / x) for x in "abcd")
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and np.array_equal(a, d)
 
     pipe = plain_pipeline_with(tiny_flux, out, t5=True)
     pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
