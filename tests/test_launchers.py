@@ -188,6 +188,8 @@ def test_one_data_source_wins():
     assert mine.flag("instance_prompt") == "a photo of zwx dog"
     assert dry(FULL, "--instance_dir=/data/cat").flag("instance_prompt") == ""  # not the default folder's "sks dog"
     assert dry(FULL).flag("instance_prompt") == "a photo of sks dog"
+    copy = dry(LORA, "--dataset_name=/data/my pokemon copy")  # the dataset key: the user's copy of the reference's
+    assert copy.flag("instance_prompt") == "a photo of pokemon" and copy.flag("validation_prompt") == "A photo of pokemon in a bucket"
     assert_user_error(launch_inprocess(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
 
 

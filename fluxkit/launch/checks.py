@@ -70,7 +70,8 @@ def check_keys(req: Request) -> None:
         o["dataset_name" if "instance_dir" in req.given else "instance_dir"] = ""
     if not o.get("dataset_name") and not o.get("instance_dir"):
         raise UserError("no training data: pass --instance_dir=PATH or --dataset_name=PATH")
-    if {"dataset_name", "instance_dir"} & req.given:  # the reference's prompts name its data, not the user's
+    named = {"dataset_name", "instance_dir"} & req.given
+    if named and req.spec.data_defaults_key not in named:  # the reference's prompts name its data, not the user's
         for key in req.spec.data_defaults:
             if key not in req.given:
                 o[key] = ""  # our trainer's data scan names a missing --instance_prompt in one line

@@ -22,8 +22,11 @@ class Launcher:
     keys: tuple  # this launcher's named keys, in --help order (COMMON_KEYS follow)
     defaults: dict
     demo: dict = field(default_factory=dict)  # values under --demo ("{cache}" = the demo cache); given keys win
-    # defaults that describe the reference's own data (its prompts): dropped when the user names other data
+    # defaults that describe the reference's own data (its prompts): dropped when the user names other
+    # data, except through `data_defaults_key` (LoRA: a --dataset_name is taken as the user's copy of
+    # the reference's pokemon dataset; full: any --instance_dir is the user's own subject)
     data_defaults: tuple = ()
+    data_defaults_key: str = ""
 
 
 COMMON_KEYS = ("lr_scheduler", "lr_warmup_steps", "dataloader_num_workers", "resume_from_checkpoint", "config_file",
@@ -71,7 +74,7 @@ LAUNCHERS = {
               "gradient_accumulation_steps": "1", "learning_rate": "1e-4", "max_train_steps": "30",
               "output_dir": "output_flux_dreambooth_lora_demo", "report_to": "none", "dataloader_num_workers": "0",
               "num_validation_images": "1", "num_validation_steps": "4"},
-        data_defaults=("instance_prompt", "validation_prompt")),
+        data_defaults=("instance_prompt", "validation_prompt"), data_defaults_key="dataset_name"),
 }
 # Launcher keys whose trainer flag has another name; the trainer's name is accepted as the key too.
 TRAINER_NAME = {"model_name": "pretrained_model_name_or_path", "instance_dir": "instance_data_dir",
