@@ -200,11 +200,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.center_crop, self.random_flip = bool(args.center_crop), bool(args.random_flip)
         self.interpolation = args.image_interpolation_mode
         _resample(self.interpolation)
-        self.background = parse_color(getattr(args, "alpha_background", "white") or "white")
-        self.caption_dropout_rate = float(getattr(args, "caption_dropout_rate", 0.0) or 0.0)
+        self.background = parse_color(args.alpha_background or "white")
+        self.caption_dropout_rate = float(args.caption_dropout_rate or 0.0)
         self.resolution = args.resolution
         self.class_prompt = args.class_prompt if self.scan.class_samples else None
-        self.skip_bad = bool(getattr(args, "skip_bad_images", False))
+        self.skip_bad = bool(args.skip_bad_images)
         # False once every latent is cached: items then carry no pixels, and workers decode nothing
         self.decode_pixels = True
         # images known not to decode (from the cache's record): {image index: reason}, instance and class

@@ -242,13 +242,13 @@ def _is_image_folder(path: str) -> bool:
 def _folder_entries(folder: str, flag: str, args, prompt: str | None, prompt_source: str) -> list[tuple[str, str, str]]:
     """(path, caption, caption source) for each image of an image folder; an image without a caption
     (or with an empty one) gets `prompt`, named by `prompt_source`."""
-    caption_ext = getattr(args, "caption_extension", ".txt") or ".txt"
-    meta = read_metadata(folder, getattr(args, "caption_column", None)) if os.path.isdir(folder) else None
+    caption_ext = args.caption_extension or ".txt"
+    meta = read_metadata(folder, args.caption_column) if os.path.isdir(folder) else None
     listed = {}
     if meta:
         meta_name, listed = meta
         missing = [f for f in listed if not os.path.isfile(os.path.join(folder, f))]
-        if missing and not getattr(args, "skip_bad_images", False):
+        if missing and not args.skip_bad_images:
             raise UserError(f"{os.path.join(folder, meta_name)!r} names {len(missing)} file(s) that do not exist, e.g. "
                             f"{missing[0]!r}; fix file_name or pass --skip_bad_images")
         paths = sorted(set(list_images(folder, flag) if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder)) else [])
@@ -371,7 +371,7 @@ def _progress(total: int, desc: str, quiet: bool):
 
 def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = None, quiet: bool = False) -> DatasetScan:
     """Scan the training data of a trainer's args (see the module notes). Raises UserError on bad input."""
-    skip_bad = bool(getattr(args, "skip_bad_images", False))
+    skip_bad = bool(args.skip_bad_images)
     skipped: list[str] = []
     samples: list[ImageInfo] = []
     table, image_column, concepts = None, None, []
@@ -429,11 +429,11 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
         pairs.check_flags(args)
         pairs.attach_references(scan, args, skipped)
     add_class_images(scan, class_images or [], args)
-    if getattr(args, "aspect_ratio_buckets", False):
+    if args.aspect_ratio_buckets:
         from .buckets import assign, make_buckets
 
-        scan.buckets = make_buckets(args.resolution, getattr(args, "bucket_step", 64),
-                                    getattr(args, "min_bucket_side", None), getattr(args, "max_bucket_side", None))
+        scan.buckets = make_buckets(args.resolution, args.bucket_step,
+                                    args.min_bucket_side, args.max_bucket_side)
         scan.sample_bucket = assign([s.size for s in samples], scan.buckets)
 
     per_process = scan.num_samples // max(1, world_size)
@@ -450,7 +450,7 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
 
 def add_class_images(scan: DatasetScan, paths: list[str], args) -> DatasetScan:
     """Prior preservation's class images (known only once generated) join a scan."""
-    skip_bad = bool(getattr(args, "skip_bad_images", False))
+    skip_bad = bool(args.skip_bad_images)
     for path in paths:
         info = _inspect_path(path, skip_bad, scan.skipped)
         if info is not None:
