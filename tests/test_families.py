@@ -218,3 +218,21 @@ def test_inference_scripts_take_any_family_and_an_image_for_editing(tiny_flux, t
     assert infer("--model_path", tiny_flux, "--output_dir", tmp_path / "t2i", "--image", image, *fast) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "--image" in errors[0] and "flux1" in errors[0]
+
+
+def test_klein_full_fine_tune_writes_a_klein_pipeline_folder(tiny_klein, sample_data, tmp_path):
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    from conftest import run_entry_inprocess, trainer_args
+
+    full = os.path.join(os.path.dirname(LORA), "train_flux_dreambooth.py")
+    out = tmp_path / "full"
+    assert run_entry_inprocess(full, trainer_args(tiny_klein, sample_data, out, steps=2, max_sequence_length=16,
+                                                  learning_rate="1e-3")) == 0
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
+    trained = Flux2KleinPipeline.from_pretrained(str(out), local_files_only=True)
+    base = Flux2KleinPipeline.from_pretrained(tiny_klein, local_files_only=True)
+    moved = [n for n, p in trained.transformer.named_parameters()
+             if not torch.equal(p, dict(base.transformer.named_parameters())[n])]
+    assert moved and all(torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(), base.text_encoder.parameters()))
