@@ -5,7 +5,7 @@ term of the plan (fluxkit.plan.terms) reads this, never the flags themselves."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import pivotal
 from ..errors import UserError
@@ -41,7 +41,6 @@ class RunShape:
     offload_encoders: bool = False
     validates: bool = False  # a --validation_prompt renders images
     device: str = "cuda"
-    notes: dict = field(default_factory=dict, compare=False)
 
     @property
     def cb(self) -> int:

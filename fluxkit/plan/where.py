@@ -19,11 +19,9 @@ from .shape import RunShape
 WHERE_BEGIN = "<!-- fluxkit.plan.where: begin (generated: python -m fluxkit.plan.where --write docs/memory.md) -->"
 WHERE_END = "<!-- fluxkit.plan.where: end -->"
 
-# Published peak memory of comparable setups (DESIGN.md, "Published memory"): where each comes from
+# Published peak memory of comparable setups (DESIGN.md, "Published memory")
 HF_QLORA = "HF QLoRA (NF4, rank 4, 8-bit Adam, cached, 512x768, RTX 4090): about 9 GB"
 HF_BF16 = "HF bf16 LoRA: 26 GB"
-SIMPLETUNER = "SimpleTuner rank 16, 512px: >30 / 18 / 13 / 9 GB (bf16 / int8 / int4 / NF4 base)"
-KOHYA = "kohya FLUX.1 LoRA (fp8 base): 24 / 16 / 12 / 10 / 8 GB with 0 / 0 / 16 / 22 / 28 blocks swapped"
 REFERENCE = "the reference's own run: 8 x 64 GB Atlas 900 A2, 55.23 images/s"
 
 LORA = RunShape(lora=True, rank=16, targets=(), mixed="bf16", resolution=512, seq_len=512, batch=1,
@@ -33,7 +31,7 @@ FULL = RunShape(lora=False, mixed="bf16", resolution=256, seq_len=77, batch=16, 
                 zero_stage=2, device="cuda")
 # (what, card GB, the starting run, the published measurement beside it)
 ROWS = [
-    ("LoRA rank 16, 512px, batch 1", 8, LORA, KOHYA.replace("24 / 16 / 12 / 10 / 8 GB", "8 GB").split(" with")[0] + ", 28 blocks swapped"),
+    ("LoRA rank 16, 512px, batch 1", 8, LORA, "kohya: 8 GB with 28 blocks swapped (fp8 base)"),
     ("LoRA rank 16, 512px, batch 1", 12, LORA, "kohya: 12 GB with 16 blocks swapped (fp8 base)"),
     ("HF QLoRA recipe: rank 4, NF4, 8-bit Adam", 12, QLORA, HF_QLORA),
     ("LoRA rank 16, 512px, batch 1", 16, LORA, "SimpleTuner int4: 13 GB; kohya: 16 GB, no swap (fp8 base)"),
