@@ -236,3 +236,28 @@ def test_klein_full_fine_tune_writes_a_klein_pipeline_folder(tiny_klein, sample_
     moved = [n for n, p in trained.transformer.named_parameters()
              if not torch.equal(p, dict(base.transformer.named_parameters())[n])]
     assert moved and all(torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(), base.text_encoder.parameters()))
+
+
+@pytest.mark.cli
+def test_klein_editing_run_sigkilled_at_step_3_resumes_bit_identical(tiny_klein, sample_data, tmp_path):
+    from conftest import run_entry_inprocess
+    from test_reliability import KILL_AT_STEP, SIGKILLED, assert_bit_identical, listing, steps_and_losses, train_subprocess
+
+    def args(out, **extra):
+        return _edit_args(tiny_klein, sample_data, out, steps=4, cond_image_dir=sample_data["edit_references"],
+                          checkpointing_steps=2, mixed_precision="no", learning_rate="1e-3", **extra)
+
+    reference, out = tmp_path / "uninterrupted", tmp_path / "crashed"
+    assert run_entry_inprocess(LORA, args(reference)) == 0
+    resumed = args(out, resume_from_checkpoint="latest")
+    proc = train_subprocess(LORA, resumed, env={KILL_AT_STEP: "3"})
+    assert proc.returncode == SIGKILLED and listing(out) == ["checkpoint-2"], proc.stderr[-3000:]
+    assert run_entry_inprocess(LORA, resumed) == 0
+    assert steps_and_losses(out) == steps_and_losses(reference)
+    assert_bit_identical(weights_of(out), weights_of(reference))
+
+
+def weights_of(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
