@@ -264,6 +264,64 @@ def _hooks_install():
     _replace(Accelerator, "register_save_state_pre_hook", make, "deepspeed-state-hooks")
 
 
+def sampler_batch_size(loaders) -> int | None:
+    """The per-process batch size of DataLoaders built with batch_sampler= (their .batch_size is None):
+    the samplers' own batch_size (diffusers' bucket samplers keep one), the largest if several."""
+    found = [getattr(dl.batch_sampler, "batch_size", None) for dl in loaders
+             if isinstance(dl, torch.utils.data.DataLoader) and dl.batch_size is None]
+    sizes = [b for b in found if isinstance(b, int) and b > 0]
+    return max(sizes) if sizes and len(sizes) == len(found) else None
+
+
+def _batch_sampler_check():
+    import accelerate
+
+    return True, (f"accelerate {accelerate.__version__}: acts only under DeepSpeed with an 'auto' micro batch "
+                  "and a loader built with batch_sampler=")
+
+
+def _batch_sampler_install():
+    from accelerate import Accelerator
+
+    def make(original):
+        @functools.wraps(original)
+        def prepare(self, *args, **kwargs):
+            plugin = getattr(self.state, "deepspeed_plugin", None) if is_deepspeed(self) else None
+            if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+                size = sampler_batch_size(args)
+                if size is not None:  # what accelerate would have read from loader.batch_size
+                    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = size
+            return original(self, *args, **kwargs)
+
+        return prepare
+
+    _replace(Accelerator, "prepare", make, "deepspeed-batch-sampler")
+
+
+def _save_barrier_check():
+    import accelerate
+
+    return True, f"accelerate {accelerate.__version__}: acts only where save_state is collective (DeepSpeed, FSDP)"
+
+
+def _save_barrier_install():
+    from accelerate import Accelerator
+
+    from .script_fixes import collective_checkpoint
+
+    def make(original):
+        @functools.wraps(original)
+        def save_state(self, *args, **kwargs):
+            if collective_checkpoint(self) and self.num_processes > 1:
+                # every rank is here anyway; rank 0 finishes pruning before any rank creates checkpoint-N
+                self.wait_for_everyone()
+            return original(self, *args, **kwargs)
+
+        return save_state
+
+    _replace(Accelerator, "save_state", make, "checkpoint-save-barrier")
+
+
 # ------------------------------------------------------------------ 6. NPU fused attention
 
 NPU_BACKEND = "_native_npu"  # diffusers' AttentionBackendName for torch_npu.npu_fusion_attention
@@ -364,6 +422,68 @@ def _cp_device_install():
     _replace(owner, name, make, "context-parallel-cpu-device")
 
 
+# ------------------------------------------------------------------ 8. model offload without an accelerator
+
+def _cpu_offload_check():
+    from diffusers import DiffusionPipeline
+
+    from .device import detect
+
+    info = detect()
+    if info.has_accelerator:
+        return False, f"not needed: {info.type} is there to offload from"
+    if not hasattr(DiffusionPipeline, "enable_model_cpu_offload"):
+        return False, "not available: this diffusers has no enable_model_cpu_offload"
+    return True, "no accelerator: enable_model_cpu_offload keeps the pipeline on the cpu instead of raising"
+
+
+def _cpu_offload_install():
+    from diffusers import DiffusionPipeline
+
+    def make(original):
+        @functools.wraps(original)
+        def enable_model_cpu_offload(self, gpu_id=None, device=None):
+            if device is None or torch.device(device).type == "cpu":
+                return self.to("cpu")  # every model already lives where offloading would put it
+            return original(self, gpu_id=gpu_id, device=device)
+
+        return enable_model_cpu_offload
+
+    _replace(DiffusionPipeline, "enable_model_cpu_offload", make, "cpu-model-offload")
+
+
+# ------------------------------------------------------------------ 9. FLUX.2 inputs in the transformer's dtype
+
+def _flux2_dtype_check():
+    import diffusers
+
+    try:
+        from diffusers import Flux2Transformer2DModel  # noqa: F401
+    except ImportError:
+        return False, f"not available: diffusers {diffusers.__version__} has no FLUX.2 transformer"
+    return True, ("acts only without autocast (DeepSpeed bf16/fp16) when the latents or prompt embeddings "
+                  "are not in the transformer's dtype")
+
+
+def _flux2_dtype_install():
+    from diffusers import Flux2Transformer2DModel
+
+    def make(original):
+        @functools.wraps(original)
+        def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+            dtype = self.x_embedder.weight.dtype
+            if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+                # what autocast does for the scripts' float32 latents; the pipelines pass them in this dtype
+                hidden_states = hidden_states.to(dtype)
+                if encoder_hidden_states is not None and encoder_hidden_states.is_floating_point():
+                    encoder_hidden_states = encoder_hidden_states.to(dtype)
+            return original(self, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+        return forward
+
+    _replace(Flux2Transformer2DModel, "forward", make, "flux2-input-dtype")
+
+
 PATCHES = [
     Patch("npu-sharded-tensor-device", "ShardedTensor collectives must use the NPU (or the CPU when there is no accelerator)",
           _sharded_tensor_check, _sharded_tensor_install),
@@ -375,10 +495,18 @@ PATCHES = [
           _gloo_check, _gloo_install),
     Patch("deepspeed-state-hooks", "under DeepSpeed, save hooks get engine-wrapped models and an empty weights list",
           _hooks_check, _hooks_install),
+    Patch("deepspeed-batch-sampler", "a DataLoader built with batch_sampler= (aspect buckets) has batch_size None, "
+          "which accelerate's DeepSpeed prepare() refuses", _batch_sampler_check, _batch_sampler_install),
+    Patch("checkpoint-save-barrier", "every rank's save_state creates checkpoint-N at once, so rank 0's pruning, still "
+          "running, counts and deletes it and one checkpoint too many", _save_barrier_check, _save_barrier_install),
     Patch("npu-fused-attention", "torch_npu's fused attention is much faster than the composed one on NPU",
           _npu_attention_check, _npu_attention_install),
     Patch("context-parallel-cpu-device", "diffusers' enable_parallelism divides the rank by the accelerator count, "
           "0 on a CPU-only host (ZeroDivisionError)", _cp_device_check, _cp_device_install),
+    Patch("flux2-input-dtype", "the FLUX.2 scripts feed float32 latents to the transformer and rely on autocast, "
+          "which DeepSpeed's bf16 engine does not use (float != BFloat16)", _flux2_dtype_check, _flux2_dtype_install),
+    Patch("cpu-model-offload", "the FLUX.2 scripts' validation calls enable_model_cpu_offload, which raises "
+          "without an accelerator", _cpu_offload_check, _cpu_offload_install),
 ]
 BY_NAME = {p.name: p for p in PATCHES}
 

@@ -311,6 +311,12 @@ def _refers_to_ours(arg, func) -> bool:
     return False
 
 
+def _defines_flag(tree, flag: str) -> bool:
+    """Whether the script's argparse setup declares flag (add_argument("--flag", ...))."""
+    return any(isinstance(a, ast.Constant) and a.value == flag
+               for c in _method_calls(tree, "add_argument") for a in c.args)
+
+
 def _replace_hook(tree, method: str, index: int, what: str) -> tuple[str, str]:
     parents = _parents(tree)
     calls = [c for c in _method_calls(tree, method) if len(c.args) == 1]
@@ -322,11 +328,13 @@ def _replace_hook(tree, method: str, index: int, what: str) -> tuple[str, str]:
         if _refers_to_ours(call.args[0], func):
             continue
         bound = _names_bound(func) | _names_bound(tree) if func is not None else _names_bound(tree)
-        missing = [n for n in LORA_HOOK_NAMES if n not in bound]
+        # FLUX.2 scripts train no text encoder (no --train_text_encoder flag) and name none text_encoder_one.
+        optional = () if _defines_flag(tree, "--train_text_encoder") else ("text_encoder_one",)
+        missing = [n for n in LORA_HOOK_NAMES if n not in bound and n not in optional]
         if missing:
             raise _Missing(f"`{method}` is called where {', '.join(missing)} are not defined, so fluxkit's hook cannot be built")
         hooks = _helper_call("upstream_lora_hooks", copy.deepcopy(call.func.value),
-                             *[ast.Name(n, ast.Load()) for n in LORA_HOOK_NAMES])
+                             *[ast.Name(n, ast.Load()) if n in bound else ast.Constant(None) for n in LORA_HOOK_NAMES])
         call.args[0] = ast.Subscript(value=hooks, slice=ast.Constant(index), ctx=ast.Load())
         replaced += 1
     if not replaced:
