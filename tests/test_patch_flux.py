@@ -372,7 +372,8 @@ def test_missing_target_names_transform_and_script():
         _fix(no_validation)
     _, results = _fix(no_validation, skip=("validation-dtype",))
     assert results["validation-dtype"] == "not needed"
-    no_names = SHAPE_2024.replace("text_encoder_one", "te")
+    # a script that can train its text encoder (--train_text_encoder) must name it text_encoder_one
+    no_names = SHAPE_2024.replace("text_encoder_one", "te") + "parser.add_argument('--train_text_encoder')\n"
     with pytest.raises(UserError, match="text_encoder_one"):
         _fix(no_names)
     with pytest.raises(UserError, match="none of the constructs"):
