@@ -246,6 +246,8 @@ def test_bench_run_writes_a_valid_result_and_prints_the_table_last(tmp_path):
     lora = next(r for r in suite["rows"] if r["case"].startswith("LoRA"))
     assert lora["metrics"]["s/step"]["n"] == 8 and lora["metrics"]["s/step"]["median"] > 0
     ladder = [r for r in suite["rows"] if r["table"].startswith("memory ladder")]
+    assert ladder[0]["case"].startswith("encode phase") and ladder[0]["metrics"]["planned GB"] > 0
+    ladder = ladder[1:]
     assert [r["case"].split(",")[0] for r in ladder] == ["bf16 LoRA r16", "HF QLoRA recipe (NF4 r4", "QLoRA + --blocks_to_swap 16",
                                                          "QLoRA + --blocks_to_swap 22", "QLoRA + --blocks_to_swap 28"]
     # the tiny preset has 2 blocks: one may be swapped, and one visits at a time

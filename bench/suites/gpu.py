@@ -252,9 +252,6 @@ def run(ctx) -> dict:
             lora_mfu = train_metrics["MFU % (measured peak)"]["median"] / 100
         gc.collect()
 
-    ladder_rows, ladder_notes = gpu_memory.ladder(ctx, preset, sizes["train"], vae_scale, PLAN_TOLERANCE)
-    rows += ladder_rows
-    notes += ladder_notes
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), tokenizer=build_clip_tokenizer(preset.clip_vocab),
                         tokenizer_2=build_t5_tokenizer(preset.t5_vocab), **models)
     pipe.set_progress_bar_config(disable=True)
@@ -272,9 +269,12 @@ def run(ctx) -> dict:
     if "compiled" in infer_rows:
         comparisons.append({"name": "compiled / eager", "metric": "s/image",
                             **harness.compare(eager, infer_rows["compiled"]["metrics"]["s/image"])})
-    del pipe, models  # the context-parallel processes need the device memory
+    del pipe, models  # the memory ladder and the context-parallel processes need the device memory
     gc.collect()
     empty_cache(device)
+    ladder_rows, ladder_notes = gpu_memory.ladder(ctx, preset, sizes["train"], vae_scale, PLAN_TOLERANCE)
+    rows += ladder_rows
+    notes += ladder_notes
     cp_row, cp_note = _context_parallel(ctx, preset, sizes["infer"])
     notes.append(cp_note)
     if cp_row:

@@ -1,6 +1,7 @@
 """The gpu suite's memory ladder (bench/suites/gpu.py calls `ladder`): LoRA training steps as the
 trainer runs them once the cache is full (no encoder on the device), on FLUX.1-dev's architecture
-with random weights, one rung per row:
+with random weights, one rung per row, after the encode phase itself (T5, CLIP and the VAE encoding
+one prompt and one image, no transformer: the device's peak beside the plan's encode phase):
 
     bf16 LoRA        rank 16, bf16 base (published: HF bf16 LoRA about 26 GB)
     HF QLoRA recipe  rank 4, NF4 base, 8-bit Adam (published: about 9 GB on an RTX 4090)
@@ -23,11 +24,17 @@ from argparse import Namespace
 import torch
 
 from fluxkit import flops
-from fluxkit.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
+from fluxkit.device import device_module, empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
 
 from .. import harness
 
 WARMUP, STEPS = 2, 4
+
+
+def _allocated(ctx) -> int:
+    """What the device holds before a case starts (its peak is measured above it); 0 on a CPU."""
+    module = device_module(ctx.device)
+    return int(module.memory_allocated()) if module is not None else 0
 T5_TOKENS = 77
 KOHYA_SWAPS = (16, 22, 28)
 # (case, rank, base quantization, 8-bit Adam, blocks to swap, published measurement)
@@ -119,17 +126,56 @@ def _steps(ctx, t, res: int, vae_scale: int, rank: int, eight_bit: bool, swap: i
     return times, peak_memory_bytes(ctx.device), resident
 
 
+def encode_phase(ctx, preset, res: int) -> tuple[int, int]:
+    """(peak allocated, planned) while the encoders fill the cache: T5, CLIP and the VAE in bf16 on the
+    device, one prompt of 512 T5 tokens and one image at `res` encoded, no transformer anywhere."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fluxkit.plan import parse, plan_memory
+
+    device = torch.device(ctx.device.type)
+    gc.collect()
+    empty_cache(device.type)
+    reset_peak_memory(ctx.device)
+    before = _allocated(ctx)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device), torch.no_grad():
+            t5, clip = T5EncoderModel(T5Config(**preset.t5)), CLIPTextModel(CLIPTextConfig(**preset.clip))
+            vae = AutoencoderKL(**preset.vae)
+            t5(torch.ones(1, 512, dtype=torch.long))
+            clip(torch.ones(1, 77, dtype=torch.long))
+            vae.encode(torch.randn(1, 3, res, res)).latent_dist
+    finally:
+        torch.set_default_dtype(previous)
+    measured = peak_memory_bytes(ctx.device) - before
+    del t5, clip, vae
+    args = parse(["--pretrained_model_name_or_path", preset.name, "--architecture", preset.name, "--lora", "--resolution",
+                  str(res), "--train_batch_size", "1", "--mixed_precision", "bf16", "--max_sequence_length", "512"])
+    return measured, plan_memory(args, 1, 0, ctx.device.type).phase("encode").bytes
+
+
 def ladder(ctx, preset, res: int, vae_scale: int, tolerance: float) -> tuple[list, list]:
     """(rows, notes) of the memory ladder; see the module doc."""
     rows, notes = [], []
     device = ctx.device.type
+    ctx.log("gpu: memory, the encode phase")
+    measured, planned = encode_phase(ctx, preset, res)
+    rows.append({"table": "memory ladder (cache full, no encoder on the device)", "case": f"encode phase (T5, CLIP, VAE), {res}x{res}",
+                 "params": {"published": "none"},
+                 "metrics": {"peak mem GB": measured / 2**30, "planned GB": planned / 2**30,
+                             "planned / measured": planned / measured if ctx.device.has_accelerator else "n/a (CPU RSS)"}})
     blocks = preset.transformer["num_layers"] + preset.transformer["num_single_layers"]
     for case, rank, quantization, eight_bit, swap, published in RUNGS:
         ctx.log(f"gpu: memory ladder, {case}")
         swap = min(swap, blocks - 1)
+        before = _allocated(ctx)  # left by earlier work (nothing, after gpu.run freed its models)
         t = _transformer(preset, device, quantization)
         times, measured, resident = _steps(ctx, t, res, vae_scale, rank, eight_bit and ctx.device.has_accelerator, swap)
         planned = _planned(preset.name, res, rank, quantization, eight_bit and ctx.device.has_accelerator, swap, device)
+        measured -= before
         metrics = {"s/step": harness.summarize(times), "peak mem GB": measured / 2**30, "planned GB": planned / 2**30,
                    "blocks resident": resident}
         if ctx.device.has_accelerator:
