@@ -88,6 +88,23 @@ def _summary(patch_results, fix_results) -> str:
     return f"{PROG}: " + "; ".join(f"{k}: {', '.join(groups[k])}" for k in order if groups.get(k))
 
 
+def check_processes() -> None:
+    """Refuse processes that accelerate would leave unconnected: `accelerate launch --multi_gpu` on a host
+    without an accelerator starts WORLD_SIZE processes that each get DistributedType.NO (no DeepSpeed,
+    no DDP), so each trains alone on the whole dataset into the same output_dir."""
+    from fluxkit.device import detect
+    from fluxkit.environment import parse_bool
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    engines = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU")
+    if world < 2 or detect().has_accelerator or any(parse_bool(os.environ.get(k, "")) for k in engines):
+        return
+    raise UserError(f"{world} processes were started without DeepSpeed on a host without an accelerator (accelerate's "
+                    f"--multi_gpu?): accelerate would not connect them and each would train alone; launch with a DeepSpeed "
+                    f"config and no --multi_gpu: accelerate launch --config_file pretrain_bf16_accelerate_config.yaml "
+                    f"--num_processes {world} patch_flux.py SCRIPT ...")
+
+
 def run_fixed(tree, path: str, args: list[str]) -> None:
     """Run the fixed AST as __main__, as `python SCRIPT ARGS` would run the file."""
     import types
@@ -133,6 +150,7 @@ def main(argv=None) -> int:
 
             print(ast.unparse(tree))
         return 0
+    check_processes()
     applied = patches.apply()
     if is_rank0():
         print(_summary(applied, fixes), file=sys.stderr, flush=True)

@@ -49,6 +49,28 @@ def test_flux2_shape_gets_transformer_only_lora_hooks():
         _fix(trains_te)
 
 
+# ------------------------------------------------------------------ the runner's launch check
+
+def test_unconnected_processes_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    """`accelerate launch --config_file <DeepSpeed> --multi_gpu` on a CPU host: accelerate exports no
+    ACCELERATE_USE_DEEPSPEED and every process gets DistributedType.NO (seen with the klein script)."""
+    import patch_flux
+    from conftest import assert_user_error, run_inprocess
+
+    out = tmp_path / "out"
+    multi_gpu = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "RANK": "0", "ACCELERATE_USE_DEEPSPEED": None}
+    proc = run_inprocess([sys.executable, RUNNER, FLUX2_SHAPE, "--pretrained_model_name_or_path", "x",
+                          "--instance_data_dir", "x", "--output_dir", str(out)], env=multi_gpu)
+    assert_user_error(proc, "2 processes", "--multi_gpu", "--num_processes 2")
+    assert not out.exists()
+    for key, value in {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    patch_flux.check_processes()  # DeepSpeed connects them
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    patch_flux.check_processes()  # one process: nothing to connect
+
+
 # ------------------------------------------------------------------ runtime patches, in process
 
 def test_sampler_batch_size_reads_bucket_samplers():
