@@ -261,3 +261,16 @@ def weights_of(out):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_launcher_names_the_family_and_applies_its_refusals(tiny_klein, sample_data, tmp_path):
+    from conftest import ROOT, assert_user_error, run_inprocess
+
+    launcher = os.path.join(ROOT, "finetune_flux_dreambooth_lora_deepspeed_bf16.sh")
+    keys = [f"--model_name={tiny_klein}", f"--instance_dir={sample_data['instance_dir']}", f"--output_dir={tmp_path / 'o'}",
+            "--instance_prompt=a photo of sks dog"]
+    proc = run_inprocess([launcher, *keys, "--dry_run"])
+    assert proc.returncode == 0 and "model family: flux2-klein (Flux2KleinPipeline)" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_inprocess([launcher, *keys, "--train_text_encoder"])
+    assert_user_error(proc, "--train_text_encoder", "flux2-klein")
+    assert not (tmp_path / "o").exists()

@@ -109,6 +109,13 @@ def check_inputs(launch: Launch) -> None:
     samples = None
     if not req.dry_run:
         check_model(req.opts["model_name"])
+    # a local pipeline folder: its family's refusals (one line, before the data is read) and its line
+    if trainer_args is not None and os.path.isfile(os.path.join(req.opts["model_name"] or "", "model_index.json")):
+        from .. import families
+
+        families.of_args(trainer_args, req.opts["model_name"]).check(trainer_args)
+        plan.family = families.describe(trainer_args, req.opts["model_name"])
+    if not req.dry_run:
         check_data(req.opts)
         if trainer_args is not None:
             samples = scan_training_data(trainer_args, plan.processes)

@@ -33,6 +33,7 @@ class LaunchPlan:
     log: str = ""
     memory: tuple | None = None  # (fluxkit.plan.Plan or None, its line), for our own trainers
     validation: str = ""  # what validation renders and costs (fluxkit.launch.validation), for our own trainers
+    family: str = ""  # the model's family and its script's defaults (fluxkit.families), for a local model folder
 
 
 def python() -> str:
@@ -154,6 +155,7 @@ def plan_text(req: Request, plan: LaunchPlan) -> str:
              f"(this one: rank {o['machine_rank']}); processes: {n}",
              f"global batch: {b} per device x {n} processes x {a} accumulation = {b * n * a} images per optimizer step"]
     lines += [plan.validation] if plan.validation else []
+    lines += [plan.family] if plan.family else []
     lines += ["environment:"]
     lines += [f"  {k}={shlex.quote(v)}" for k, v in plan.env.items()]
     lines += ["command:", "  " + shlex.join(masked(plan.command))]
