@@ -61,6 +61,7 @@ def component_configs(model: str, architecture: str | None = None) -> tuple[dict
         p = resolve_preset(architecture)
         return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.clip, "text_encoder_2": p.t5}, f"preset {p.name}"
     if os.path.isdir(model):
+        _check_family(model)
         comps = {c: _read_json(os.path.join(model, c, "config.json"))
                  for c in ("transformer", "vae", "text_encoder", "text_encoder_2")}
         return comps, model
@@ -68,6 +69,19 @@ def component_configs(model: str, architecture: str | None = None) -> tuple[dict
         return component_configs(model, "dev")
     raise UserError(f"--pretrained_model_name_or_path {model!r} is not a local pipeline folder; give one, or add "
                     "--architecture dev to plan FLUX.1-dev's architecture without its files")
+
+
+def _check_family(model: str) -> None:
+    """The plan's terms model FLUX.1's components (CLIP + T5); another family is named, not misread."""
+    from ..families import get, of_folder
+
+    try:
+        family = of_folder(model)
+    except UserError:
+        return  # not a known pipeline: reading its configs names what is missing
+    if family.components != get("flux1").components:
+        raise UserError(f"{model!r} is a {family.name} pipeline ({family.pipeline_name}); the memory plan models "
+                        "FLUX.1 and Kontext (CLIP + T5) only so far")
 
 
 def read_architecture(model: str, architecture: str | None = None) -> Architecture:
