@@ -8,6 +8,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The tests live in folders like the package's (tests/launch, tests/train, tests/data, ...) and import
+# each other's helpers by module name (`from test_reliability import ...`, `from conftest import ...`):
+# every test folder is on sys.path, whichever test pytest imports first (module names stay unique).
+TESTS = os.path.join(ROOT, "tests")
+TEST_FOLDERS = sorted(d for d in os.listdir(TESTS) if os.path.isdir(os.path.join(TESTS, d))
+                      and d not in ("faults", "fixtures", "scripts", "__pycache__"))
+for _folder in TEST_FOLDERS:
+    sys.path.insert(1, os.path.join(TESTS, _folder))
 
 # Keep every test offline and quiet; tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """The plan's terms: one named function per thing that takes memory, each from the run's shape
 (RunShape) and the model's architecture alone. fluxkit.plan.phases puts them on the device phase
-by phase; each is unit-tested (tests/test_plan_terms.py).
+by phase; each is unit-tested (tests/plan/test_plan_terms.py).
 
 Constants measured on this toolkit's runs are here, each with how it was measured.
 """

@@ -2,7 +2,7 @@
 computed by the plan (never typed): for each card, the run's first rung that fits (the smallest
 change fit.smallest_change finds), the plan's peak, the flags, and the published measurement of a
 comparable setup beside it. --write replaces the table between WHERE_BEGIN and WHERE_END in FILE
-(docs/memory.md); tests/test_plan_where.py checks that file holds what this prints.
+(docs/memory.md); tests/plan/test_plan_where.py checks that file holds what this prints.
 """
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ def test_unwritable_output_dir(tiny_flux, tmp_path, capfd):
 
 
 def _private_mount_prefix(probe):
-    """The unshare prefix that mounts a tmpfs privately here (as tests/test_reliability.py does), or None."""
+    """The unshare prefix that mounts a tmpfs privately here (as tests/reliability/test_reliability.py does), or None."""
     if shutil.which("unshare") is None:
         return None
     probe.mkdir()

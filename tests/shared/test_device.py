@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from conftest import accelerate_launch
+from conftest import ROOT, accelerate_launch
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_deepspeed_zero2_bf16_two_cpu_processes(tmp_path):
     used only by inference_all_reduce) is skipped on CPU hosts. The empty extensions folder would
     hold the build."""
     extensions = tmp_path / "torch_extensions"
-    proc = accelerate_launch([os.path.join(os.path.dirname(__file__), "scripts", "ds_step.py")], num_processes=2, timeout=300,
+    proc = accelerate_launch([os.path.join(ROOT, "tests", "scripts", "ds_step.py")], num_processes=2, timeout=300,
                              env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "built successfully" not in proc.stdout + proc.stderr and not extensions.exists(), proc.stdout[-2000:]

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from conftest import ROOT
 from fluxkit import families
 from fluxkit.errors import UserError
 
@@ -32,7 +33,7 @@ def test_every_family_names_its_pipeline_and_components():
 
 # ----------------------------------------------------------------------------- FLUX.2 [klein]
 
-LORA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_flux_dreambooth_lora.py")
+LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
 
 
 @pytest.fixture(scope="module")

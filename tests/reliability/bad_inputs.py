@@ -1,6 +1,6 @@
 """Bad inputs across every entry point, as data (issue 8, item 6).
 
-tests/test_reliability.py runs each case as a real command and asserts: a non-zero exit, exactly one
+tests/reliability/test_reliability.py runs each case as a real command and asserts: a non-zero exit, exactly one
 line `PROG: error: ...` on stderr containing every needle (the culprit and what to do), no
 traceback, and nothing written to the case's output folder.
 
