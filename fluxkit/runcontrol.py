@@ -95,6 +95,10 @@ def flops_and_peak(args, m, device_info, weight_dtype, per_process_images: int):
     peak FLOP/s (or None)."""
     vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
     tokens = flops.image_tokens(args.resolution, args.resolution, vae_scale)
+    from .pairs import editing_requested
+
+    if editing_requested(args):  # a reference image placed in its target's shape: as many tokens again
+        tokens *= 2
     step_flops = flops.training_step_flops(m.transformer.config, tokens, args.max_sequence_length,
                                            batch=per_process_images, frozen_base=args.lora,
                                            flop_parts=m.family.flop_parts())

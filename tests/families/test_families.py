@@ -275,3 +275,19 @@ def test_launcher_names_the_family_and_applies_its_refusals(tiny_klein, sample_d
     proc = run_inprocess([launcher, *keys, "--train_text_encoder"])
     assert_user_error(proc, "--train_text_encoder", "flux2-klein")
     assert not (tmp_path / "o").exists()
+
+
+def test_flops_count_the_reference_tokens_of_editing_pairs(tiny_klein):
+    from types import SimpleNamespace as N
+
+    from fluxkit.flops import flux2_forward_flop_parts, training_step_flops
+    from fluxkit.runcontrol import flops_and_peak
+
+    config = json.loads(open(os.path.join(tiny_klein, "transformer", "config.json")).read())
+    m = N(vae=N(config=N(block_out_channels=[8, 16])), transformer=N(config=config), family=families.get("flux2-klein"))
+    info = N(type="cpu", count=1, name="cpu")
+    run = dict(resolution=32, max_sequence_length=16, lora=True)
+    t2i, edit = (flops_and_peak(N(**run, **extra), m, info, None, 1)[0] for extra in ({}, {"cond_image_dir": "refs"}))
+    # 32 px, a 2x VAE, 2x2 patches: 64 target tokens, and 64 more for the reference
+    assert t2i == training_step_flops(config, 64, 16, frozen_base=True, flop_parts=flux2_forward_flop_parts)
+    assert edit == training_step_flops(config, 128, 16, frozen_base=True, flop_parts=flux2_forward_flop_parts)
