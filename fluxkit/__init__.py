@@ -9,8 +9,11 @@ Training
                  a frozen dataclass with a field per flag
     optim        the optimizer's and schedule's flags and checks
     models       loading the FLUX pipeline's components; what trains (full or LoRA); the optimizer
+    families/    what differs between FLUX.1, Kontext, FLUX.2 [dev] and [klein]: components, prompt
+                 encoding, latent tokens and position ids, LoRA targets, pipeline class (one module each)
+    pairs        editing pairs (reference image, target, instruction) for Kontext and FLUX.2
     loss         the flow-matching loss on tensors (latents, embeddings) with prior preservation
-    encode       the encoders (VAE moments, CLIP + T5) and a batch's encoding through the cache
+    encode       the encoders (VAE moments, the family's text encoders) and a batch's encoding through the cache
     cache/       latent/text cache keyed by sample index and prompt: store, keys, facade (Cache, build,
                  prepare_data), fill, admin (size, pruning), command (python -m fluxkit.cache)
     data, scan, buckets   the dataset (streamed, scanned up front), aspect-ratio buckets
@@ -36,7 +39,7 @@ Shared facts, one home each
     errors       user mistakes as one `error:` line and exit status 2; FlagParser (nearest flag)
     flops        model FLOPs and device peaks
     patches, script_fixes   runtime patches and source fixes for upstream scripts (patch_flux.py)
-    tiny         random FLUX pipelines and sample data, offline
+    tiny, tiny_flux2   random FLUX.1/Kontext and FLUX.2 [klein] pipelines and sample data, offline
 
 docs/architecture.md follows a launcher call to checkpoints and an inference call to images.
 """

@@ -427,7 +427,7 @@ def scan_dataset(args, world_size: int = 1, class_images: list[str] | None = Non
                        concepts=concepts)
     if pairs.editing_requested(args):
         pairs.check_flags(args)
-        pairs.attach_references(scan, args, skipped)
+        attach_references(scan, args, skipped)
     add_class_images(scan, class_images or [], args)
     if args.aspect_ratio_buckets:
         from .buckets import assign, make_buckets
@@ -466,3 +466,54 @@ def _inspect_path(path: str, skip_bad: bool, skipped: list) -> tuple | None:
             raise _bad_image_error(path, err) from None
         skipped.append(f"{path} ({type(err).__name__}: {str(err)[:120]})")
         return None
+
+
+# ------------------------------------------------------------------------------------ editing pairs
+
+def _reference_in_folder(folder: str, target: str) -> str:
+    """The reference image of target path `target`: the file of the same stem in `folder`."""
+    stem = os.path.splitext(os.path.basename(target))[0]
+    found = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+             if os.path.splitext(n)[0] == stem and n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise UserError(f"target image {target!r} has no reference image in --cond_image_dir {folder!r} "
+                        f"(expected {stem}.png/.jpg/...); add it, or move the target out of --instance_data_dir")
+    return found[0]
+
+
+def attach_references(scan, args, skipped: list) -> None:
+    """Editing pairs (fluxkit.pairs): give each scanned target its reference (scan.references, parallel to scan.samples); a pair whose
+    reference is missing or unreadable is one error line, or skipped with --skip_bad_images."""
+    folder = getattr(args, "cond_image_dir", None)
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"--cond_image_dir {folder!r} does not exist or is not a directory; point it at the folder "
+                        "of reference images (same file names as the targets)")
+    if scan.table is not None and args.cond_image_column not in scan.table.column_names:
+        raise UserError(f"--cond_image_column {args.cond_image_column!r} is not in dataset {args.dataset_name!r}; its "
+                        f"columns are: {', '.join(scan.table.column_names)}")
+    if scan.table is not None:
+        import datasets
+
+        if isinstance(scan.table.features[args.cond_image_column], datasets.Image):  # bytes stay on disk, as the targets'
+            scan.table = scan.table.cast_column(args.cond_image_column, datasets.Image(decode=False))
+    kept, references, skip_bad = [], [], bool(getattr(args, "skip_bad_images", False))
+    for sample in scan.samples:
+        if scan.table is not None:
+            ref, name = int(sample.ref), f"{args.dataset_name}[{sample.ref}].{args.cond_image_column}"
+            source = _row_image(scan.table[ref][args.cond_image_column])
+        else:
+            ref = name = source = _reference_in_folder(folder, sample.ref)
+        try:
+            if source is None:
+                raise OSError("the row has no reference image")
+            size, mode = inspect_image(source, name)
+        except Exception as err:
+            if not skip_bad:
+                raise _bad_image_error(name, err) from None
+            skipped.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
+            continue
+        kept.append(sample)
+        references.append(ImageInfo(name, ref, size, mode, sample.caption, "reference"))
+    if not kept:
+        raise UserError("no training pair has a readable reference image; check --cond_image_dir / --cond_image_column")
+    scan.samples, scan.references, scan.cond_column = kept, references, getattr(args, "cond_image_column", None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tiny import _corpus, _vae
+from .tiny_common import SCHEDULER_CONFIG, _corpus, _vae
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,6 @@ def build_models(preset: Flux2Preset) -> dict:
 def pipeline(preset: Flux2Preset, models: dict):
     """The Flux2KleinPipeline over `models` (a guidance-free base model: is_distilled False)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-
-    from .tiny import SCHEDULER_CONFIG
 
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
                               tokenizer=build_qwen_tokenizer(preset.text_encoder["vocab_size"]), **models)
