@@ -149,7 +149,7 @@ def test_flux2_input_dtype_casts_only_where_it_would_fail(restore):
 
 # ------------------------------------------------------------------ end to end under DeepSpeed
 
-@pytest.mark.slow
+@pytest.mark.multiproc
 def test_flux2_shape_runs_under_deepspeed_keeps_the_limit_and_its_lora_changes_klein(tiny_klein, sample_data, tmp_path):
     import numpy as np
     from diffusers import Flux2KleinPipeline
