@@ -5,10 +5,12 @@ run asks for. Values are checked here, before anything heavy is imported."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 
 from .errors import FlagParser, UserError
+from .families import NAMES, get as get_family
 from .lora import LORA_WEIGHT_NAME
 from .quant import add_flag as add_quantization_flag
 
@@ -50,7 +52,9 @@ SUBJECT_PROMPTS = (
 HUB_MODEL = "black-forest-labs/FLUX.1-dev"
 FULL_FINETUNE_OUTPUT = "output_flux_dreambooth"  # the full fine-tune launcher's default --output_dir
 LORA_OUTPUT = "output_flux_dreambooth_lora"  # the LoRA launcher's default --output_dir
-MAX_SEQUENCE_LENGTH = 512  # T5's limit in FluxPipeline
+MAX_SEQUENCE_LENGTH = 512  # the text encoders' limit in every family's pipeline
+# the flags whose default is the model family's (fluxkit.families: Family.inference_defaults)
+FAMILY_DEFAULTED = ("height", "width", "guidance_scale", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,10 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model_path", default=defaults.model_path,
                    help="a FluxPipeline folder (e.g. a full fine-tune's output_dir) or a hub id in the local cache (default: %(default)s)")
+    g.add_argument("--model_family", default=None, choices=NAMES,
+                   help="the model family; default: the one --model_path's model_index.json names (a FLUX.1 folder "
+                        "also runs as kontext). It sets the defaults of --height, --width, --guidance_scale and "
+                        "--max_sequence_length: " + "; ".join(f"{n} {_family_defaults(n)}" for n in NAMES))
     g.add_argument("--lora_weights", default=defaults.lora_weights,
                    help=f"LoRA weights: a .safetensors file, or a folder holding {LORA_WEIGHT_NAME} "
                         "(pickle formats such as .bin/.pt are refused) (default: %(default)s)")
@@ -117,19 +125,22 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat the flag for several); default: the reference's prompt list")
     g.add_argument("--prompts_file", default=None,
-                   help="a UTF-8 text file, one prompt per line; blank lines and lines starting with # are skipped")
+                   help="a UTF-8 text file, one prompt per line (blank lines and lines starting with # are skipped); "
+                        "or a .jsonl file, one {\"prompt\": ..., \"image\": REFERENCE} object per line, the image "
+                        "(editing families; a path relative to the file's folder) optional, --image where absent")
     g.add_argument("--image", default=None,
                    help="editing families (Kontext, FLUX.2): the reference image every prompt edits; its path and "
-                        "content hash go into each image's metadata and name")
+                        "content hash go into each image's metadata, its content hash into the file name")
     g.add_argument("--seeds", type=_seed, nargs="+", default=list(REFERENCE_SEEDS),
                    help="one image per prompt and seed (default: the reference's %(default)s)")
     g.add_argument("--num_inference_steps", type=int, default=28, help="denoising steps (default: %(default)s)")
-    g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16 (default: %(default)s)")
-    g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16 (default: %(default)s)")
-    g.add_argument("--guidance_scale", type=float, default=3.5,
-                   help="FLUX.1-dev's distilled guidance (default: %(default)s, FLUX.1-dev's recommended value; the reference scripts used 1.0)")
-    g.add_argument("--max_sequence_length", type=int, default=MAX_SEQUENCE_LENGTH,
-                   help=f"T5 prompt tokens, at most {MAX_SEQUENCE_LENGTH} (default: %(default)s)")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 16 (default: the family's)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 16 (default: the family's)")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="FLUX.1's distilled guidance, FLUX.2's classifier-free guidance (default: the family pipeline's, "
+                        "3.5 for FLUX.1 and Kontext, 4.0 for FLUX.2; the reference scripts used 1.0)")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help=f"prompt tokens, at most {MAX_SEQUENCE_LENGTH} (default: the family's, {MAX_SEQUENCE_LENGTH})")
     g = p.add_argument_group("how")
     g.add_argument("--batch_size", type=int, default=1,
                    help="images per pipeline call, per process group; in bf16/fp16 it changes pixels slightly, so it "
@@ -163,48 +174,100 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
 
 def parse_args(defaults: ScriptDefaults, argv=None) -> argparse.Namespace:
     args = build_parser(defaults).parse_args(argv)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 16:
-            raise UserError(f"--{name} {value} is not a positive multiple of 16 (FLUX packs 2x2 latent patches of the 8x VAE); "
-                            f"use e.g. {max(16, (value // 16) * 16)}")
-    if args.num_inference_steps < 1:
-        raise UserError(f"--num_inference_steps {args.num_inference_steps} must be at least 1")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size} must be at least 1")
-    if not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-        raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and {MAX_SEQUENCE_LENGTH}")
-    if args.first_block_cache is not None and not args.first_block_cache > 0:
-        raise UserError(f"--first_block_cache {args.first_block_cache} must be a positive threshold such as 0.08")
-    for name in ("ulysses_degree", "ring_degree"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)} must be at least 1 (1 = not split)")
+    check_values(args)
     if args.fuse_lora and not args.lora_weights:
         raise UserError("--fuse_lora needs --lora_weights")
     args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would render the same file twice
     return args
 
 
-def read_prompts_file(path: str) -> list[str]:
+def _family_defaults(name: str) -> str:
+    return ", ".join(f"{k} {v}" for k, v in get_family(name).inference_defaults.items())
+
+
+def apply_family_defaults(args, family) -> None:
+    """Fill the flags left unset with the family's defaults (fluxkit.families), then check them."""
+    for name in FAMILY_DEFAULTED:
+        if getattr(args, name) is None:
+            setattr(args, name, family.inference_defaults[name])
+    check_values(args)
+
+
+def check_values(args) -> None:
+    """The numeric flags (those still None wait for the family's defaults)."""
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            raise UserError(f"--{name} {value} is not a positive multiple of 16 (FLUX packs 2x2 latent patches of the 8x VAE); "
+                            f"use e.g. {max(16, (value // 16) * 16)}")
+    if args.num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps {args.num_inference_steps} must be at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size} must be at least 1")
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise UserError(f"--max_sequence_length {args.max_sequence_length} must be between 1 and {MAX_SEQUENCE_LENGTH}")
+    if args.first_block_cache is not None and not args.first_block_cache > 0:
+        raise UserError(f"--first_block_cache {args.first_block_cache} must be a positive threshold such as 0.08")
+    for name in ("ulysses_degree", "ring_degree"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1 (1 = not split)")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to render, with the reference image it edits (None: text-to-image)."""
+
+    prompt: str
+    image: str | None = None
+
+
+def _read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"--prompts_file {path!r} does not exist or is not a file")
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except UnicodeDecodeError as err:
         raise UserError(f"--prompts_file {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    prompts = [line.strip() for line in lines]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
+
+
+def _jsonl_request(path: str, number: int, line: str, image: str | None) -> Request:
+    """One JSON object line: {"prompt": TEXT, "image": PATH} (image optional: --image's, or none)."""
+    where = f"--prompts_file {path!r} line {number}"
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise UserError(f"{where} is not a JSON object ({err.msg}); write {{\"prompt\": \"...\", \"image\": \"ref.png\"}}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+        raise UserError(f"{where} has no \"prompt\" text; write {{\"prompt\": \"...\", \"image\": \"ref.png\"}}")
+    unknown = sorted(set(record) - {"prompt", "image"})
+    if unknown:
+        raise UserError(f"{where} has unknown field(s) {', '.join(unknown)}; a line holds \"prompt\" and optionally \"image\"")
+    ref = record.get("image", image)
+    if ref is not None and not isinstance(ref, str):
+        raise UserError(f"{where}: \"image\" must be a path (a string)")
+    if ref is not None and "image" in record:  # relative to the prompts file, so the pair travels together
+        ref = os.path.join(os.path.dirname(os.path.abspath(path)), ref)
+    return Request(record["prompt"].strip(), ref)
+
+
+def read_prompts_file(path: str, image: str | None = None) -> list[Request]:
+    """A text file's prompts (each edits `image`), or a .jsonl file's prompt/image pairs."""
+    lines = [(n, line.strip()) for n, line in enumerate(_read_lines(path), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not lines:
         raise UserError(f"--prompts_file {path!r} has no prompts (only blank lines or # comments); add one prompt per line")
-    return prompts
+    if path.endswith(".jsonl"):
+        return [_jsonl_request(path, n, line, image) for n, line in lines]
+    return [Request(line, image) for _, line in lines]
 
 
-def collect_prompts(args, defaults: ScriptDefaults) -> list[str]:
-    """--prompt flags, then --prompts_file lines; the script's default list when neither is given."""
-    prompts = list(args.prompt or [])
-    if any(not p.strip() for p in prompts):
+def collect_prompts(args, defaults: ScriptDefaults) -> list[Request]:
+    """--prompt flags, then --prompts_file lines; the script's default list when neither is given.
+    Each edits --image unless its prompts-file line names its own."""
+    if any(not p.strip() for p in args.prompt or []):
         raise UserError("--prompt is empty; give the text of the prompt")
+    requests = [Request(p, args.image) for p in args.prompt or []]
     if args.prompts_file:
-        prompts += read_prompts_file(args.prompts_file)
-    return list(dict.fromkeys(prompts or defaults.prompts))
+        requests += read_prompts_file(args.prompts_file, args.image)
+    return list(dict.fromkeys(requests or [Request(p, args.image) for p in defaults.prompts]))

@@ -106,9 +106,12 @@ def check_backend_for_grid(backend: str, grid: Grid) -> None:
                         f"(CUDA with flash-attn) or _native_cudnn (CUDA)")
 
 
-def check_sequence_split(pipe, grid: Grid, height: int, width: int, max_sequence_length: int) -> None:
+def check_sequence_split(pipe, grid: Grid, height: int, width: int, max_sequence_length: int,
+                         references: list = ()) -> None:
     """Ulysses hands each process a share of the heads, and both modes a share of the tokens: both
-    must divide evenly (checked on the loaded model, before any image is rendered)."""
+    must divide evenly (checked on the loaded model, before any image is rendered). Editing
+    families append a reference image's tokens to the image tokens (references: their (width,
+    height) sizes; the pipelines patchify them at their own size, up to 1 MP), so the sum must divide."""
     if grid.group_size == 1:
         return
     heads = pipe.transformer.config.num_attention_heads
@@ -117,8 +120,10 @@ def check_sequence_split(pipe, grid: Grid, height: int, width: int, max_sequence
                         f"choose a divisor of {heads}")
     patch = pipe.vae_scale_factor * 2
     image_tokens = (height // patch) * (width // patch)
-    for what, tokens in (("image tokens (--height x --width)", image_tokens),
-                         ("text tokens (--max_sequence_length)", max_sequence_length)):
+    counts = [("image tokens (--height x --width)", image_tokens)]
+    counts += [(f"image tokens (--height x --width, plus a {w}x{h} reference image's {(w // patch) * (h // patch)})",
+                image_tokens + (w // patch) * (h // patch)) for w, h in references]
+    for what, tokens in counts + [("text tokens (--max_sequence_length)", max_sequence_length)]:
         if tokens % grid.group_size:
             raise UserError(f"{tokens} {what} cannot be split evenly over {grid.group_size} processes "
                             f"(--ulysses_degree x --ring_degree); choose sizes whose token count is a multiple of "

@@ -31,7 +31,7 @@ from . import families, pivotal, quant, quiet
 from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0, pipeline_folder_problem
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
-from .infer_args import ScriptDefaults, collect_prompts, parse_args
+from .infer_args import Request, ScriptDefaults, apply_family_defaults, collect_prompts, parse_args
 from .infer_parallel import (check_backend_for_grid, check_sequence_split, choose_attention_backend, distributed_state,
                              enable_context_parallel, launch_shortfall, plan_grid, world_size)
 from .lora import LORA_WEIGHT_NAME, attach_lora, read_lora_shapes, resolve_lora_file
@@ -65,15 +65,25 @@ class Job:
     seed: int
     file: str
     record: dict  # what goes into the PNG's text chunks and the manifest line
+    image: str | None = None  # the reference image it edits (editing families)
 
 
-def plan_jobs(prompts: list[str], seeds: list[int], settings: dict) -> list[Job]:
-    """Every (prompt, seed) pair, prompt-major, in a fixed order every process agrees on."""
+def plan_jobs(requests: list, seeds: list[int], settings: dict) -> list[Job]:
+    """Every (request, seed) pair, request-major, in a fixed order every process agrees on. A
+    request's reference image enters the record by path and content hash, its name by the hash."""
+    from .cache.keys import content_digest
+
+    digests = {r.image: content_digest(r.image) for r in requests if r.image}
     jobs = []
-    for prompt in prompts:
+    for request in requests:
+        image = {}
+        if request.image:
+            image = {"image": os.path.realpath(request.image), "image_digest": digests[request.image]}
+        named = {**settings, **({"image_digest": image["image_digest"]} if image else {})}
         for seed in seeds:
-            name = image_name(prompt, seed, settings)
-            jobs.append(Job(prompt, seed, name, {"file": name, "prompt": prompt, "seed": seed, **settings}))
+            name = image_name(request.prompt, seed, named)
+            jobs.append(Job(request.prompt, seed, name, {"file": name, "prompt": request.prompt, "seed": seed,
+                                                         **settings, **image}, request.image))
     return jobs
 
 
@@ -178,10 +188,11 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
                             f"download (huggingface-cli download {model_path})")
 
 
-def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: str = "none", device_type: str = "cpu"):
-    """The pipeline at model_path in `dtype` (its family's class, fluxkit.families), its transformer
-    quantized as asked (fluxkit.quant)."""
-    family = families.of_folder(model_path) if os.path.isdir(model_path) else families.get("flux1")
+def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: str = "none", device_type: str = "cpu",
+                  family=None):
+    """The pipeline at model_path in `dtype` (the family's class, fluxkit.families; default: the
+    folder's), its transformer quantized as asked (fluxkit.quant)."""
+    family = family or (families.of_folder(model_path) if os.path.isdir(model_path) else families.get("flux1"))
     try:
         parts = {}
         if quantization != "none":
@@ -260,32 +271,38 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
         settings["base_quantization"] = args.base_quantization
     if embeddings:  # likewise absent without pivotal tuning's new tokens
         settings["embeddings"] = embeddings
-    if getattr(args, "image", None):  # editing families: the reference image, by path and content
-        from .cache.keys import content_digest
-
-        settings["image"] = os.path.realpath(args.image)
-        settings["image_digest"] = content_digest(args.image)
     return settings
 
 
-def check_reference_image(args) -> None:
-    """--image: a readable image, for a pipeline of an editing family (fluxkit.families)."""
-    if not getattr(args, "image", None):
-        return
-    if not os.path.isfile(args.image):
-        raise UserError(f"--image {args.image!r} is not a file; give the reference image to edit")
-    from .scan import inspect_image
-
-    try:
-        inspect_image(args.image, args.image)
-    except Exception as err:
-        raise UserError(f"--image {args.image!r} cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
-    if os.path.isdir(args.model_path) and not families.of_folder(args.model_path).editing:
-        raise UserError(f"--image edits a reference image, but {args.model_path!r} is a "
-                        f"{families.of_folder(args.model_path).name} pipeline (text-to-image); use a Kontext or FLUX.2 model")
+def inference_family(args):
+    """The run's family (fluxkit.families): --model_family, else the folder's; FLUX.1 for a hub id."""
+    if os.path.isdir(args.model_path):
+        return families.of_folder(args.model_path, args.model_family)
+    return families.get(args.model_family or "flux1")
 
 
-@functools.lru_cache(maxsize=1)
+def check_reference_images(requests: list, family, args) -> None:
+    """Each reference image: a readable image, asked of an editing family."""
+    for path in dict.fromkeys(r.image for r in requests if r.image):
+        named = "--image" if path == args.image else f"--prompts_file {args.prompts_file!r}: image"
+        if not family.editing:
+            raise UserError(f"{named} {path!r} edits a reference image, but {args.model_path!r} runs as {family.name} "
+                            "(text-to-image); use a Kontext or FLUX.2 model, or --model_family kontext on a FLUX.1 folder")
+        if not os.path.isfile(path):
+            raise UserError(f"{named} {path!r} is not a file; give the reference image to edit")
+        from .scan import inspect_image
+
+        try:
+            (w, h), _ = inspect_image(path, path)
+        except Exception as err:
+            raise UserError(f"{named} {path!r} cannot be read as an image ({type(err).__name__}: {str(err)[:120]}); "
+                            "replace it with a PNG/JPEG/WebP") from None
+        if min(w, h) < family.min_reference_side:
+            raise UserError(f"{named} {path!r} is {w}x{h}; {family.name} takes reference images of at least "
+                            f"{family.min_reference_side} pixels a side: use a larger one")
+
+
+@functools.lru_cache(maxsize=8)
 def _reference_image(path: str):
     from PIL import Image
 
@@ -295,19 +312,22 @@ def _reference_image(path: str):
 
 def check_before_loading(args, defaults: ScriptDefaults):
     """Everything that can be checked without the model, on every rank alike: (prompts, LoRA file,
-    embeddings file, device info, process grid, attention backend)."""
+    embeddings file, device info, process grid, attention backend, model family)."""
     from .device import detect
 
-    prompts = collect_prompts(args, defaults)
+    requests = collect_prompts(args, defaults)
     lora_weights, embeddings = pivotal.inference_files(args.lora_weights, getattr(args, "embeddings", None))
     lora_file = os.path.realpath(resolve_lora_file(lora_weights)) if lora_weights else None
     if embeddings:  # pivotal tuning: TOK in a prompt becomes the trained tokens, as in training
         embeddings = os.path.realpath(embeddings)
-        prompts = pivotal.rewrite_inference_prompts(prompts, embeddings)
+        rewritten = pivotal.rewrite_inference_prompts([r.prompt for r in requests], embeddings)
+        requests = [Request(p, r.image) for p, r in zip(rewritten, requests)]
     if lora_file:
         read_lora_shapes(lora_file)
     check_model_path(args.model_path, args.local_files_only)
-    check_reference_image(args)
+    family = inference_family(args)
+    apply_family_defaults(args, family)
+    check_reference_images(requests, family, args)
     info = detect(args.device)
     if not info.supports(args.dtype):
         raise UserError(f"--dtype {args.dtype} is not supported on {info.type}; use bf16 or fp32")
@@ -318,21 +338,22 @@ def check_before_loading(args, defaults: ScriptDefaults):
     if grid.group_size > 1 and args.first_block_cache is not None:
         raise UserError("--first_block_cache cannot be combined with --ulysses_degree/--ring_degree: each process "
                         "would decide on its own share of the tokens whether to skip blocks; drop one of them")
-    return prompts, lora_file, embeddings, info, grid, backend
+    return requests, lora_file, embeddings, info, grid, backend, family
 
 
 def run(args, defaults: ScriptDefaults) -> dict:
     t_start = time.perf_counter()
-    prompts, lora_file, embeddings, info, grid, backend = check_before_loading(args, defaults)
+    requests, lora_file, embeddings, info, grid, backend, family = check_before_loading(args, defaults)
     output_dir = check_output_dir(args.output_dir)
     model_id = os.path.realpath(args.model_path) if os.path.isdir(args.model_path) else args.model_path
-    jobs = plan_jobs(prompts, args.seeds, settings_of(args, model_id, lora_file, embeddings))
+    jobs = plan_jobs(requests, args.seeds, settings_of(args, model_id, lora_file, embeddings))
 
     state = distributed_state(info.type)
     shortfall = launch_shortfall(state.num_processes, info.type, info.count)
     if shortfall and state.is_main_process:
         print(f"warning: {shortfall}", file=sys.stderr, flush=True)
-    pipe = prepare_pipeline(args, info, state, lora_file, grid, backend, embeddings)
+    pipe = prepare_pipeline(args, info, state, lora_file, grid, backend, embeddings, family,
+                            references=sorted({j.image for j in jobs if j.image}))
     load_seconds = time.perf_counter() - t_start
 
     # Every rank must list existing files before any rank writes one, or the shares would differ.
@@ -342,7 +363,7 @@ def run(args, defaults: ScriptDefaults) -> dict:
     group, member = grid.place(state.process_index)
     t_render = time.perf_counter()
     first_batch_seconds = render(pipe, shard(pending, group, grid.groups), args, output_dir,
-                                 write=member == 0, show=state.is_main_process, grid=grid)
+                                 write=member == 0, show=state.is_main_process, grid=grid, family=family)
     state.wait_for_everyone()
     seconds = time.perf_counter() - t_render
     # every rank computed the same `pending`, so the shares are known without exchanging objects
@@ -383,7 +404,8 @@ def run(args, defaults: ScriptDefaults) -> dict:
     return summary
 
 
-def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: str, embeddings: str | None = None):
+def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: str, embeddings: str | None = None,
+                     family=None, references=()):
     """The pipeline on this process's device with the LoRA, pivotal tuning's tokens, the attention
     split and the speed-ups asked for."""
     from .device import torch_dtype
@@ -395,7 +417,8 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
 
     if info.type == "npu":
         report(apply_npu_patches(args.npu_flash_attention))
-    pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only, args.base_quantization, info.type)
+    pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only, args.base_quantization, info.type,
+                         family)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
     if embeddings:
@@ -405,7 +428,8 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)  # ours counts images; the pipeline's would count steps
     if args.attention_backend != "auto" or grid.group_size > 1:
-        check_sequence_split(pipe, grid, args.height, args.width, args.max_sequence_length)
+        check_sequence_split(pipe, grid, args.height, args.width, args.max_sequence_length,
+                             sorted({_reference_image(path).size for path in references}))
         report(enable_context_parallel(pipe.transformer, grid, backend, info.type))
     if args.first_block_cache is not None:
         enable_first_block_cache(pipe, args.first_block_cache)
@@ -414,7 +438,19 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
     return pipe
 
 
-def render(pipe, jobs: list[Job], args, output_dir: str, write: bool, show: bool, grid) -> float | None:
+def batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    """Consecutive jobs in batches of at most `size`, a batch sharing one reference image (the
+    pipelines take one per call)."""
+    out: list[list[Job]] = []
+    for job in jobs:
+        if out and len(out[-1]) < size and out[-1][-1].image == job.image:
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def render(pipe, jobs: list[Job], args, output_dir: str, write: bool, show: bool, grid, family) -> float | None:
     """Render jobs batch by batch (every member of a group runs the same calls); write them if `write`.
     Returns the first batch's seconds (None when there was nothing to render).
 
@@ -428,13 +464,11 @@ def render(pipe, jobs: list[Job], args, output_dir: str, write: bool, show: bool
     first_batch_seconds = None
     label = "images" if grid.processes == 1 else f"rank 0 of {grid.processes}, group 0 of {grid.groups}"
     bar = tqdm(total=len(jobs), unit="image", disable=not show, desc=label)
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
+    for batch in batches(jobs, args.batch_size):
         call = batch + [batch[-1]] * (args.batch_size - len(batch)) if pad else batch
         t_batch = time.perf_counter()
-        edit = {}
-        if getattr(args, "image", None):  # one reference for the batch, as its family's pipeline takes it
-            edit = families.of_folder(args.model_path).edit_call(_reference_image(args.image), args.height, args.width)
+        # one reference for the batch, as its family's pipeline takes it (or none)
+        edit = family.render_call(batch[0].image and _reference_image(batch[0].image), args.height, args.width)
         images = pipe(
             **edit, prompt=[j.prompt for j in call],
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in call],

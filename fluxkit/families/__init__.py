@@ -70,11 +70,4 @@ def of_args(args, model_dir: str) -> Family:
     return of_folder(model_dir, getattr(args, "model_family", None))
 
 
-def describe(args, model_dir: str) -> str:
-    """One line for the launchers' --dry_run: the run's family and the defaults of its diffusers script."""
-    family = of_args(args, model_dir)
-    defaults = ", ".join(f"{k} {v}" for k, v in family.defaults.items())
-    return f"model family: {family.name} ({family.pipeline_name}); its diffusers LoRA script's defaults: {defaults}"
-
-
-__all__ = ["describe", "Family", "NAMES", "get", "of_folder", "of_args", "pipeline_class_name"]
+__all__ = ["Family", "NAMES", "get", "of_folder", "of_args", "pipeline_class_name"]

@@ -18,10 +18,13 @@ class Family:
     components: dict[str, tuple[str, str]] = {}
     text_encoders: tuple[str, ...] = ("text_encoder",)  # their outputs are what the text cache holds
     editing = False  # trains on (reference image, target, instruction) pairs
+    min_reference_side = 0  # the pipeline refuses reference images with a smaller side (pixels)
     trains_text_encoder = False  # --train_text_encoder is supported
     lora_targets: tuple[str, ...] = ()  # see default_lora_targets
     # the defaults of diffusers' LoRA script for this family, shown by --help and the launchers
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
+    # the family pipeline's own call defaults: what the inference scripts render with unless told
+    inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 3.5, "max_sequence_length": 512}
 
     def check(self, args) -> None:
         """Refuse flags this family cannot honour, before anything loads."""
@@ -94,6 +97,10 @@ class Family:
     def edit_call(self, image, height: int, width: int) -> dict:
         """The pipeline call's arguments for editing `image` into a height x width result."""
         return {"image": image}
+
+    def render_call(self, image, height: int, width: int) -> dict:
+        """The inference scripts' extra pipeline arguments: the edit of `image`, none without one."""
+        return {} if image is None else self.edit_call(image, height, width)
 
     # ------------------------------------------------------------------ latents and tokens
 

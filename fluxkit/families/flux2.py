@@ -23,8 +23,11 @@ class Flux2(Family):
         "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
     }
     editing = True
+    min_reference_side = 64  # Flux2Pipeline/Flux2KleinPipeline: "Both dimensions must be at least 64px"
     out_layers = (10, 20, 30)  # Flux2Pipeline's hidden_states_layers
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
+    # Flux2Pipeline/Flux2KleinPipeline default to 4.0 (classifier-free guidance for klein)
+    inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512}
 
     def default_lora_targets(self, config) -> list[str]:
         # the double blocks' attention, and the single blocks' fused projections (their to_out by

@@ -18,5 +18,9 @@ class Kontext(Flux1):
         # result to max_area)
         return {"image": image, "max_area": height * width, "_auto_resize": False}
 
+    def render_call(self, image, height, width):
+        # without a reference the pipeline still scales the result to max_area (1 MP by default)
+        return self.edit_call(image, height, width)
+
 
 FAMILY = Kontext()

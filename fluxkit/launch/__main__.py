@@ -13,10 +13,10 @@ from ..errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserErr
 from . import report
 from .checks import (check_accelerate_config, check_data, check_keys, check_memory, check_model, check_output_dir,
                      resolve_config_file, scan_training_data, validate_trainer_args)
-from .command import LaunchPlan, make_plan, plan_text, resume_command
+from .command import LaunchPlan, family_line, make_plan, plan_text, resume_command
 from .console import Supervisor, tee_print
 from .demo import apply_demo, build_demo_cache, demo_infer
-from .keys import Request, parse_command_line
+from .keys import Request, apply_family_defaults, parse_command_line
 from .spec import KEY_OF_FLAG, LAUNCHERS
 
 
@@ -59,6 +59,7 @@ def read_keys(launch: Launch) -> None:
     o = req.opts
     if req.demo:
         apply_demo(req)
+    apply_family_defaults(req)
     check_keys(req)
     o["config_file"] = resolve_config_file(o["config_file"])
     launch.external = bool(o["train_script"])
@@ -109,12 +110,12 @@ def check_inputs(launch: Launch) -> None:
     samples = None
     if not req.dry_run:
         check_model(req.opts["model_name"])
-    # a local pipeline folder: its family's refusals (one line, before the data is read) and its line
+    plan.family = family_line(req)  # the family and the values of the keys it defaults
+    # a local pipeline folder: its family's refusals (one line, before the data is read)
     if trainer_args is not None and os.path.isfile(os.path.join(req.opts["model_name"] or "", "model_index.json")):
         from .. import families
 
         families.of_args(trainer_args, req.opts["model_name"]).check(trainer_args)
-        plan.family = families.describe(trainer_args, req.opts["model_name"])
     if not req.dry_run:
         check_data(req.opts)
         if trainer_args is not None:

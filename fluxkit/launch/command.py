@@ -17,7 +17,7 @@ from ..environment import free_port
 from . import validation
 from .keys import Request
 from .record import masked
-from .spec import ASCEND_ENV, LAUNCHER_ONLY, TRAINER_NAME
+from .spec import ASCEND_ENV, FAMILY_DEFAULTED, LAUNCHER_ONLY, TRAINER_NAME
 
 
 @dataclass
@@ -146,6 +146,14 @@ def make_plan(req: Request, info, external: bool, script: str) -> LaunchPlan:
     targs = trainer_arguments(req, info.type, per_machine, external)
     command += ([os.path.join(ROOT, "patch_flux.py"), script] if external else [script]) + targs
     return LaunchPlan(info.type, info.count, int(o["num_processes"]), per_machine, env, command, targs)
+
+
+def family_line(req: Request) -> str:
+    from .keys import model_family
+
+    family = model_family(req)
+    values = ", ".join(f"{k} {req.opts.get(k, '')}" + ("" if k in req.given else " (default)") for k in FAMILY_DEFAULTED)
+    return f"model family: {family.name} ({family.pipeline_name}); {values}"
 
 
 def plan_text(req: Request, plan: LaunchPlan) -> str:

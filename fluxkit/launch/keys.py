@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UserError, nearest
-from .spec import ASCEND_ENV, COMMON_DEFAULTS, COMMON_KEYS, KEY_HELP, KEY_OF_FLAG, TRAINER_NAME, Launcher
+from .spec import (ASCEND_ENV, COMMON_DEFAULTS, COMMON_KEYS, FAMILY_DEFAULTED, KEY_HELP, KEY_OF_FLAG, TRAINER_NAME,
+                   Launcher)
 
 
 def _is_switch(action: argparse.Action) -> bool:
@@ -105,6 +106,40 @@ def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
     return req
 
 
+def model_family(req: Request):
+    """The run's model family: --model_family, else model_name's folder's; FLUX.1 for a hub id."""
+    from .. import families
+
+    model, override = req.opts.get("model_name") or "", req.opts.get("model_family") or None
+    if os.path.isdir(model):
+        return families.of_folder(model, override)
+    return families.get(override or "flux1")
+
+
+def apply_family_defaults(req: Request):
+    """Keys of FAMILY_DEFAULTED not given take the model family's defaults, unless the launcher's
+    own defaults are for that family (the reference's FLUX.1 values). Returns the family."""
+    family = model_family(req)
+    if family.name != req.spec.family:
+        for key in FAMILY_DEFAULTED:
+            if key not in req.given:
+                req.opts[key] = str(family.defaults[key])
+    return family
+
+
+def family_lines(spec: Launcher) -> list[str]:
+    """--help's account of the family defaults."""
+    from .. import families
+
+    lines = ["", "Model families: the family comes from model_name's model_index.json (FLUX.1, Kontext, FLUX.2 [dev],",
+             "FLUX.2 [klein]), or --model_family (a FLUX.1 folder also trains kontext). The defaults above are",
+             f"for {spec.family}; with another family's model, {', '.join(FAMILY_DEFAULTED)} not given take that family's:"]
+    for name in families.NAMES:
+        if name != spec.family:
+            lines.append(f"  {name:12} " + " ".join(f"--{k}={families.get(name).defaults[k]}" for k in FAMILY_DEFAULTED))
+    return lines
+
+
 def _switch_value(key: str, value) -> bool:
     from ..environment import parse_bool
 
@@ -176,6 +211,7 @@ def usage(spec: Launcher, prog: str) -> str:
             help_text = "learning rate (the reference's 1e-6; LoRA usually wants about 1e-4)"
         lines += [f"  --{key}={opts.get(key, '')}", f"        {help_text}"]
     fixed = [k for k in spec.defaults if k not in spec.keys + COMMON_KEYS]
+    lines += family_lines(spec)
     lines += ["", "The reference's fixed trainer settings (keys too): "
               + " ".join(f"--{k}" if v is True else f"--{k}={v}" for k, v in spec.defaults.items() if k in fixed),
               "Every other flag of the trainer is a key as well (python "

@@ -27,6 +27,8 @@ class Launcher:
     # the reference's pokemon dataset; full: any --instance_dir is the user's own subject)
     data_defaults: tuple = ()
     data_defaults_key: str = ""
+    # the model family `defaults` are for; another family's model takes FAMILY_DEFAULTED from that family
+    family: str = "flux1"
 
 
 COMMON_KEYS = ("lr_scheduler", "lr_warmup_steps", "dataloader_num_workers", "resume_from_checkpoint", "config_file",
@@ -76,6 +78,8 @@ LAUNCHERS = {
               "num_validation_images": "1", "num_validation_steps": "4"},
         data_defaults=("instance_prompt", "validation_prompt"), data_defaults_key="dataset_name"),
 }
+# keys whose default is the model family's (fluxkit.families: Family.defaults, diffusers' script for it)
+FAMILY_DEFAULTED = ("resolution", "max_sequence_length", "guidance_scale")
 # Launcher keys whose trainer flag has another name; the trainer's name is accepted as the key too.
 TRAINER_NAME = {"model_name": "pretrained_model_name_or_path", "instance_dir": "instance_data_dir",
                 "batch_size": "train_batch_size"}

@@ -81,6 +81,7 @@ def one_error_line(capfd):
 # ---------------------------------------------------------------- pure logic
 
 def test_names_are_safe_unique_and_stable(tmp_path):
+    from fluxkit.infer_args import Request
     from fluxkit.inference import image_name, plan_jobs
 
     hostile = ["../../etc/passwd", "a/b\\c", "\x00evil\x00", "x" * 5000, "..", ".", ".hidden",
@@ -96,7 +97,7 @@ def test_names_are_safe_unique_and_stable(tmp_path):
     assert names == [image_name(p, 8, settings) for p in hostile]  # stable
     assert image_name("a", 8, settings) != image_name("a", 23, settings)
     assert image_name("a", 8, settings) != image_name("a", 8, {**settings, "num_inference_steps": 3})
-    jobs = plan_jobs(["p1", "p2"], [8, 23], settings)
+    jobs = plan_jobs([Request("p1"), Request("p2")], [8, 23], settings)
     assert [(j.prompt, j.seed) for j in jobs] == [("p1", 8), ("p1", 23), ("p2", 8), ("p2", 23)]
 
 
@@ -112,17 +113,25 @@ def test_shard_covers_every_item_once_balanced():
 
 
 def test_prompts_file_and_flags(tmp_path):
-    from fluxkit.infer_args import BASE, collect_prompts, parse_args
+    from fluxkit import families
+    from fluxkit.infer_args import BASE, apply_family_defaults, collect_prompts, parse_args
+
+    def prompts(args):
+        return [r.prompt for r in collect_prompts(args, BASE)]
 
     f = tmp_path / "prompts.txt"
     f.write_text("# a comment\n\n  a red circle  \n#another\na photo of sks dog\n\na red circle\n", encoding="utf-8")
     args = parse_args(BASE, ["--prompt", "first", "--prompts_file", str(f), "--seeds", "8", "23", "8"])
-    assert collect_prompts(args, BASE) == ["first", "a red circle", "a photo of sks dog"]
+    assert prompts(args) == ["first", "a red circle", "a photo of sks dog"]
     assert args.seeds == [8, 23]
     defaults = parse_args(BASE, [])
-    assert collect_prompts(defaults, BASE) == list(BASE.prompts) and len(BASE.prompts) == 8
+    assert prompts(defaults) == list(BASE.prompts) and len(BASE.prompts) == 8
+    apply_family_defaults(defaults, families.get("flux1"))  # unset size, guidance and length: the family's
     assert (defaults.seeds, defaults.num_inference_steps, defaults.height, defaults.width, defaults.guidance_scale,
             defaults.dtype, defaults.local_files_only) == ([8, 23, 42, 1334], 28, 1024, 1024, 3.5, "bf16", True)
+    klein = parse_args(BASE, ["--height", "512"])
+    apply_family_defaults(klein, families.get("flux2-klein"))
+    assert (klein.height, klein.width, klein.guidance_scale, klein.max_sequence_length) == (512, 1024, 4.0, 512)
     assert parse_args(BASE, ["--no-local_files_only"]).local_files_only is False
 
 
