@@ -204,3 +204,18 @@ def test_a_reference_images_tokens_count_in_the_split():
     check_sequence_split(pipe, Grid(2, 2, 1), 64, 64, 8, [(64, 32)])  # 16 + 8 tokens
     with pytest.raises(UserError, match=r"plus a 48x48 reference image's 9\)"):
         check_sequence_split(pipe, Grid(2, 2, 1), 64, 64, 8, [(48, 48)])  # 16 + 9 tokens
+
+
+def test_klein_on_an_int8_base_with_its_lora(tiny_klein, references, tmp_path):
+    """The family's transformer class loads quantized (fluxkit.quant) and its LoRA goes on top."""
+    pytest.importorskip("torchao")
+    common = ["--model_path", tiny_klein, "--prompt", "make it blue", "--image", references / "red.png", *EDIT]
+    assert infer("BASE", common + ["--output_dir", tmp_path / "fp32"]) == 0
+    assert infer("BASE", common + ["--base_quantization", "int8", "--output_dir", tmp_path / "int8"]) == 0
+    lora = family_lora(tiny_klein, "flux2-klein", tmp_path / "lora_weights")
+    assert infer("LORA", common + ["--base_quantization", "int8", "--lora_weights", lora,
+                                   "--output_dir", tmp_path / "int8_lora"]) == 0
+    png = lambda d: pixels(tmp_path / d / pngs(tmp_path / d)[0])  # noqa: E731
+    assert manifest(tmp_path / "int8")[0]["base_quantization"] == "int8"
+    assert 0 < np.abs(png("fp32") - png("int8")).max() <= 24  # int8 weights: close to fp32, not equal
+    assert np.abs(png("int8") - png("int8_lora")).max() > 3
