@@ -111,7 +111,7 @@ def model_family(req: Request):
     from .. import families
 
     model, override = req.opts.get("model_name") or "", req.opts.get("model_family") or None
-    if os.path.isdir(model):
+    if os.path.isfile(os.path.join(model, "model_index.json")):  # else check_model names what is missing
         return families.of_folder(model, override)
     return families.get(override or "flux1")
 
