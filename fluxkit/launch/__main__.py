@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from ..environment import TOOLKIT_ROOT as ROOT
 from ..errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
 from . import report
-from .checks import (check_accelerate_config, check_data, check_keys, check_memory, check_model, check_output_dir,
-                     resolve_config_file, scan_training_data, validate_trainer_args)
+from .checks import (check_accelerate_config, check_cache_folder, check_data, check_keys, check_memory, check_model,
+                     check_output_dir, resolve_config_file, scan_training_data, validate_trainer_args)
 from .command import LaunchPlan, family_line, make_plan, plan_text, resume_command
 from .console import Supervisor, tee_print
 from .demo import apply_demo, build_demo_cache, demo_infer
@@ -105,33 +105,31 @@ def check_trainer_args(launch: Launch) -> None:
 
 
 def check_inputs(launch: Launch) -> None:
-    """The model, the data and the run folder (not under --dry_run), and the memory plan."""
+    """The model, the data, the run and cache folders and the memory plan: the same checks, and the same
+    one-line refusal, under --dry_run (which only judges the folders instead of making them)."""
     req, plan, trainer_args = launch.req, launch.plan, launch.trainer_args
     samples = None
-    if not req.dry_run:
-        check_model(req.opts["model_name"])
+    check_model(req.opts["model_name"])
     plan.family = family_line(req)  # the family and the values of the keys it defaults
     # a local pipeline folder: its family's refusals (one line, before the data is read)
     if trainer_args is not None and os.path.isfile(os.path.join(req.opts["model_name"] or "", "model_index.json")):
         from .. import families
 
         families.of_args(trainer_args, req.opts["model_name"]).check(trainer_args)
-    if not req.dry_run:
-        check_data(req.opts)
-        if trainer_args is not None:
-            samples = scan_training_data(trainer_args, plan.processes)
-            from ..cache import check_cache_dir
+    check_data(req.opts)
+    if trainer_args is None:  # an upstream script judges the rest itself
+        return
+    samples = scan_training_data(trainer_args, plan.processes)
+    check_cache_folder(trainer_args, write=not req.dry_run)  # a --latent_cache_dir that takes no files: before logs/
+    # the trainer's run-lifecycle rules (another run's checkpoints, a resume with other settings)
+    from .. import checkpoint
 
-            check_cache_dir(trainer_args, given_only=True)  # a --latent_cache_dir that takes no files: before logs/
-            # the trainer's run-lifecycle rules (another run's checkpoints, a resume with other settings)
-            from .. import checkpoint
+    checkpoint.check_run_folder(trainer_args, plan.processes, hand_over=not req.dry_run)  # its trainer need not hash again
+    # refuses a run that cannot fit, in one line, before anything is written (unless --ignore_memory_plan)
+    plan.memory = check_memory(trainer_args, plan, launch.info, launch.accelerate_config)
+    from .validation import describe
 
-            checkpoint.check_run_folder(trainer_args, plan.processes, hand_over=True)  # its trainer need not hash again
-    if trainer_args is not None:  # refuses a run that cannot fit, in one line, before anything is written
-        plan.memory = check_memory(trainer_args, plan, launch.info, launch.accelerate_config, refuse=not req.dry_run)
-        from .validation import describe
-
-        plan.validation = describe(trainer_args, plan.processes, samples)
+    plan.validation = describe(trainer_args, plan.processes, samples)
 
 
 def open_run_folder(launch: Launch) -> None:

@@ -192,20 +192,29 @@ def validate_trainer_args(argv: list[str], lora: bool):
         raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
 
 
-def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict, refuse: bool):
+def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict):
     """The memory plan of the run about to start (fluxkit.plan.check_fits): (plan or None, its line).
-    Raises UserError when it cannot fit and refuse is set (not --dry_run, no --ignore_memory_plan)."""
+    Raises UserError when it cannot fit, unless --ignore_memory_plan (a dry run too: it says what the run does)."""
     from ..device import zero_stage
     from ..plan import accelerate_offload, check_fits
 
-    memory, line = check_fits(trainer_args, plan.processes, zero_stage(accelerate_config) or 0, info,
-                              processes_per_host=plan.per_machine, ignore=None if refuse else True,
-                              offload=accelerate_offload(accelerate_config))
-    if not refuse and memory is not None and memory.fits is False and not trainer_args.ignore_memory_plan:
-        from ..plan import remedies
+    return check_fits(trainer_args, plan.processes, zero_stage(accelerate_config) or 0, info,
+                      processes_per_host=plan.per_machine, offload=accelerate_offload(accelerate_config))
 
-        line = f"{memory.one_line()}; the run would be refused; to fit: {remedies(memory, trainer_args)}"
-    return memory, line
+
+def check_cache_folder(trainer_args, write: bool) -> None:
+    """A --latent_cache_dir the user gave must take files (the default one sits beside the output folder,
+    whose own check names the right flag); a dry run judges it without making it."""
+    from ..cache import cache_root, check_cache_dir
+    from ..fsio import creatable_problem
+
+    if write:
+        check_cache_dir(trainer_args, given_only=True)
+        return
+    root = cache_root(trainer_args)
+    problem = creatable_problem(root) if root is not None and trainer_args.latent_cache_dir else None
+    if problem:
+        raise UserError(f"--latent_cache_dir {root!r} cannot be created or written ({problem}); choose another folder")
 
 
 def check_output_dir(path: str) -> None:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_launchers import FULL, LORA, _SCRUB, dry, launch, launch_inprocess
+from test_launchers import FULL, LORA, _SCRUB, dry, launch, launch_inprocess, reference_world  # noqa: F401 (autouse)
 
 
 def _one_line_nothing_written(proc, out, *needles):
@@ -346,15 +346,21 @@ def test_resume_by_checkpoint_name_inside_output_dir(finished_run, tmp_path, tin
 
 
 @pytest.mark.cli
-def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, sample_data):
+def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, sample_data, tmp_path):
     record = json.loads((finished_run / "run_config.json").read_text())
     assert record["settings"]["learning_rate"] == 1e-4 and record["settings"]["model_name"] == tiny_flux
     assert record["versions"]["torch"] and record["accelerate_config"]["distributed_type"] == "DEEPSPEED"
     assert "main_process_port" not in record["settings"]
     from fluxkit.train_args import parse_args
 
-    again = dry(FULL, f"--config={finished_run / 'run_config.json'}")
+    # into the same folder the real run, and so the dry run, is refused (it holds that run's checkpoints)
+    from conftest import assert_user_error
+
+    assert_user_error(launch_inprocess(FULL, "--dry_run", f"--config={finished_run / 'run_config.json'}"),
+                      "holds another run's checkpoints")
+    again = dry(FULL, f"--config={finished_run / 'run_config.json'}", f"--output_dir={tmp_path / 'again'}")
     replayed, ran = vars(parse_args(again.trainer)), vars(parse_args(record["trainer_args"]))
+    replayed["output_dir"] = ran["output_dir"]
     assert replayed == ran, {k: (ran[k], replayed[k]) for k in ran if ran[k] != replayed[k]}
 
 
@@ -410,16 +416,49 @@ def test_block_swapping_under_deepspeed_is_refused_by_the_launcher(tiny_flux, sa
 
 
 def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
-    p = dry(LORA, *_tiny_keys(tiny_flux, sample_data, tmp_path / "out", "--device_memory_gb=0.02"))
+    """A dry run refuses what the run would refuse (issue 19: one behaviour), and shows the plan otherwise."""
+    out = tmp_path / "out"
+    proc = launch_inprocess(LORA, "--dry_run", *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02"))
+    _one_line_nothing_written(proc, out, "does NOT fit in 0.0 GiB", "to fit: lower --train_batch_size or --resolution",
+                              "--ignore_memory_plan")
+    p = dry(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"))
     text = p.text.split("memory plan per device:\n", 1)[1]
     for row in ("transformer base (frozen)", "LoRA rank 4", "saved for backward", "PEAK"):
         assert row in text, row
     last = text.rstrip().splitlines()[-1]
     assert last.startswith("memory plan: ") and "does NOT fit in 0.0 GiB" in last, last
-    assert "the run would be refused; to fit: lower --train_batch_size or --resolution" in last, last
-    assert "fits in 40.0 GiB" in dry(LORA, *_tiny_keys(tiny_flux, sample_data, tmp_path / "out",
-                                                       "--device_memory_gb=40")).text
-    assert not (tmp_path / "out").exists()
+    assert "fits in 40.0 GiB" in dry(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=40")).text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mistake, needles", [
+    ("missing model", ["model_name", "no flux", "no such pipeline folder"]),
+    ("empty data", ["instance_dir", "is empty"]),
+    ("corrupt image", ["bad.png"]),
+    ("resume without checkpoint", ["--resume_from_checkpoint", "checkpoint-7"]),
+])
+def test_dry_run_refuses_what_the_run_would(tiny_flux, sample_data, tmp_path, mistake, needles):
+    """--dry_run runs every check that writes nothing (issue 19): the same one line and exit 2 as the
+    real launch, and nothing written; the same keys without the mistake pass with exit 0."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    shutil.copytree(sample_data["instance_dir"], data)
+    keys = _tiny_keys(tiny_flux, {"instance_dir": str(data)}, out)
+    if mistake == "missing model":
+        keys.append(f"--model_name={tmp_path / 'no flux'}")
+    elif mistake == "empty data":
+        shutil.rmtree(data)
+        data.mkdir()
+    elif mistake == "corrupt image":
+        (data / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    else:
+        keys.append("--resume_from_checkpoint=checkpoint-7")
+    _one_line_nothing_written(launch_inprocess(LORA, "--dry_run", *keys), out, *needles)
+    assert not (data / "bad.png").exists() or mistake == "corrupt image"
+    if mistake != "empty data":
+        good = [k for k in keys if k not in (f"--model_name={tmp_path / 'no flux'}", "--resume_from_checkpoint=checkpoint-7")]
+        (data / "bad.png").unlink(missing_ok=True)
+        assert dry(LORA, *good).flag("instance_data_dir") == str(data)
+        assert not out.exists()
 
 
 def test_the_trainer_refuses_a_run_that_does_not_fit(tiny_flux, sample_data, tmp_path):

@@ -61,10 +61,37 @@ class Plan:
         return values[-1] if values else None
 
 
-def dry(script, *args, env=None, cwd=ROOT, real=False):
-    """What `script --dry_run ARGS` would run; in this process unless real (the command itself)."""
+# A dry run checks what the run would (model folder, data scan, run folder, memory plan): the tests of
+# the command it builds run where the reference's relative data folders exist (`dog`, 128 images;
+# `pokemon-blip-captions`, 128 captioned rows; data/*: more of them) and name the tiny model unless they name one.
+WORLD = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_world(tmp_path_factory, tiny_flux):
+    from fluxkit.tiny import build_datasets
+
+    home = tmp_path_factory.mktemp("world")
+    data = build_datasets(str(home / "sample"), seed=0, resolution=32, num_instance=128, num_captioned=128)
+    os.symlink(data["instance_dir"], home / "dog")
+    os.symlink(data["dataset_name"], home / "pokemon-blip-captions")
+    os.makedirs(home / "data")
+    for name, source in (("set", "dataset_name"), ("my pokemon", "dataset_name"), ("my pokemon copy", "dataset_name"),
+                         ("dog", "instance_dir"), ("cat", "instance_dir")):
+        os.symlink(data[source], home / "data" / name)
+    os.symlink(tiny_flux, home / "my flux")
+    WORLD.update(home=str(home), model=tiny_flux, data=data)
+    yield
+    WORLD.clear()
+
+
+def dry(script, *args, env=None, cwd=None, real=False):
+    """What `script --dry_run ARGS` would run (the tiny model unless ARGS name one; run in WORLD's
+    folder unless cwd); in this process unless real (the command itself)."""
     run = launch if real else launch_inprocess
-    return Plan(run(script, "--dry_run", *args, env=env, cwd=cwd))
+    named = any(a.startswith(("--model_name=", "--demo")) for a in args)
+    model = [] if named else [f"--model_name={WORLD['model']}"]
+    return Plan(run(script, "--dry_run", *model, *args, env=env, cwd=cwd or WORLD["home"]))
 
 
 def launch_inprocess(script, *args, env=None, cwd=ROOT):
@@ -99,12 +126,13 @@ def test_help_documents_every_key_mode_and_variable(script):
 
 
 def test_full_defaults_are_the_references(tmp_path):
-    p = dry(FULL, cwd=tmp_path)  # run from elsewhere: the trainer and the config are found beside the launcher
+    assert_user_error(launch_inprocess(FULL, "--dry_run", cwd=WORLD["home"]), "black-forest-labs/FLUX.1-dev", "HF_HUB_OFFLINE")
+    p = dry(FULL)  # run from elsewhere: the trainer and the config are found beside the launcher
     assert p.script == os.path.join(ROOT, "train_flux_dreambooth.py")
     assert p.acc("--config_file") == CONFIG
     assert (p.acc("--num_processes"), p.acc("--num_machines"), p.acc("--machine_rank")) == ("1", "1", "0")  # one CPU
     assert p.acc("--gradient_accumulation_steps") == "4" and p.acc("--mixed_precision") == "bf16"
-    expected = {"pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev", "instance_data_dir": "dog",
+    expected = {"pretrained_model_name_or_path": WORLD["model"], "instance_data_dir": "dog",
                 "instance_prompt": "a photo of sks dog", "train_batch_size": "16", "resolution": "256",
                 "gradient_accumulation_steps": "4", "learning_rate": "1e-5", "lr_scheduler": "constant",
                 "lr_warmup_steps": "0", "max_train_steps": "5000", "guidance_scale": "1", "mixed_precision": "bf16",
@@ -116,7 +144,7 @@ def test_full_defaults_are_the_references(tmp_path):
     assert not set(ASCEND_VARS) & set(p.env)  # CPU host: no Ascend settings
     # OpenMP threads sleep between regions (a shared CPU host ran 10x slower spinning), JIT ops per environment
     assert p.env["OMP_WAIT_POLICY"] == "PASSIVE" and "torch_extensions" in p.env["TORCH_EXTENSIONS_DIR"]
-    mine = dry(FULL, env={"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, cwd=tmp_path)
+    mine = dry(FULL, env={"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert mine.env["OMP_WAIT_POLICY"] == "ACTIVE" and mine.env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext")
 
 
@@ -152,7 +180,7 @@ def test_validation_is_said_and_light_on_a_cpu_host(tiny_flux):
 def test_every_override_reaches_accelerate_or_the_trainer(tmp_path):
     config = tmp_path / "my config.yaml"
     shutil.copy(CONFIG, config)
-    values = {"model_name": "/models/my flux", "dataset_name": "/data/my pokemon", "caption_column": "caption",
+    values = {"model_name": "my flux", "dataset_name": "data/my pokemon", "caption_column": "text",
               "instance_prompt": "a photo of zwx toy", "validation_prompt": "zwx toy on a beach", "batch_size": "3",
               "resolution": "64", "gradient_accumulation_steps": "5", "learning_rate": "2.5e-4", "rank": "16",
               "max_train_steps": "7", "mixed_precision": "no", "checkpointing_steps": "11", "seed": "42",
@@ -177,18 +205,20 @@ def test_trainer_arguments_after_double_dash_are_verbatim():
 
 
 def test_one_data_source_wins():
-    full = dry(FULL, "--dataset_name=/data/set")
-    assert full.flag("dataset_name") == "/data/set" and full.flag("instance_data_dir") is None
-    lora = dry(LORA, "--instance_dir=/data/dog")
-    assert lora.flag("instance_data_dir") == "/data/dog"
-    assert lora.flag("dataset_name") is None and lora.flag("caption_column") is None
-    # the pokemon prompts belong to the pokemon dataset: gone with it (the data scan names a missing prompt)
-    assert lora.flag("instance_prompt") == "" and lora.flag("validation_prompt") is None
-    mine = dry(LORA, "--instance_dir=/data/dog", "--instance_prompt=a photo of zwx dog")
-    assert mine.flag("instance_prompt") == "a photo of zwx dog"
-    assert dry(FULL, "--instance_dir=/data/cat").flag("instance_prompt") == ""  # not the default folder's "sks dog"
+    full = dry(FULL, "--dataset_name=data/set", "--instance_prompt=a photo of sks dog")
+    assert full.flag("dataset_name") == "data/set" and full.flag("instance_data_dir") is None
+    # the pokemon prompts belong to the pokemon dataset: gone with it (the data scan names the missing prompt)
+    assert_user_error(launch_inprocess(LORA, "--dry_run", f"--model_name={WORLD['model']}", "--instance_dir=data/dog",
+                                       cwd=WORLD["home"]), "no caption", "--instance_prompt")
+    mine = dry(LORA, "--instance_dir=data/dog", "--instance_prompt=a photo of zwx dog")
+    assert mine.flag("instance_data_dir") == "data/dog" and mine.flag("instance_prompt") == "a photo of zwx dog"
+    assert mine.flag("dataset_name") is None and mine.flag("caption_column") is None
+    assert mine.flag("validation_prompt") is None
+    # not the default folder's "sks dog"
+    assert_user_error(launch_inprocess(FULL, "--dry_run", f"--model_name={WORLD['model']}", "--instance_dir=data/cat",
+                                       cwd=WORLD["home"]), "no caption", "--instance_prompt")
     assert dry(FULL).flag("instance_prompt") == "a photo of sks dog"
-    copy = dry(LORA, "--dataset_name=/data/my pokemon copy")  # the dataset key: the user's copy of the reference's
+    copy = dry(LORA, "--dataset_name=data/my pokemon copy")  # the dataset key: the user's copy of the reference's
     assert copy.flag("instance_prompt") == "a photo of pokemon" and copy.flag("validation_prompt") == "A photo of pokemon in a bucket"
     assert_user_error(launch_inprocess(LORA, "--dry_run", "--instance_dir=a", "--dataset_name=b"), "only one")
 
