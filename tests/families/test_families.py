@@ -269,7 +269,7 @@ def test_launcher_names_the_family_and_applies_its_refusals(tiny_klein, sample_d
 
     launcher = os.path.join(ROOT, "finetune_flux_dreambooth_lora_deepspeed_bf16.sh")
     keys = [f"--model_name={tiny_klein}", f"--instance_dir={sample_data['instance_dir']}", f"--output_dir={tmp_path / 'o'}",
-            "--instance_prompt=a photo of sks dog"]
+            "--instance_prompt=a photo of sks dog", "--batch_size=1"]
     proc = run_inprocess([launcher, *keys, "--dry_run"])
     assert proc.returncode == 0 and "model family: flux2-klein (Flux2KleinPipeline)" in proc.stdout, proc.stdout + proc.stderr
     proc = run_inprocess([launcher, *keys, "--train_text_encoder"])

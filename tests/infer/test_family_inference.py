@@ -179,7 +179,7 @@ def test_launcher_dry_run_and_help_show_the_family_defaults(tiny_klein, sample_d
     from test_launchers import LORA, dry
 
     keys = [f"--model_name={tiny_klein}", f"--instance_dir={sample_data['instance_dir']}", "--batch_size=1",
-            "--max_train_steps=1", "--num_processes=1", "--validation_prompt=", f"--output_dir={tmp_path / 'out'}",
+            "--instance_prompt=a photo of sks dog", "--max_train_steps=1", "--num_processes=1", "--validation_prompt=", f"--output_dir={tmp_path / 'out'}",
             "--report_to=none"]
     klein = families.get("flux2-klein").defaults
     text = dry(LORA, *keys, "--max_sequence_length=16").text

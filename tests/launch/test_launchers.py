@@ -90,8 +90,8 @@ def dry(script, *args, env=None, cwd=None, real=False):
     folder unless cwd); in this process unless real (the command itself)."""
     run = launch if real else launch_inprocess
     named = any(a.startswith(("--model_name=", "--demo")) for a in args)
-    model = [] if named else [f"--model_name={WORLD['model']}"]
-    return Plan(run(script, "--dry_run", *model, *args, env=env, cwd=cwd or WORLD["home"]))
+    model = [] if named or "model" not in WORLD else [f"--model_name={WORLD['model']}"]
+    return Plan(run(script, "--dry_run", *model, *args, env=env, cwd=cwd or WORLD.get("home", ROOT)))
 
 
 def launch_inprocess(script, *args, env=None, cwd=ROOT):
@@ -233,6 +233,7 @@ def test_toolkit_in_a_folder_with_spaces(tmp_path):
     shutil.copytree(os.path.join(ROOT, "fluxkit"), kit / "fluxkit", ignore=shutil.ignore_patterns("__pycache__"))
     elsewhere = tmp_path / "a work dir"
     elsewhere.mkdir()
+    os.symlink(WORLD["data"]["dataset_name"], elsewhere / "pokemon-blip-captions")  # the reference's data key
     p = dry(str(kit / "finetune_flux_dreambooth_lora_deepspeed_bf16.sh"), "--output_dir=out put", cwd=elsewhere, real=True)
     assert p.script == str(kit / "train_flux_dreambooth_lora.py")
     assert p.acc("--config_file") == str(kit / "pretrain_bf16_accelerate_config.yaml")
