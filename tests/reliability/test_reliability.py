@@ -482,7 +482,7 @@ def test_launcher_plan_hides_the_hub_token(tiny_flux, sample_data, tmp_path, for
     secret = "hf_FLAGsecret0123456789"
     token = [f"--hub_token={secret}"] if form == "joined" else ["--hub_token", secret]
     proc = run_inprocess([LAUNCHERS[0], "--dry_run", f"--model_name={tiny_flux}", f"--instance_dir={sample_data['instance_dir']}",
-                          f"--output_dir={tmp_path / 'out'}", "--", *token], env={"PYTHON": sys.executable})
+                          "--instance_prompt=a photo of sks dog", "--batch_size=1", f"--output_dir={tmp_path / 'out'}", "--", *token], env={"PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     assert "--hub_token" in proc.stdout and secret not in proc.stdout + proc.stderr
 
