@@ -93,7 +93,8 @@ def check_trainer_args(launch: Launch) -> None:
     """Our trainer's own parser and checks judge its arguments (upstream scripts judge theirs)."""
     if launch.external:
         return
-    launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora")
+    launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora",
+                                                launch.req.given)
     from ..device import zero_stage
     from ..preflight import check_host  # what the trainer checks first, in every process: refused here
 

@@ -16,7 +16,7 @@ from ..environment import hf_offline, is_hub_id, pipeline_folder_problem
 from ..errors import UserError
 from .command import LaunchPlan
 from .keys import Request
-from .spec import ACCELERATE_CONFIG, OWNED_FLAGS
+from .spec import ACCELERATE_CONFIG, KEY_OF_FLAG, OWNED_FLAGS
 
 
 def _need_int(opts, key, minimum):
@@ -30,23 +30,19 @@ def _need_int(opts, key, minimum):
 def check_keys(req: Request) -> None:
     """The launcher's own keys; the trainer's values are the trainer parser's to judge."""
     o = req.opts
-    for key in ("batch_size", "max_train_steps", "resolution", "gradient_accumulation_steps", "checkpointing_steps",
-                "num_machines", "rank", "lora_alpha"):
-        if key in o and o[key] != "":
-            _need_int(o, key, 1)
-    if o["seed"] != "":  # empty: no seed, as the trainer's default
-        _need_int(o, "seed", 0)
+    # the keys the launcher itself reads as numbers (accelerate's settings, the effective batch); the
+    # trainer's values (steps, resolution, learning rate, seed ...) are its parser's to judge (validate_trainer_args)
+    for key in ("batch_size", "gradient_accumulation_steps", "num_machines"):
+        _need_int(o, key, 1)
     _need_int(o, "machine_rank", 0)
-    _need_int(o, "lr_warmup_steps", 0)
+    if o["seed"] != "":  # empty: no seed, as the trainer's default; its parser takes a negative one numpy refuses
+        _need_int(o, "seed", 0)
+    _need_int(o, "lr_warmup_steps", 0)  # (the trainer's parser takes a negative one)
     for key in ("num_processes", "main_process_port"):
         if o[key] != "":
             _need_int(o, key, 1)
     if o["dataloader_num_workers"] != "auto":
         _need_int(o, "dataloader_num_workers", 0)
-    try:
-        float(o["learning_rate"])
-    except ValueError:
-        raise UserError(f"--learning_rate='{o['learning_rate']}' is not a number; pass e.g. --learning_rate=1e-4") from None
     if o["mixed_precision"] not in ("bf16", "fp16", "no"):
         raise UserError(f"--mixed_precision='{o['mixed_precision']}' is not one of bf16, fp16, no")
     if o["validation"] not in ("auto", "full"):
@@ -179,17 +175,29 @@ def scan_training_data(args, world_size: int) -> int:
         return scan_dataset(args, world_size=world_size, quiet=True).num_samples
 
 
-def validate_trainer_args(argv: list[str], lora: bool):
-    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError."""
+def validate_trainer_args(argv: list[str], lora: bool, given=frozenset()):
+    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError,
+    naming the launcher's key (--batch_size) where the user typed that key (given) for the trainer's flag."""
     from ..train_args import parse_args
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
             return parse_args(argv, lora=lora)
+    except UserError as err:  # a value check's one line
+        raise UserError(_in_launcher_words(str(err), given)) from None
     except SystemExit:  # the parser's one line: `prog: error: message` (fluxkit.errors.FlagParser)
         message = [line for line in captured.getvalue().splitlines() if ": error: " in line]
-        raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
+        text = message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()
+        raise UserError(_in_launcher_words(text, given)) from None
+
+
+def _in_launcher_words(text: str, given) -> str:
+    """The trainer's message with its flag named as the launcher key the user typed (--batch_size)."""
+    for flag, key in KEY_OF_FLAG.items():
+        if key != flag and key in given:
+            text = re.sub(rf"--{flag}\b", f"--{key}", text)
+    return text
 
 
 def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict):
