@@ -289,9 +289,9 @@ def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bo
     if not cache.enabled:
         return
     if not covered:
-        if accelerator.is_main_process and models.text_encoder_2 is not None:
-            logger.info("prompts are encoded on the %s", "host CPU (the plan: the text encoders do not fit on the device "
-                        "beside the VAE)" if host else f"device ({accelerator.device.type})")
+        if accelerator.is_main_process and host:  # the usual case (on the device) is not worth a console line
+            logger.info("prompts are encoded on the host CPU (the plan: the text encoders do not fit on the device "
+                        "beside the VAE)")
         with offload.encoders_visiting(args, models, accelerator.device, text=not host):
             stats = fill_cache(args, accelerator, models, dataset, cache, prompts, torch.device("cpu") if host else None)
         if accelerator.is_main_process:

@@ -35,7 +35,8 @@ def describe(args, processes: int, samples: int | None) -> str:
         updates = math.ceil(math.ceil(samples / (args.train_batch_size * processes)) / args.gradient_accumulation_steps)
         epochs = math.ceil(args.max_train_steps / max(1, updates)) if args.max_train_steps else args.num_train_epochs
         renders = 1 + epochs // args.validation_epochs
-        when = f"{renders} time(s): every {args.validation_epochs} epoch(s) of {epochs}, and at the end"
+        when = "at the end" if renders == 1 else \
+            f"{renders} times: every {args.validation_epochs} epoch(s) of {epochs}, and at the end"
     head = (f"validation: {args.validation_prompt!r}, {args.num_validation_images} image(s) x "
             f"{args.num_validation_steps} steps at {args.resolution}x{args.resolution}, {when}")
     share = _share(args, renders)

@@ -237,7 +237,7 @@ def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_wo
 
 @pytest.mark.cli
 def test_lora_demo_console_is_short(tmp_path):
-    """The LoRA demo end to end (build, 2-process training, summary, images) in under 20 lines a user reads;
+    """The LoRA demo end to end (build, 2-process training, summary, images) in at most 20 lines a user reads;
     known library noise is filtered where it is made, and --verbose would show it."""
     env = {"FLUXKIT_DEMO_DIR": str(tmp_path / "demo cache")}
     proc = launch(LORA, "--demo", f"--output_dir={tmp_path / 'out'}", env=env, timeout=900)
@@ -248,7 +248,8 @@ def test_lora_demo_console_is_short(tmp_path):
         assert noise not in proc.stdout + proc.stderr, noise
     assert "Final Performance images/sec" in proc.stdout and "demo: done." in proc.stdout
     assert len(set(lines)) == len(lines), "\n".join(lines)  # nothing twice (e.g. once per rank)
-    assert len(lines) < 20, f"{len(lines)} console lines (target: under 20):\n" + "\n".join(lines)
+    # 20: the 19 of before plus the line saying what validation renders and costs (issue 22)
+    assert len(lines) <= 20, f"{len(lines)} console lines (target: at most 20):\n" + "\n".join(lines)
 
 
 # ------------------------------------------------------------------ drop-in defaults
