@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import accelerate_launch
+from conftest import ROOT, accelerate_launch
 from test_context_parallel import two_process_config
 from test_inference import FAST, _fresh_process_state, infer, manifest, pixels, pngs  # noqa: F401
 
 # 64 x 64: the FLUX.2 pipelines take no smaller reference image
 EDIT = [*FAST, "--height", "64", "--width", "64", "--max_sequence_length", "8", "--seeds", "8"]
-DISTRIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer_flux_text2img_distrib.py")
+DISTRIB = os.path.join(ROOT, "infer_flux_text2img_distrib.py")
 
 
 @pytest.fixture(scope="module")
