@@ -116,5 +116,5 @@ def test_the_trainer_plans_the_zero_stage_accelerate_launched(tiny_flux, sample_
     errors = {l.split("error: ", 1)[1] for l in proc.stderr.splitlines() if "error: " in l}
     assert len(errors) == 1, proc.stderr[-3000:]
     line = errors.pop()
-    assert "(LoRA 32px batch 1 on 2 process(es), ZeRO-3); does NOT fit in 0.0 GiB" in line, line
+    assert "(LoRA 32px batch 1 on 2 process(es), ZeRO-3)" in line and "does NOT fit in 0.0 GiB" in line, line
     assert not out.exists()
