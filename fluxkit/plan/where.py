@@ -16,7 +16,7 @@ from .fit import smallest_change
 from .phases import GiB, plan_shape
 from .shape import RunShape
 
-WHERE_BEGIN = "<!-- fluxkit.plan.where: begin (generated: python -m fluxkit.plan.where --write docs/memory.md) -->"
+WHERE_BEGIN = "<!-- fluxkit.plan.where: begin (generated: python -m fluxkit.plan.where --write FILE) -->"
 WHERE_END = "<!-- fluxkit.plan.where: end -->"
 
 # Published peak memory of comparable setups (DESIGN.md, "Published memory")
@@ -98,7 +98,7 @@ def write_into(path: str, table: str) -> None:
 @cli
 def main(argv=None) -> int:
     p = FlagParser(prog="python -m fluxkit.plan.where", description=__doc__.split("\n\n")[0])
-    p.add_argument("--write", default=None, help="replace the generated table in this markdown file (docs/memory.md)")
+    p.add_argument("--write", default=None, help="replace the generated table in this markdown file (README.md, docs/memory.md)")
     args = p.parse_args(argv)
     table = markdown(read_architecture("black-forest-labs/FLUX.1-dev"))
     print(table)
