@@ -12,8 +12,11 @@ class UserError(Exception):
     """A mistake in what the user asked for (a path, a flag, an input file).
 
     The message must name the culprit and the fix; it is printed as one line, without a
-    traceback, and the process exits with status 2.
+    traceback, and the process exits with status 2. `agreed` errors are raised alike by every
+    process after they agreed on them (a stop request): only the first process says them.
     """
+
+    agreed = False
 
 
 EXIT_USER_ERROR = 2
@@ -77,7 +80,7 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             rc = int(main(*args, **kwargs) or 0)
         except UserError as err:
-            rc = EXIT_USER_ERROR if _said_by_another_process() else report_user_error(err)
+            rc = EXIT_USER_ERROR if _said_by_another_process(err) else report_user_error(err)
         except KeyboardInterrupt:
             print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
             rc = EXIT_INTERRUPTED
@@ -87,13 +90,15 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
-def _said_by_another_process() -> bool:
+def _said_by_another_process(err: UserError) -> bool:
     """Under `accelerate launch`, every process checks the same flags and files before the processes
     connect, and each would print the same line: before that, only each machine's first process
     (LOCAL_RANK 0) reports. Once connected, a process's error may be its own (a file only it read),
-    so every process reports it."""
+    so every process reports it, except an agreed one, which the first process (RANK 0) says."""
     import os
 
+    if err.agreed:
+        return int(os.environ.get("RANK", "0") or 0) != 0
     if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
         return False
     import torch.distributed as dist

@@ -17,7 +17,10 @@ from .errors import UserError
 
 
 class Interrupted(UserError):
-    """Training stopped on request after writing a checkpoint (exit status 2 with how to resume)."""
+    """Training stopped on request after writing a checkpoint (exit status 2 with how to resume).
+    Every process stops at the same agreed step and raises it alike: the first process says it."""
+
+    agreed = True
 
 
 class StopRequest:

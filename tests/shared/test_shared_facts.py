@@ -124,3 +124,28 @@ def test_launcher_and_trainer_share_the_host_checks(tmp_path, capsys, monkeypatc
     assert trainer == launcher == 2
     assert said_by_trainer == said_by_launcher and "--enable_npu_flash_attention needs an Ascend NPU" in said_by_trainer
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_agreed_stop_is_said_once_by_the_first_process(rank, monkeypatch, capsys):
+    """Every process raises the agreed stop at the same step; only RANK 0 prints it (two processes
+    printing the same resume line raced in CI). A process's own error is still said by it."""
+    from fluxkit.errors import cli
+    from fluxkit.runcontrol import Interrupted
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.delenv("FLUXKIT_EXIT_STATUS_FILE", raising=False)
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)  # as after the processes connected
+
+    def stopped():
+        raise Interrupted("stopped by SIGINT at step 3")
+
+    def own():
+        raise UserError("cannot read this rank's file")
+
+    assert cli(stopped)() == 2
+    assert ("stopped by SIGINT at step 3" in capsys.readouterr().err) == (rank == "0")
+    assert cli(own)() == 2
+    assert "cannot read this rank's file" in capsys.readouterr().err
