@@ -15,9 +15,9 @@ from fluxkit.errors import cli  # noqa: E402
 @cli
 def main(argv=None):
     from fluxkit.train import train
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
-    train(parse_args(argv, lora=True))
+    train(parse(argv, lora=True))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def check_flags(args) -> None:
     n = args.blocks_to_swap
     if n < 0:
         raise UserError(f"--blocks_to_swap {n} must be 0 or more")
-    if not getattr(args, "lora", False):
+    if not args.lora:
         raise UserError(f"--blocks_to_swap {n} swaps frozen weights, and a full fine-tune trains every weight; for the "
                         "full fine-tune use DeepSpeed ZeRO-3 with CPU offload (pretrain_bf16_zero3_offload_accelerate_config.yaml)")
     if not args.gradient_checkpointing:
@@ -48,7 +48,7 @@ def check_launch(args, deepspeed: bool, model_dir: str) -> None:
     import json
     import os
 
-    n = getattr(args, "blocks_to_swap", 0) or 0
+    n = args.blocks_to_swap
     if not n:
         return
     try:
@@ -154,7 +154,7 @@ def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
 def place(args, transformer, device) -> BlockSwap | None:
     """Move the transformer to `device`, keeping the frozen weights of the last --blocks_to_swap blocks
     in host memory behind hooks (they never reach the device whole). None without the flag."""
-    n = getattr(args, "blocks_to_swap", 0) or 0
+    n = args.blocks_to_swap
     if not n:
         transformer.to(device)
         return None

@@ -316,7 +316,7 @@ def check_before_loading(args, defaults: ScriptDefaults):
     from .device import detect
 
     requests = collect_prompts(args, defaults)
-    lora_weights, embeddings = pivotal.inference_files(args.lora_weights, getattr(args, "embeddings", None))
+    lora_weights, embeddings = pivotal.inference_files(args.lora_weights, args.embeddings)
     lora_file = os.path.realpath(resolve_lora_file(lora_weights)) if lora_weights else None
     if embeddings:  # pivotal tuning: TOK in a prompt becomes the trained tokens, as in training
         embeddings = os.path.realpath(embeddings)

@@ -93,7 +93,7 @@ def load_transformer(args, model_dir: str, weight_dtype: torch.dtype, device_typ
     """The FLUX transformer, quantized as --base_quantization asks (fluxkit.quant), in
     transformer_load_dtype. A quantized base on CUDA lands on the device as it loads."""
     try:
-        return quant.load_transformer(model_dir, getattr(args, "base_quantization", "none"),
+        return quant.load_transformer(model_dir, args.base_quantization,
                                       transformer_load_dtype(args, weight_dtype, deepspeed), device_type,
                                       subfolder="transformer", variant=args.variant, revision=args.revision,
                                       local_files_only=True,

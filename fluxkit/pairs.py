@@ -24,15 +24,15 @@ REFERENCE = 1 << 40  # latent index of sample i's reference image: REFERENCE + i
 
 
 def editing_requested(args) -> bool:
-    return bool(getattr(args, "cond_image_dir", None) or getattr(args, "cond_image_column", None))
+    return bool(args.cond_image_dir or args.cond_image_column)
 
 
 def check_flags(args) -> None:
     """The pair flags' own rules (any family check comes from fluxkit.families)."""
-    if getattr(args, "cond_image_column", None) and not args.dataset_name:
+    if args.cond_image_column and not args.dataset_name:
         raise UserError("--cond_image_column names a column of --dataset_name; give --dataset_name (a parquet file, "
                         "dataset folder or hub id) or use --cond_image_dir with --instance_data_dir")
-    if getattr(args, "cond_image_dir", None) and args.dataset_name:
+    if args.cond_image_dir and args.dataset_name:
         raise UserError("--cond_image_dir pairs with --instance_data_dir; with --dataset_name name the reference "
                         "column with --cond_image_column")
     if editing_requested(args) and args.with_prior_preservation:

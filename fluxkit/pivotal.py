@@ -81,12 +81,12 @@ def add_flags(parser) -> None:
 
 
 def enabled(args) -> bool:
-    return bool(getattr(args, "train_text_encoder_ti", False))
+    return args.train_text_encoder_ti  # a LoRA trainer's flag (False in the full fine-tune's config)
 
 
 def validate(args) -> None:
     """The advanced script's rules, each one error line (exit 2) or one warning."""
-    if not getattr(args, "lora", False):
+    if not args.lora:
         return
     for flag in ("train_text_encoder_ti_frac", "train_text_encoder_frac", "train_transformer_frac"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
@@ -107,7 +107,7 @@ def validate(args) -> None:
         return
     if not abstractions(args.token_abstraction):
         raise UserError(f"--token_abstraction {args.token_abstraction!r} names no identifier; give e.g. TOK or 'TOK,TOK2'")
-    if getattr(args, "offload_encoders", False):
+    if args.offload_encoders:
         raise UserError("--offload_encoders cannot go with --train_text_encoder_ti: CLIP (and T5) run forward and "
                         "backward every step while the new tokens train; drop one of them")
     if args.initializer_concept and args.num_new_tokens_per_abstraction:
@@ -289,7 +289,7 @@ class FractionGate:
 
 def fraction_gate(args, trainables, epochs: int) -> FractionGate | None:
     """The run's gate, or None when every part trains all along. Groups as build_optimizer makes them."""
-    if not getattr(args, "lora", False):
+    if not args.lora:
         return None
     text = args.train_text_encoder_ti_frac if enabled(args) else args.train_text_encoder_frac
     fractions = {"transformer": args.train_transformer_frac, "text encoder": text}
@@ -556,7 +556,7 @@ def load_embeddings(pipe, path: str) -> list[str]:
 def planned_tokens(args) -> int:
     """New tokens the memory plan counts (before the tokenizer is read: an --initializer_concept's
     count is taken as its words')."""
-    if not enabled(args) or not getattr(args, "lora", False):  # a LoRA trainer's flag
+    if not enabled(args):
         return 0
     per = len(args.initializer_concept.split()) if args.initializer_concept else (args.num_new_tokens_per_abstraction or 2)
     return len(abstractions(args.token_abstraction)) * max(1, per)

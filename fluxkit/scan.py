@@ -484,7 +484,7 @@ def _reference_in_folder(folder: str, target: str) -> str:
 def attach_references(scan, args, skipped: list) -> None:
     """Editing pairs (fluxkit.pairs): give each scanned target its reference (scan.references, parallel to scan.samples); a pair whose
     reference is missing or unreadable is one error line, or skipped with --skip_bad_images."""
-    folder = getattr(args, "cond_image_dir", None)
+    folder = args.cond_image_dir
     if folder and not os.path.isdir(folder):
         raise UserError(f"--cond_image_dir {folder!r} does not exist or is not a directory; point it at the folder "
                         "of reference images (same file names as the targets)")
@@ -496,7 +496,7 @@ def attach_references(scan, args, skipped: list) -> None:
 
         if isinstance(scan.table.features[args.cond_image_column], datasets.Image):  # bytes stay on disk, as the targets'
             scan.table = scan.table.cast_column(args.cond_image_column, datasets.Image(decode=False))
-    kept, references, skip_bad = [], [], bool(getattr(args, "skip_bad_images", False))
+    kept, references, skip_bad = [], [], args.skip_bad_images
     for sample in scan.samples:
         if scan.table is not None:
             ref, name = int(sample.ref), f"{args.dataset_name}[{sample.ref}].{args.cond_image_column}"
@@ -516,4 +516,4 @@ def attach_references(scan, args, skipped: list) -> None:
         references.append(ImageInfo(name, ref, size, mode, sample.caption, "reference"))
     if not kept:
         raise UserError("no training pair has a readable reference image; check --cond_image_dir / --cond_image_column")
-    scan.samples, scan.references, scan.cond_column = kept, references, getattr(args, "cond_image_column", None)
+    scan.samples, scan.references, scan.cond_column = kept, references, args.cond_image_column

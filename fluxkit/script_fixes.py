@@ -62,8 +62,10 @@ def upstream_lora_hooks(accelerator, transformer, text_encoder_one, args, weight
 
     from .lora import lora_save_load_hooks
 
-    text_encoder = text_encoder_one if getattr(args, "train_text_encoder", False) else None
-    dtype = torch.float32 if getattr(args, "upcast_before_saving", False) else weight_dtype
+    # `args` is the upstream script's own argparse namespace, not a TrainConfig: a script without
+    # these flags (FLUX.2's have no CLIP to train) reads as if they were off
+    text_encoder = text_encoder_one if getattr(args, "train_text_encoder", False) else None  # upstream namespace
+    dtype = torch.float32 if getattr(args, "upcast_before_saving", False) else weight_dtype  # upstream namespace
     return lora_save_load_hooks(accelerator, transformer, text_encoder, dtype=dtype)
 
 

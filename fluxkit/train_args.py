@@ -174,9 +174,6 @@ def parse(argv=None, lora: bool = False) -> TrainConfig:
     return config
 
 
-parse_args = parse  # diffusers' scripts' name for it
-
-
 def validate(args) -> None:
     """Reject impossible values before anything heavy starts: one line naming the flag and the fix."""
     if args.dataset_name is None and args.instance_data_dir is None:

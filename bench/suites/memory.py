@@ -56,9 +56,9 @@ def planned_bytes(flags: list[str], mode: str, processes: int) -> int:
     """The plan's training peak (forward + backward or the optimizer step, whichever is larger): the
     phases between accelerator.prepare() and the last step, which is what memprobe's loop window sees."""
     from fluxkit.plan import plan_memory
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
-    args = parse_args(flags, lora=mode == "lora")
+    args = parse(flags, lora=mode == "lora")
     plan = plan_memory(args, processes, 2 if processes > 1 else 0, "cpu")
     return max(p.bytes for p in plan.phases if p.name.startswith("train"))
 
@@ -88,7 +88,7 @@ def phase_rows(ctx) -> tuple[list, list]:
     memory-mapped) beside the plan's, and the run's peak beside the sum of the phases."""
     from fluxkit.plan import plan_memory
     from fluxkit.tiny import build_datasets, build_pipeline
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     model, data = ctx.path("devlike_bf16"), ctx.path("devlike_data")
     if not os.path.isdir(model):
@@ -101,7 +101,7 @@ def phase_rows(ctx) -> tuple[list, list]:
     ctx.log("memory: devlike phases")
     (r,) = probe(ctx, "devlike phases", SCRIPTS["lora"], flags, 1)
     base, peaks = r["baseline_resident_bytes"], r["phase_peak_bytes"]
-    plan = plan_memory(parse_args(flags, lora=True), 1, 0, "cpu")
+    plan = plan_memory(parse(flags, lora=True), 1, 0, "cpu")
     planned = {"encode": plan.phase("encode").bytes, "load": plan.phase("load").bytes,
                "train": max(p.bytes for p in plan.phases if p.name.startswith("train"))}
     rows = []

@@ -100,11 +100,11 @@ def _fill_command(argv=None) -> int:
     from ..encode import encode_prompts, latent_moments
     from ..models import load_models, resolve_model_dir
     from ..scan import list_images, scan_dataset
-    from ..train_args import parse_args
+    from ..train_args import parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
     lora, prune = "--full" not in argv, "--prune" in argv
-    args = parse_args([a for a in argv if a not in ("--full", "--prune")], lora=lora)
+    args = parse([a for a in argv if a not in ("--full", "--prune")], lora=lora)
     if prune:  # pruning trains nothing: images recorded as undecodable are kept out, not an error
         args = dataclasses.replace(args, skip_bad_images=True)
     if args.no_cache:

@@ -141,6 +141,6 @@ def training_prompts(dataset, args, family=None) -> list[str]:
         prompts.add("")
     if dataset.class_prompt is not None:
         prompts.add(dataset.class_prompt)
-    if getattr(args, "validation_prompt", None):
+    if args.validation_prompt:
         prompts.update(family.validation_prompts(args) if family is not None else [args.validation_prompt])
     return sorted(prompts)

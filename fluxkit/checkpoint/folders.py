@@ -269,7 +269,7 @@ def run_settings(args, world_size: int) -> dict:
     model = args.pretrained_model_name_or_path
     return {"run_type": "lora" if args.lora else "full", "world_size": world_size,
             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "learning_rate": args.learning_rate, "rank": args.rank, "base_quantization": getattr(args, "base_quantization", "none"),
+            "learning_rate": args.learning_rate, "rank": args.rank, "base_quantization": args.base_quantization,
             "model": os.path.abspath(model) if os.path.exists(model) else model, "pivotal": pivotal_settings(args)}
 
 
@@ -308,7 +308,7 @@ def check_run_folder(args, world_size: int, hand_over: bool = False) -> tuple[st
     checkpoints nor replaces a finished run's weights, and a resume continues only the run it names.
     Returns (checkpoint, state) or None. hand_over: a launcher's check, which its trainer need not repeat (_check)."""
     output_dir = args.output_dir
-    overwrite = getattr(args, "overwrite_output_dir", False)
+    overwrite = args.overwrite_output_dir
     if args.resume_from_checkpoint and overwrite:
         raise UserError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir moves it "
                         "aside; give only one of them")
@@ -325,7 +325,7 @@ def check_run_folder(args, world_size: int, hand_over: bool = False) -> tuple[st
             raise UserError(f"--output_dir {output_dir!r} holds a finished run ({', '.join(done)}) that a new run would "
                             f"replace; {start_over}, or choose another --output_dir")
         return None
-    if not getattr(args, "allow_changed_settings", False):
+    if not args.allow_changed_settings:
         path, state = resume
         changes = changed_settings(state, run_settings(args, world_size))
         if changes:

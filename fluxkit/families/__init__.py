@@ -67,7 +67,7 @@ def of_folder(model_dir: str, override: str | None = None) -> Family:
 
 def of_args(args, model_dir: str) -> Family:
     """The run's family: --model_family, else the folder's."""
-    return of_folder(model_dir, getattr(args, "model_family", None))
+    return of_folder(model_dir, args.model_family)
 
 
 __all__ = ["Family", "NAMES", "get", "of_folder", "of_args", "pipeline_class_name"]

@@ -37,7 +37,7 @@ class Family:
                             "text-to-image only; use a Kontext or FLUX.2 model (a FLUX.1 folder trains Kontext with "
                             "--model_family kontext)")
         for flag in ("train_text_encoder", "train_text_encoder_ti"):
-            if getattr(args, flag, False) and not self.trains_text_encoder:
+            if getattr(args, flag) and not self.trains_text_encoder:
                 raise UserError(f"--{flag} trains FLUX.1's CLIP; {self.name} has no text encoder this toolkit "
                                 "trains: drop the flag")
 

@@ -38,7 +38,7 @@ class Flux2(Family):
     # ------------------------------------------------------------------ text
 
     def layers(self, args) -> tuple[int, ...]:
-        return tuple(getattr(args, "text_encoder_out_layers", None) or self.out_layers)
+        return tuple(args.text_encoder_out_layers or self.out_layers)
 
     def text_settings(self, args) -> tuple:
         return ("out_layers", *self.layers(args))

@@ -178,12 +178,12 @@ def scan_training_data(args, world_size: int) -> int:
 def validate_trainer_args(argv: list[str], lora: bool, given=frozenset()):
     """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError,
     naming the launcher's key (--batch_size) where the user typed that key (given) for the trainer's flag."""
-    from ..train_args import parse_args
+    from ..train_args import parse
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            return parse_args(argv, lora=lora)
+            return parse(argv, lora=lora)
     except UserError as err:  # a value check's one line
         raise UserError(_in_launcher_words(str(err), given)) from None
     except SystemExit:  # the parser's one line: `prog: error: message` (fluxkit.errors.FlagParser)

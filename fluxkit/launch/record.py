@@ -109,6 +109,6 @@ def write_trainer_run_config(args, accelerator) -> str:
         "accelerate_config": json.loads(json.dumps(accelerate, default=str)),
         "versions": versions(),
         "toolkit_commit": toolkit_commit(ROOT),
-        "masked": [s for s in SECRETS if getattr(args, s, None)],
+        "masked": [s for s in SECRETS if getattr(args, s)],
     }
     return atomic_write_json(os.path.join(args.output_dir, RUN_CONFIG), record)

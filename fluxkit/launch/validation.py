@@ -27,7 +27,7 @@ def apply_cpu_default(req, device_type: str, given_after_dash: dict) -> None:
 def describe(args, processes: int, samples: int | None) -> str:
     """One line: what validation renders, when, and its estimated share of the run's transformer FLOPs
     (validation on one process against one process's training; text encoding and the VAE left out)."""
-    if not getattr(args, "validation_prompt", None):
+    if not args.validation_prompt:
         return "validation: none (no validation_prompt)"
     when = f"at the end and every {args.validation_epochs} epoch(s)"
     renders = 1
@@ -58,7 +58,7 @@ def _share(args, renders: int) -> float | None:
     text = args.max_sequence_length
     steps = args.max_train_steps or 0
     train = steps * flops.training_step_flops(arch.transformer, tokens, text, args.train_batch_size * args.gradient_accumulation_steps,
-                                              frozen_base=bool(getattr(args, "lora", False)))
+                                              frozen_base=args.lora)
     render = renders * args.num_validation_images * args.num_validation_steps * flops.flux_forward_flops(
         arch.transformer, tokens, text)
     return render / (render + train) if render + train else None

@@ -160,7 +160,7 @@ def check_fits(args, world_size: int, zero_stage: int, device_info, processes_pe
                offload: tuple[bool, bool] | None = None) -> tuple[Plan | None, str]:
     """The pre-flight of the launchers and the trainers: (the plan, the line to show for it).
 
-    args: the trainer's parsed flags (train_args.parse_args); world_size: processes in the run;
+    args: the trainer's parsed flags (train_args.parse); world_size: processes in the run;
     zero_stage: 0 without DeepSpeed, else its stage; device_info: fluxkit.device.DeviceInfo;
     processes_per_host: processes on this machine (default world_size), which share a CPU host's
     memory; model_dir: the pipeline folder to read (default args.pretrained_model_name_or_path);
@@ -173,8 +173,8 @@ def check_fits(args, world_size: int, zero_stage: int, device_info, processes_pe
     being made (an unreadable config, a hub id with no local files, an unknown driver) never stops a
     run: the plan is advice, and it comes back as None with a line that says why.
     """
-    ignore = getattr(args, "ignore_memory_plan", False) if ignore is None else ignore
-    stated = getattr(args, "device_memory_gb", None)
+    ignore = args.ignore_memory_plan if ignore is None else ignore
+    stated = args.device_memory_gb
     try:
         if stated:
             memory = int(stated * GiB)

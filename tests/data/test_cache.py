@@ -14,6 +14,9 @@ from fluxkit.data import DreamBoothDataset
 from test_data import make_args
 
 
+NO_VALIDATION = SimpleNamespace(validation_prompt=None)  # the one trainer setting training_prompts reads here
+
+
 @pytest.fixture(scope="module")
 def encoders(tiny_flux):
     from diffusers import AutoencoderKL
@@ -54,7 +57,7 @@ def _encoders(enc, msl=16):
 
 def _fill(c, dataset, enc):
     image, text = _encoders(enc, c.max_sequence_length)
-    return fcache.fill(c, dataset, fcache.training_prompts(dataset, SimpleNamespace()), image, text, show=False)
+    return fcache.fill(c, dataset, fcache.training_prompts(dataset, NO_VALIDATION), image, text, show=False)
 
 
 def test_second_fill_encodes_nothing_and_changes_reencode_exactly_those(tmp_path, encoders):
@@ -65,7 +68,7 @@ def test_second_fill_encodes_nothing_and_changes_reencode_exactly_those(tmp_path
     c = _cache(root, encoders, ds)
     stats = _fill(c, ds, encoders)
     assert stats["latents"] == 3 and stats["text"] == 3  # center crop: the two repeats share an entry
-    assert not c.missing_latents() and not c.missing_prompts(fcache.training_prompts(ds, SimpleNamespace()))
+    assert not c.missing_latents() and not c.missing_prompts(fcache.training_prompts(ds, NO_VALIDATION))
     assert _fill(_cache(root, encoders, ds), ds, encoders)["latents"] == 0
 
     # cached values equal fresh encodings (one image at a time) exactly
@@ -182,7 +185,7 @@ def test_corrupt_or_truncated_shard_is_discarded_and_rebuilt(tmp_path, encoders,
     shard = sorted((root / fcache.FORMAT / "text").rglob("shard-*"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     c = _cache(root, encoders, ds)
-    assert len(c.missing_prompts(fcache.training_prompts(ds, SimpleNamespace()))) == 2
+    assert len(c.missing_prompts(fcache.training_prompts(ds, NO_VALIDATION))) == 2
     assert _fill(c, ds, encoders)["text"] == 2
 
 

@@ -15,11 +15,11 @@ from fluxkit.buckets import BucketSampler, assign, make_buckets
 from fluxkit.data import DreamBoothDataset, EpochShuffleSampler, collate, default_num_workers, open_image, to_rgb
 from fluxkit.errors import UserError
 from fluxkit.scan import scan_dataset
-from fluxkit.train_args import parse_args
+from fluxkit.train_args import parse
 
 
 def make_args(folder=None, **extra):
-    args = parse_args(["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(folder or "unused"),
+    args = parse(["--pretrained_model_name_or_path", "unused", "--instance_data_dir", str(folder or "unused"),
                        "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--train_batch_size", "1"], lora=True)
     defaults = dict(caption_extension=".txt", alpha_background="white", caption_dropout_rate=0.0,
                     aspect_ratio_buckets=False, bucket_step=16, min_bucket_side=None, max_bucket_side=None)

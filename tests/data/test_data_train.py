@@ -349,7 +349,7 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
 
     from fluxkit import cache as fcache
     from fluxkit.data import DreamBoothDataset
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     a = captioned_folder(tmp_path / "a", [(40, 36)] * 3)
     b = captioned_folder(tmp_path / "b", [(40, 36)] * 2, seed=1)  # the same two captions, and ...
@@ -383,7 +383,7 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     assert typed.stdout.splitlines()[1:] == listing.splitlines()[1:]
 
     # a run of A is using the cache (its shards indexed and mapped, as a trainer holds them) ...
-    args = parse_args(flags(a, "live"), lora=True)
+    args = parse(flags(a, "live"), lora=True)
     dataset = DreamBoothDataset(args, seed=0)
     live = fcache.build(args, dataset, tiny_flux, torch.float32)
     held = live.latent_moments([0, 1, 2], None, encode=None)

@@ -352,7 +352,7 @@ def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, samp
     assert record["settings"]["learning_rate"] == 1e-4 and record["settings"]["model_name"] == tiny_flux
     assert record["versions"]["torch"] and record["accelerate_config"]["distributed_type"] == "DEEPSPEED"
     assert "main_process_port" not in record["settings"]
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     # into the same folder the real run, and so the dry run, is refused (it holds that run's checkpoints)
     from conftest import assert_user_error
@@ -360,7 +360,7 @@ def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, samp
     assert_user_error(launch_inprocess(FULL, "--dry_run", f"--config={finished_run / 'run_config.json'}"),
                       "holds another run's checkpoints")
     again = dry(FULL, f"--config={finished_run / 'run_config.json'}", f"--output_dir={tmp_path / 'again'}")
-    replayed, ran = vars(parse_args(again.trainer)), vars(parse_args(record["trainer_args"]))
+    replayed, ran = vars(parse(again.trainer)), vars(parse(record["trainer_args"]))
     replayed["output_dir"] = ran["output_dir"]
     assert replayed == ran, {k: (ran[k], replayed[k]) for k in ran if ran[k] != replayed[k]}
 
@@ -368,7 +368,7 @@ def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, samp
 def test_a_trainer_run_without_the_launcher_writes_run_config_too(tiny_flux, sample_data, tmp_path):
     from conftest import run_entry_inprocess, trainer_args
 
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     out = tmp_path / "out"
     args = trainer_args(tiny_flux, sample_data, out, steps=1, learning_rate="3e-4", hub_token="hf_SECRETsecret0123")
@@ -380,7 +380,7 @@ def test_a_trainer_run_without_the_launcher_writes_run_config_too(tiny_flux, sam
     assert record["masked"] == ["hub_token"] and record["accelerate_config"]["num_processes"] == 1
     # the launcher takes it as --config: the same trainer settings (the launcher's device and workers aside)
     again = dry(LORA, f"--config={out / 'run_config.json'}", f"--output_dir={tmp_path / 'again'}")
-    replayed, ran = vars(parse_args(again.trainer, lora=True)), vars(parse_args(args, lora=True))
+    replayed, ran = vars(parse(again.trainer, lora=True)), vars(parse(args, lora=True))
     differ = {k for k in ran if ran[k] != replayed[k]} - {"output_dir", "hub_token", "device", "mixed_precision"}
     assert not differ, {k: (ran[k], replayed[k]) for k in differ}
     assert replayed["mixed_precision"] == record["accelerate_config"]["mixed_precision"] == "no"  # what the run used

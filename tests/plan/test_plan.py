@@ -13,11 +13,11 @@ from conftest import ROOT, run_inprocess, run_script
 from fluxkit.errors import UserError
 from fluxkit.plan import (ACTIVATION_CONSTANTS, GiB, check_fits, lora_parameter_count, measure_activation_constants,
                           plan_memory, read_architecture)
-from fluxkit.train_args import parse_args
+from fluxkit.train_args import parse
 
 
 def _args(model, data, *extra, lora=False):
-    return parse_args(["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
+    return parse(["--pretrained_model_name_or_path", model, "--instance_data_dir", data["instance_dir"],
                        "--instance_prompt", "a photo of sks dog", *extra], lora=lora)
 
 

@@ -149,7 +149,7 @@ def test_cache_fill_and_training_peak_apart_as_planned(devlike, tmp_path):
     from bench.suites import memory
 
     from fluxkit.plan import plan_memory
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     model, instance = devlike
     flags = memory.trainer_flags(model, instance, str(tmp_path / "out"), "lora", 256, 1, False)
@@ -162,7 +162,7 @@ def test_cache_fill_and_training_peak_apart_as_planned(devlike, tmp_path):
         probe = json.load(f)
     base, peaks = probe["baseline_resident_bytes"], probe["phase_peak_bytes"]
     measured = {"encode": peaks["encode+file"] - base, "train": peaks["train+file"] - base}
-    plan = plan_memory(parse_args(flags, lora=True), 1, 0, "cpu")
+    plan = plan_memory(parse(flags, lora=True), 1, 0, "cpu")
     planned = {"encode": plan.phase("encode").bytes,
                "train": max(p.bytes for p in plan.phases if p.name.startswith("train"))}
     for phase in ("encode", "train"):
@@ -196,11 +196,10 @@ def test_prompts_encoded_on_the_host_when_the_plan_says_so(tiny_flux, sample_dat
 def test_reading_in_the_compute_dtype_equals_casting_after(tiny_flux):
     """A base read straight in bf16 holds exactly the weights an fp32 read cast to bf16 holds (what the
     LoRA base and DeepSpeed's engine did before), so runs are unchanged by the cheaper read."""
-    from argparse import Namespace
-
     from fluxkit.models import load_transformer, transformer_load_dtype
+    from fluxkit.train_args import parse
 
-    args = Namespace(lora=False, base_quantization="none", variant=None, revision=None)
+    args = parse(["--pretrained_model_name_or_path", tiny_flux, "--instance_prompt", "p", "--instance_data_dir", "d"])
     assert transformer_load_dtype(args, torch.bfloat16, deepspeed=True) == torch.bfloat16
     assert transformer_load_dtype(args, torch.bfloat16, deepspeed=False) == torch.float32
     direct = load_transformer(args, tiny_flux, torch.bfloat16, "cpu", deepspeed=True).state_dict()

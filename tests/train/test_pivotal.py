@@ -29,9 +29,9 @@ def ti_args(model, data, out, steps=8, **extra):
 def train(argv):
     """The whole run in this process; returns the Run, for a look inside."""
     from fluxkit import train as trainer
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
-    run = trainer.setup(parse_args(argv, lora=True))
+    run = trainer.setup(parse(argv, lora=True))
     run.initial_rows = {n: getattr(run.pivot.rows, n).detach().clone() for n in run.pivot.rows.names} if run.pivot else {}
     run.initial_lora = {n: p.detach().clone() for n, p in run.models.transformer.named_parameters() if "lora_" in n}
     trainer.resume(run)
@@ -330,10 +330,10 @@ def test_lora_inference_loads_the_embeddings_beside_the_lora(tiny_flux, sample_d
 ])
 def test_flag_rules_are_one_line_each(tiny_flux, sample_data, tmp_path, flags, needle):
     from fluxkit.errors import UserError
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     with pytest.raises(UserError, match=needle.replace("-", r"\-").replace(".", r"\.")):
-        parse_args(trainer_args(tiny_flux, sample_data, tmp_path / "out") + flags, lora=True)
+        parse(trainer_args(tiny_flux, sample_data, tmp_path / "out") + flags, lora=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -341,11 +341,11 @@ def test_tokens_and_prompts_as_the_advanced_script_names_them(tiny_flux, sample_
     from transformers import AutoTokenizer
 
     from fluxkit.pivotal import Tokens, make_tokens
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     tok = AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer")
     tok2 = AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer_2")
-    args = parse_args(trainer_args(tiny_flux, sample_data, "o") + ["--train_text_encoder_ti", "--token_abstraction",
+    args = parse(trainer_args(tiny_flux, sample_data, "o") + ["--train_text_encoder_ti", "--token_abstraction",
                                                                    "TOK, SKS", "--num_new_tokens_per_abstraction", "3"], lora=True)
     tokens = make_tokens(args, tok, tok2)
     assert tokens.by_abstraction == {"TOK": ["<s0>", "<s1>", "<s2>"], "SKS": ["<s3>", "<s4>", "<s5>"]}
@@ -376,10 +376,10 @@ def test_quantized_base_and_buckets(tiny_flux, sample_data, tmp_path):
 
 def test_memory_plan_counts_the_rows_and_the_encoders_that_stay(tiny_flux, sample_data, tmp_path):
     from fluxkit.plan import plan_memory
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
     base = trainer_args(tiny_flux, sample_data, tmp_path / "o", mixed_precision="bf16")
-    plans = {ti: plan_memory(parse_args(base + list(ti), lora=True)) for ti in ((), ("--train_text_encoder_ti",),
+    plans = {ti: plan_memory(parse(base + list(ti), lora=True)) for ti in ((), ("--train_text_encoder_ti",),
                                                                            ("--train_text_encoder_ti", "--enable_t5_ti"))}
     plain, clip, both = plans.values()
     cfg = plain.arch.transformer
@@ -424,9 +424,9 @@ def test_text_encoder_frac_stops_the_clip_lora(tiny_flux, sample_data, tmp_path)
     train_lora = trainer_args(tiny_flux, sample_data, out, 8, mixed_precision="no", train_text_encoder=True,
                               train_text_encoder_frac=0.5, text_encoder_lr=1e-2, checkpointing_steps=2)
     from fluxkit import train as trainer
-    from fluxkit.train_args import parse_args
+    from fluxkit.train_args import parse
 
-    trainer.train(parse_args(train_lora, lora=True))
+    trainer.train(parse(train_lora, lora=True))
     files = {s: load_file(str(out / f"checkpoint-{s}" / "pytorch_lora_weights.safetensors")) for s in (2, 4, 8)}
     clip = [k for k in files[2] if k.startswith("text_encoder.")]
     moved = lambda a, b, keys: any(not torch.equal(files[a][k], files[b][k]) for k in keys)  # noqa: E731
