@@ -80,11 +80,13 @@ def _print_list() -> None:
 
 def _summary(patch_results, fix_results) -> str:
     groups: dict[str, list[str]] = {}
-    for name, applied, _ in patch_results:
-        groups.setdefault("patches applied" if applied else "patches not needed", []).append(name)
+    for name, applied, why in patch_results:
+        group = "skipped" if why == patches.SKIPPED else "patches applied" if applied else "patches not needed"
+        groups.setdefault(group, []).append(name)
     for r in fix_results:
-        groups.setdefault({"applied": "fixes applied", "already fixed": "already fixed"}.get(r.status, "not needed"), []).append(r.name)
-    order = ("patches applied", "fixes applied", "already fixed", "not needed", "patches not needed")
+        group = "skipped" if r.detail == script_fixes.SKIPPED else {"applied": "fixes applied", "already fixed": "already fixed"}.get(r.status, "not needed")
+        groups.setdefault(group, []).append(r.name)
+    order = ("patches applied", "fixes applied", "already fixed", "skipped", "not needed", "patches not needed")
     return f"{PROG}: " + "; ".join(f"{k}: {', '.join(groups[k])}" for k in order if groups.get(k))
 
 
@@ -124,8 +126,8 @@ def parse_args(argv):
     p.add_argument("--list", action="store_true", help="print every runtime patch, whether it applies here and why, then exit")
     p.add_argument("--check", action="store_true", help="fix SCRIPT in memory and report what changed; do not run it")
     p.add_argument("--show_source", action="store_true", help="with --check: also print the fixed source")
-    p.add_argument("--skip", action="append", default=[], metavar="FIX",
-                   help=f"leave one source fix out (repeatable): {', '.join(script_fixes.FIXES)}")
+    p.add_argument("--skip", action="append", default=[], metavar="NAME",
+                   help="leave one runtime patch or source fix out (repeatable); --list names them all")
     p.add_argument("script", nargs="?", metavar="SCRIPT", help="the training script to run, e.g. train_dreambooth_lora_flux.py")
     p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to SCRIPT unchanged")
     return p.parse_args(argv)
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
         return 0
     if not args.script:
         raise UserError("no SCRIPT given; usage: python patch_flux.py SCRIPT [ARGS...] (or --list)")
+    patches.check_skip(args.skip)
     path = os.path.abspath(args.script)
     tree = script_fixes.parse_script(path)
     fixes = script_fixes.fix_script(tree, args.script, skip=args.skip)
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
             print(ast.unparse(tree))
         return 0
     check_processes()
-    applied = patches.apply()
+    applied = patches.apply(skip=args.skip)
     if is_rank0():
         print(_summary(applied, fixes), file=sys.stderr, flush=True)
     run_fixed(tree, path, args.script_args)

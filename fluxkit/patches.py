@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .device import is_deepspeed
+from .script_fixes import FIXES, SKIPPED
 
 # Opt-in / opt-out switches. A value of "1" (or "true"/"yes") turns the switch on.
 ENV_ROPE_FP32 = "FLUXKIT_ROPE_FP32"  # force float32 RoPE on every device
@@ -511,10 +512,33 @@ PATCHES = [
 BY_NAME = {p.name: p for p in PATCHES}
 
 
-def apply(names=None) -> list[tuple[str, bool, str]]:
-    """Apply the named patches (default: all) where they apply; (name, applied, why) for each."""
+_LEFT_OUT: set[str] = set()  # skipped once, skipped for the rest of the process
+
+
+def apply(names=None, skip=()) -> list[tuple[str, bool, str]]:
+    """Apply the named patches (default: all) where they apply; (name, applied, why) for each.
+
+    A patch in skip is left out, and stays out for later calls in this process too: a script run by
+    the runner with --skip NAME may call the reference's TorchPatcher.apply_patch() itself.
+    """
+    _LEFT_OUT.update(skip)
     chosen = [BY_NAME[n] for n in names] if names else PATCHES
-    return [(p.name, *p.apply()) for p in chosen]
+    return [(p.name, False, SKIPPED) if p.name in _LEFT_OUT else (p.name, *p.apply()) for p in chosen]
+
+
+def check_skip(skip) -> None:
+    """One UserError for a --skip name that is neither a runtime patch nor a source fix (the nearest name in it)."""
+    import difflib
+
+    from .errors import UserError
+
+    known = [*BY_NAME, *FIXES]
+    for name in skip:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise UserError(f"--skip {name!r} is not a runtime patch or source fix of patch_flux.py; {hint}"
+                            f"`python patch_flux.py --list` names them all")
 
 
 def describe() -> list[tuple[str, bool, str, str]]:

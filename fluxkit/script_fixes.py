@@ -31,6 +31,7 @@ FILE_IO = {"shutil.rmtree", "shutil.move", "shutil.copy", "shutil.copytree", "os
            "os.rename", "os.replace", "os.rmdir", "torch.save", "open"}
 FILE_IO_METHODS = {"save_pretrained", "save_lora_weights", "save_model_card", "save_file", "push_to_hub"}
 LORA_HOOK_NAMES = ("transformer", "text_encoder_one", "args", "weight_dtype")
+SKIPPED = "skipped by --skip"  # the detail of a fix, or the why of a runtime patch, the user left out
 
 
 @dataclass
@@ -397,14 +398,14 @@ def fix_script(tree: ast.Module, path: str, skip=()) -> list[FixResult]:
 
     Raises UserError naming the script and every transform whose construct is missing.
     """
-    unknown = [s for s in skip if s not in FIXES]
-    if unknown:
-        raise UserError(f"--skip {unknown[0]!r} is not a transform; choose from {', '.join(FIXES)}")
+    from .patches import check_skip
+
+    check_skip(skip)  # a runtime patch's name is fine here: the runner skips it when applying
     lora = _is_lora_script(tree)
     results, missing = [], []
     for name, fix in FIXES.items():
         if name in skip:
-            results.append(FixResult(name, "not needed", "skipped by --skip"))
+            results.append(FixResult(name, "not needed", SKIPPED))
             continue
         if name in LORA_ONLY and not lora:
             results.append(FixResult(name, "not needed", "not a LoRA script (no peft import)"))

@@ -378,8 +378,10 @@ def test_missing_target_names_transform_and_script():
         _fix(no_names)
     with pytest.raises(UserError, match="none of the constructs"):
         _fix("print('hello')\n", name="hello.py")
-    with pytest.raises(UserError, match="not a transform"):
+    with pytest.raises(UserError, match="'nope' is not a runtime patch or source fix"):
         _fix(SHAPE_2024, skip=("nope",))
+    _, results = _fix(SHAPE_2024, skip=("checkpoint-save-barrier",))  # a runtime patch's name: the runner skips it
+    assert results["checkpoint-io-rank0"] == "applied"
 
 
 # ------------------------------------------------------------------ the runner's command line
@@ -411,6 +413,59 @@ def test_runner_runs_script_as_main_with_args_and_exit_code(tmp_path):
     summary = [l for l in proc.stderr.splitlines() if l.startswith("patch_flux.py: ")]
     assert len(summary) == 1 and "fixes applied: checkpoint-io-rank0, checkpoint-every-rank" in summary[0]
     assert os.path.getsize(script) and "dtype=torch_dtype" not in script.read_text(), "the file on disk is never edited"
+
+
+def _unpatched(owner, attr):
+    """owner.attr without fluxkit's runtime patches on it (an earlier test may have applied them)."""
+    func = getattr(owner, attr)
+    while getattr(func, "__fluxkit_patch__", None):
+        func = func.__wrapped__
+    return func
+
+
+def test_skip_leaves_out_runtime_patches_and_source_fixes(tmp_path, monkeypatch):
+    """--skip NAME for every runtime patch (but one) and a source fix: none of them acts, also after the script's
+    own TorchPatcher.apply_patch(); the one not skipped does. A misspelt name: one line with the nearest."""
+    from diffusers import Flux2Transformer2DModel
+
+    from fluxkit import patches
+
+    monkeypatch.setattr(patches, "_LEFT_OUT", set())
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the runner puts the script's folder first
+    monkeypatch.setattr(Flux2Transformer2DModel, "forward", _unpatched(Flux2Transformer2DModel, "forward"))
+    for owner, attr in (("accelerate.Accelerator", "save_state"), ("accelerate.Accelerator", "prepare")):
+        monkeypatch.setattr(f"{owner}.{attr}", _unpatched(__import__("accelerate").Accelerator, attr))
+    script = tmp_path / "train_shape.py"
+    script.write_text(SHAPE_2024 + textwrap.dedent('''
+        if __name__ == "__main__":
+            import gc, inspect, json, types
+            from accelerate import Accelerator
+            from diffusers import Flux2Transformer2DModel
+            from patch_flux import TorchPatcher
+            TorchPatcher.apply_patch()  # the reference's call, after the runner's
+            mark = lambda owner, attr: getattr(inspect.getattr_static(owner, attr), "__fluxkit_patch__", None)
+            moves = []
+            pipe = types.SimpleNamespace(to=lambda *a, **k: moves.append(sorted(k)))
+            log_validation(pipe, None, types.SimpleNamespace(device="cpu"), None, 0, torch.bfloat16)
+            print(json.dumps({"save_state": mark(Accelerator, "save_state"), "prepare": mark(Accelerator, "prepare"),
+                              "forward": mark(Flux2Transformer2DModel, "forward"), "gc": gc.get_threshold(),
+                              "to_kwargs": moves}))
+    '''))
+    kept = "flux2-input-dtype"
+    skipped = [p.name for p in patches.PATCHES if p.name != kept]
+    gc_before = list(gc.get_threshold())
+    proc = run_inprocess([sys.executable, RUNNER, *[a for n in skipped for a in ("--skip", n)], "--skip", "validation-dtype",
+                          str(script)])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"save_state": None, "prepare": None, "forward": kept, "gc": gc_before, "to_kwargs": [[]]}
+    summary, = [l for l in proc.stderr.splitlines() if l.startswith("patch_flux.py: ")]
+    groups = dict(part.split(": ", 1) for part in summary.removeprefix("patch_flux.py: ").split("; "))
+    assert groups["patches applied"] == kept and groups["skipped"] == ", ".join([*skipped, "validation-dtype"]), summary
+
+    proc = run_inprocess([sys.executable, RUNNER, "--skip", "checkpoint-save-barier", str(script)])
+    assert_user_error(proc, "--skip 'checkpoint-save-barier'", "did you mean 'checkpoint-save-barrier'", "--list")
+    assert proc.stdout == "", "nothing runs after a bad --skip"
 
 
 def test_check_reports_without_running(tmp_path):
