@@ -394,13 +394,11 @@ def parse_script(path: str) -> ast.Module:
 
 
 def fix_script(tree: ast.Module, path: str, skip=()) -> list[FixResult]:
-    """Apply every transform (except `skip`) to tree in place; one FixResult per transform.
+    """Apply every transform (except `skip`) to tree in place; one FixResult per transform. Names in skip
+    are checked by the caller (patches.check_skip: a runtime patch's name is fine there).
 
     Raises UserError naming the script and every transform whose construct is missing.
     """
-    from .patches import check_skip
-
-    check_skip(skip)  # a runtime patch's name is fine here: the runner skips it when applying
     lora = _is_lora_script(tree)
     results, missing = [], []
     for name, fix in FIXES.items():
