@@ -8,6 +8,9 @@
 - TORCH_EXTENSIONS_DIR, one folder per Python environment: torch keys its JIT-built extensions
   (DeepSpeed's ops) by name only, so two environments on one host sharing ~/.cache/torch_extensions
   rebuild each other's ops on every launch.
+- Optional libraries a run never calls (bitsandbytes, torchao: fluxkit.quant.libraries_not_needed)
+  are left out of a process started for an entry script, before diffusers, transformers or peft
+  load: these look each one up once and import it whenever it is installed.
 - DeepSpeed's shared-memory communication op (deepspeed_shm_comm) is not built for training on a CPU:
   DeepSpeed's TorchBackend compiles it (about a minute of C++) when it starts, and uses it only for
   inference_all_reduce, which training never calls; gradients go through torch.distributed (gloo).
@@ -49,6 +52,24 @@ def skip_deepspeed_shm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+LIBRARIES_THAT_LOOK_ONCE = ("diffusers", "transformers", "peft")  # cache what is installed at import
+
+
+def leave_out(names) -> tuple[str, ...]:
+    """Make each of `names` look not installed to every later import and availability check in this
+    process (sys.modules[name] = None: Python's own "this import fails"; importlib.util.find_spec
+    then returns None). Done only in a process started to run an entry script (a test runner's
+    later runs may need them) and before any of LIBRARIES_THAT_LOOK_ONCE loaded (they would have
+    recorded the library as present). Returns the names left out."""
+    entry = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not names or not entry or not _started_as(entry) or any(m in sys.modules for m in LIBRARIES_THAT_LOOK_ONCE):
+        return ()
+    left = tuple(name for name in names if name not in sys.modules)
+    for name in left:
+        sys.modules[name] = None
+    return left
 
 
 def _started_as(script: str) -> bool:

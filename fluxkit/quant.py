@@ -17,7 +17,9 @@ bitsandbytes' Linear4bit here, which is what diffusers' quantizer builds on a GP
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import os
 
 from .errors import UserError
 
@@ -59,6 +61,27 @@ def check(quantization: str, device_type: str, deepspeed: bool = False) -> None:
     if importlib.util.find_spec(library) is None:
         raise UserError(f"--base_quantization {quantization} needs {library}, which is not installed; "
                         f"pip install {library} (the versions this toolkit is tested with are in requirements_flux.txt)")
+
+
+def libraries_not_needed(quantization: str, eight_bit_adam: bool, model_path: str) -> tuple[str, ...]:
+    """The quantization libraries (bitsandbytes, torchao) a run with these settings never calls.
+    diffusers, transformers and peft import both whenever they are installed (about 1 s for
+    bitsandbytes on this CPU); a run that calls neither can skip that (host_runtime.leave_out).
+    Kept: the library --base_quantization names, bitsandbytes for --use_8bit_adam, and both when the
+    model is not a local folder or a component of it was saved quantized (its config.json names a
+    quantization_config: loading it needs its library)."""
+    if not os.path.isdir(model_path) or _saved_quantized(model_path):
+        return ()
+    needed = {_LIBRARY.get(quantization)} | ({"bitsandbytes"} if eight_bit_adam else set())
+    return tuple(library for library in ("bitsandbytes", "torchao") if library not in needed)
+
+
+def _saved_quantized(model_path: str) -> bool:
+    for config in glob.glob(os.path.join(model_path, "*", "config.json")):
+        with open(config, encoding="utf-8") as f:
+            if '"quantization_config"' in f.read():
+                return True
+    return False
 
 
 def has_fp8(device_type: str) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cache as latent_cache
-from . import blockswap, checkpoint, fsio, offload, outputs, pivotal, plan, quiet, startup, zero3
+from . import blockswap, checkpoint, fsio, host_runtime, offload, outputs, pivotal, plan, quant, quiet, startup, zero3
 from . import families
 from .buckets import BucketSampler
 from .cache import Cache
@@ -101,6 +101,8 @@ class Run:
 def train(args) -> dict:
     """The whole run; returns the summary it also prints and writes to train_summary.json."""
     startup.begin("imports")  # interpreter start-up and imports, from this process's start
+    host_runtime.leave_out(quant.libraries_not_needed(args.base_quantization, args.use_8bit_adam,
+                                                      args.pretrained_model_name_or_path))
     quiet.install()
     run = setup(args)
     resume(run)

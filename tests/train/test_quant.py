@@ -9,12 +9,14 @@ run resumes bit-identically, and what cannot run is refused in one line before a
 
 import json
 import os
+import re
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, assert_user_error, run_entry_inprocess as train_inprocess
+from conftest import ROOT, assert_user_error, run_entry_inprocess as train_inprocess, run_script
 from test_reliability import (LORA, assert_bit_identical, assert_deepspeed_kill_resume_bit_identical, log_lines,
                               steps_and_losses, train_args, weights)
 from test_train_guards import run_chain
@@ -137,6 +139,34 @@ def test_killed_run_on_a_quantized_base_resumes_bit_identical(tiny_flux, sample_
     assert train_inprocess(LORA, args) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "base_quantization nf4 -> int8" in err and "--allow_changed_settings" in err
+
+
+def test_the_quantization_libraries_a_run_never_calls(tmp_path):
+    from fluxkit.quant import libraries_not_needed
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    assert libraries_not_needed("none", False, str(model)) == ("bitsandbytes", "torchao")
+    assert libraries_not_needed("nf4", False, str(model)) == ("torchao",)
+    assert libraries_not_needed("int8", False, str(model)) == ("bitsandbytes",)
+    assert libraries_not_needed("none", True, str(model)) == ("torchao",)  # --use_8bit_adam: bitsandbytes' optimizer
+    assert libraries_not_needed("none", False, "black-forest-labs/FLUX.1-dev") == ()  # not local: cannot tell
+    # a component saved quantized needs its library to load
+    (model / "transformer" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert libraries_not_needed("none", False, str(model)) == ()
+
+
+@pytest.mark.cli
+def test_a_plain_lora_run_does_not_import_bitsandbytes_or_torchao(tiny_flux, sample_data, tmp_path):
+    """Both are installed here, and diffusers, transformers and peft import them whenever installed
+    (about 1 s of start-up): the entry script leaves them out of a run that never calls them."""
+    out = tmp_path / "o"
+    proc = run_script([sys.executable, "-X", "importtime", LORA] + train_args(tiny_flux, sample_data, out, 1), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / LORA_FILE).is_file()
+    loaded = re.findall(r"\|\s+((?:bitsandbytes|torchao)\.\S+)", proc.stderr)  # a submodule: the library really loaded
+    assert not loaded, loaded[:5]
 
 
 def _refused(capsys, script, args, *needles):
