@@ -422,8 +422,9 @@ def default_num_workers(processes_per_machine: int = 1) -> int:
     return max(0, min(8, cores // max(1, processes_per_machine) - 1))
 
 
-def add_flags(g, lora: bool) -> None:
-    """The data flags (diffusers' names and defaults, and ours) on a parser or group."""
+def add_flags(g, lora: bool, need_prompt: bool = True) -> None:
+    """The data flags (diffusers' names and defaults, and ours) on a parser or group; need_prompt=False
+    for a run described without its data (the memory plan)."""
     g.add_argument("--dataset_name", default=None, help="a local dataset folder, parquet file or hub id with images and captions")
     g.add_argument("--dataset_config_name", default=None, help="dataset config (hub datasets only)")
     g.add_argument("--instance_data_dir", default=None, help="folder of instance images (used when --dataset_name is not given)")
@@ -434,7 +435,7 @@ def add_flags(g, lora: bool) -> None:
     g.add_argument("--cond_image_dir", default=None,
                    help="(ours) editing families: a folder of reference images named like the targets in --instance_data_dir")
     g.add_argument("--repeats", type=int, default=1, help="how many times to repeat the training data")
-    g.add_argument("--instance_prompt", default=None, required=True, help="prompt with the identifier of the instance, e.g. 'a photo of sks dog'")
+    g.add_argument("--instance_prompt", default=None, required=need_prompt, help="prompt with the identifier of the instance, e.g. 'a photo of sks dog'")
     g.add_argument("--class_data_dir", default=None, help="folder of class images for prior preservation (filled up when short)")
     g.add_argument("--class_prompt", default=None, help="prompt for class images, e.g. 'a photo of dog'")
     g.add_argument("--num_class_images", type=int, default=100, help="class images wanted; missing ones are generated with the base model")

@@ -34,7 +34,12 @@ def nearest(word: str, choices) -> str | None:
 class FlagParser(argparse.ArgumentParser):
     """argparse whose mistakes are one `PROG: error:` line and exit status 2 (SystemExit, as argparse's
     own) without the usage block; an unknown flag names the nearest known one ("did you mean
-    --learning_rate?")."""
+    --learning_rate?"). Its name is the command's as typed: a script's file name, `python -m fluxkit.X`."""
+
+    def __init__(self, *args, **kwargs):
+        if not args:
+            kwargs.setdefault("prog", _prog_name())
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {' '.join(self._suggest(message).split())}\n")

@@ -20,9 +20,9 @@ from .errors import FlagParser, UserError
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
 
-def build_parser(lora: bool) -> argparse.ArgumentParser:
+def build_parser(lora: bool, need_data: bool = True) -> argparse.ArgumentParser:
     """Every flag of a trainer, each concern adding its own: the one parser through which the trainers,
-    the launcher and the plan and cache commands read a trainer's flags."""
+    the launcher and the plan and cache commands read a trainer's flags (need_data: see parse)."""
     kind = "DreamBooth-LoRA" if lora else "full DreamBooth"
     p = FlagParser(
         description=f"{kind} fine-tuning of FLUX.1. Accepts the flags of diffusers' "
@@ -31,7 +31,7 @@ def build_parser(lora: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _model_flags(p.add_argument_group("model"))
     g = p.add_argument_group("data")
-    data.add_flags(g, lora)
+    data.add_flags(g, lora, need_prompt=need_data)
     buckets.add_flags(g)
     cache_flags(g)
     g = p.add_argument_group("training")
@@ -165,18 +165,25 @@ _FULL_FINETUNE_LORA_VALUES = {"rank": None, "lora_alpha": None, "lora_dropout": 
                               "upcast_before_saving": False}
 
 
-def parse(argv=None, lora: bool = False) -> TrainConfig:
-    """The trainer's flags, read by its parser and checked (validate): a mistake is one error line."""
-    given = vars(build_parser(lora).parse_args(argv))
+def lora_only_flags() -> set[str]:
+    """The LoRA trainer's flags the full fine-tune does not take (--rank, ...), with their --."""
+    return {f"--{name}" for name in set(trainer_flags(True)) - set(trainer_flags(False))}
+
+
+def parse(argv=None, lora: bool = False, need_data: bool = True) -> TrainConfig:
+    """The trainer's flags, read by its parser and checked (validate): a mistake is one error line.
+    need_data=False: a run described without its data (python -m fluxkit.plan, which counts the images
+    when it is shown them): no data source or --instance_prompt is required; every other check holds."""
+    given = vars(build_parser(lora, need_data=need_data).parse_args(argv))
     values = {**_LORA_DEFAULTS, **({} if lora else _FULL_FINETUNE_LORA_VALUES), **given, "lora": lora}
     config = TrainConfig(**values)
-    validate(config)
+    validate(config, need_data)
     return config
 
 
-def validate(args) -> None:
+def validate(args, need_data: bool = True) -> None:
     """Reject impossible values before anything heavy starts: one line naming the flag and the fix."""
-    if args.dataset_name is None and args.instance_data_dir is None:
+    if need_data and args.dataset_name is None and args.instance_data_dir is None:
         raise UserError("give --instance_data_dir (a folder of images) or --dataset_name (a dataset with images)")
     if args.resolution <= 0 or args.resolution % 16:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 16 (FLUX packs 2x2 latents of an 8x VAE)")

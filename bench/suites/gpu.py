@@ -134,15 +134,15 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int, checkpointing: bool) 
 
 def _planned_peak(ctx, res: int, checkpointing: bool) -> int:
     """fluxkit.plan's peak for this step: every component resident in bf16, no caches, one process."""
-    from fluxkit.plan import parse, plan_memory
+    from fluxkit.plan import parse
 
-    args = parse([
+    request = parse([
         "--pretrained_model_name_or_path", ctx.args.gpu_preset, "--architecture", ctx.args.gpu_preset, "--lora",
         "--rank", str(LORA_RANK), "--lora_alpha", str(LORA_RANK), "--resolution", str(res), "--train_batch_size", "1",
         "--mixed_precision", "bf16", "--max_sequence_length", str(T5_TRAIN_TOKENS)]
         + (["--gradient_checkpointing", "--no_cache"] if checkpointing else ["--no_cache"]))
     # --no_cache: the plan keeps every encoder on the device through training, as this step does
-    plan = plan_memory(args, 1, 0, ctx.device.type)
+    plan = request.plan(ctx.device.type)
     return max(p.bytes for p in plan.phases if p.name.startswith("train"))
 
 

@@ -73,13 +73,13 @@ def _optimizer(params, eight_bit: bool, device):
 
 
 def _planned(preset_name: str, res: int, rank: int, quantization: str, eight_bit: bool, swap: int, device: str) -> int:
-    from fluxkit.plan import parse, plan_memory
+    from fluxkit.plan import parse
 
-    args = parse(["--pretrained_model_name_or_path", preset_name, "--architecture", preset_name, "--lora", "--rank", str(rank),
+    request = parse(["--pretrained_model_name_or_path", preset_name, "--architecture", preset_name, "--lora", "--rank", str(rank),
                   "--lora_alpha", str(rank), "--resolution", str(res), "--train_batch_size", "1", "--mixed_precision", "bf16",
                   "--max_sequence_length", str(T5_TOKENS), "--gradient_checkpointing", "--base_quantization", quantization,
                   "--blocks_to_swap", str(swap)] + (["--use_8bit_adam"] if eight_bit else []))
-    plan = plan_memory(args, 1, 0, device)
+    plan = request.plan(device)
     return max(p.bytes for p in plan.phases if p.name.startswith("train"))
 
 
@@ -132,7 +132,7 @@ def encode_phase(ctx, preset, res: int) -> tuple[int, int]:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fluxkit.plan import parse, plan_memory
+    from fluxkit.plan import parse
 
     device = torch.device(ctx.device.type)
     gc.collect()
@@ -152,9 +152,9 @@ def encode_phase(ctx, preset, res: int) -> tuple[int, int]:
         torch.set_default_dtype(previous)
     measured = peak_memory_bytes(ctx.device) - before
     del t5, clip, vae
-    args = parse(["--pretrained_model_name_or_path", preset.name, "--architecture", preset.name, "--lora", "--resolution",
+    request = parse(["--pretrained_model_name_or_path", preset.name, "--architecture", preset.name, "--lora", "--resolution",
                   str(res), "--train_batch_size", "1", "--mixed_precision", "bf16", "--max_sequence_length", "512"])
-    return measured, plan_memory(args, 1, 0, ctx.device.type).phase("encode").bytes
+    return measured, request.plan(ctx.device.type).phase("encode").bytes
 
 
 def ladder(ctx, preset, res: int, vae_scale: int, tolerance: float) -> tuple[list, list]:

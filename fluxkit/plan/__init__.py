@@ -22,7 +22,7 @@ check keeps HEADROOM_FRACTION of the device.
 
 from .architecture import Architecture, lora_parameter_count, quantized_linear_bytes, read_architecture
 from .calibrate import measure_activation_constants
-from .cli import build_parser, main, parse
+from .cli import PlanRequest, build_parser, main, parse
 from .fit import (accelerate_offload, check_fits, device_memory_bytes, launched_offload, launched_zero_stage, remedies,
                   smallest_change, text_on_host)
 from .phases import GiB, HEADROOM_FRACTION, Phase, Plan, plan_memory, plan_shape
@@ -30,6 +30,6 @@ from .shape import RunShape, shape_from_args
 from .terms import ACTIVATION_CONSTANTS, CPU_DEEPSPEED_BYTES, CPU_RUNTIME_BYTES, Item
 
 __all__ = ["ACTIVATION_CONSTANTS", "accelerate_offload", "Architecture", "CPU_DEEPSPEED_BYTES", "CPU_RUNTIME_BYTES", "GiB", "HEADROOM_FRACTION",
-           "Item", "Phase", "Plan", "RunShape", "build_parser", "check_fits", "device_memory_bytes", "launched_offload",
+           "Item", "Phase", "Plan", "PlanRequest", "RunShape", "build_parser", "check_fits", "device_memory_bytes", "launched_offload",
            "launched_zero_stage", "lora_parameter_count", "main", "measure_activation_constants", "parse", "plan_memory",
            "plan_shape", "quantized_linear_bytes", "read_architecture", "remedies", "shape_from_args", "smallest_change", "text_on_host"]

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import UserError, cli
-from .phases import GiB, plan_memory
+from .architecture import read_architecture
+from .phases import GiB, Plan, plan_memory
+
+if TYPE_CHECKING:
+    from ..train_args import TrainConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The trainer's flags (LoRA's included) plus the plan's own."""
-    from ..train_args import build_parser as trainer_parser
-
-    p = trainer_parser(lora=True)
-    p.prog = "python -m fluxkit.plan"
-    p.description = ("Per-device memory of a training run, phase by phase, from the trainer's flags and the model's "
-                     "configs (no weights are loaded). LoRA flags apply with --lora.")
-    for action in p._actions:  # the plan needs no data or prompt
-        if action.dest in ("instance_prompt",):
-            action.required = False
+def _plan_flags(p) -> None:
+    """The plan's own flags: the launch a run is planned for, and the command's outputs."""
     g = p.add_argument_group("memory plan")
     g.add_argument("--lora", action="store_true", help="plan train_flux_dreambooth_lora.py (default: the full fine-tune)")
     g.add_argument("--num_processes", type=int, default=1, help="processes (devices) in the run")
@@ -34,31 +31,68 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--architecture", default=None, help="plan a tiny.py preset's architecture (dev = FLUX.1-dev) instead of the folder's")
     g.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     g.add_argument("--calibrate", action="store_true", help="measure the activation constants on this CPU and compare")
-    p.set_defaults(max_sequence_length=None)  # the full and LoRA trainers differ: filled in by parse()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags (LoRA's included; no data needed) plus the plan's own: --help and the nearest
+    flag to a misspelt one come from it."""
+    from ..train_args import build_parser as trainer_parser
+
+    p = trainer_parser(lora=True, need_data=False)
+    p.prog = "python -m fluxkit.plan"
+    p.description = ("Per-device memory of a training run, phase by phase, from the trainer's flags and the model's "
+                     "configs (no weights are loaded). LoRA flags apply with --lora.")
+    _plan_flags(p)
     return p
 
 
-def parse(argv, parser=None) -> argparse.Namespace:
-    """The plan's flags; defaults the two trainers disagree on (T5 tokens) follow --lora."""
-    from ..train_args import build_parser as trainer_parser
+@dataclass(frozen=True)
+class PlanRequest:
+    """A plan to make: the trainer's settings (train_args.parse, checked as the trainer checks them) and
+    the launch they run under."""
+    config: TrainConfig
+    num_processes: int = 1
+    zero_stage: int | None = None
+    zero_offload: bool = False
+    warm_cache: bool = False
+    architecture: str | None = None  # a tiny.py preset instead of the folder's configs
+    json: str | None = None
 
-    args = (parser or build_parser()).parse_args(argv)
-    if args.max_sequence_length is None:
-        args.max_sequence_length = trainer_parser(lora=args.lora).get_default("max_sequence_length")
-    return args
+    @property
+    def zero(self) -> int:
+        if self.zero_offload:
+            return 3
+        return self.zero_stage if self.zero_stage is not None else (2 if self.num_processes > 1 else 0)
+
+    def plan(self, device: str, device_memory_bytes: int | None = None) -> Plan:
+        arch = read_architecture(self.config.pretrained_model_name_or_path, self.architecture)
+        return plan_memory(self.config, self.num_processes, self.zero, device, device_memory_bytes, arch,
+                           offload=(self.zero_offload, self.zero_offload), warm_cache=self.warm_cache)
 
 
-def check(args) -> None:
-    if args.resolution <= 0 or args.resolution % 16:
-        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 16")
-    if args.train_batch_size <= 0:
-        raise UserError(f"--train_batch_size {args.train_batch_size} must be a positive integer")
-    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
-        raise UserError(f"--device_memory_gb {args.device_memory_gb} must be positive (GiB of one device)")
-    if args.blocks_to_swap:
-        from ..blockswap import check_flags
+def parse(argv, parser=None) -> PlanRequest:
+    """The plan's flags read apart from the trainer's, which train_args.parse reads and checks as the
+    trainer does (the LoRA trainer's with --lora), without requiring the data."""
+    from ..errors import FlagParser
+    from ..train_args import lora_only_flags
+    from ..train_args import parse as parse_trainer
 
-        check_flags(args)
+    argv = list(argv)
+    combined = parser or build_parser()
+    combined.parse_args(argv)  # --help; a misspelt flag named with the nearest of the trainer's and the plan's
+    own = FlagParser(add_help=False)
+    _plan_flags(own)
+    mine, rest = own.parse_known_args(argv)  # an abbreviation the combined parser took is unique: the same here
+    if not mine.lora:
+        lora_only = lora_only_flags()
+        for arg in rest:
+            flag = arg.split("=", 1)[0]
+            named = [o for o in combined._option_string_actions if o == flag] or \
+                [o for o in combined._option_string_actions if flag.startswith("--") and o.startswith(flag)]
+            if len(named) == 1 and named[0] in lora_only:
+                raise UserError(f"{named[0]} is a flag of the LoRA trainer; add --lora to plan a LoRA run")
+    settings = {k: v for k, v in vars(mine).items() if k not in ("lora", "calibrate")}
+    return PlanRequest(parse_trainer(rest, lora=mine.lora, need_data=False), **settings)
 
 
 def device_of(args) -> str:
@@ -79,20 +113,17 @@ def main(argv=None) -> int:
         from .calibrate import calibrate
 
         return calibrate()
-    args = parse(argv, parser)
-    check(args)
-    zero = 3 if args.zero_offload else (args.zero_stage if args.zero_stage is not None else (2 if args.num_processes > 1 else 0))
-    memory = int(args.device_memory_gb * GiB) if args.device_memory_gb else None
-    plan = plan_memory(args, args.num_processes, zero, device_of(args), memory,
-                       offload=(args.zero_offload, args.zero_offload))
+    req = parse(argv, parser)
+    args = req.config
+    plan = req.plan(device_of(args), int(args.device_memory_gb * GiB) if args.device_memory_gb else None)
     print(plan.table())
     print(plan.one_line())
     if plan.fits is False:
         from .fit import remedies
 
         print(f"to fit: {remedies(plan, args)}")
-    if args.json:
+    if req.json:
         from ..fsio import atomic_write_json
 
-        atomic_write_json(args.json, plan.to_json())
+        atomic_write_json(req.json, plan.to_json())
     return 0 if plan.fits is not False else 1

@@ -118,10 +118,12 @@ class Plan:
 
 def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "cuda",
                 device_memory_bytes: int | None = None, arch: Architecture | None = None,
-                offload: tuple[bool, bool] = (False, False), processes_per_host: int | None = None) -> Plan:
-    """The per-device memory of the run `args` (trainer flags) describes, phase by phase."""
-    s = shape_from_args(args, world_size, zero_stage, device, offload)
-    arch = arch or read_architecture(args.pretrained_model_name_or_path, getattr(args, "architecture", None))
+                offload: tuple[bool, bool] = (False, False), processes_per_host: int | None = None,
+                warm_cache: bool = False) -> Plan:
+    """The per-device memory of the run `args` (a TrainConfig) describes, phase by phase (warm_cache: the
+    cache already holds everything, as `python -m fluxkit.plan --warm_cache` says)."""
+    s = shape_from_args(args, world_size, zero_stage, device, offload, warm_cache)
+    arch = arch or read_architecture(args.pretrained_model_name_or_path)
     return plan_shape(s, arch, device_memory_bytes, processes_per_host or world_size)
 
 

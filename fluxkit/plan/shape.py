@@ -70,37 +70,34 @@ class RunShape:
 
 
 def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str = "cuda",
-                    offload: tuple[bool, bool] = (False, False)) -> RunShape:
-    """The RunShape of trainer flags `args` launched on `world_size` processes with this ZeRO stage
-    and (offload_params, offload_optimizer)."""
+                    offload: tuple[bool, bool] = (False, False), warm_cache: bool = False) -> RunShape:
+    """The RunShape of the trainer's settings `args` (a TrainConfig) launched on `world_size` processes
+    with this ZeRO stage and (offload_params, offload_optimizer)."""
     if zero_stage not in (0, 1, 2, 3):
         raise UserError(f"--zero_stage {zero_stage} must be 0 (no DeepSpeed), 1, 2 or 3")
     if world_size < 1:
         raise UserError(f"--num_processes {world_size} must be at least 1")
-    lora = bool(getattr(args, "lora", False))
-    quant = getattr(args, "base_quantization", None) or "none"
+    lora, quant = args.lora, args.base_quantization
     if not lora:
         refuse_for_full_finetune(quant)
-    layers = getattr(args, "lora_layers", None)
+    layers = args.lora_layers
     targets = [t.strip() for t in layers.split(",") if t.strip()] if layers else default_lora_targets()
-    prior = bool(getattr(args, "with_prior_preservation", False))
+    prior = args.with_prior_preservation
     images = _count_images(args)
-    samples = images * max(1, getattr(args, "repeats", 1)) * (2 if prior else 1) if images is not None else None
+    samples = images * args.repeats * (2 if prior else 1) if images is not None else None
     opt = args.optimizer.lower()
     return RunShape(
-        lora=lora, quant=quant, rank=getattr(args, "rank", 4), targets=tuple(targets),
-        train_clip=bool(getattr(args, "train_text_encoder", False)),
+        lora=lora, quant=quant, rank=args.rank if lora else 0, targets=tuple(targets), train_clip=args.train_text_encoder,
         pivotal_tokens=pivotal.planned_tokens(args), pivotal_t5=pivotal.planned_tokens(args) > 0 and bool(args.enable_t5_ti),
         mixed=args.mixed_precision or ("bf16" if zero_stage else "no"), world=world_size, zero_stage=zero_stage,
         offload_params=bool(offload[0]) and zero_stage == 3, offload_optimizer=bool(offload[1]) and zero_stage > 0,
-        blocks_to_swap=int(getattr(args, "blocks_to_swap", 0) or 0),
+        blocks_to_swap=args.blocks_to_swap,
         batch=args.train_batch_size * (2 if prior else 1), resolution=args.resolution, seq_len=args.max_sequence_length,
         checkpointing=bool(args.gradient_checkpointing),
         optimizer="prodigy" if opt == "prodigy" else ("adamw8bit" if args.use_8bit_adam else "adamw"),
-        caching=not getattr(args, "no_cache", False), warm_cache=bool(getattr(args, "warm_cache", False)),
-        samples=samples, prompts=None if samples is None else (samples if getattr(args, "caption_column", None) else 1),
-        offload_encoders=bool(getattr(args, "offload_encoders", False)),
-        validates=bool(getattr(args, "validation_prompt", None)), device=device)
+        caching=not args.no_cache, warm_cache=warm_cache,
+        samples=samples, prompts=None if samples is None else (samples if args.caption_column else 1),
+        offload_encoders=args.offload_encoders, validates=bool(args.validation_prompt), device=device)
 
 
 def _count_images(args) -> int | None:
@@ -110,8 +107,8 @@ def _count_images(args) -> int | None:
     from ..errors import UserError
     from ..scan import kohya_concepts
 
-    folder = getattr(args, "instance_data_dir", None)
-    if folder and os.path.isdir(folder) and not getattr(args, "dataset_name", None):
+    folder = args.instance_data_dir
+    if folder and os.path.isdir(folder) and not args.dataset_name:
         try:
             concepts = kohya_concepts(folder, "--instance_data_dir", 1)
         except UserError:  # a layout the data scan refuses, in its own words

@@ -96,20 +96,16 @@ def test_optimizer_states_and_zero_step_gradients_per_trained_parameter():
 
 
 def test_quantized_base_shrinks_the_frozen_transformer():
-    import argparse
-
     from fluxkit.plan import parse
 
     def plan(quant):
-        args = parse(["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--lora",
-                                          "--rank", "16", "--mixed_precision", "bf16", "--base_quantization", quant])
-        return plan_memory(args, device="cuda")
+        return parse(["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--lora", "--rank", "16",
+                      "--mixed_precision", "bf16", "--base_quantization", quant]).plan("cuda")
 
     base = {q: next(i.bytes for i in plan(q).items if i.name.startswith("transformer base")) for q in ("none", "int8", "nf4")}
     assert base["none"] / GiB == pytest.approx(22.2, abs=0.1)
     assert base["int8"] / GiB == pytest.approx(11.1, abs=0.2)
     assert base["nf4"] / GiB == pytest.approx(6.2, abs=0.2)
-    del argparse
 
 
 @pytest.mark.cli
@@ -191,6 +187,30 @@ def test_refusals(tiny_flux):
     assert proc.returncode == 2 and "error: --device_memory_gb 0.0 must be positive" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+def test_plan_command_reads_the_trainer_flags_through_the_trainers_parse():
+    """python -m fluxkit.plan: the trainer's flags are train_args.parse's TrainConfig (the trainer's checks
+    and its defaults, full or LoRA), the plan's own flags read apart; the data is never required."""
+    from conftest import assert_user_error
+
+    from fluxkit.plan import parse as parse_plan
+    from fluxkit.train_args import TrainConfig
+
+    dev = ["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--resolution", "256"]
+    req = parse_plan(dev + ["--lora", "--rank", "8", "--num_processes", "2", "--warm_cache"])
+    assert req.config == parse(dev + ["--rank", "8"], lora=True, need_data=False)
+    assert isinstance(req.config, TrainConfig) and (req.num_processes, req.zero, req.warm_cache) == (2, 2, True)
+    full = parse_plan(dev + ["--zero_offload"])
+    assert full.config.lora is False and full.config.max_sequence_length == 77 and full.zero == 3  # the full trainer's T5 default
+    plan = [sys.executable, "-m", "fluxkit.plan"] + dev
+    for extra, needle in [(["--with_prior_preservation"], "--with_prior_preservation needs --class_prompt"),
+                          (["--lora", "--lora_dropout", "1.5"], "--lora_dropout 1.5 must be in [0, 1)"),
+                          (["--rank", "8"], "--rank is a flag of the LoRA trainer; add --lora"),
+                          (["--num_procesess", "2"], "did you mean --num_processes?")]:
+        proc = run_inprocess(plan + extra)
+        assert proc.returncode == 2 and not proc.stdout, proc.stdout
+        assert_user_error(proc, needle)
 
 # --------------------------------------------------------------- plan vs measured (CPU)
 

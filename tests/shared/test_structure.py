@@ -197,8 +197,8 @@ def test_launcher_plan_and_cache_commands_take_the_trainer_flags_from_its_parser
 
     real = train_args.build_parser
 
-    def with_sentinel(lora):
-        p = real(lora)
+    def with_sentinel(lora, **kw):
+        p = real(lora, **kw)
         p.add_argument("--zz_sentinel", type=int, default=0)
         return p
 
