@@ -12,7 +12,8 @@ from ..environment import TOOLKIT_ROOT as ROOT
 from ..errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
 from . import report
 from .checks import (check_accelerate_config, check_cache_folder, check_data, check_keys, check_memory, check_model,
-                     check_output_dir, resolve_config_file, scan_training_data, validate_trainer_args)
+                     check_output_dir, in_launcher_words, resolve_config_file, scan_training_data,
+                     validate_trainer_args)
 from .command import LaunchPlan, family_line, make_plan, plan_text, resume_command
 from .console import Supervisor, tee_print
 from .demo import apply_demo, build_demo_cache, demo_infer
@@ -41,8 +42,9 @@ def run(req: Request) -> int:
     launch = Launch(req)
     read_keys(launch)
     find_devices(launch)
-    check_trainer_args(launch)
-    check_inputs(launch)
+    with in_launcher_words(req):  # the trainer's checks name the launcher's keys the user typed
+        check_trainer_args(launch)
+        check_inputs(launch)
     if req.dry_run:
         print(plan_text(req, launch.plan))
         return 0
@@ -93,8 +95,7 @@ def check_trainer_args(launch: Launch) -> None:
     """Our trainer's own parser and checks judge its arguments (upstream scripts judge theirs)."""
     if launch.external:
         return
-    launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora",
-                                                launch.req.given)
+    launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora")
     from ..device import zero_stage
     from ..preflight import check_host  # what the trainer checks first, in every process: refused here
 

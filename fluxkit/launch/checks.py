@@ -175,27 +175,33 @@ def scan_training_data(args, world_size: int) -> int:
         return scan_dataset(args, world_size=world_size, quiet=True).num_samples
 
 
-def validate_trainer_args(argv: list[str], lora: bool, given=frozenset()):
-    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError,
-    naming the launcher's key (--batch_size) where the user typed that key (given) for the trainer's flag."""
+def validate_trainer_args(argv: list[str], lora: bool):
+    """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError."""
     from ..train_args import parse
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
             return parse(argv, lora=lora)
-    except UserError as err:  # a value check's one line
-        raise UserError(_in_launcher_words(str(err), given)) from None
     except SystemExit:  # the parser's one line: `prog: error: message` (fluxkit.errors.FlagParser)
         message = [line for line in captured.getvalue().splitlines() if ": error: " in line]
-        text = message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()
-        raise UserError(_in_launcher_words(text, given)) from None
+        raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
 
 
-def _in_launcher_words(text: str, given) -> str:
-    """The trainer's message with its flag named as the launcher key the user typed (--batch_size)."""
+@contextlib.contextmanager
+def in_launcher_words(req: Request):
+    """The trainer's own checks, run by the launcher (its parser, the data scan, the run folder, the
+    memory plan): their one line names a flag as the user named it, the launcher's key (--batch_size)
+    for the trainer's flag (--train_batch_size) unless the user typed the trainer's name."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(launcher_words(str(err), req)) from None
+
+
+def launcher_words(text: str, req: Request) -> str:
     for flag, key in KEY_OF_FLAG.items():
-        if key != flag and key in given:
+        if key in req.given and key not in req.trainer_spelling:
             text = re.sub(rf"--{flag}\b", f"--{key}", text)
     return text
 

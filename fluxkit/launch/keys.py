@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UserError, nearest
 from .spec import (ASCEND_ENV, COMMON_DEFAULTS, COMMON_KEYS, FAMILY_DEFAULTED, KEY_HELP, KEY_OF_FLAG, TRAINER_NAME,
@@ -30,6 +30,8 @@ class Request:
     demo: bool = False
     verbose: bool = False
     config: str | None = None
+    # a key of TRAINER_NAME typed with the trainer's spelling (train_batch_size): messages use that spelling
+    trainer_spelling: set = field(default_factory=set)
 
 
 def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
@@ -76,7 +78,11 @@ def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
             continue
         if key not in known:
             raise unknown(key)
-        key = KEY_OF_FLAG.get(key, key)
+        if key in KEY_OF_FLAG:
+            key = KEY_OF_FLAG[key]
+            req.trainer_spelling.add(key)
+        else:
+            req.trainer_spelling.discard(key)
         action = flags.get(TRAINER_NAME.get(key, key))
         if not has_value:
             if action is not None and _is_switch(action):

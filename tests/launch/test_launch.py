@@ -73,6 +73,44 @@ def test_trainer_mistakes_are_one_line_before_anything_starts(tiny_flux, sample_
     _one_line_nothing_written(proc, out, *needles)
 
 
+
+def _only_broken_images(tmp_path):
+    folder = tmp_path / "only broken"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return str(folder)
+
+
+LAUNCHER_WORDS = {
+    # name: (keys as a function of (sample_data, tmp_path), needles in the one line, words it must not hold)
+    "data scan, launcher key": (lambda d, t: [f"--instance_dir={d['instance_dir']}", "--batch_size=64"],
+                                ["--batch_size 64 is larger than"], ["--train_batch_size"]),
+    "data scan, trainer's name typed": (lambda d, t: [f"--instance_dir={d['instance_dir']}", "--train_batch_size=64"],
+                                        ["--train_batch_size 64 is larger than"], ["--batch_size"]),
+    "data scan, folder key": (lambda d, t: [f"--instance_dir={_only_broken_images(t)}", "--skip_bad_images"],
+                              ["no readable training images in --instance_dir", "check --instance_dir"],
+                              ["--instance_data_dir"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAUNCHER_WORDS))
+def test_the_trainers_checks_name_the_key_the_user_typed(tiny_flux, sample_data, tmp_path, name, capsys, monkeypatch):
+    """The trainer's own checks run by the launcher (here the data scan; the memory plan's line in
+    test_dry_run_shows_the_memory_plan) name its flag as the user typed it: the launcher's key
+    (--batch_size) for the trainer's --train_batch_size, the trainer's name when that was typed."""
+    from fluxkit.launch import main
+
+    for var in _SCRUB:
+        monkeypatch.delenv(var, raising=False)
+    extra, needles, absent = LAUNCHER_WORDS[name]
+    out = tmp_path / "out"
+    keys = [f"--model_name={tiny_flux}", "--instance_prompt=a photo of sks dog", f"--output_dir={out}", "--resolution=32",
+            *extra(sample_data, tmp_path)]
+    rc = main(["--launcher", "lora", "launcher.sh", *keys])
+    said = capsys.readouterr()
+    line = _one_line_nothing_written(subprocess.CompletedProcess(keys, rc, said.out, said.err), out, *needles)
+    assert not [word for word in absent if word in line], line
+
 # ------------------------------------------------------------------ every trainer flag is a key
 
 def test_every_trainer_flag_is_a_key():
@@ -420,8 +458,9 @@ def test_dry_run_shows_the_memory_plan(tiny_flux, sample_data, tmp_path):
     """A dry run refuses what the run would refuse (issue 19: one behaviour), and shows the plan otherwise."""
     out = tmp_path / "out"
     proc = launch_inprocess(LORA, "--dry_run", *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02"))
-    _one_line_nothing_written(proc, out, "does NOT fit in 0.0 GiB", "to fit: lower --train_batch_size or --resolution",
-                              "--ignore_memory_plan")
+    line = _one_line_nothing_written(proc, out, "does NOT fit in 0.0 GiB", "to fit: lower --batch_size or --resolution",
+                                     "--ignore_memory_plan")
+    assert "--train_batch_size" not in line  # the launcher's key the user typed (batch_size=1), not the trainer's name
     p = dry(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"))
     text = p.text.split("memory plan per device:\n", 1)[1]
     for row in ("transformer base (frozen)", "LoRA rank 4", "saved for backward", "PEAK"):

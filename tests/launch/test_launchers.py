@@ -279,20 +279,6 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path, args, needles):
     assert proc.stdout == "" and not out.exists()
 
 
-def test_the_trainers_refusal_names_the_launcher_key_the_user_typed():
-    """The trainer's parser judges the trainer's values for the launcher (one layer); its line names
-    --batch_size, not --train_batch_size, when the user typed the launcher's key."""
-    from fluxkit.errors import UserError
-    from fluxkit.launch.checks import validate_trainer_args
-
-    argv = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p",
-            "--output_dir", "o", "--train_batch_size", "0"]
-    for given, named in ((set(), "--train_batch_size 0"), ({"batch_size"}, "--batch_size 0")):
-        with pytest.raises(UserError) as err:
-            validate_trainer_args(argv, True, given)
-        assert str(err.value).startswith(named) and "\n" not in str(err.value), str(err.value)
-
-
 def test_missing_model_and_data_paths(tmp_path, tiny_flux, sample_data):
     out = tmp_path / "out"
     common = [f"--output_dir={out}"]
