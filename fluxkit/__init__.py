@@ -38,7 +38,8 @@ Shared facts, one home each
     fsio         atomic writes, staging and publishing folders, the writable-folder probe
     errors       user mistakes as one `error:` line and exit status 2; FlagParser (nearest flag)
     flops        model FLOPs and device peaks
-    patches, script_fixes   runtime patches and source fixes for upstream scripts (patch_flux.py)
+    patches, script_fixes   runtime patches and source fixes for upstream scripts (patch_flux.py);
+    cache_pairing           what the cache-by-sample fix calls: caches read by the batch's samples
     tiny, tiny_flux2   random FLUX.1/Kontext and FLUX.2 [klein] pipelines and sample data, offline
 
 docs/architecture.md follows a launcher call to checkpoints and an inference call to images.

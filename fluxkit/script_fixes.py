@@ -22,6 +22,7 @@ import ast
 import copy
 from dataclasses import dataclass
 
+from .cache_pairing import cache_append, cached, keyed_batches  # noqa: F401  (called by fixed scripts)
 from .errors import UserError
 
 HELPER = "__fluxkit_fixes__"  # the name this module gets in the fixed script's globals
@@ -355,6 +356,71 @@ def fix_lora_load_hook(tree) -> tuple[str, str]:
     return _replace_hook(tree, "register_load_state_pre_hook", 1, "LoRA load hook")
 
 
+def _enumerated_loops(tree) -> list[tuple[ast.For, str, str]]:
+    """(loop, step name, loader name) of every `for STEP, BATCH in enumerate(LOADER):`."""
+    loops = []
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.For) and isinstance(n.target, ast.Tuple) and len(n.target.elts) == 2
+                and isinstance(n.target.elts[0], ast.Name) and isinstance(n.iter, ast.Call) and _dotted(n.iter.func) == "enumerate"
+                and n.iter.args and isinstance(n.iter.args[0], ast.Name)):
+            loops.append((n, n.target.elts[0].id, n.iter.args[0].id))
+    return loops
+
+
+def _cache_fills(tree, loader: str) -> dict[str, list[tuple[ast.For, ast.Call]]]:
+    """{cache name: [(loop, append call)]} for `NAME.append(...)` inside a `for batch in ...LOADER...:` loop."""
+    fills: dict[str, list] = {}
+    for loop in ast.walk(tree):
+        if not (isinstance(loop, ast.For) and isinstance(loop.target, ast.Name)
+                and any(isinstance(n, ast.Name) and n.id == loader for n in ast.walk(loop.iter))):
+            continue
+        for call in _method_calls(loop, "append"):
+            if isinstance(call.func.value, ast.Name) and len(call.args) == 1:
+                fills.setdefault(call.func.value.id, []).append((loop, call))
+    return fills
+
+
+class _KeyLoader(ast.NodeTransformer):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def visit_Name(self, node):
+        return _helper_call("keyed_batches", node) if node.id == self.loader else node
+
+
+def fix_cache_by_sample(tree) -> tuple[str, str]:
+    """Caches filled in a pass over the loader and read as cache[step] are read by the batch's samples."""
+    if any(_dotted(n.func).endswith("keyed_batches") for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        return "already fixed", "the caches are already read by the batch's samples"
+    fixed = set()
+    for loop, step, loader in _enumerated_loops(tree):
+        fills = _cache_fills(tree, loader)
+        reads = [n for n in ast.walk(loop) if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Load)
+                 and isinstance(n.value, ast.Name) and n.value.id in fills and isinstance(n.slice, ast.Name) and n.slice.id == step]
+        if not reads:
+            continue
+        names = {r.value.id for r in reads}
+        for fill_loop in {id(f): f for name in names for f, _ in fills[name]}.values():
+            fill_loop.iter = _KeyLoader(loader).visit(fill_loop.iter)
+        for call in (c for name in names for _, c in fills[name]):
+            call.args = [call.func.value, call.args[0]]
+            call.func = ast.Attribute(value=ast.Name(HELPER, ast.Load()), attr="cache_append", ctx=ast.Load())
+        loop.iter.args[0] = _helper_call("keyed_batches", loop.iter.args[0])
+        _replace_nodes(loop, {id(r): _helper_call("cached", r.value, r.slice, ast.Constant(r.value.id)) for r in reads})
+        fixed |= names
+    if not fixed:
+        return "not needed", "no cache filled from the training loader is read by step"
+    return "applied", f"{', '.join(sorted(fixed))} read by the samples of the batch being trained, not by step"
+
+
+def _replace_nodes(tree, new_by_id: dict) -> None:
+    class Swap(ast.NodeTransformer):
+        def visit(self, node):
+            return new_by_id.get(id(node)) or self.generic_visit(node)
+
+    Swap().visit(tree)
+
+
 def fix_patch_import(tree) -> tuple[str, str]:
     """The reference's `from patch_flux import ...` edit: not needed under the runner."""
     for n in ast.walk(tree):
@@ -369,9 +435,11 @@ FIXES = {  # file I/O first: widening the guard afterwards must find the pruning
     "validation-dtype": fix_validation_dtype,
     "lora-save-hook": fix_lora_save_hook,
     "lora-load-hook": fix_lora_load_hook,
+    "cache-by-sample": fix_cache_by_sample,
     "patch-import": fix_patch_import,
 }
 LORA_ONLY = ("lora-save-hook", "lora-load-hook")
+OPTIONAL = ("cache-by-sample", "patch-import")  # constructs a script may lack: never a missing-construct error
 
 
 def parse_script(path: str) -> ast.Module:
@@ -413,7 +481,7 @@ def fix_script(tree: ast.Module, path: str, skip=()) -> list[FixResult]:
         except _Missing as err:
             missing.append((name, str(err)))
     if missing:
-        required = [n for n in FIXES if n not in skip and n != "patch-import" and (lora or n not in LORA_ONLY)]
+        required = [n for n in FIXES if n not in skip and n not in OPTIONAL and (lora or n not in LORA_ONLY)]
         if len(missing) == len(required):
             raise UserError(f"{path!r} has none of the constructs of diffusers' FLUX DreamBooth scripts "
                             f"({'; '.join(m for _, m in missing)}); is it one of them?")

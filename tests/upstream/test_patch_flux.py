@@ -324,7 +324,7 @@ def _run_block(tree, rank, distributed_type, tmp_path):
 def test_2024_shape_every_fix_applies_and_ranks_behave(tmp_path):
     tree, results = _fix(SHAPE_2024)
     assert results == {"checkpoint-io-rank0": "applied", "checkpoint-every-rank": "applied", "validation-dtype": "applied",
-                       "lora-save-hook": "applied", "lora-load-hook": "applied", "patch-import": "not needed"}
+                       "lora-save-hook": "applied", "lora-load-hook": "applied", "cache-by-sample": "not needed", "patch-import": "not needed"}
     assert "pipeline.to(accelerator.device, dtype=torch_dtype)" in ast.unparse(tree)
     ds = "DistributedType.DEEPSPEED"
     # rank 1 under DeepSpeed: joins save_state (collective), deletes nothing, logs nothing
@@ -355,7 +355,7 @@ def test_hand_edited_script_is_already_fixed():
     _, results = _fix(SHAPE_HAND_EDITED)
     assert results == {"checkpoint-io-rank0": "already fixed", "checkpoint-every-rank": "already fixed",
                        "validation-dtype": "already fixed", "lora-save-hook": "already fixed",
-                       "lora-load-hook": "already fixed", "patch-import": "already fixed"}
+                       "lora-load-hook": "already fixed", "cache-by-sample": "not needed", "patch-import": "already fixed"}
 
 
 def test_full_finetune_script_gets_no_lora_hooks():

@@ -4,6 +4,7 @@ need, on an upstream-shaped fixture (tests/fixtures/train_lora_flux2_shape.py) a
 import ast
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import ROOT, accelerate_launch
 
 RUNNER = os.path.join(ROOT, "patch_flux.py")
 FLUX2_SHAPE = os.path.join(ROOT, "tests", "fixtures", "train_lora_flux2_shape.py")
+CACHED_PAIRS = os.path.join(ROOT, "tests", "fixtures", "train_cached_pairs_shape.py")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_flux2_shape_gets_transformer_only_lora_hooks():
         source = f.read()
     tree, results = _fix(source)
     assert results == {"checkpoint-io-rank0": "applied", "checkpoint-every-rank": "applied", "validation-dtype": "already fixed",
-                       "lora-save-hook": "applied", "lora-load-hook": "applied", "patch-import": "not needed"}
+                       "lora-save-hook": "applied", "lora-load-hook": "applied", "cache-by-sample": "not needed", "patch-import": "not needed"}
     text = ast.unparse(tree)
     assert "upstream_lora_hooks(accelerator, transformer, None, args, weight_dtype)[0]" in text
     assert "(accelerator.is_main_process or __fluxkit_fixes__.collective_checkpoint(accelerator)) or is_fsdp" in text
@@ -47,6 +49,60 @@ def test_flux2_shape_gets_transformer_only_lora_hooks():
 
     with pytest.raises(UserError, match=r"transform 'lora-save-hook'.*text_encoder_one"):
         _fix(trains_te)
+
+
+# ------------------------------------------------------------------ caches read by step (Kontext, FLUX.1, FLUX.2 img2img)
+
+def test_cached_captions_and_latents_stay_with_their_images(tmp_path, monkeypatch):
+    """Kontext's shape: captions cached in one pass, latents (target and reference) in another, both read as
+    cache[step] while the bucket sampler reshuffles on every pass. Unfixed, steps train on another image's
+    caption; with `cache-by-sample` every step's caption, latents and reference latents are its batch's."""
+    from accelerate.state import AcceleratorState
+
+    from conftest import run_inprocess
+    from fluxkit import patches
+    from fluxkit.cache_pairing import ENV_LOG
+
+    monkeypatch.setattr(patches, "_LEFT_OUT", set())
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the runner puts the script's folder first
+    no_runtime_patches = [a for p in patches.PATCHES for a in ("--skip", p.name)]  # none is needed; this process stays as it is
+    log = tmp_path / "pairs.jsonl"
+
+    def run(*flags, fix=True):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        proc = run_inprocess([sys.executable, RUNNER, *no_runtime_patches, *([] if fix else ["--skip", "cache-by-sample"]),
+                              CACHED_PAIRS, "--output_dir", str(tmp_path / "out"), *flags], env={ENV_LOG: str(log)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])["steps"]
+
+    def paired(s):
+        return s["batch"] == s["caption"] == s["pooled"] == s["latent"] == s.get("cond", s["batch"])
+
+    kontext = ("--cache_latents", "--cond_image_column", "cond_image", "--num_samples", "8", "--train_batch_size", "2",
+               "--num_train_epochs", "2")
+    upstream = run(*kontext, fix=False)
+    assert not log.exists(), "unfixed, nothing reads through the fix"
+    assert any(s["caption"] != s["batch"] for s in upstream if s["epoch"] == 0), "the caption pass and the latent pass differ"
+    assert any(s["latent"] != s["batch"] for s in upstream), "each training pass reshuffles again"
+    assert all(s["latent"] == s["cond"] for s in upstream), "target and reference latents come from one cache pass"
+
+    fixed = run(*kontext)
+    assert all(paired(s) for s in fixed), fixed
+    assert [s["batch"] for s in fixed] == [s["batch"] for s in upstream], "the same batches train, only their inputs changed"
+    for epoch in (0, 1):
+        assert sorted(i for s in fixed if s["epoch"] == epoch for i in s["batch"]) == list(range(8))
+    reads = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["cache"] for r in reads} == {"cached_text_embeddings", "latents_cache", "cond_latents_cache"}
+    assert [r["batch"] for r in reads if r["cache"] == "latents_cache"] == [s["batch"] for s in fixed]
+    assert any(r["by_step"] != r["batch"] for r in reads), "the log names the batch cache[step] would have read"
+
+    # FLUX.1's LoRA scripts: DataLoader(batch_size=, shuffle=True) regroups samples each pass (7 samples: a last batch of 1)
+    flux1 = run("--cache_latents", "--shuffle_loader", "--num_samples", "7", "--train_batch_size", "3")
+    assert all(paired(s) for s in flux1), flux1
+    assert sorted(len(s["batch"]) for s in flux1) == [1, 1, 3, 3, 3, 3]
+
+    check = run_inprocess([sys.executable, RUNNER, "--check", CACHED_PAIRS])
+    assert re.search(r"cache-by-sample +applied +cached_text_embeddings, cond_latents_cache, latents_cache read by", check.stdout)
 
 
 # ------------------------------------------------------------------ the runner's launch check
