@@ -302,30 +302,34 @@ def _launch(script, model, data, out, config, steps, **extra):
     return accelerate_launch([script] + args, num_processes=2, config=config, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def zero2_run(tiny_flux, sample_data, tmp_path_factory):
-    """A 2-process ZeRO-2 LoRA run's output folder holding checkpoint-2."""
-    out = tmp_path_factory.mktemp("zero2") / "out"
-    proc = _launch(LORA, tiny_flux, sample_data, out, ACCELERATE_CONFIG, 2, checkpointing_steps=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+# kind: (trainer, accelerate config, the files of its checkpoint-2)
+DEEPSPEED_RUNS = {"zero2": (LORA, ACCELERATE_CONFIG, ZERO2_FILES),  # a LoRA run under ZeRO-2
+                  "zero3": (FULL, SHARD_ALL, ZERO3_FILES)}  # a full fine-tune under ZeRO-3, every parameter sharded
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tiny_flux, sample_data, tmp_path_factory):
-    """A 2-process ZeRO-3 full fine-tune's output folder holding checkpoint-2 (every parameter sharded)."""
-    out = tmp_path_factory.mktemp("zero3") / "out"
-    proc = _launch(FULL, tiny_flux, sample_data, out, SHARD_ALL, 2, checkpointing_steps=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+def deepspeed_run(tiny_flux, sample_data, tmp_path_factory):
+    """deepspeed_run(kind): a 2-process run's output folder holding checkpoint-2, for a kind of
+    DEEPSPEED_RUNS; each kind is launched once in this module, when a test first asks for it."""
+    runs = {}
+
+    def run(kind):
+        if kind not in runs:
+            script, config, _ = DEEPSPEED_RUNS[kind]
+            out = tmp_path_factory.mktemp(kind) / "out"
+            proc = _launch(script, tiny_flux, sample_data, out, config, 2, checkpointing_steps=2)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            runs[kind] = out
+        return runs[kind]
+
+    return run
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("kind", ["zero2", "zero3"])
-def test_deepspeed_manifest_holds_every_process_files(request, kind):
-    run = request.getfixturevalue(f"{kind}_run")
-    ckpt = run / "checkpoint-2"
-    assert checkpoint_files(ckpt) == (ZERO2_FILES if kind == "zero2" else ZERO3_FILES)
+@pytest.mark.parametrize("kind", list(DEEPSPEED_RUNS))
+def test_deepspeed_manifest_holds_every_process_files(deepspeed_run, kind):
+    ckpt = deepspeed_run(kind) / "checkpoint-2"
+    assert checkpoint_files(ckpt) == DEEPSPEED_RUNS[kind][2]
     files = json.loads((ckpt / "fluxkit_state.json").read_text())["manifest"]["files"]
     assert sorted(files) == [f for f in checkpoint_files(ckpt) if f != "fluxkit_state.json"]
     assert files["pytorch_model/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]["holds"] == \
@@ -334,17 +338,11 @@ def test_deepspeed_manifest_holds_every_process_files(request, kind):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("how", DAMAGES)
-@pytest.mark.parametrize("rel", ZERO2_FILES)
-def test_damaged_zero2_checkpoint_is_refused(tiny_flux, sample_data, zero2_run, tmp_path, capsys, rel, how):
+@pytest.mark.parametrize("kind, rel", [(kind, rel) for kind, (_, _, files) in DEEPSPEED_RUNS.items() for rel in files])
+def test_damaged_deepspeed_checkpoint_is_refused(tiny_flux, sample_data, deepspeed_run, tmp_path, capsys, kind, rel, how):
     """The trainer's resume check (what rank 0 of a launch runs before the processes connect), in this process."""
-    assert_refused_inprocess(LORA, tiny_flux, sample_data, zero2_run, rel, how, tmp_path, capsys)
-
-
-@pytest.mark.multiproc
-@pytest.mark.parametrize("how", DAMAGES)
-@pytest.mark.parametrize("rel", ZERO3_FILES)
-def test_damaged_zero3_checkpoint_is_refused(tiny_flux, sample_data, zero3_run, tmp_path, capsys, rel, how):
-    assert_refused_inprocess(FULL, tiny_flux, sample_data, zero3_run, rel, how, tmp_path, capsys)
+    script = DEEPSPEED_RUNS[kind][0]
+    assert_refused_inprocess(script, tiny_flux, sample_data, deepspeed_run(kind), rel, how, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("kind, rel, how", [
@@ -352,13 +350,12 @@ def test_damaged_zero3_checkpoint_is_refused(tiny_flux, sample_data, zero3_run, 
     ("zero3", "pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt", "pickle"),  # DeepSpeed would unpickle it
 ])
 @pytest.mark.multiproc
-def test_a_real_two_process_resume_refuses_a_damaged_checkpoint(request, tiny_flux, sample_data, tmp_path, kind, rel, how):
-    run = request.getfixturevalue(f"{kind}_run")
+def test_a_real_two_process_resume_refuses_a_damaged_checkpoint(deepspeed_run, tiny_flux, sample_data, tmp_path, kind, rel, how):
     out, marker = tmp_path / "out", tmp_path / "UNPICKLED"
-    shutil.copytree(run, out)
+    shutil.copytree(deepspeed_run(kind), out)
     damage(out / "checkpoint-2" / rel, how, marker)
     before = snapshot(out)
-    script, config = (LORA, ACCELERATE_CONFIG) if kind == "zero2" else (FULL, SHARD_ALL)
+    script, config, _ = DEEPSPEED_RUNS[kind]
     proc = _launch(script, tiny_flux, sample_data, out, config, 3, resume_from_checkpoint="latest")
     errors = {line.split("error: ", 1)[1] for line in proc.stderr.splitlines() if "error: " in line}
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]

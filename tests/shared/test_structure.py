@@ -190,6 +190,30 @@ def test_each_trainer_flag_is_defined_once():
     assert flags <= set(defined), flags - set(defined)
 
 
+
+UPSTREAM_NAMESPACE = "# upstream namespace"  # the mark of a line that reads an upstream script's own args
+
+
+def test_no_trainer_flag_is_read_with_getattr():
+    """A trainer flag is a TrainConfig field, read as args.flag: never getattr(args, "flag", default), which
+    restates (and can contradict) the parser's default. The one exception is an upstream script's own
+    argparse namespace (fluxkit.script_fixes' hooks run inside diffusers' scripts, whose flags differ),
+    marked on its line."""
+    flags = {o[2:] for o in _trainer_flags()} | {"lora"}
+    found = []
+    for name in MODULES:
+        lines = _source(name).splitlines()
+        for node in ast.walk(ast.parse(_source(name))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in flags
+                    and ast.unparse(node.args[0]).split(".")[-1] in ("args", "cfg", "config")
+                    and not lines[node.lineno - 1].rstrip().endswith(UPSTREAM_NAMESPACE)):
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found
+    marked = [f"{name}:{i}" for name in MODULES for i, line in enumerate(_source(name).splitlines(), 1)
+              if line.rstrip().endswith(UPSTREAM_NAMESPACE)]
+    assert marked and all(m.split(":")[0].split(".")[-1] == "script_fixes" for m in marked), marked  # not a way out elsewhere
+
 def test_launcher_plan_and_cache_commands_take_the_trainer_flags_from_its_parser(monkeypatch, capsys):
     """A flag added to the trainer's parser (and nowhere else) is a launcher key, a plan flag and a
     cache-command flag at once."""
