@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .. import host_runtime
 from ..environment import TOOLKIT_ROOT as ROOT
 from ..errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
 from . import report
@@ -238,6 +239,9 @@ def stopped_line(req: Request, signal_name: str, rc: int, out: str) -> str:
 
 
 def main(argv=None) -> int:
+    # before torch loads (nothing above imports it): this process renders the demo's images and reads
+    # the data, and OpenMP reads its wait policy once; the trainers' processes get the same values
+    host_runtime.apply_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 3 or argv[0] != "--launcher" or argv[1] not in LAUNCHERS:
         print("usage: python -m fluxkit.launch --launcher {full,lora} PROG [ARGS ...] (the .sh launchers call this)",

@@ -148,6 +148,22 @@ def test_full_defaults_are_the_references(tmp_path):
     assert mine.env["OMP_WAIT_POLICY"] == "ACTIVE" and mine.env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext")
 
 
+def test_the_launchers_own_process_sleeps_between_openmp_regions_too(monkeypatch):
+    """The launcher's process reads the data and renders the demo's images (torch's OpenMP threads):
+    it takes the same defaults as the trainers it starts (a busy host ran the demo's images 9 s each
+    spinning), set before anything imports torch; the user's own value wins."""
+    from fluxkit.launch import main
+
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if given is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", given)
+        with pytest.raises(SystemExit):
+            main(["--launcher", "lora", LORA, "--help"])
+        assert os.environ["OMP_WAIT_POLICY"] == expected
+
+
 def test_lora_defaults_are_the_references():
     p = dry(LORA)
     assert p.script == os.path.join(ROOT, "train_flux_dreambooth_lora.py")
