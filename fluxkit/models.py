@@ -162,7 +162,9 @@ def setup_trainables(args, m: Models, weight_dtype: torch.dtype) -> Trainables:
     return Trainables(list(m.transformer.parameters()), te_params)
 
 
-def build_optimizer(args, t: Trainables, lr: float):
+def build_optimizer(args, t: Trainables, lr: float, fused: bool = False):
+    """AdamW, 8-bit AdamW or prodigy over what trains; fused: torch's fused AdamW kernel (the step that
+    runs on the host under ZeRO offload, fluxkit.zero3.host_optimizer)."""
     groups = [{"params": t.transformer_params, "lr": lr}] if t.transformer_params else []  # none: textual inversion only
     if t.text_encoder_params:
         groups.append({"params": t.text_encoder_params, "lr": args.text_encoder_lr if args.lora else lr,
@@ -174,9 +176,9 @@ def build_optimizer(args, t: Trainables, lr: float):
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, decouple=args.prodigy_decouple,
                                   use_bias_correction=args.prodigy_use_bias_correction,
                                   safeguard_warmup=args.prodigy_safeguard_warmup)
-    cls = torch.optim.AdamW
+    kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
         import bitsandbytes
 
-        cls = bitsandbytes.optim.AdamW8bit
-    return cls(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))

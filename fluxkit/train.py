@@ -138,7 +138,7 @@ def setup(args) -> Run:
     updates_per_epoch = math.ceil(math.ceil(len(loader.sampler) / args.train_batch_size / world) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     schedule = Schedule(updates_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch))
-    optimizer, lr_scheduler = build_optimization(args, world, trainables, schedule)
+    optimizer, lr_scheduler = build_optimization(args, world, trainables, schedule, zero3.host_optimizer(accelerator))
     gate = pivotal.fraction_gate(args, trainables, schedule.epochs)
     if pivot is not None:
         pivot.gate = gate
@@ -349,14 +349,18 @@ def build_data(args, dataset, world: int):
                                        generator=torch.Generator().manual_seed(seed))
 
 
-def build_optimization(args, world: int, trainables: Trainables, schedule: Schedule):
-    """(optimizer, learning-rate schedule); --scale_lr scales by processes x accumulation x batch."""
+def build_optimization(args, world: int, trainables: Trainables, schedule: Schedule, on_host: bool = False):
+    """(optimizer, learning-rate schedule); --scale_lr scales by processes x accumulation x batch; on_host:
+    ZeRO offload runs the step on the host (fluxkit.zero3.host_optimizer): AdamW's fused kernel."""
     from diffusers.optimization import get_scheduler
 
     lr = args.learning_rate
     if args.scale_lr:
         lr = lr * args.gradient_accumulation_steps * args.train_batch_size * world
-    optimizer = build_optimizer(args, trainables, lr)
+    optimizer = build_optimizer(args, trainables, lr, fused=on_host)
+    if on_host:
+        logger.info("ZeRO offload: the optimizer step runs on the host as torch's fused %s (no DeepSpeed CPU Adam build)",
+                    type(optimizer).__name__)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * world,
                                  num_training_steps=schedule.max_steps * world,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)

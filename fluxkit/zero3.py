@@ -39,6 +39,26 @@ def check_supported(args, accelerator) -> None:
                         "(the transformer), so CLIP would not train; drop the flag, or launch without a DeepSpeed config")
 
 
+def host_optimizer(accelerator) -> bool:
+    """Whether the optimizer step runs on the host as the trainer's own torch optimizer (ZeRO offload).
+
+    A DeepSpeed config that offloads the optimizer (pretrain_bf16_zero3_offload_accelerate_config.yaml)
+    makes accelerate swap the trainer's AdamW for DeepSpeed's CPU Adam, an op DeepSpeed compiles on first
+    use (2.5 min on this 2-core host with a warm compiler cache, 7.5 min cold) in every new environment.
+    torch's fused AdamW does the same step on the same host tensors without compiling anything, within
+    about 20% of CPU Adam's time (docs/memory.md): unless the config says otherwise
+    ("zero_force_ds_cpu_optimizer": true in a DeepSpeed JSON), the trainer keeps its own optimizer, fused."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return False
+    config = plugin.deepspeed_config
+    device = (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    if str(device).lower() not in ("cpu", "nvme"):
+        return False
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return not config["zero_force_ds_cpu_optimizer"]
+
+
 @contextlib.contextmanager
 def whole_models(accelerator):
     """Load models unpartitioned even under ZeRO-3 (the frozen encoders and VAE are no DeepSpeed

@@ -118,3 +118,44 @@ def test_the_trainer_plans_the_zero_stage_accelerate_launched(tiny_flux, sample_
     line = errors.pop()
     assert "(LoRA 32px batch 1 on 2 process(es), ZeRO-3)" in line and "does NOT fit in 0.0 GiB" in line, line
     assert not out.exists()
+
+
+OFFLOAD_CONFIG = os.path.join(ROOT, "pretrain_bf16_zero3_offload_accelerate_config.yaml")
+
+
+@pytest.mark.multiproc
+def test_zero3_cpu_offload_trains_resumes_and_compiles_nothing(tiny_flux, sample_data, tmp_path):
+    """The shipped ZeRO-3 offload config (parameters and optimizer states in host memory) through the
+    full fine-tune on 2 processes: 3 steps with checkpoint-2, then a resume from checkpoint-2 that ends
+    bit-identical. Each rank's optimizer shard is torch's fused AdamW over its own half of the fp32
+    masters, in host memory: DeepSpeed's CPU Adam (an op compiled on first use) never loads."""
+    def launch(out, **extra):
+        args = base_args(tiny_flux, sample_data, out, steps=3, checkpointing_steps=2, learning_rate="1e-2", **extra)
+        proc = accelerate_launch([FULL] + args, num_processes=2, config=OFFLOAD_CONFIG, timeout=420)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "cpu_adam" not in proc.stdout + proc.stderr
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["world_size"] == 2 and summary["global_step"] == 3
+        return [json.loads(line) for line in open(out / "train_log.jsonl")]
+
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    log = launch(first)
+    shards = []
+    for rank in (0, 1):  # what each rank kept: its own optimizer shard, on the host
+        saved = torch.load(first / "checkpoint-2" / "pytorch_model" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           map_location="cpu", weights_only=False)
+        zero = saved["ds_config"]["zero_optimization"]
+        assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
+        inner = saved["optimizer_state_dict"]
+        assert inner["partition_count"] == 2 and inner["optimizer_state_dict"]["param_groups"][0]["fused"] is True
+        (state,) = inner["optimizer_state_dict"]["state"].values()
+        assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].dtype == torch.float32
+        shards.append(state["exp_avg"].numel())
+        print(f"rank {rank}: fused AdamW shard of {shards[-1]} fp32 elements in host memory")
+    total = sum(p.numel() for p in _tensors(os.path.join(tiny_flux, WEIGHTS[FULL])).values())
+    assert shards[0] == shards[1] and total <= sum(shards) < total + 2 * 64  # halves (DeepSpeed pads each a little)
+
+    log_r = launch(resumed, resume_from_checkpoint=str(first / "checkpoint-2"))
+    assert [line["step"] for line in log_r] == [3] and log_r[0]["loss"] == log[2]["loss"]
+    final, final_r = _tensors(first / WEIGHTS[FULL]), _tensors(resumed / WEIGHTS[FULL])
+    assert final.keys() == final_r.keys() and all(torch.equal(final[k], final_r[k]) for k in final)
