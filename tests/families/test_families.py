@@ -282,12 +282,15 @@ def test_flops_count_the_reference_tokens_of_editing_pairs(tiny_klein):
 
     from fluxkit.flops import flux2_forward_flop_parts, training_step_flops
     from fluxkit.runcontrol import flops_and_peak
+    from fluxkit.train_args import parse
 
     config = json.loads(open(os.path.join(tiny_klein, "transformer", "config.json")).read())
     m = N(vae=N(config=N(block_out_channels=[8, 16])), transformer=N(config=config), family=families.get("flux2-klein"))
     info = N(type="cpu", count=1, name="cpu")
-    run = dict(resolution=32, max_sequence_length=16, lora=True)
-    t2i, edit = (flops_and_peak(N(**run, **extra), m, info, None, 1)[0] for extra in ({}, {"cond_image_dir": "refs"}))
+    run = ["--pretrained_model_name_or_path", tiny_klein, "--instance_prompt", "p", "--instance_data_dir", "d",
+           "--resolution", "32", "--max_sequence_length", "16"]
+    t2i, edit = (flops_and_peak(parse(run + extra, lora=True), m, info, None, 1)[0]
+                 for extra in ([], ["--cond_image_dir", "refs"]))
     # 32 px, a 2x VAE, 2x2 patches: 64 target tokens, and 64 more for the reference
     assert t2i == training_step_flops(config, 64, 16, frozen_base=True, flop_parts=flux2_forward_flop_parts)
     assert edit == training_step_flops(config, 128, 16, frozen_base=True, flop_parts=flux2_forward_flop_parts)
