@@ -4,11 +4,12 @@
     python make_tiny_flux.py --preset small --output_dir tiny_flux --dataset_dir tiny_data
     python make_tiny_flux.py --family flux2-klein --output_dir tiny_klein
 
-Families: flux1 (FluxPipeline), kontext (FLUX.1's components as FluxKontextPipeline), flux2-klein
+Families: flux1 (FluxPipeline), kontext (FLUX.1's components as FluxKontextPipeline), flux2 (Flux2Pipeline:
+Mistral3 text encoder, PixtralProcessor tokenizer folder, FLUX.2 VAE and transformer), flux2-klein
 (Flux2KleinPipeline: Qwen3 text encoder, FLUX.2 VAE and transformer).
 Presets: flux1/kontext: tiny (tests), small (CPU benchmarks), devlike (FLUX.1-dev's proportions, small), dev
-(FLUX.1-dev's architecture; needs --allow_large); flux2-klein: tiny, small, 4b, 9b (the published
-architectures; need --allow_large).
+(FLUX.1-dev's architecture; needs --allow_large); flux2: tiny, small, dev (FLUX.2 [dev]'s architecture;
+needs --allow_large); flux2-klein: tiny, small, 4b, 9b (the published architectures; need --allow_large).
 The folder loads with its family's pipeline class: <Pipeline>.from_pretrained(DIR, local_files_only=True).
 """
 

@@ -40,7 +40,7 @@ Shared facts, one home each
     flops        model FLOPs and device peaks
     patches, script_fixes   runtime patches and source fixes for upstream scripts (patch_flux.py);
     cache_pairing           what the cache-by-sample fix calls: caches read by the batch's samples
-    tiny, tiny_flux2   random FLUX.1/Kontext and FLUX.2 [klein] pipelines and sample data, offline
+    tiny, tiny_flux2   random FLUX.1/Kontext and FLUX.2 [dev]/[klein] pipelines and sample data, offline
 
 docs/architecture.md follows a launcher call to checkpoints and an inference call to images.
 """

@@ -199,8 +199,7 @@ def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: 
             parts["transformer"] = quant.load_transformer(model_path, quantization, dtype, device_type, subfolder="transformer",
                                                           local_files_only=local_files_only,
                                                           model_class=family.component_class("transformer"))
-        pipe = family.pipeline_class().from_pretrained(model_path, local_files_only=local_files_only, **parts,
-                                            **quant.dtype_kwarg(dtype))
+        pipe = family.load_pipeline(model_path, local_files_only=local_files_only, **parts, **quant.dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"--model_path {model_path!r} could not be loaded as a FLUX pipeline: {first_line}") from None

@@ -36,7 +36,7 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
     if have < args.num_class_images:
         dtype = torch_dtype(args.prior_generation_precision or ("bf16" if info.type != "cpu" else "fp32"))
         model_dir = resolve_model_dir(args)
-        pipe = of_args(args, model_dir).pipeline_class().from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True)
+        pipe = of_args(args, model_dir).load_pipeline(model_dir, torch_dtype=dtype, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(accelerator.device)
         todo = list(range(have, args.num_class_images))

@@ -485,6 +485,30 @@ def _flux2_dtype_install():
     _replace(Flux2Transformer2DModel, "forward", make, "flux2-input-dtype")
 
 
+# ------------------------------------------------------------------ 10. FLUX.2 [dev]'s processor without torchvision
+
+def _pixtral_text_check():
+    import transformers
+
+    from .families.pixtral_text import torchvision_available
+
+    if torchvision_available():
+        return False, "not needed: torchvision is installed, so transformers builds PixtralProcessor"
+    if not hasattr(transformers, "Mistral3ForConditionalGeneration"):
+        return False, f"not available: transformers {transformers.__version__} has no Mistral3 (FLUX.2 [dev]) model"
+    return True, ("no torchvision: PixtralProcessor (FLUX.2 [dev]'s tokenizer folder) loads as its text half; "
+                  "a prompt with an image still needs torchvision")
+
+
+def _pixtral_text_install():
+    import transformers
+
+    from .families.pixtral_text import PixtralTextProcessor
+
+    # `from transformers import PixtralProcessor` and the pipelines' model_index.json lookup both read this attribute
+    transformers.PixtralProcessor = PixtralTextProcessor
+
+
 PATCHES = [
     Patch("npu-sharded-tensor-device", "ShardedTensor collectives must use the NPU (or the CPU when there is no accelerator)",
           _sharded_tensor_check, _sharded_tensor_install),
@@ -508,6 +532,8 @@ PATCHES = [
           "which DeepSpeed's bf16 engine does not use (float != BFloat16)", _flux2_dtype_check, _flux2_dtype_install),
     Patch("cpu-model-offload", "the FLUX.2 scripts' validation calls enable_model_cpu_offload, which raises "
           "without an accelerator", _cpu_offload_check, _cpu_offload_install),
+    Patch("pixtral-text-processor", "transformers builds FLUX.2 [dev]'s PixtralProcessor only with torchvision, "
+          "though its prompts are text", _pixtral_text_check, _pixtral_text_install),
 ]
 BY_NAME = {p.name: p for p in PATCHES}
 

@@ -3,7 +3,7 @@
 A FLUX.1 folder has the same layout and component classes as black-forest-labs/FLUX.1-dev
 (scheduler, vae, text_encoder + tokenizer (CLIP), text_encoder_2 + tokenizer_2 (T5),
 transformer); a Kontext folder is the same components saved as FluxKontextPipeline; FLUX.2
-[klein] folders come from fluxkit.tiny_flux2. Every script in the toolkit runs on them unchanged.
+[dev] and [klein] folders come from fluxkit.tiny_flux2. Every script in the toolkit runs on them unchanged.
 Tokenizers are trained here from a small in-memory corpus: no hub access is ever needed.
 """
 
@@ -130,7 +130,7 @@ def build_t5_tokenizer(vocab_size: int = 1000):
                            extra_ids=0, model_max_length=512)
 
 
-FAMILIES = ("flux1", "kontext", "flux2-klein")  # what build_pipeline builds
+FAMILIES = ("flux1", "kontext", "flux2", "flux2-klein")  # what build_pipeline builds
 
 
 def parameter_count(preset) -> dict:
@@ -222,7 +222,7 @@ def _pipeline(family: str, p, models: dict):
 
     from . import families, tiny_flux2
 
-    if family == "flux2-klein":
+    if isinstance(p, tiny_flux2.Flux2Preset):
         return tiny_flux2.pipeline(p, models)
     return families.get(family).pipeline_class()(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
@@ -231,11 +231,11 @@ def _pipeline(family: str, p, models: dict):
 
 def presets_of(family: str) -> dict:
     """The presets `family` can be built at (FLUX.1 and Kontext share theirs)."""
-    from .tiny_flux2 import KLEIN_PRESETS
+    from .tiny_flux2 import PRESETS_BY_FAMILY
 
     if family not in FAMILIES:
         raise UserError(f"--family {family!r} cannot be built here; choose one of {', '.join(FAMILIES)}")
-    return KLEIN_PRESETS if family == "flux2-klein" else PRESETS
+    return PRESETS_BY_FAMILY.get(family, PRESETS)
 
 
 def resolve_preset(preset, family: str = "flux1"):

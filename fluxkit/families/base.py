@@ -61,6 +61,10 @@ class Family:
         text encoder followed by its tokenizer."""
         return tuple(p for enc in self.text_encoders for p in (enc, enc.replace("text_encoder", "tokenizer")))
 
+    def load_pipeline(self, model_path, **kwargs):
+        """The family's pipeline from a folder or hub id (kwargs: from_pretrained's)."""
+        return self.pipeline_class().from_pretrained(model_path, **kwargs)
+
     def pipeline(self, m, transformer, text_encoder=None):
         """The family's pipeline over the run's live components (validation images)."""
         parts = {n: getattr(m, n) for n in self.components}

@@ -1,7 +1,11 @@
 """FLUX.2 [dev]: a Mistral3 text encoder read at hidden-state layers 10, 20, 30 (concatenated per
-token), a 32-channel VAE whose latents are patchified 2x2 to 128 channels and normalised by the
-VAE's batch-norm statistics, 4-axis position ids (t, h, w, l), and reference images as extra
-tokens at t = 10, 20, ... (the FLUX.2 pipelines take them for editing)."""
+token) of a prompt rendered with a system message through its PixtralProcessor's chat template, a
+32-channel VAE whose latents are patchified 2x2 to 128 channels and normalised by the VAE's
+batch-norm statistics, 4-axis position ids (t, h, w, l), a guidance embedding, and reference
+images as extra tokens at t = 10, 20, ... (the FLUX.2 pipelines take them for editing).
+
+Where torchvision is missing, transformers cannot build the PixtralProcessor; the tokenizer folder
+then loads as its text half (fluxkit.families.pixtral_text), which is all the prompt path uses."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ class Flux2(Family):
     components = {
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
         "vae": ("diffusers", "AutoencoderKLFlux2"),
-        "tokenizer": ("transformers", "AutoProcessor"),
+        "tokenizer": ("fluxkit.families.pixtral_text", "PromptProcessor"),  # PixtralProcessor, or its text half
         "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
     }
     editing = True
@@ -66,14 +70,27 @@ class Flux2(Family):
         seq = hidden.permute(0, 2, 1, 3).reshape(b, length, n * d)
         return seq, seq.new_zeros(b, 0)  # no pooled embedding: an empty one keeps the cache's pairs
 
-    def validation_prompts(self, args):
-        return [args.validation_prompt, ""]  # "": the negative prompt of classifier-free guidance
-
     def validation_text(self, prompt, embeds, args):
         text = dict(max_sequence_length=args.max_sequence_length, text_encoder_out_layers=self.layers(args))
         if embeds is None:
             return dict(prompt=prompt, **text)
-        return dict(prompt_embeds=embeds[0][:1], negative_prompt_embeds=embeds[0][1:2], **text)
+        return dict(prompt_embeds=embeds[0][:1], **text)  # guidance-distilled: no negative prompt
+
+    # ------------------------------------------------------------------ pipeline
+
+    def load_pipeline(self, model_path, **kwargs):
+        from .pixtral_text import torchvision_available
+
+        if torchvision_available() or "tokenizer" in kwargs:
+            return super().load_pipeline(model_path, **kwargs)
+        # model_index.json names PixtralProcessor, which diffusers cannot load (or check a passed one against)
+        # without torchvision: load the rest, then attach the processor's text half under the folder's name
+        pipe = super().load_pipeline(model_path, tokenizer=None, **kwargs)
+        local = {k: kwargs[k] for k in ("local_files_only", "revision", "cache_dir", "token") if k in kwargs}
+        pipe.register_modules(tokenizer=self.component_class("tokenizer").from_pretrained(model_path, subfolder="tokenizer",
+                                                                                           **local))
+        pipe.register_to_config(tokenizer=("transformers", "PixtralProcessor"))
+        return pipe
 
     # ------------------------------------------------------------------ latents and tokens
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import Family
 from .flux2 import Flux2
 
 class Flux2Klein(Flux2):
@@ -17,6 +18,16 @@ class Flux2Klein(Flux2):
         "text_encoder": ("transformers", "Qwen3ForCausalLM"),
     }
     out_layers = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
+
+    def validation_prompts(self, args):
+        return [args.validation_prompt, ""]  # "": the negative prompt of classifier-free guidance
+
+    def validation_text(self, prompt, embeds, args):
+        text = super().validation_text(prompt, embeds, args)
+        return text if embeds is None else dict(text, negative_prompt_embeds=embeds[0][1:2])
+
+    def load_pipeline(self, model_path, **kwargs):
+        return Family.load_pipeline(self, model_path, **kwargs)  # a plain tokenizer: no processor to stand in for
 
     def _token_batch(self, m, prompts, max_length):
         texts = [m.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
