@@ -46,8 +46,13 @@ def _record(sampler) -> None:
         sampler.__class__ = _recording_classes[cls]  # a subclass: isinstance() holds for accelerate and the script
 
 
-class keyed_batches:
-    """The loader's batches, each made known (to cache_append and cached) by its dataset indices.
+def keyed_batches(loader) -> "_KeyedBatches":
+    """The loader's batches (its len too), each made known to cache_append and cached by its dataset indices."""
+    return _KeyedBatches(loader)
+
+
+class _KeyedBatches:
+    """What keyed_batches returns.
 
     A DataLoader asks its batch sampler for index lists in the order it delivers the batches, even ahead
     of them (workers, accelerate's look-ahead), so the oldest index list not yet taken is this batch's.
