@@ -105,6 +105,25 @@ def test_cached_captions_and_latents_stay_with_their_images(tmp_path, monkeypatc
     assert re.search(r"cache-by-sample +applied +cached_text_embeddings, cond_latents_cache, latents_cache read by", check.stdout)
 
 
+def test_cache_pairing_regroups_samples_and_refuses_what_it_cannot_pair():
+    from torch.utils.data import DataLoader
+
+    from fluxkit import cache_pairing
+    from fluxkit.errors import UserError
+
+    with pytest.raises(UserError, match="has no batch sampler.*--skip cache-by-sample"):
+        cache_pairing.keyed_batches(DataLoader(range(4), batch_size=None))
+    cache = []
+    for batch in cache_pairing.keyed_batches(DataLoader(range(4), batch_size=2)):  # (0, 1), (2, 3)
+        cache_pairing.cache_append(cache, batch * 10)
+    batches = iter(cache_pairing.keyed_batches(DataLoader(range(6), batch_size=3)))
+    next(batches)  # (0, 1, 2): rows of both entries
+    assert cache_pairing.cached(cache, 0, "cache").tolist() == [0, 10, 20]
+    next(batches)  # (3, 4, 5): 4 and 5 were never cached
+    with pytest.raises(UserError, match="sample 4 of the batch at step 1 is in no entry of cache"):
+        cache_pairing.cached(cache, 1, "cache")
+
+
 # ------------------------------------------------------------------ the runner's launch check
 
 def test_unconnected_processes_are_refused_before_anything_runs(tmp_path, monkeypatch):
