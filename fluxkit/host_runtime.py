@@ -9,8 +9,8 @@
   (DeepSpeed's ops) by name only, so two environments on one host sharing ~/.cache/torch_extensions
   rebuild each other's ops on every launch.
 - Optional libraries a run never calls (bitsandbytes, torchao: fluxkit.quant.libraries_not_needed)
-  are left out of a process started for an entry script, before diffusers, transformers or peft
-  load: these look each one up once and import it whenever it is installed.
+  are left out of a process started for one of the toolkit's entry points (scripts, launchers), before
+  diffusers, transformers or peft load: these look each one up once and import it whenever installed.
 - DeepSpeed's shared-memory communication op (deepspeed_shm_comm) is not built for training on a CPU:
   DeepSpeed's TorchBackend compiles it (about a minute of C++) when it starts, and uses it only for
   inference_all_reduce, which training never calls; gradients go through torch.distributed (gloo).
@@ -60,11 +60,10 @@ LIBRARIES_THAT_LOOK_ONCE = ("diffusers", "transformers", "peft")  # cache what i
 def leave_out(names) -> tuple[str, ...]:
     """Make each of `names` look not installed to every later import and availability check in this
     process (sys.modules[name] = None: Python's own "this import fails"; importlib.util.find_spec
-    then returns None). Done only in a process started to run an entry script (a test runner's
-    later runs may need them) and before any of LIBRARIES_THAT_LOOK_ONCE loaded (they would have
-    recorded the library as present). Returns the names left out."""
-    entry = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not names or not entry or not _started_as(entry) or any(m in sys.modules for m in LIBRARIES_THAT_LOOK_ONCE):
+    then returns None). Done only in a process started for one of the toolkit's entry points (a test
+    runner's later runs may need them) and before any of LIBRARIES_THAT_LOOK_ONCE loaded (they would
+    have recorded the library as present). Returns the names left out."""
+    if not names or not _started_for_the_toolkit() or any(m in sys.modules for m in LIBRARIES_THAT_LOOK_ONCE):
         return ()
     left = tuple(name for name in names if name not in sys.modules)
     for name in left:
@@ -72,20 +71,42 @@ def leave_out(names) -> tuple[str, ...]:
     return left
 
 
-def _started_as(script: str) -> bool:
-    """Whether this interpreter was started to run `script` (python [options] SCRIPT ...), not a
-    test runner or another program that runs it inside its own process."""
+def _started_with() -> tuple[str, str] | None:
+    """What this interpreter was started to run: ("script", PATH) for python [options] SCRIPT,
+    ("module", NAME) for python -m NAME; None for -c or an interactive interpreter."""
     args = list(getattr(sys, "orig_argv", []))[1:]
     while args and args[0].startswith("-"):
         option = args.pop(0)
-        if option in ("-m", "-c"):
-            return False
+        if option == "-m":
+            return ("module", args[0]) if args else None
+        if option == "-c":
+            return None
         if option in ("-X", "-W") and args:
             args.pop(0)
+    return ("script", args[0]) if args else None
+
+
+def _started_as(script: str) -> bool:
+    """Whether this interpreter was started to run `script`, not a test runner or another program
+    that runs it inside its own process."""
+    started = _started_with()
     try:
-        return bool(args) and os.path.samefile(args[0], script)
+        return started is not None and started[0] == "script" and os.path.samefile(started[1], script)
     except OSError:
         return False
+
+
+def _started_for_the_toolkit() -> bool:
+    """Whether this interpreter was started to run one of the toolkit's scripts or `python -m fluxkit...`
+    (the launchers)."""
+    from .environment import TOOLKIT_ROOT
+
+    started = _started_with()
+    if started is None:
+        return False
+    if started[0] == "module":
+        return started[1].split(".")[0] == "fluxkit"
+    return os.path.dirname(os.path.realpath(started[1])) == os.path.realpath(TOOLKIT_ROOT)
 
 
 def exit_without_teardown(rc: int, script: str) -> None:

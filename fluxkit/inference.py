@@ -27,7 +27,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 
-from . import families, pivotal, quant, quiet
+from . import families, host_runtime, pivotal, quant, quiet
 from .environment import check_pipeline_folder, hf_offline, is_hub_id, is_rank0, pipeline_folder_problem
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir, storage_problem
@@ -488,6 +488,7 @@ def main(defaults: ScriptDefaults, argv=None) -> int:
     """Entry point of the four scripts (wrapped by errors.cli there)."""
     try:
         args = parse_args(defaults, argv)
+        host_runtime.leave_out(quant.libraries_not_needed(args.base_quantization, False, args.model_path))
         quiet.install()
         run(args, defaults)
     except UserError:

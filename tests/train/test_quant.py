@@ -160,13 +160,18 @@ def test_the_quantization_libraries_a_run_never_calls(tmp_path):
 @pytest.mark.cli
 def test_a_plain_lora_run_does_not_import_bitsandbytes_or_torchao(tiny_flux, sample_data, tmp_path):
     """Both are installed here, and diffusers, transformers and peft import them whenever installed
-    (about 1 s of start-up): the entry script leaves them out of a run that never calls them."""
+    (about 1 s of start-up): the trainer and the inference scripts leave them out of a run that never
+    calls them."""
     out = tmp_path / "o"
-    proc = run_script([sys.executable, "-X", "importtime", LORA] + train_args(tiny_flux, sample_data, out, 1), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / LORA_FILE).is_file()
-    loaded = re.findall(r"\|\s+((?:bitsandbytes|torchao)\.\S+)", proc.stderr)  # a submodule: the library really loaded
-    assert not loaded, loaded[:5]
+    infer = [os.path.join(ROOT, "infer_flux_text2img_lora_bf16.py"), "--model_path", tiny_flux, "--lora_weights", out,
+             "--prompt", "a photo of sks dog", "--height", "32", "--width", "32", "--num_inference_steps", "1",
+             "--output_dir", tmp_path / "images"]
+    for command in ([LORA] + train_args(tiny_flux, sample_data, out, 1), infer):
+        proc = run_script([sys.executable, "-X", "importtime", *map(str, command)], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loaded = re.findall(r"\|\s+((?:bitsandbytes|torchao)\.\S+)", proc.stderr)  # a submodule: the library loaded
+        assert not loaded, (command[0], loaded[:5])
+    assert (out / LORA_FILE).is_file() and any((tmp_path / "images").glob("*.png"))
 
 
 def _refused(capsys, script, args, *needles):
