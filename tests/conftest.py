@@ -57,7 +57,7 @@ def sample_data(tmp_path_factory):
 # The fast loop is `python -m pytest -m "unit or tiny"`.
 COST_MARKS = ("unit", "tiny", "cli", "multiproc")
 # fixtures that build a tiny FLUX of some shape (test modules name theirs here)
-TINY_FIXTURES = {"tiny_flux", "small_flux", "five_blocks", "tiny_klein", "devlike"}
+TINY_FIXTURES = {"tiny_flux", "small_flux", "five_blocks", "tiny_klein", "tiny_flux2_dev", "devlike"}
 
 
 def cost_of(item) -> str:

@@ -20,17 +20,17 @@ TOKENS = 48  # the tiny tokenizer's system message takes 33 tokens: room for the
 
 
 @pytest.fixture(scope="module")
-def tiny_dev(tmp_path_factory):
+def tiny_flux2_dev(tmp_path_factory):
     from fluxkit.tiny import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux2_dev"), "tiny", family="flux2")
 
 
 @pytest.fixture(scope="module")
-def dev_pipe(tiny_dev):
+def dev_pipe(tiny_flux2_dev):
     from fluxkit import families
 
-    pipe = families.get("flux2").load_pipeline(tiny_dev, local_files_only=True)
+    pipe = families.get("flux2").load_pipeline(tiny_flux2_dev, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -43,16 +43,16 @@ def _render(pipe, **extra):
 
 # ----------------------------------------------------------------------------- the prompt path
 
-def test_folder_is_a_flux2_pipeline_whose_tokenizer_is_a_pixtral_processor(tiny_dev):
+def test_folder_is_a_flux2_pipeline_whose_tokenizer_is_a_pixtral_processor(tiny_flux2_dev):
     from fluxkit import families
 
-    index = json.load(open(os.path.join(tiny_dev, "model_index.json")))
+    index = json.load(open(os.path.join(tiny_flux2_dev, "model_index.json")))
     assert index["_class_name"] == "Flux2Pipeline" and index["tokenizer"] == ["transformers", "PixtralProcessor"]
     assert index["text_encoder"] == ["transformers", "Mistral3ForConditionalGeneration"]
-    processor = json.load(open(os.path.join(tiny_dev, "tokenizer", "processor_config.json")))
+    processor = json.load(open(os.path.join(tiny_flux2_dev, "tokenizer", "processor_config.json")))
     assert processor["processor_class"] == "PixtralProcessor"
-    assert families.of_folder(tiny_dev).name == "flux2"
-    config = json.load(open(os.path.join(tiny_dev, "text_encoder", "config.json")))
+    assert families.of_folder(tiny_flux2_dev).name == "flux2"
+    config = json.load(open(os.path.join(tiny_flux2_dev, "text_encoder", "config.json")))
     assert config["text_config"]["num_hidden_layers"] > max(families.get("flux2").out_layers)
 
 
@@ -75,7 +75,7 @@ def test_our_prompt_encoding_equals_flux2pipelines_and_holds_system_message_and_
     assert text.endswith(f"[/SYSTEM_PROMPT][INST]{PROMPTS[0]}[/INST]") and len(tokens) < TOKENS
 
 
-def test_the_processor_reads_a_legacy_chat_template_and_refuses_images(tiny_dev, tmp_path):
+def test_the_processor_reads_a_legacy_chat_template_and_refuses_images(tiny_flux2_dev, tmp_path):
     """A tokenizer folder with the processor's template only in chat_template.json (the older layout):
     the tokenizer alone has no template there, the processor's text half renders with it."""
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
@@ -85,12 +85,12 @@ def test_the_processor_reads_a_legacy_chat_template_and_refuses_images(tiny_dev,
     from fluxkit.families.pixtral_text import PixtralTextProcessor
 
     legacy = tmp_path / "tokenizer"
-    shutil.copytree(os.path.join(tiny_dev, "tokenizer"), legacy)
+    shutil.copytree(os.path.join(tiny_flux2_dev, "tokenizer"), legacy)
     template = (legacy / "chat_template.jinja").read_text()
     (legacy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     os.remove(legacy / "chat_template.jinja")
     assert AutoTokenizer.from_pretrained(str(legacy)).chat_template is None
-    current = PixtralTextProcessor.from_pretrained(tiny_dev, subfolder="tokenizer")
+    current = PixtralTextProcessor.from_pretrained(tiny_flux2_dev, subfolder="tokenizer")
     older = PixtralTextProcessor.from_pretrained(str(legacy))
     conversation = format_input(PROMPTS)
     call = dict(tokenize=True, return_dict=True, return_tensors="pt", padding="max_length", truncation=True, max_length=TOKENS)
@@ -111,7 +111,7 @@ def _losses(out):
 
 
 @pytest.fixture(scope="module")
-def dev_lora(tiny_dev, sample_data, tmp_path_factory):
+def dev_lora(tiny_flux2_dev, sample_data, tmp_path_factory):
     """Two 4-step LoRA runs from the same draws: lr 1e-3 (with a validation image) and 1e-30."""
     from conftest import run_entry_inprocess, trainer_args
 
@@ -120,7 +120,7 @@ def dev_lora(tiny_dev, sample_data, tmp_path_factory):
     for lr in ("1e-3", "1e-30"):  # 1e-30: updates vanish in fp32 (0 is refused)
         extra = dict(validation_prompt=PROMPTS[0], num_validation_images=1) if lr == "1e-3" else {}
         out = root / f"lr{lr}"
-        assert run_entry_inprocess(LORA, trainer_args(tiny_dev, sample_data, out, steps=4, max_sequence_length=TOKENS,
+        assert run_entry_inprocess(LORA, trainer_args(tiny_flux2_dev, sample_data, out, steps=4, max_sequence_length=TOKENS,
                                                       learning_rate=lr, latent_cache_dir=root / "cache", **extra)) == 0
         runs[lr] = _losses(out)
     return root / "lr1e-3", runs
@@ -148,12 +148,12 @@ def test_lora_learns_and_its_file_changes_the_plain_flux2_pipeline(dev_lora, dev
 
 # ----------------------------------------------------------------------------- inference scripts
 
-def test_inference_scripts_render_text_to_image_edits_and_the_lora(tiny_dev, dev_lora, tmp_path):
+def test_inference_scripts_render_text_to_image_edits_and_the_lora(tiny_flux2_dev, dev_lora, tmp_path):
     from PIL import Image
 
     from test_inference import infer, manifest, pixels, pngs
 
-    fast = ["--model_path", tiny_dev, "--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "fp32",
+    fast = ["--model_path", tiny_flux2_dev, "--height", "64", "--width", "64", "--num_inference_steps", "2", "--dtype", "fp32",
             "--max_sequence_length", str(TOKENS), "--seeds", "8", "--prompt", "make it blue"]
     reference = tmp_path / "reference.png"  # FLUX.2 takes references of 64 px and more
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(reference)
@@ -172,7 +172,7 @@ def test_inference_scripts_render_text_to_image_edits_and_the_lora(tiny_dev, dev
 
 # ----------------------------------------------------------------------------- diffusers' scripts through the runner
 
-def test_runner_patch_lets_transformers_pixtral_processor_load_the_tokenizer_folder(tiny_dev, monkeypatch):
+def test_runner_patch_lets_transformers_pixtral_processor_load_the_tokenizer_folder(tiny_flux2_dev, monkeypatch):
     """What diffusers' train_dreambooth_lora_flux2.py does with FLUX.2 [dev]'s tokenizer: PixtralProcessor
     .from_pretrained, then Flux2Pipeline.from_pretrained with it (and, for validation, without it)."""
     import transformers
@@ -183,15 +183,15 @@ def test_runner_patch_lets_transformers_pixtral_processor_load_the_tokenizer_fol
 
     monkeypatch.setattr(transformers, "PixtralProcessor", transformers.PixtralProcessor)  # undone after the test
     with pytest.raises(ImportError, match="requires the Torchvision library"):
-        transformers.PixtralProcessor.from_pretrained(tiny_dev, subfolder="tokenizer")
+        transformers.PixtralProcessor.from_pretrained(tiny_flux2_dev, subfolder="tokenizer")
     (name, applied, why), = patches.apply(["pixtral-text-processor"])
     assert applied and "no torchvision" in why
     patches.apply(["pixtral-text-processor"])  # idempotent
     from transformers import PixtralProcessor
 
-    tokenizer = PixtralProcessor.from_pretrained(tiny_dev, subfolder="tokenizer")
-    encoder = Flux2Pipeline.from_pretrained(tiny_dev, vae=None, transformer=None, scheduler=None, tokenizer=tokenizer)
-    whole = Flux2Pipeline.from_pretrained(tiny_dev)
+    tokenizer = PixtralProcessor.from_pretrained(tiny_flux2_dev, subfolder="tokenizer")
+    encoder = Flux2Pipeline.from_pretrained(tiny_flux2_dev, vae=None, transformer=None, scheduler=None, tokenizer=tokenizer)
+    whole = Flux2Pipeline.from_pretrained(tiny_flux2_dev)
     assert isinstance(whole.tokenizer, PixtralTextProcessor) and encoder.tokenizer is tokenizer
     with torch.no_grad():
         embeds, ids = encoder.encode_prompt(PROMPTS[0], max_sequence_length=TOKENS)
