@@ -30,7 +30,7 @@ from . import blockswap, checkpoint, fsio, host_runtime, offload, outputs, pivot
 from . import families
 from .buckets import BucketSampler
 from .cache import Cache
-from .data import DreamBoothDataset, EpochShuffleSampler, collate
+from .data import DreamBoothDataset, EpochShuffleSampler, collate, stop_workers
 from .device import build_accelerator, detect, empty_cache, is_deepspeed, synchronize, torch_dtype, using_deepspeed, zero_stage
 from .encode import encode_batch
 from .loss import flow_matching_loss
@@ -105,8 +105,11 @@ def train(args) -> dict:
                                                       args.pretrained_model_name_or_path))
     quiet.install()
     run = setup(args)
-    resume(run)
-    loop(run)
+    try:
+        resume(run)
+        loop(run)
+    finally:
+        stop_workers(run.loader)
     startup.mark("train")  # the steps after the first
     return finish(run)
 

@@ -143,11 +143,16 @@ def test_fill_command_ahead_of_training(tiny_flux, tmp_path, encoder_use):
 # ----------------------------------------------------------------------------- streaming, buckets, dropout
 
 def test_streaming_with_workers_gives_the_same_losses(tiny_flux, tmp_path):
+    import multiprocessing
+
     folder = captioned_folder(tmp_path / "data", [(40, 36)] * 4)
     for workers in (0, 2):
+        before = set(multiprocessing.active_children())
         args = args_for(tiny_flux, folder, tmp_path / f"w{workers}", steps=5, no_cache=True, random_flip=True,
                         dataloader_num_workers=workers, repeats=3)
         assert train_inprocess(LORA, args) == 0
+        # the run stopped its workers itself (left to the garbage collector, each stalled a later run 5 s)
+        assert set(multiprocessing.active_children()) <= before
     assert losses(tmp_path / "w0") == losses(tmp_path / "w2") and len(losses(tmp_path / "w0")) == 5
 
 
