@@ -48,9 +48,11 @@ def parse_args(argv=None):
                    help="flops suite: device bf16 peak(s) in TFLOP/s for the images/s table (repeatable; default 989)")
     p.add_argument("--gpu_preset", default="dev", help="gpu suite: architecture (dev = FLUX.1-dev; tiny/small to try it on CPU)")
     p.add_argument("--gpu_compile", choices=("on", "off"), default="on", help="gpu suite: also time torch.compile inference")
-    p.add_argument("--startup_repeats", type=int, default=3, help="startup suite: alternating runs per case (default 3)")
+    p.add_argument("--startup_repeats", type=int, default=3,
+                   help="startup and vs-upstream suites: alternating runs per case (default 3)")
+    p.add_argument("--speed_steps", type=int, default=100, help="vs-upstream suite: optimizer steps per run (default 100)")
     p.add_argument("--upstream_dir", default=os.environ.get("FLUXKIT_UPSTREAM_EXAMPLES"),
-                   help="startup suite: a folder with diffusers' examples/dreambooth scripts, run beside ours "
+                   help="startup and vs-upstream suites: a folder with diffusers' examples/dreambooth scripts, run beside ours "
                         "(default: $FLUXKIT_UPSTREAM_EXAMPLES; none: upstream is skipped)")
     p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"), help="device for every suite (default auto)")
     p.add_argument("--results_dir", default=os.path.join(harness.ROOT, "bench", "results"), help="where the JSON goes")
@@ -60,7 +62,7 @@ def parse_args(argv=None):
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise UserError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
-    for flag in ("train_repeats", "infer_repeats", "train_steps", "infer_images", "infer_steps", "startup_repeats"):
+    for flag in ("train_repeats", "infer_repeats", "train_steps", "infer_images", "infer_steps", "startup_repeats", "speed_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.train_steps <= args.warmup_steps:

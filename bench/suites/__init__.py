@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from . import data, flops, gpu, infer, memory, startup, train
+from . import data, flops, gpu, infer, memory, startup, train, upstream
 
 SUITES = {
     "flops": flops.run,
@@ -16,5 +16,6 @@ SUITES = {
     "memory": memory.run,
     "gpu": gpu.run,
     "startup": startup.run,
+    "vs-upstream": upstream.run,
 }
 DEFAULT_SUITES = list(SUITES)

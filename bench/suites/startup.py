@@ -28,7 +28,8 @@ RUNNER = os.path.join(harness.ROOT, "bench", "upstream_shim", "run_upstream.py")
 RESOLUTION = 256
 
 
-def _launch() -> list[str]:
+def launch_command() -> list[str]:
+    """`accelerate launch` of one process, no config file, fp32: how every case here and in vs-upstream starts."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -45,12 +46,12 @@ def _commands(ctx, assets: dict, name: str) -> dict[str, list[str]]:
     if not os.path.isfile(empty):
         with open(empty, "w") as f:
             f.write("")
-    cmds = {"floor": _launch() + [empty],
-            "ours": _launch() + [os.path.join(harness.ROOT, "train_flux_dreambooth_lora.py"),
+    cmds = {"floor": launch_command() + [empty],
+            "ours": launch_command() + [os.path.join(harness.ROOT, "train_flux_dreambooth_lora.py"),
                                  *_common(assets, ctx.path(name, "ours")), "--latent_cache_dir", ctx.path(name, "cache")]}
     upstream = os.path.join(ctx.args.upstream_dir or "", UPSTREAM_SCRIPT)
     if ctx.args.upstream_dir and os.path.isfile(upstream):
-        cmds["upstream"] = _launch() + [RUNNER, upstream, *_common(assets, ctx.path(name, "upstream"))]
+        cmds["upstream"] = launch_command() + [RUNNER, upstream, *_common(assets, ctx.path(name, "upstream"))]
     return cmds
 
 

@@ -215,6 +215,23 @@ def test_trainer_and_inference_summaries_are_read_as_documented(tmp_path):
                      "first_batch_seconds": 3.0, "num_inference_steps": 8}) is None
 
 
+def test_step_time_is_read_from_either_scripts_step_bar_only():
+    """vs-upstream reads s/step the same way for our trainers and diffusers' scripts: from the elapsed
+    times of the step bar (ours "steps:", upstream "Steps:"), never from another bar in the log."""
+    from bench.suites.upstream import bar_seconds_per_step
+
+    def bar(desc, n, total, elapsed):
+        return f"\r{desc}: {100 * n // total:3d}%|##  | {n}/{total} [{elapsed}<00:09,  3.18s/it, loss=1.4905]"
+
+    log = "".join([bar("caching latents and text", 5, 5, "00:01"), bar("Loading weights", 36, 36, "00:00"),
+                   bar("steps", 1, 12, "00:03"), bar("steps", 2, 12, "00:06"), bar("steps", 2, 12, "00:06"),
+                   bar("steps", 12, 12, "01:11"), bar("validation", 1, 1, "00:02")])
+    assert bar_seconds_per_step(log) == (71 - 6) / 10
+    assert bar_seconds_per_step(log.replace("steps:", "Steps:")) == (71 - 6) / 10
+    assert bar_seconds_per_step(bar("Steps", 2, 100, "1:00:02") + bar("Steps", 100, 100, "1:01:40")) == 1.0
+    assert bar_seconds_per_step(bar("steps", 1, 12, "00:03")) is None  # the run did not finish
+
+
 @pytest.mark.parametrize("args, needle", [
     (["nosuch"], "unknown suite 'nosuch'"),
     (["flops", "--train_steps", "2", "--warmup_steps", "2"], "--train_steps 2"),
