@@ -6,14 +6,14 @@
 Every flag: --help. Images, manifest.jsonl and infer_summary.json go to --output_dir.
 """
 
-from fluxkit.host_runtime import apply_defaults
+from fluxkit.shared.host_runtime import apply_defaults
 
-apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
-from fluxkit.errors import cli  # noqa: E402
-from fluxkit.infer_args import DREAMBOOTH  # noqa: E402
-from fluxkit.inference import main  # noqa: E402
+apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/shared/host_runtime.py)
+from fluxkit.shared.errors import cli  # noqa: E402
+from fluxkit.inference.args import DREAMBOOTH  # noqa: E402
+from fluxkit.inference.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    from fluxkit.host_runtime import exit_without_teardown
+    from fluxkit.shared.host_runtime import exit_without_teardown
 
     exit_without_teardown(cli(main)(DREAMBOOTH), __file__)  # everything is written: skip the interpreter's slow teardown

@@ -16,8 +16,8 @@ The folder loads with its family's pipeline class: <Pipeline>.from_pretrained(DI
 import argparse
 import sys
 
-from fluxkit.errors import cli
-from fluxkit.tiny import FAMILIES, PRESETS
+from fluxkit.shared.errors import cli
+from fluxkit.tiny.build import FAMILIES, PRESETS
 
 
 def parse_args(argv=None):
@@ -40,7 +40,7 @@ def parse_args(argv=None):
 
 @cli
 def main(argv=None):
-    from fluxkit import tiny
+    from fluxkit.tiny import build as tiny
 
     args = parse_args(argv)
     preset = tiny.resolve_preset(args.preset, args.family)

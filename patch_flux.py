@@ -24,12 +24,12 @@ import sys
 # The runner may be started from anywhere; fluxkit lives beside this file.
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
-from fluxkit.host_runtime import apply_defaults  # noqa: E402
+from fluxkit.shared.host_runtime import apply_defaults  # noqa: E402
 
-apply_defaults()  # before torch loads, when run as the runner (fluxkit/host_runtime.py)
-from fluxkit import patches, script_fixes  # noqa: E402
-from fluxkit.environment import is_rank0  # noqa: E402
-from fluxkit.errors import UserError, cli  # noqa: E402
+apply_defaults()  # before torch loads, when run as the runner (fluxkit/shared/host_runtime.py)
+from fluxkit.upstream import patches, script_fixes  # noqa: E402
+from fluxkit.shared.environment import is_rank0  # noqa: E402
+from fluxkit.shared.errors import UserError, cli  # noqa: E402
 
 PROG = "patch_flux.py"
 
@@ -63,7 +63,7 @@ def _print_list() -> None:
     import diffusers
     import torch
 
-    from fluxkit.device import detect
+    from fluxkit.shared.device import detect
 
     info = detect()
     print(f"this machine: {info.type} x{info.count}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
@@ -94,8 +94,8 @@ def check_processes() -> None:
     """Refuse processes that accelerate would leave unconnected: `accelerate launch --multi_gpu` on a host
     without an accelerator starts WORLD_SIZE processes that each get DistributedType.NO (no DeepSpeed,
     no DDP), so each trains alone on the whole dataset into the same output_dir."""
-    from fluxkit.device import detect
-    from fluxkit.environment import parse_bool
+    from fluxkit.shared.device import detect
+    from fluxkit.shared.environment import parse_bool
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     engines = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU")

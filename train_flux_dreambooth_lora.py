@@ -6,21 +6,21 @@
         --instance_prompt "a photo of sks dog" --rank 16 --output_dir flux-dreambooth-lora
 """
 
-from fluxkit.host_runtime import apply_defaults
+from fluxkit.shared.host_runtime import apply_defaults
 
-apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/host_runtime.py)
-from fluxkit.errors import cli  # noqa: E402
+apply_defaults()  # before torch loads: OpenMP reads its wait policy once (fluxkit/shared/host_runtime.py)
+from fluxkit.shared.errors import cli  # noqa: E402
 
 
 @cli
 def main(argv=None):
-    from fluxkit.train import train
-    from fluxkit.train_args import parse
+    from fluxkit.training.train import train
+    from fluxkit.training.train_args import parse
 
     train(parse(argv, lora=True))
 
 
 if __name__ == "__main__":
-    from fluxkit.host_runtime import exit_without_teardown
+    from fluxkit.shared.host_runtime import exit_without_teardown
 
     exit_without_teardown(main(), __file__)  # everything is written: skip the interpreter's slow teardown

@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any, Iterable
 
-from fluxkit.environment import free_port, git_state, versions
-from fluxkit.fsio import atomic_write_json
+from fluxkit.shared.environment import free_port, git_state, versions
+from fluxkit.shared.fsio import atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = "fluxkit-bench/1"
@@ -158,8 +158,8 @@ def results_markdown(result: dict) -> str:
 def machine_info(device_info) -> dict:
     import psutil
 
-    from fluxkit.device import device_name
-    from fluxkit.flops import _cpu_model
+    from fluxkit.shared.device import device_name
+    from fluxkit.shared.flops import _cpu_model
 
     name = device_name(device_info) or "cpu"
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
@@ -294,7 +294,7 @@ class Context:
         """The `small` preset pipeline and 256x256 sample data, built once per bench run
         (or the pipeline given with --model_path)."""
         if self._assets is None:
-            from fluxkit.tiny import build_datasets, build_pipeline
+            from fluxkit.tiny.build import build_datasets, build_pipeline
 
             model = self.args.model_path
             if not model:
@@ -322,7 +322,7 @@ def model_geometry(model_path: str) -> dict:
 def process_peak_flops(device_info, dtype, processes: int) -> float | None:
     """Peak FLOP/s one process of a `processes`-process run can use: a device each on
     accelerators; on CPU its share of the whole CPU's measured peak."""
-    from fluxkit.flops import cpu_peak_flops, peak_flops
+    from fluxkit.shared.flops import cpu_peak_flops, peak_flops
 
     if device_info.type == "cpu" and not os.environ.get("FLUXKIT_PEAK_TFLOPS"):
         return cpu_peak_flops(dtype) / processes

@@ -6,7 +6,7 @@ Writes OUT_PREFIX.rank{RANK}.json with:
   baseline_bytes   RSS after the heavy libraries are imported, before the script runs
   loop_peak_bytes  highest RSS from the end of accelerator.prepare() to the last optimizer step
   run_peak_bytes   highest RSS over the whole script (loading and saving included)
-  phase_peak_bytes highest RssAnon per phase of fluxkit.train: encode (the encoders load, fill the
+  phase_peak_bytes highest RssAnon per phase of fluxkit.training.train: encode (the encoders load, fill the
                    cache and leave), load (the transformer arrives, up to accelerator.prepare()), train;
                    PHASE+file: the same with file-mapped pages (memory-mapped weights) added
   timeline         (seconds, anon - baseline, anon + file - its baseline, phase) every 10 ms
@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from fluxkit.environment import process_rank
+from fluxkit.shared.environment import process_rank
 
 
 def memory_status() -> tuple[int, int]:
@@ -98,10 +98,10 @@ class Sampler(threading.Thread):
 
 
 def mark_phases(sampler: Sampler) -> None:
-    """Label the trainer's phases (fluxkit.train): 'encode' until the cache is filled and the encoders
+    """Label the trainer's phases (fluxkit.training.train): 'encode' until the cache is filled and the encoders
     are released (the encoders' loading included), 'load' until accelerator.prepare() returns, then
     'train'."""
-    import fluxkit.train as train
+    import fluxkit.training.train as train
 
     encode = train.encode_phase
 
@@ -126,7 +126,7 @@ def warm_up_kernels() -> None:
     import torch
     from peft import LoraConfig
 
-    from fluxkit.tiny import PRESETS, build_models
+    from fluxkit.tiny.build import PRESETS, build_models
     from fluxkit.families.flux1 import FAMILY as FLUX1
 
     preset = PRESETS["tiny"]
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
     import torch
     import transformers  # noqa: F401
 
-    import fluxkit.train  # noqa: F401
+    import fluxkit.training.train  # noqa: F401
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         import deepspeed  # noqa: F401

@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `fluxki
 
 from bench import harness  # noqa: E402
 from bench.suites import DEFAULT_SUITES, SUITES  # noqa: E402
-from fluxkit.environment import pipeline_folder_problem  # noqa: E402
-from fluxkit.errors import UserError, cli  # noqa: E402
+from fluxkit.shared.environment import pipeline_folder_problem  # noqa: E402
+from fluxkit.shared.errors import UserError, cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -96,7 +96,7 @@ def run_suite(name: str, ctx) -> dict:
 
 @cli
 def main(argv=None):
-    from fluxkit.device import detect
+    from fluxkit.shared.device import detect
 
     args = parse_args(argv)
     info = detect(args.device)

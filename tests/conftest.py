@@ -38,14 +38,14 @@ def with_faults(env=None):
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
-    from fluxkit.tiny import build_datasets
+    from fluxkit.tiny.build import build_datasets
 
     return build_datasets(str(tmp_path_factory.mktemp("data") / "sample"), seed=0, resolution=32)
 
@@ -73,7 +73,7 @@ def cost_of(item) -> str:
 
 # A pytest session holds half a million objects or more (torch, diffusers, transformers, each test module), and
 # a full garbage collection scans them all (0.3 s and more); the trainer collects after encoding in every
-# in-process run (fluxkit.train.release_encoders), and Python itself collects fully every so often. After each
+# in-process run (fluxkit.training.train.release_encoders), and Python itself collects fully every so often. After each
 # test, what it dropped is collected and what lives on (modules, session and module fixtures) is frozen out of
 # the collector's sight (gc.freeze), so later collections scan only what the running test made. (A frozen
 # fixture released later is not reclaimed: tiny models, a few MB.) Measured: full collections 5.2 -> 2.4 s CPU

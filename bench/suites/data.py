@@ -92,7 +92,7 @@ def _probed(ctx, name: str, model: str, images: str, cache_dir: str, extra=()) -
 
 
 def _devlike_model(ctx) -> str:
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     model = ctx.path("devlike_flux")
     if not os.path.isdir(model):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from fluxkit import flops
-from fluxkit.tiny import PRESETS
+from fluxkit.shared import flops
+from fluxkit.tiny.build import PRESETS
 
 RESOLUTIONS = (256, 512, 1024)
 T5_LENGTHS = (77, 512)  # the DreamBooth scripts' default, and FluxPipeline's

@@ -14,7 +14,7 @@
    (anchor: xDiT, 1.63 s on 4 x H100). Needs 2 or more devices; on CPU with a small preset it
    runs over 2 gloo processes to check the code path.
 
-Everything is built in device memory from configs (fluxkit.tiny's `dev` preset), nothing is
+Everything is built in device memory from configs (fluxkit.tiny.build's `dev` preset), nothing is
 read from disk or a hub; the whole suite is sized to fit in 10 minutes on an H100-class GPU.
 Without an accelerator it skips, unless --gpu_preset names a small preset to try the same
 code on CPU.
@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from fluxkit import flops
-from fluxkit.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
+from fluxkit.shared import flops
+from fluxkit.shared.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
 
 from .. import harness
 from . import gpu_memory
@@ -55,7 +55,7 @@ def _sizes(preset) -> dict:
 
 def _build(preset, device):
     """The pipeline's models with random weights, made directly on the device in bf16."""
-    from fluxkit.tiny import build_models
+    from fluxkit.tiny.build import build_models
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -216,7 +216,7 @@ def _context_parallel(ctx, preset, res: int) -> tuple[dict | None, str]:
 def run(ctx) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from fluxkit.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, build_t5_tokenizer, resolve_preset
+    from fluxkit.tiny.build import SCHEDULER_CONFIG, build_clip_tokenizer, build_t5_tokenizer, resolve_preset
 
     preset = resolve_preset(ctx.args.gpu_preset)
     if not ctx.device.has_accelerator and preset.large:
@@ -299,6 +299,6 @@ def run(ctx) -> dict:
                          f"{'met' if s < TARGET_COMPILED_S_PER_IMAGE else 'NOT met'} ({s:.2f} s)")
     else:
         notes.append(f"preset {preset.name} on {device}: a check of the code path, not a GPU measurement")
-    notes.append("MFU counts LoRA as a frozen-base step (fluxkit.flops); text encoders and VAE run inside s/image, "
+    notes.append("MFU counts LoRA as a frozen-base step (fluxkit.shared.flops); text encoders and VAE run inside s/image, "
                  "transformer it/s is the time between step ends (first step, with text encoding, left out)")
     return {"status": "ok", "rows": rows, "comparisons": comparisons, "notes": notes}

@@ -5,7 +5,7 @@
 
 Every process builds the same random-weight model (same seed) on its own device, then the
 transformer's attention is split over all N processes with fluxkit's inference path
-(fluxkit.infer_parallel: the attention backend for the device, the CPU device-count patch,
+(fluxkit.inference.parallel: the attention backend for the device, the CPU device-count patch,
 diffusers' ContextParallelConfig). Rank 0 writes the timings. On a CPU host (gloo) this checks
 the code path with a small preset; the numbers only mean something on accelerators.
 """
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from fluxkit.device import detect, synchronize  # noqa: E402
-from fluxkit.infer_parallel import (choose_attention_backend, distributed_state, enable_context_parallel,  # noqa: E402
+from fluxkit.shared.device import detect, synchronize  # noqa: E402
+from fluxkit.inference.parallel import (choose_attention_backend, distributed_state, enable_context_parallel,  # noqa: E402
                                     plan_grid)
 
 T5_TOKENS = 512  # FluxPipeline's default
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from fluxkit.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, build_models, build_t5_tokenizer, resolve_preset
+    from fluxkit.tiny.build import SCHEDULER_CONFIG, build_clip_tokenizer, build_models, build_t5_tokenizer, resolve_preset
 
     info = detect("auto")
     state = distributed_state(info.type)

@@ -23,8 +23,8 @@ from argparse import Namespace
 
 import torch
 
-from fluxkit import flops
-from fluxkit.device import device_module, empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
+from fluxkit.shared import flops
+from fluxkit.shared.device import device_module, empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
 
 from .. import harness
 
@@ -48,7 +48,7 @@ def _transformer(preset, device, quantization: str):
     """The transformer alone with random bf16 weights on the device, its Linear weights quantized as asked."""
     from diffusers import FluxTransformer2DModel
 
-    from fluxkit import quant
+    from fluxkit.weights import quant
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -87,7 +87,7 @@ def _steps(ctx, t, res: int, vae_scale: int, rank: int, eight_bit: bool, swap: i
     """(step times, peak allocated, blocks resident at most) of WARMUP + STEPS LoRA steps."""
     from peft import LoraConfig
 
-    from fluxkit import blockswap
+    from fluxkit.training import blockswap
     from fluxkit.families.flux1 import FAMILY as FLUX1
 
     device = torch.device(ctx.device.type)

@@ -56,7 +56,7 @@ def planned_bytes(flags: list[str], mode: str, processes: int) -> int:
     """The plan's training peak (forward + backward or the optimizer step, whichever is larger): the
     phases between accelerator.prepare() and the last step, which is what memprobe's loop window sees."""
     from fluxkit.plan import plan_memory
-    from fluxkit.train_args import parse
+    from fluxkit.training.train_args import parse
 
     args = parse(flags, lora=mode == "lora")
     plan = plan_memory(args, processes, 2 if processes > 1 else 0, "cpu")
@@ -87,8 +87,8 @@ def phase_rows(ctx) -> tuple[list, list]:
     cache: each phase's measured peak (RssAnon + RssFile: weights read in their stored dtype stay
     memory-mapped) beside the plan's, and the run's peak beside the sum of the phases."""
     from fluxkit.plan import plan_memory
-    from fluxkit.tiny import build_datasets, build_pipeline
-    from fluxkit.train_args import parse
+    from fluxkit.tiny.build import build_datasets, build_pipeline
+    from fluxkit.training.train_args import parse
 
     model, data = ctx.path("devlike_bf16"), ctx.path("devlike_data")
     if not os.path.isdir(model):
@@ -146,7 +146,7 @@ def rung_rows(ctx) -> tuple[list, list]:
 
 
 def run(ctx) -> dict:
-    from fluxkit.tiny import build_datasets, build_pipeline
+    from fluxkit.tiny.build import build_datasets, build_pipeline
 
     small = ctx.small_assets()
     tiny_model, tiny_data = ctx.path("tiny_flux"), ctx.path("tiny_data")

@@ -7,7 +7,7 @@ fresh latent cache, so both encode the same images and prompt. Cases alternate w
 
 - floor: `accelerate launch` of an empty script (interpreter, accelerate's launcher, one child).
 - ours: train_flux_dreambooth_lora.py; its summary's `startup_seconds` splits the run into phases
-  (fluxkit/startup.py); `launch` is the time before the trainer process started, `exit` what
+  (fluxkit/training/startup.py); `launch` is the time before the trainer process started, `exit` what
   follows its last mark.
 - upstream: diffusers' examples/dreambooth/train_dreambooth_lora_flux.py from --upstream_dir,
   unmodified, through bench/upstream_shim/run_upstream.py (a torchvision stand-in: PyPI's

@@ -5,7 +5,7 @@ also int8 and NF4 quantized bases (--base_quantization) beside the unquantized o
 Each case runs the trainer --train_repeats times as a subprocess and reads its JSON summary;
 its measured step times (after the trainer's warm-up steps) are the repeats of s/step,
 images/s and MFU; the other metrics are per run. MFU is recomputed here from the
-summary's s/step with fluxkit.flops, so full and LoRA runs are counted the same way whatever
+summary's s/step with fluxkit.shared.flops, so full and LoRA runs are counted the same way whatever
 the trainer reports (its own figure is kept as `trainer mfu`).
 """
 
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from fluxkit import flops
+from fluxkit.shared import flops
 
 from .. import harness
 
@@ -143,7 +143,7 @@ def run(ctx, mode: str) -> dict:
 
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH} per process, {ctx.args.train_steps} steps of which "
              f"{ctx.args.warmup_steps} warm-up, bf16; prompt {INSTANCE_PROMPT!r}",
-             "MFU: model FLOPs of the transformer (fluxkit.flops; LoRA counts no base weight gradients) per process / "
+             "MFU: model FLOPs of the transformer (fluxkit.shared.flops; LoRA counts no base weight gradients) per process / "
              f"s/step / that process's peak ({'measured all-core bf16 matmul peak / processes' if ctx.device.type == 'cpu' else 'datasheet'})",
              "peak memory: per process (resident set size on CPU, allocated device memory on accelerators)"]
     return harness.suite_result(rows, comparisons, notes, failures)

@@ -12,7 +12,7 @@ The parts, each in its own module:
 
     store    immutable shards named by the hash of their bytes; the unreadable-image records
     keys     the encoders' identity (a cache from another model is never read) and content keys
-    facade   the Cache the loss reads through (fluxkit.encode), build(), prepare_data() (the
+    facade   the Cache the loss reads through (fluxkit.training.encode), build(), prepare_data() (the
              dataset, its cache and prompts: shared by the trainer and the cache command)
     fill     encoding what is missing ahead of training, each process its share
     admin    size, least-recently-used pruning, pruning to one run's entries

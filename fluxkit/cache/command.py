@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from ..errors import FlagParser, UserError
+from ..shared.errors import FlagParser, UserError
 from .admin import prune_to_size, prune_unused, usage
 from .facade import cache_root, check_cache_dir, default_cache_dir, prepare_data
 from .fill import fill
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     --max_size_gb removes the least recently used shards (of any model) until the cache is that big.
     Pruning is safe while runs use the cache: what a run still needs is encoded again, never corrupted.
     """
-    from ..errors import cli
+    from ..shared.errors import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--list" in argv or any(a == "--max_size_gb" or a.startswith("--max_size_gb=") for a in argv):
@@ -54,7 +54,7 @@ def _size_command(argv) -> int:
     p.add_argument("--max_size_gb", type=float, default=None, help="remove least recently used shards down to this size")
     import copy
 
-    from ..train_args import build_parser
+    from ..training.train_args import build_parser
 
     trainer = {a.dest: a for a in build_parser(lora=True)._actions}
     for name in ("latent_cache_dir", "output_dir"):  # the trainer's flags, defined once (there)
@@ -95,12 +95,12 @@ def _named(row: dict) -> str:
 def _fill_command(argv=None) -> int:
     import json
 
-    from .. import pivotal
-    from ..device import check_mixed_precision, detect, torch_dtype
-    from ..encode import encode_prompts, latent_moments
-    from ..models import load_models, resolve_model_dir
-    from ..scan import list_images, scan_dataset
-    from ..train_args import parse
+    from ..training import pivotal
+    from ..shared.device import check_mixed_precision, detect, torch_dtype
+    from ..training.encode import encode_prompts, latent_moments
+    from ..training.models import load_models, resolve_model_dir
+    from ..data.scan import list_images, scan_dataset
+    from ..training.train_args import parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
     lora, prune = "--full" not in argv, "--prune" in argv
@@ -134,7 +134,7 @@ def _fill_command(argv=None) -> int:
                 continue
             module.requires_grad_(False)
             module.to(device, dtype=dtype)
-        from ..data import default_num_workers
+        from ..data.dataset import default_num_workers
 
         workers = args.dataloader_num_workers or default_num_workers(1)  # decoding in parallel is the point here
         fill(cache, dataset, prompts, lambda px: latent_moments(m.vae, px),

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .. import fsio
+from ..shared import fsio
 from .keys import (ImageHashes, image_hashes, latent_keys, reference_hashes, text_identity, text_key, training_prompts,
                    vae_identity)
 from .store import FORMAT, LATENT_FIELDS, TEXT_FIELDS, ShardStore, UnreadableImages, write_about
@@ -156,7 +156,7 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     per_image = image_hashes(dataset, hashes)  # reads (or hashes) each image once
     key_images = {}
     keys = latent_keys(dataset, per_image, key_images, reference_hashes(dataset, hashes))
-    from ..environment import is_rank0
+    from ..shared.environment import is_rank0
 
     if is_rank0():
         hashes.save()
@@ -181,8 +181,8 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
 def _check_known_unreadable(cache: Cache, dataset) -> None:
     """Images an earlier fill could not decode: one error line now, before any model loads, or with
     --skip_bad_images name them (once, on the main process)."""
-    from ..data import UnreadableImage, say_skipped, skipped_name
-    from ..environment import is_rank0
+    from ..data.dataset import UnreadableImage, say_skipped, skipped_name
+    from ..shared.environment import is_rank0
 
     unreadable, unreadable_class = cache.unreadable_images()
     found = [(dataset.scan.samples[i].name, r) for i, r in unreadable.items()]
@@ -217,11 +217,11 @@ def mark_used(cache: Cache, prompts: list[str]) -> None:
 
 
 def prepare_data(args, scan, class_images, model_dir: str, weight_dtype: torch.dtype, device="cpu"):
-    """(dataset, its cache, the prompts it encodes) from the data scan (fluxkit.scan) and prior
+    """(dataset, its cache, the prompts it encodes) from the data scan (fluxkit.data.scan) and prior
     preservation's class images (their paths; None without them). The trainer and
     `python -m fluxkit.cache` both start here, so the cache a fill command writes is the one the run reads."""
-    from ..data import DreamBoothDataset
-    from ..scan import add_class_images
+    from ..data.dataset import DreamBoothDataset
+    from ..data.scan import add_class_images
 
     if class_images:
         add_class_images(scan, class_images, args)

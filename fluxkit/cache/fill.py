@@ -29,7 +29,7 @@ class _PixelsOf(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         """(key, pixels, None), or (key, None, (name, reason)) for an image that does not decode: the
         fill decides in its own process (a worker's exception would arrive as a wrapped traceback)."""
-        from ..data import UnreadableImage
+        from ..data.dataset import UnreadableImage
 
         key, index = self.items[i]
         try:
@@ -96,8 +96,8 @@ def _fill_share(cache, dataset, latents, texts, encode_image, encode_text, num_w
 
 def _record_unreadable(cache: Cache, dataset, key: str, name: str, reason: str) -> None:
     """An image that does not decode: recorded for every process and later runs, then one error line,
-    or with --skip_bad_images named once (its samples are replaced in training, fluxkit.data)."""
-    from ..data import UnreadableImage, say_skipped, skipped_name
+    or with --skip_bad_images named once (its samples are replaced in training, fluxkit.data.dataset)."""
+    from ..data.dataset import UnreadableImage, say_skipped, skipped_name
 
     cache.unreadable.add(cache.key_images[key], name, reason)
     if not dataset.skip_bad:

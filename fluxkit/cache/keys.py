@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .. import fsio
+from ..shared import fsio
 from .store import content_digest, digest
 
 FINGERPRINT_SAMPLE = 2**20
@@ -105,7 +105,7 @@ def image_hashes(dataset, hashes: ImageHashes) -> tuple[list[str], list[str]]:
 
 
 def reference_hashes(dataset, hashes: ImageHashes) -> list[str]:
-    """Content hash of each editing pair's reference image (none without pairs, fluxkit.pairs)."""
+    """Content hash of each editing pair's reference image (none without pairs, fluxkit.data.pairs)."""
     scan = dataset.scan
     return [hashes(scan.reference_source(r)) for r in scan.references or ()]
 
@@ -115,7 +115,7 @@ def latent_keys(dataset, per_image: tuple[list[str], list[str]], images: dict[st
     """Content key of every sample's latent: sample index i, -1 - i for its class partner and
     REFERENCE + i for its reference image (editing pairs). per_image: image_hashes(dataset, ...);
     references: reference_hashes(dataset, ...); images, when given, receives each key's image hash."""
-    from ..pairs import REFERENCE
+    from ..data.pairs import REFERENCE
 
     image_hash, class_hash = per_image
     common = (dataset.interpolation, dataset.background)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .. import fsio
+from ..shared import fsio
 
 logger = logging.getLogger("fluxkit.cache")
 FORMAT = "v1"

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from ..errors import EXIT_USER_ERROR, FlagParser, UserError, cli, report_user_error
+from ..shared.errors import EXIT_USER_ERROR, FlagParser, UserError, cli, report_user_error
 from .folders import _NAME
 from .manifest import STATE_FILE
 from .verify import Damaged, check

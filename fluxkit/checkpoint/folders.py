@@ -16,11 +16,11 @@ import shutil
 
 import torch
 
-from ..errors import UserError
-from ..fsio import PARTIAL_PREFIX, discard_dir, write_failure
-from ..lora import lora_save_load_hooks, unwrap_model
-from ..pivotal import settings as pivotal_settings
-from ..zero3 import save_pretrained_gathered
+from ..shared.errors import UserError
+from ..shared.fsio import PARTIAL_PREFIX, discard_dir, write_failure
+from ..weights.lora import lora_save_load_hooks, unwrap_model
+from ..training.pivotal import settings as pivotal_settings
+from ..weights.zero3 import save_pretrained_gathered
 from . import device_states, manifest, verify
 from .manifest import STATE_FILE
 # A storage error's cause is judged by a probe write of this size (room for a small file is not enough).
@@ -209,7 +209,7 @@ def prune(output_dir: str, total_limit: int | None) -> list[str]:
 def register_state_hooks(args, accelerator, m) -> None:
     """What save_state/load_state write and read for our models (m: the run's Models): LoRA files for
     LoRA runs, diffusers-format model folders for full runs (checkpoint-STEP/transformer loads alone).
-    Both are written with full weights under ZeRO-3 too (gathered; see fluxkit.zero3); under
+    Both are written with full weights under ZeRO-3 too (gathered; see fluxkit.weights.zero3); under
     DeepSpeed, resuming reads the engine's own sharded checkpoint and these files are for people."""
     if args.lora:
         te = m.text_encoder if args.train_text_encoder else None

@@ -14,7 +14,7 @@ import logging
 import os
 import pickle
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from . import device_states, verify
 from .verify import Damaged
 

@@ -16,7 +16,7 @@ import os
 import re
 import zipfile
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from . import manifest
 from .manifest import STATE_FILE, holds
 

@@ -21,7 +21,7 @@ import importlib
 import json
 import os
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from .base import Family
 
 # family name -> module; the pipeline class names each family's model_index.json carries

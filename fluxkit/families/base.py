@@ -9,7 +9,7 @@ import torch
 
 
 class Family:
-    """One FLUX model family. Stateless: the run's models are passed in (m: fluxkit.models.Models)."""
+    """One FLUX model family. Stateless: the run's models are passed in (m: fluxkit.training.models.Models)."""
 
     name = ""
     pipeline_name = ""  # the diffusers pipeline class (model_index.json's _class_name)
@@ -28,9 +28,9 @@ class Family:
 
     def check(self, args) -> None:
         """Refuse flags this family cannot honour, before anything loads."""
-        from ..errors import UserError
+        from ..shared.errors import UserError
 
-        from ..pairs import editing_requested
+        from ..data.pairs import editing_requested
 
         if editing_requested(args) and not self.editing:
             raise UserError(f"--cond_image_dir/--cond_image_column give editing pairs, but {self.name} trains "
@@ -117,8 +117,8 @@ class Family:
         raise NotImplementedError(f"{self.name} takes no reference image")
 
     def velocity(self, transformer, noisy, timesteps, prompt_embeds, pooled, cfg, refs=None) -> torch.Tensor:
-        """The transformer's velocity for noisy latents (B, C, H, W), in their layout (fluxkit.loss's predict)."""
-        from ..lora import unwrap_model
+        """The transformer's velocity for noisy latents (B, C, H, W), in their layout (fluxkit.training.loss's predict)."""
+        from ..weights.lora import unwrap_model
 
         config = unwrap_model(transformer).config
         guidance = None
@@ -128,7 +128,7 @@ class Family:
         return self.prediction(transformer(timestep=timesteps / 1000, return_dict=False, **inputs)[0], noisy.shape)
 
     def predictor(self, refs=None):
-        """fluxkit.loss's predict for a batch, its reference latents (or None) bound."""
+        """fluxkit.training.loss's predict for a batch, its reference latents (or None) bound."""
         return self.velocity if refs is None else functools.partial(self.velocity, refs=refs)
 
     def transformer_inputs(self, noisy: torch.Tensor, seq: torch.Tensor, pooled: torch.Tensor, refs, guidance,
@@ -142,7 +142,7 @@ class Family:
         raise NotImplementedError
 
     def flop_parts(self):
-        """The transformer's forward FLOP count (fluxkit.flops: (config, image_tokens, text_tokens, batch) -> parts)."""
-        from ..flops import flux_forward_flop_parts
+        """The transformer's forward FLOP count (fluxkit.shared.flops: (config, image_tokens, text_tokens, batch) -> parts)."""
+        from ..shared.flops import flux_forward_flop_parts
 
         return flux_forward_flop_parts

@@ -62,7 +62,7 @@ class Flux2(Family):
         try:
             hidden = torch.stack([out.hidden_states[k] for k in layers], dim=1)  # (B, layers, L, D)
         except IndexError:
-            from ..errors import UserError
+            from ..shared.errors import UserError
 
             raise UserError(f"--text_encoder_out_layers {' '.join(map(str, layers))}: the text encoder has "
                             f"{len(out.hidden_states) - 1} layers (hidden states 0..{len(out.hidden_states) - 1})") from None
@@ -136,7 +136,7 @@ class Flux2(Family):
         return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w)
 
     def flop_parts(self):
-        from ..flops import flux2_forward_flop_parts
+        from ..shared.flops import flux2_forward_flop_parts
 
         return flux2_forward_flop_parts
 

@@ -8,9 +8,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .. import host_runtime
-from ..environment import TOOLKIT_ROOT as ROOT
-from ..errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
+from ..shared import host_runtime
+from ..shared.environment import TOOLKIT_ROOT as ROOT
+from ..shared.errors import EXIT_INTERRUPTED, EXIT_STATUS_ENV, EXIT_USER_ERROR, UserError, report_user_error
 from . import report
 from .checks import (check_accelerate_config, check_cache_folder, check_data, check_keys, check_memory, check_model,
                      check_output_dir, in_launcher_words, resolve_config_file, scan_training_data,
@@ -29,7 +29,7 @@ class Launch:
     script: str = ""  # the trainer script
     external: bool = False  # --train_script: another trainer, run through patch_flux.py
     accelerate_config: dict = field(default_factory=dict)
-    info: object = None  # fluxkit.device.DeviceInfo
+    info: object = None  # fluxkit.shared.device.DeviceInfo
     plan: LaunchPlan | None = None
     trainer_args: object = None  # our trainer's parsed flags (None for an external script)
     started: float = 0.0
@@ -79,8 +79,8 @@ def read_keys(launch: Launch) -> None:
 
 def find_devices(launch: Launch) -> None:
     """The devices here, the processes, and the command that starts them (with the demo's model built)."""
-    from .. import quiet
-    from ..device import check_mixed_precision, detect
+    from ..shared import quiet
+    from ..shared.device import check_mixed_precision, detect
 
     req = launch.req
     quiet.install(req.verbose)
@@ -97,12 +97,12 @@ def check_trainer_args(launch: Launch) -> None:
     if launch.external:
         return
     launch.trainer_args = validate_trainer_args(launch.plan.trainer_args, launch.req.spec.kind == "lora")
-    from ..device import zero_stage
-    from ..preflight import check_host  # what the trainer checks first, in every process: refused here
+    from ..shared.device import zero_stage
+    from ..training.preflight import check_host  # what the trainer checks first, in every process: refused here
 
     deepspeed = zero_stage(launch.accelerate_config) is not None
     check_host(launch.trainer_args, launch.info, deepspeed=deepspeed)
-    from .. import blockswap  # --blocks_to_swap under a DeepSpeed config, or too many blocks: refused here too
+    from ..training import blockswap  # --blocks_to_swap under a DeepSpeed config, or too many blocks: refused here too
 
     blockswap.check_launch(launch.trainer_args, deepspeed, launch.req.opts.get("model_name") or "")
 
@@ -150,7 +150,7 @@ def open_run_folder(launch: Launch) -> None:
             why = "demo: the previous demo run" if req.demo and "overwrite_output_dir" not in req.given else \
                 "--overwrite_output_dir: the previous run"
             print(f"{why} in {out} moved to {moved}", flush=True)
-    from ..fsio import ensure_writable_dir
+    from ..shared.fsio import ensure_writable_dir
 
     logs = ensure_writable_dir(os.path.join(out, "logs"), "--output_dir")  # one line when it cannot be made
     plan.log = os.path.join(logs, f"train_{o['mixed_precision']}_{req.spec.network}_{time.strftime('%Y%m%d_%H%M%S')}.log")
@@ -167,7 +167,7 @@ def open_run_folder(launch: Launch) -> None:
 
 def start_training(launch: Launch) -> int:
     """`accelerate launch` through the console filter; the trainer's own exit status when it left one."""
-    from .. import quiet
+    from ..shared import quiet
 
     req, plan = launch.req, launch.plan
     status_file = os.path.join(os.path.dirname(plan.log), ".trainer_exit_status")

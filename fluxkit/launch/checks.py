@@ -11,9 +11,9 @@ import os
 import re
 import sys
 
-from ..environment import TOOLKIT_ROOT as ROOT
-from ..environment import hf_offline, is_hub_id, pipeline_folder_problem
-from ..errors import UserError
+from ..shared.environment import TOOLKIT_ROOT as ROOT
+from ..shared.environment import hf_offline, is_hub_id, pipeline_folder_problem
+from ..shared.errors import UserError
 from .command import LaunchPlan
 from .keys import Request
 from .spec import ACCELERATE_CONFIG, KEY_OF_FLAG, OWNED_FLAGS
@@ -167,9 +167,9 @@ def check_data(opts: dict) -> None:
 
 
 def scan_training_data(args, world_size: int) -> int:
-    """The trainer's data scan (fluxkit.scan: image headers, captions, columns, enough samples per
+    """The trainer's data scan (fluxkit.data.scan: image headers, captions, columns, enough samples per
     process), run here so that a data mistake is one line before any process starts; its sample count."""
-    from ..scan import scan_dataset
+    from ..data.scan import scan_dataset
 
     with contextlib.redirect_stderr(io.StringIO()):  # datasets' progress bars; mistakes come as UserError
         return scan_dataset(args, world_size=world_size, quiet=True).num_samples
@@ -177,13 +177,13 @@ def scan_training_data(args, world_size: int) -> int:
 
 def validate_trainer_args(argv: list[str], lora: bool):
     """The trainer's parser and value checks on exactly the arguments it will get: its error as one UserError."""
-    from ..train_args import parse
+    from ..training.train_args import parse
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
             return parse(argv, lora=lora)
-    except SystemExit:  # the parser's one line: `prog: error: message` (fluxkit.errors.FlagParser)
+    except SystemExit:  # the parser's one line: `prog: error: message` (fluxkit.shared.errors.FlagParser)
         message = [line for line in captured.getvalue().splitlines() if ": error: " in line]
         raise UserError(message[-1].split(": error: ", 1)[1] if message else captured.getvalue().strip()) from None
 
@@ -209,7 +209,7 @@ def launcher_words(text: str, req: Request) -> str:
 def check_memory(trainer_args, plan: LaunchPlan, info, accelerate_config: dict):
     """The memory plan of the run about to start (fluxkit.plan.check_fits): (plan or None, its line).
     Raises UserError when it cannot fit, unless --ignore_memory_plan (a dry run too: it says what the run does)."""
-    from ..device import zero_stage
+    from ..shared.device import zero_stage
     from ..plan import accelerate_offload, check_fits
 
     return check_fits(trainer_args, plan.processes, zero_stage(accelerate_config) or 0, info,
@@ -220,7 +220,7 @@ def check_cache_folder(trainer_args, write: bool) -> None:
     """A --latent_cache_dir the user gave must take files (the default one sits beside the output folder,
     whose own check names the right flag); a dry run judges it without making it."""
     from ..cache import cache_root, check_cache_dir
-    from ..fsio import creatable_problem
+    from ..shared.fsio import creatable_problem
 
     if write:
         check_cache_dir(trainer_args, given_only=True)
@@ -235,7 +235,7 @@ def check_output_dir(path: str) -> None:
     """A folder the run can create and write (judged without writing: a dry run checks it too)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"output_dir {path!r} is a file; pass --output_dir=PATH to a folder")
-    from ..fsio import creatable_problem
+    from ..shared.fsio import creatable_problem
 
     problem = creatable_problem(path)
     if problem:

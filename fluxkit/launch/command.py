@@ -11,9 +11,9 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ..environment import TOOLKIT_ROOT as ROOT
-from .. import host_runtime
-from ..environment import free_port
+from ..shared.environment import TOOLKIT_ROOT as ROOT
+from ..shared import host_runtime
+from ..shared.environment import free_port
 from . import validation
 from .keys import Request
 from .record import masked
@@ -50,7 +50,7 @@ def cores() -> int:
 def trainer_arguments(req: Request, device_type: str, per_machine: int, external: bool) -> list[str]:
     """The trainer's arguments: every key that is a trainer flag, then the user's `--` arguments verbatim."""
     o = req.opts
-    from ..train_args import trainer_flags
+    from ..training.train_args import trainer_flags
 
     flags = trainer_flags(req.spec.kind == "lora")
     values = {k: v for k, v in o.items() if k not in LAUNCHER_ONLY}
@@ -59,7 +59,7 @@ def trainer_arguments(req: Request, device_type: str, per_machine: int, external
     else:
         values.pop("caption_column", None)
     if values.get("dataloader_num_workers") == "auto":
-        from ..data import default_num_workers
+        from ..data.dataset import default_num_workers
 
         values["dataloader_num_workers"] = str(default_num_workers(per_machine))
     given_after_dash = trainer_flags_given(req.extra, req.spec.kind == "lora")
@@ -88,7 +88,7 @@ def trainer_arguments(req: Request, device_type: str, per_machine: int, external
 
 def trainer_flags_given(extra: list[str], lora: bool) -> dict:
     """The trainer flags a list of trainer arguments sets, with their values (argparse's reading)."""
-    from ..train_args import build_parser
+    from ..training.train_args import build_parser
 
     parser = build_parser(lora)
     for action in parser._actions:
@@ -125,7 +125,7 @@ def make_plan(req: Request, info, external: bool, script: str) -> LaunchPlan:
         threads = str(max(1, cores() // per_machine)) if info.type == "cpu" else "1"
     env["OMP_NUM_THREADS"] = threads
     # OpenMP threads that sleep between regions, and a JIT-extensions folder per Python environment,
-    # unless set (fluxkit/host_runtime.py: measured on a shared CPU host)
+    # unless set (fluxkit/shared/host_runtime.py: measured on a shared CPU host)
     env.update({k: os.environ.get(k) or v for k, v in host_runtime.env_defaults({}).items()})
     # DeepSpeed told the device the launcher chose, rather than guessing it in every process (and
     # warning "Setting accelerator to CPU" four times on a CPU host)

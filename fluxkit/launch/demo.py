@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from .command import LaunchPlan
 from .keys import Request
 
@@ -39,7 +39,7 @@ def build_demo_cache(dry_run: bool, verbose: bool = False) -> None:
         print(f"demo: would build a tiny random FLUX and sample data in {cache} (make_tiny_flux.py --preset tiny)")
         return
     print(f"demo: building a tiny random FLUX and sample data in {cache} (once)", flush=True)
-    from .. import tiny
+    from ..tiny import build as tiny
 
     os.makedirs(cache, exist_ok=True)
     preset = tiny.resolve_preset("tiny")
@@ -89,8 +89,8 @@ def captured_output(show_on_error: bool, keep: bool = False):
 
 def demo_infer(req: Request, plan: LaunchPlan, device_type: str) -> None:
     """Render the demo's prompts with the result, in this process (the inference scripts' main)."""
-    from ..infer_args import DREAMBOOTH, LORA
-    from ..inference import main as infer
+    from ..inference.args import DREAMBOOTH, LORA
+    from ..inference.run import main as infer
 
     o = req.opts
     out = o["output_dir"]

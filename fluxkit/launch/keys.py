@@ -7,7 +7,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from ..errors import UserError, nearest
+from ..shared.errors import UserError, nearest
 from .spec import (ASCEND_ENV, COMMON_DEFAULTS, COMMON_KEYS, FAMILY_DEFAULTED, KEY_HELP, KEY_OF_FLAG, TRAINER_NAME,
                    Launcher)
 
@@ -35,7 +35,7 @@ class Request:
 
 
 def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:
-    from ..train_args import trainer_flags  # deferred (imports torch): --help and key errors stay fast
+    from ..training.train_args import trainer_flags  # deferred (imports torch): --help and key errors stay fast
 
     flags = trainer_flags(spec.kind == "lora")
     known = set(spec.keys) | set(COMMON_KEYS) | {k for k in flags if k not in KEY_OF_FLAG} | set(KEY_OF_FLAG)
@@ -147,7 +147,7 @@ def family_lines(spec: Launcher) -> list[str]:
 
 
 def _switch_value(key: str, value) -> bool:
-    from ..environment import parse_bool
+    from ..shared.environment import parse_bool
 
     if parse_bool(value) is not None:
         return parse_bool(value)

@@ -17,9 +17,9 @@ import os
 import sys
 import time
 
-from ..environment import TOOLKIT_ROOT as ROOT
-from ..environment import git_state, versions
-from ..fsio import atomic_write_json
+from ..shared.environment import TOOLKIT_ROOT as ROOT
+from ..shared.environment import git_state, versions
+from ..shared.fsio import atomic_write_json
 
 RUN_CONFIG = "run_config.json"
 SECRETS = ("hub_token",)
@@ -66,7 +66,7 @@ def settings(opts: dict, trainer_args, flags: set, key_of_flag: dict, given: set
 
 
 def write_run_config(output_dir: str, req, trainer_args, accelerate_config: dict, plan, key_of_flag: dict) -> str:
-    from ..train_args import trainer_flags  # deferred: it imports torch
+    from ..training.train_args import trainer_flags  # deferred: it imports torch
 
     flags = {a.dest for a in trainer_flags(req.spec.kind == "lora").values()}
 
@@ -90,7 +90,7 @@ def write_trainer_run_config(args, accelerator) -> str:
     """run_config.json of a trainer started without a launcher: its flags and accelerate's state."""
     import json
 
-    from ..train_args import trainer_flags  # deferred: it imports torch
+    from ..training.train_args import trainer_flags  # deferred: it imports torch
 
     flags = {a.dest for a in trainer_flags(args.lora).values()}
     state = accelerator.state

@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-from ..errors import UserError, report_user_error
-from ..fsio import atomic_write_text
+from ..shared.errors import UserError, report_user_error
+from ..shared.fsio import atomic_write_text
 
 SUMMARY_FILE = "train_summary.json"
 _REQUIRED = ("images_per_sec", "final_loss", "e2e_seconds", "train_seconds", "world_size", "grad_accum", "micro_batch")

@@ -47,7 +47,7 @@ def describe(args, processes: int, samples: int | None) -> str:
 
 
 def _share(args, renders: int) -> float | None:
-    from .. import flops
+    from ..shared import flops
     from ..plan import read_architecture
 
     try:

@@ -1,7 +1,7 @@
 """The model a plan is made for, described by numbers only: parameter counts per component, the
 transformer's config and the shapes of its nn.Linear layers, the VAE's widths. Read from a pipeline
 folder's config.json files and counted on the meta device (no weights are read), or from a
-fluxkit.tiny preset (`dev` is FLUX.1-dev's exact architecture). A model family (fluxkit.families)
+fluxkit.tiny.build preset (`dev` is FLUX.1-dev's exact architecture). A model family (fluxkit.families)
 may supply the same description for its own components."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..errors import UserError
+from ..shared.errors import UserError
 
 HUB_DEV_IDS = ("black-forest-labs/FLUX.1-dev",)
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
@@ -55,7 +55,7 @@ def _read_json(path: str) -> dict:
 
 def component_configs(model: str, architecture: str | None = None) -> tuple[dict, str]:
     """{component: config dict} from a pipeline folder, or from a tiny.py preset."""
-    from ..tiny import resolve_preset
+    from ..tiny.build import resolve_preset
 
     if architecture:
         p = resolve_preset(architecture)
@@ -105,7 +105,7 @@ def read_architecture(model: str, architecture: str | None = None) -> Architectu
     arch = _count_architecture(configs, source)
     if memo:
         try:
-            from ..fsio import atomic_write_json
+            from ..shared.fsio import atomic_write_json
 
             os.makedirs(os.path.dirname(memo), exist_ok=True)
             atomic_write_json(memo, asdict(arch), indent=None)

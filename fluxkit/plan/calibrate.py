@@ -28,7 +28,7 @@ def _saved_bytes(double: int, single: int, image_tokens: int, text_tokens: int, 
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from ..tiny import _transformer
+    from ..tiny.build import _transformer
 
     torch.manual_seed(0)
     axes = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)

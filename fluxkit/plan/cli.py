@@ -8,12 +8,12 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import UserError, cli
+from ..shared.errors import UserError, cli
 from .architecture import read_architecture
 from .phases import GiB, Plan, plan_memory
 
 if TYPE_CHECKING:
-    from ..train_args import TrainConfig
+    from ..training.train_args import TrainConfig
 
 
 def _plan_flags(p) -> None:
@@ -36,7 +36,7 @@ def _plan_flags(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags (LoRA's included; no data needed) plus the plan's own: --help and the nearest
     flag to a misspelt one come from it."""
-    from ..train_args import build_parser as trainer_parser
+    from ..training.train_args import build_parser as trainer_parser
 
     p = trainer_parser(lora=True, need_data=False)
     p.prog = "python -m fluxkit.plan"
@@ -73,9 +73,9 @@ class PlanRequest:
 def parse(argv, parser=None) -> PlanRequest:
     """The plan's flags read apart from the trainer's, which train_args.parse reads and checks as the
     trainer does (the LoRA trainer's with --lora), without requiring the data."""
-    from ..errors import FlagParser
-    from ..train_args import lora_only_flags
-    from ..train_args import parse as parse_trainer
+    from ..shared.errors import FlagParser
+    from ..training.train_args import lora_only_flags
+    from ..training.train_args import parse as parse_trainer
 
     argv = list(argv)
     combined = parser or build_parser()
@@ -100,7 +100,7 @@ def device_of(args) -> str:
         return args.device
     if args.device_memory_gb:
         return "cuda"  # a stated device size: plan for an accelerator
-    from ..device import detect
+    from ..shared.device import detect
 
     return detect("auto").type
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
 
         print(f"to fit: {remedies(plan, args)}")
     if req.json:
-        from ..fsio import atomic_write_json
+        from ..shared.fsio import atomic_write_json
 
         atomic_write_json(req.json, plan.to_json())
     return 0 if plan.fits is not False else 1

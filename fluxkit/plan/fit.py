@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import replace
 
-from ..errors import UserError
+from ..shared.errors import UserError
 from .architecture import read_architecture
 from .phases import GiB, HEADROOM_FRACTION, Plan, plan_memory, plan_shape
 
@@ -23,7 +23,7 @@ ZERO3_OFFLOAD_CONFIG = "pretrain_bf16_zero3_offload_accelerate_config.yaml"
 def device_memory_bytes(device_info, processes_per_host: int = 1) -> int | None:
     """Memory one process may use: the accelerator's total, or on CPU the host's RAM shared by
     its processes. None when it cannot be told."""
-    from ..device import total_memory_bytes
+    from ..shared.device import total_memory_bytes
 
     try:
         if device_info.has_accelerator:
@@ -38,14 +38,14 @@ def device_memory_bytes(device_info, processes_per_host: int = 1) -> int | None:
 def launched_zero_stage() -> int:
     """The ZeRO stage `accelerate launch` set up for this process (0 without DeepSpeed), read from the
     environment it exports, so a trainer can plan before its Accelerator exists."""
-    from ..device import zero_stage
+    from ..shared.device import zero_stage
 
     return zero_stage() or 0
 
 
 def launched_offload() -> tuple[bool, bool]:
     """(parameters, optimizer) offloaded to the CPU by the DeepSpeed config accelerate launched with."""
-    from ..device import zero_stage
+    from ..shared.device import zero_stage
 
     if zero_stage() is None:
         return False, False
@@ -85,7 +85,7 @@ def _changes(plan: Plan) -> list[list[tuple]]:
     if not s.checkpointing:
         kinds.append([("--gradient_checkpointing", lambda x: replace(x, checkpointing=True))])
     if s.lora and s.quant in ("none", "int8"):
-        quant = [] if s.deepspeed or s.quant == "int8" else ["int8"]  # int8 is refused under DeepSpeed (fluxkit.quant)
+        quant = [] if s.deepspeed or s.quant == "int8" else ["int8"]  # int8 is refused under DeepSpeed (fluxkit.weights.quant)
         kinds.append([(f"--base_quantization {q}", lambda x, q=q: replace(x, quant=q)) for q in quant + ["nf4"]])
     if s.optimizer == "adamw" and not s.on_cpu:
         kinds.append([("--use_8bit_adam", lambda x: replace(x, optimizer="adamw8bit"))])
@@ -151,7 +151,7 @@ def remedies(plan: Plan, args=None) -> str:
 
 
 def text_on_host(plan: Plan | None) -> bool:
-    """Whether the run should encode its prompts on the host CPU, as its plan decided (fluxkit.train)."""
+    """Whether the run should encode its prompts on the host CPU, as its plan decided (fluxkit.training.train)."""
     return bool(plan is not None and plan.shape is not None and plan.shape.text_on_host)
 
 
@@ -161,7 +161,7 @@ def check_fits(args, world_size: int, zero_stage: int, device_info, processes_pe
     """The pre-flight of the launchers and the trainers: (the plan, the line to show for it).
 
     args: the trainer's parsed flags (train_args.parse); world_size: processes in the run;
-    zero_stage: 0 without DeepSpeed, else its stage; device_info: fluxkit.device.DeviceInfo;
+    zero_stage: 0 without DeepSpeed, else its stage; device_info: fluxkit.shared.device.DeviceInfo;
     processes_per_host: processes on this machine (default world_size), which share a CPU host's
     memory; model_dir: the pipeline folder to read (default args.pretrained_model_name_or_path);
     offload: (parameters, optimizer) on the CPU under ZeRO (default: as accelerate launched).

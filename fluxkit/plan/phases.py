@@ -1,4 +1,4 @@
-"""The plan: a run's phases in the order fluxkit.train runs them, what each holds on one device,
+"""The plan: a run's phases in the order fluxkit.training.train runs them, what each holds on one device,
 and host memory per process beside it. The peak is the largest phase, never a sum across them.
 
     encode       text encoders and the VAE fill the cache (skipped with a warm cache); with

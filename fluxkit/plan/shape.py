@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .. import pivotal
-from ..errors import UserError
-from ..quant import refuse_for_full_finetune
+from ..training import pivotal
+from ..shared.errors import UserError
+from ..weights.quant import refuse_for_full_finetune
 from .architecture import default_lora_targets
 
 
@@ -20,7 +20,7 @@ class RunShape:
     rank: int = 4
     targets: tuple = ()  # LoRA module names
     train_clip: bool = False
-    pivotal_tokens: int = 0  # --train_text_encoder_ti's new tokens (fluxkit.pivotal): their rows train
+    pivotal_tokens: int = 0  # --train_text_encoder_ti's new tokens (fluxkit.training.pivotal): their rows train
     pivotal_t5: bool = False  # ... in T5 too (--enable_t5_ti)
     mixed: str = "bf16"  # the mixed precision the run computes in ("no" = fp32)
     world: int = 1  # processes in the run
@@ -102,10 +102,10 @@ def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str 
 
 def _count_images(args) -> int | None:
     """Training images per epoch (before --repeats), when the plan can see them."""
-    from ..scan import IMAGE_EXTENSIONS
+    from ..data.scan import IMAGE_EXTENSIONS
 
-    from ..errors import UserError
-    from ..scan import kohya_concepts
+    from ..shared.errors import UserError
+    from ..data.scan import kohya_concepts
 
     folder = args.instance_data_dir
     if folder and os.path.isdir(folder) and not args.dataset_name:

@@ -298,7 +298,7 @@ def block_bytes(s: RunShape, arch: Architecture) -> list[int]:
 
 def swapped_blocks(s: RunShape, arch: Architecture) -> list[int]:
     """The bytes of the blocks --blocks_to_swap keeps in host memory: the last N in forward order
-    (fluxkit.blockswap swaps the same ones)."""
+    (fluxkit.training.blockswap swaps the same ones)."""
     sizes = block_bytes(s, arch)
     return sizes[len(sizes) - s.blocks_to_swap:] if s.blocks_to_swap else []
 
@@ -316,7 +316,7 @@ def block_offload(s: RunShape, arch: Architecture) -> list[Item]:
 
 def transformer_arriving(s: RunShape, arch: Architecture, trained: int) -> Item:
     """The transformer as it reaches the device, before DeepSpeed or the optimizer touches it (read
-    as fluxkit.models.transformer_load_dtype says): a LoRA base quantized or in the compute dtype
+    as fluxkit.training.models.transformer_load_dtype says): a LoRA base quantized or in the compute dtype
     (off CUDA an NF4 base arrives in the compute dtype and is swapped to NF4 afterwards); a full
     fine-tune in fp32 outside DeepSpeed, in the compute dtype under ZeRO-1/2; ZeRO-3 moves and
     partitions it one parameter at a time, so a device holds the largest one whole."""

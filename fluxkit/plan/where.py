@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from ..errors import FlagParser, UserError, cli
+from ..shared.errors import FlagParser, UserError, cli
 from .architecture import default_lora_targets, read_architecture
 from .fit import smallest_change
 from .phases import GiB, plan_shape
@@ -84,7 +84,7 @@ def markdown(arch) -> str:
 
 
 def write_into(path: str, table: str) -> None:
-    from ..fsio import atomic_write_text
+    from ..shared.fsio import atomic_write_text
 
     with open(path, encoding="utf-8") as f:
         text = f.read()

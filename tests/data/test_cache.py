@@ -10,7 +10,7 @@ from PIL import Image
 
 from fluxkit import cache as fcache
 from fluxkit import families
-from fluxkit.data import DreamBoothDataset
+from fluxkit.data.dataset import DreamBoothDataset
 from test_data import make_args
 
 
@@ -50,7 +50,7 @@ def _cache(root, enc, dataset, msl=16):
 
 
 def _encoders(enc, msl=16):
-    from fluxkit.encode import encode_prompts, latent_moments
+    from fluxkit.training.encode import encode_prompts, latent_moments
 
     return (lambda pixels: latent_moments(enc.vae, pixels)), (lambda prompts: encode_prompts(prompts, enc, SimpleNamespace(max_sequence_length=msl), "cpu"))
 
@@ -192,7 +192,7 @@ def test_corrupt_or_truncated_shard_is_discarded_and_rebuilt(tmp_path, encoders,
 def test_another_model_never_reads_this_cache(tmp_path, encoders, tiny_flux):
     import shutil
 
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     other = build_pipeline(str(tmp_path / "other"), "tiny", seed=1)
     assert fcache.vae_identity(tiny_flux, torch.float32) != fcache.vae_identity(other, torch.float32)

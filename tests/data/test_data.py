@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxkit.buckets import BucketSampler, assign, make_buckets
-from fluxkit.data import DreamBoothDataset, EpochShuffleSampler, collate, default_num_workers, open_image, to_rgb
-from fluxkit.errors import UserError
-from fluxkit.scan import scan_dataset
-from fluxkit.train_args import parse
+from fluxkit.data.buckets import BucketSampler, assign, make_buckets
+from fluxkit.data.dataset import DreamBoothDataset, EpochShuffleSampler, collate, default_num_workers, open_image, to_rgb
+from fluxkit.shared.errors import UserError
+from fluxkit.data.scan import scan_dataset
+from fluxkit.training.train_args import parse
 
 
 def make_args(folder=None, **extra):
@@ -173,7 +173,7 @@ def test_caption_file_with_a_utf8_byte_order_mark(tmp_path):
 def test_class_images_beyond_images_times_repeats_are_used(tmp_path):
     """2 instance images and 5 class images: the epoch is 5 samples long, and each class image is a
     partner once (instances cycle), rather than the 2 x 1 samples of the instances alone."""
-    from fluxkit.scan import add_class_images
+    from fluxkit.data.scan import add_class_images
 
     folder = _images(tmp_path / "inst", 2)
     class_dir = tmp_path / "class"
@@ -355,7 +355,7 @@ def test_bucket_sampler_one_bucket_per_global_batch_and_pure_in_seed_epoch():
 def test_bucket_order_does_not_depend_on_the_process(tmp_path, monkeypatch):
     """Each process builds its own sampler; accelerate hands micro batch k to process k % world, so the
     order must be the same on every rank (same seed, no rank in it) for a global batch to be one shape."""
-    from fluxkit.train import build_data
+    from fluxkit.training.train import build_data
 
     folder = tmp_path / "mixed"
     folder.mkdir()

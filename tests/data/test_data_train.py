@@ -65,7 +65,7 @@ def encoder_use(monkeypatch):
 def test_second_run_encodes_nothing_and_each_change_reencodes_exactly_it(tiny_flux, tmp_path, encoder_use, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="fluxkit.train")
+    caplog.set_level(logging.INFO, logger="fluxkit.training.train")
     folder = captioned_folder(tmp_path / "data", [(40, 36)] * 4)
     common = dict(random_flip=True, max_sequence_length=16, latent_cache_dir=str(tmp_path / "cache"))
 
@@ -160,16 +160,16 @@ MIXED = [(64, 32), (32, 64), (32, 32), (64, 16), (16, 64), (36, 32), (32, 36), (
 
 
 def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder_use, capfd, monkeypatch):
-    import fluxkit.train
+    import fluxkit.training.train
 
     trained_prompts = []
-    micro_step = fluxkit.train.micro_step
+    micro_step = fluxkit.training.train.micro_step
 
     def recording(run, batch):
         trained_prompts.extend(batch["prompts"])
         return micro_step(run, batch)
 
-    monkeypatch.setattr(fluxkit.train, "micro_step", recording)
+    monkeypatch.setattr(fluxkit.training.train, "micro_step", recording)
     folder = captioned_folder(tmp_path / "data", MIXED)
     args = args_for(tiny_flux, folder, tmp_path / "out", steps=6, aspect_ratio_buckets=True, bucket_step=16,
                     train_batch_size=2, caption_dropout_rate=0.5, validation_prompt="a photo of sks dog",
@@ -260,8 +260,8 @@ def folder_with_damaged_image(tmp_path):
 
 
 def test_damaged_png_passes_the_scan_but_not_the_decoder(tmp_path):
-    from fluxkit.data import UnreadableImage, open_image
-    from fluxkit.scan import inspect_image
+    from fluxkit.data.dataset import UnreadableImage, open_image
+    from fluxkit.data.scan import inspect_image
 
     path = damaged_png(tmp_path / "bad.png")
     assert inspect_image(str(path), "bad.png") == ((40, 36), "RGB")
@@ -325,9 +325,9 @@ def test_skip_bad_images_replacement_comes_from_the_same_bucket(tmp_path):
     (another shape could not be stacked with its batch partner), in every epoch."""
     import torch
 
-    from fluxkit.buckets import BucketSampler
-    from fluxkit.data import DreamBoothDataset, collate
-    from fluxkit.scan import scan_dataset
+    from fluxkit.data.buckets import BucketSampler
+    from fluxkit.data.dataset import DreamBoothDataset, collate
+    from fluxkit.data.scan import scan_dataset
     from test_data import make_args
 
     folder = captioned_folder(tmp_path / "data", [(64, 16), (64, 16), (16, 64), (16, 64), (32, 32), (32, 32), (32, 32)])
@@ -353,8 +353,8 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     import torch
 
     from fluxkit import cache as fcache
-    from fluxkit.data import DreamBoothDataset
-    from fluxkit.train_args import parse
+    from fluxkit.data.dataset import DreamBoothDataset
+    from fluxkit.training.train_args import parse
 
     a = captioned_folder(tmp_path / "a", [(40, 36)] * 3)
     b = captioned_folder(tmp_path / "b", [(40, 36)] * 2, seed=1)  # the same two captions, and ...

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from fluxkit import families
-from fluxkit.errors import UserError
+from fluxkit.shared.errors import UserError
 
 
 def test_family_comes_from_model_index_and_model_family_overrides_within_the_same_components(tiny_flux, tmp_path):
@@ -38,7 +38,7 @@ LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
 
 @pytest.fixture(scope="module")
 def tiny_klein(tmp_path_factory):
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
 
@@ -197,8 +197,8 @@ def test_a_bad_pair_is_one_error_line_and_nothing_is_written(tiny_flux, sample_d
 # ----------------------------------------------------------------------------- inference
 
 def test_inference_scripts_take_any_family_and_an_image_for_editing(tiny_flux, tiny_klein, sample_data, tmp_path, capsys):
-    from fluxkit import infer_args, inference
-    from fluxkit.errors import cli
+    from fluxkit.inference import args as infer_args, run as inference
+    from fluxkit.shared.errors import cli
 
     def infer(*argv):
         return cli(inference.main)(infer_args.BASE, [str(a) for a in argv])
@@ -280,9 +280,9 @@ def test_launcher_names_the_family_and_applies_its_refusals(tiny_klein, sample_d
 def test_flops_count_the_reference_tokens_of_editing_pairs(tiny_klein):
     from types import SimpleNamespace as N
 
-    from fluxkit.flops import flux2_forward_flop_parts, training_step_flops
-    from fluxkit.runcontrol import flops_and_peak
-    from fluxkit.train_args import parse
+    from fluxkit.shared.flops import flux2_forward_flop_parts, training_step_flops
+    from fluxkit.training.runcontrol import flops_and_peak
+    from fluxkit.training.train_args import parse
 
     config = json.loads(open(os.path.join(tiny_klein, "transformer", "config.json")).read())
     m = N(vae=N(config=N(block_out_channels=[8, 16])), transformer=N(config=config), family=families.get("flux2-klein"))

@@ -21,7 +21,7 @@ TOKENS = 48  # the tiny tokenizer's system message takes 33 tokens: room for the
 
 @pytest.fixture(scope="module")
 def tiny_flux2_dev(tmp_path_factory):
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux2_dev"), "tiny", family="flux2")
 
@@ -178,7 +178,7 @@ def test_runner_patch_lets_transformers_pixtral_processor_load_the_tokenizer_fol
     import transformers
     from diffusers import Flux2Pipeline
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
     from fluxkit.families.pixtral_text import PixtralTextProcessor
 
     monkeypatch.setattr(transformers, "PixtralProcessor", transformers.PixtralProcessor)  # undone after the test

@@ -32,7 +32,7 @@ def _die():
 
 
 def _kill_after_step_logged(module, step: int) -> None:
-    """Wrap fluxkit.train.record_step, the one call per optimizer step that writes its log line."""
+    """Wrap fluxkit.training.train.record_step, the one call per optimizer step that writes its log line."""
     original = module.record_step
     signature = inspect.signature(original)
 
@@ -68,7 +68,7 @@ def _kill_inside_checkpoint(module, step: int) -> None:
 
 
 def _record_batches(module, folder: str) -> None:
-    """Wrap fluxkit.train.micro_step (one call per micro batch, on every rank)."""
+    """Wrap fluxkit.training.train.micro_step (one call per micro batch, on every rank)."""
     import json
 
     original = module.micro_step
@@ -114,21 +114,21 @@ def _install():
     patches = {}
     if os.environ.get(KILL_AT_STEP):
         n = int(os.environ[KILL_AT_STEP])
-        patches["fluxkit.train"] = lambda module: _kill_after_step_logged(module, n)
+        patches["fluxkit.training.train"] = lambda module: _kill_after_step_logged(module, n)
     if os.environ.get(KILL_IN_CHECKPOINT):
         n = int(os.environ[KILL_IN_CHECKPOINT])
         patches["fluxkit.checkpoint"] = lambda module: _kill_inside_checkpoint(module, n)
     if os.environ.get(RECORD_BATCHES):
         folder = os.environ[RECORD_BATCHES]
         os.makedirs(folder, exist_ok=True)
-        kill = patches.get("fluxkit.train")
+        kill = patches.get("fluxkit.training.train")
 
         def patch_train(module):
             _record_batches(module, folder)
             if kill is not None:
                 kill(module)
 
-        patches["fluxkit.train"] = patch_train
+        patches["fluxkit.training.train"] = patch_train
     if patches:
         sys.meta_path.insert(0, _PatchOnImport(patches))
 

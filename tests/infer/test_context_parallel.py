@@ -54,8 +54,8 @@ def two_process_config(tmp_path):
 # ---------------------------------------------------------------- the grid (pure logic)
 
 def test_grid_places_every_rank_and_shares_cover_each_pair_once():
-    from fluxkit.inference import shard
-    from fluxkit.infer_parallel import plan_grid
+    from fluxkit.inference.run import shard
+    from fluxkit.inference.parallel import plan_grid
 
     pairs = list(range(23))
     for processes, ulysses, ring in [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 2, 1), (4, 1, 2), (6, 3, 1), (8, 2, 2), (8, 4, 2)]:
@@ -71,7 +71,7 @@ def test_grid_places_every_rank_and_shares_cover_each_pair_once():
 
 
 def test_processes_asked_of_accelerate(tmp_path):
-    from fluxkit.infer_parallel import processes_asked
+    from fluxkit.inference.parallel import processes_asked
 
     config = tmp_path / "c.yaml"
     config.write_text("distributed_type: MULTI_CPU\nnum_processes: 3\n")
@@ -120,8 +120,8 @@ def test_bad_combinations_one_line_before_loading(tiny_flux, tmp_path, capfd, mo
 def test_split_must_divide_heads_and_tokens(tiny_flux):
     from diffusers import FluxPipeline
 
-    from fluxkit.errors import UserError
-    from fluxkit.infer_parallel import Grid, check_sequence_split
+    from fluxkit.shared.errors import UserError
+    from fluxkit.inference.parallel import Grid, check_sequence_split
 
     pipe = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
     heads = pipe.transformer.config.num_attention_heads  # 2 in the tiny preset
@@ -141,7 +141,7 @@ def test_cpu_device_count_patch():
     import torch
     from diffusers.models.modeling_utils import ModelMixin
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
 
     proc = run_script([sys.executable, os.path.join(ROOT, "patch_flux.py"), "--list"], timeout=120)
     line = next(l for l in proc.stdout.splitlines() if l.strip().startswith("context-parallel-cpu-device"))

@@ -20,7 +20,7 @@ DISTRIB = os.path.join(ROOT, "infer_flux_text2img_distrib.py")
 
 @pytest.fixture(scope="module")
 def tiny_klein(tmp_path_factory):
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
 
@@ -197,8 +197,8 @@ def test_a_reference_images_tokens_count_in_the_split():
     """Context parallelism splits target + reference tokens together: their sum must divide."""
     from types import SimpleNamespace
 
-    from fluxkit.errors import UserError
-    from fluxkit.infer_parallel import Grid, check_sequence_split
+    from fluxkit.shared.errors import UserError
+    from fluxkit.inference.parallel import Grid, check_sequence_split
 
     pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(num_attention_heads=2)), vae_scale_factor=8)
     check_sequence_split(pipe, Grid(2, 2, 1), 64, 64, 8, [(64, 32)])  # 16 + 8 tokens
@@ -207,7 +207,7 @@ def test_a_reference_images_tokens_count_in_the_split():
 
 
 def test_klein_on_an_int8_base_with_its_lora(tiny_klein, references, tmp_path):
-    """The family's transformer class loads quantized (fluxkit.quant) and its LoRA goes on top."""
+    """The family's transformer class loads quantized (fluxkit.weights.quant) and its LoRA goes on top."""
     pytest.importorskip("torchao")
     common = ["--model_path", tiny_klein, "--prompt", "make it blue", "--image", references / "red.png", *EDIT]
     assert infer("BASE", common + ["--output_dir", tmp_path / "fp32"]) == 0

@@ -1,7 +1,7 @@
 """The four inference scripts on the tiny random FLUX: files, metadata, determinism, LoRA,
 multi-process split and resume, and every bad input.
 
-Most runs call fluxkit.inference in-process (no interpreter start-up per run); each script is
+Most runs call fluxkit.inference.run in-process (no interpreter start-up per run); each script is
 also run as a real subprocess at least once to cover its wiring and its one-line errors.
 """
 
@@ -41,8 +41,8 @@ def _fresh_process_state():
 
 def infer(defaults, argv):
     """Run one script's main in-process through the same `cli` wrapper the script uses."""
-    from fluxkit import infer_args, inference
-    from fluxkit.errors import cli
+    from fluxkit.inference import args as infer_args, run as inference
+    from fluxkit.shared.errors import cli
 
     return cli(inference.main)(getattr(infer_args, defaults), [str(a) for a in argv])
 
@@ -81,8 +81,8 @@ def one_error_line(capfd):
 # ---------------------------------------------------------------- pure logic
 
 def test_names_are_safe_unique_and_stable(tmp_path):
-    from fluxkit.infer_args import Request
-    from fluxkit.inference import image_name, plan_jobs
+    from fluxkit.inference.args import Request
+    from fluxkit.inference.run import image_name, plan_jobs
 
     hostile = ["../../etc/passwd", "a/b\\c", "\x00evil\x00", "x" * 5000, "..", ".", ".hidden",
                "ünïcødé 🐶 dog", "🐶🐶", "C:\\Windows\\system32", "a photo of sks dog"]
@@ -102,7 +102,7 @@ def test_names_are_safe_unique_and_stable(tmp_path):
 
 
 def test_shard_covers_every_item_once_balanced():
-    from fluxkit.inference import shard
+    from fluxkit.inference.run import shard
 
     for n in range(0, 70):
         items = list(range(n))
@@ -114,7 +114,7 @@ def test_shard_covers_every_item_once_balanced():
 
 def test_prompts_file_and_flags(tmp_path):
     from fluxkit import families
-    from fluxkit.infer_args import BASE, apply_family_defaults, collect_prompts, parse_args
+    from fluxkit.inference.args import BASE, apply_family_defaults, collect_prompts, parse_args
 
     def prompts(args):
         return [r.prompt for r in collect_prompts(args, BASE)]
@@ -234,14 +234,14 @@ def test_first_block_cache_threshold_changes_pixels(tiny_flux, tmp_path):
 
 @pytest.mark.cli
 def test_npu_branch_applies_the_patches(tmp_path):
-    """With a stand-in torch_npu, the npu path asks fluxkit.patches for float32 RoPE and fused attention."""
+    """With a stand-in torch_npu, the npu path asks fluxkit.upstream.patches for float32 RoPE and fused attention."""
     fake = tmp_path / "fake"
     (fake / "torch_npu").mkdir(parents=True)
     (fake / "torch_npu" / "__init__.py").write_text(
         "import torch, types\n"
         "torch.npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1)\n"
         "def npu_fusion_attention(*args, **kwargs):\n    raise NotImplementedError('stand-in')\n")
-    code = ("import json; from fluxkit.inference import apply_npu_patches; from fluxkit.device import detect; "
+    code = ("import json; from fluxkit.inference.run import apply_npu_patches; from fluxkit.shared.device import detect; "
             "assert detect('auto').type == 'npu'; print(json.dumps(apply_npu_patches(True)))")
     proc = run_script([sys.executable, "-c", code], env={"PYTHONPATH": str(fake) + os.pathsep + ROOT}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

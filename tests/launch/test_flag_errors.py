@@ -35,9 +35,9 @@ def test_trainer_names_the_nearest_flag(script, flag, meant, capsys):
 @pytest.mark.parametrize("which, flag, meant", [("BASE", "--promt", "--prompt"), ("LORA", "--lora_wieghts", "--lora_weights"),
                                                 ("BASE", "--zzzzzz", None)])
 def test_inference_scripts_name_the_nearest_flag(which, flag, meant, capsys):
-    from fluxkit import infer_args
-    from fluxkit.errors import cli
-    from fluxkit.inference import main
+    from fluxkit.inference import args as infer_args
+    from fluxkit.shared.errors import cli
+    from fluxkit.inference.run import main
 
     assert exits_2(lambda: cli(main)(getattr(infer_args, which), [flag, "x"])) == 2
     line = one_error_line(capsys)

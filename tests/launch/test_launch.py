@@ -296,7 +296,7 @@ def test_lora_demo_console_is_short(tmp_path):
 def test_every_upstream_default_is_ours(lora):
     from upstream_defaults import upstream_defaults
 
-    from fluxkit.train_args import build_parser
+    from fluxkit.training.train_args import build_parser
 
     ours = {a.dest: a.default for a in build_parser(lora)._actions if a.option_strings and a.dest != "help"}
     table = upstream_defaults(lora)
@@ -390,7 +390,7 @@ def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, samp
     assert record["settings"]["learning_rate"] == 1e-4 and record["settings"]["model_name"] == tiny_flux
     assert record["versions"]["torch"] and record["accelerate_config"]["distributed_type"] == "DEEPSPEED"
     assert "main_process_port" not in record["settings"]
-    from fluxkit.train_args import parse
+    from fluxkit.training.train_args import parse
 
     # into the same folder the real run, and so the dry run, is refused (it holds that run's checkpoints)
     from conftest import assert_user_error
@@ -406,7 +406,7 @@ def test_run_config_records_the_run_and_repeats_it(finished_run, tiny_flux, samp
 def test_a_trainer_run_without_the_launcher_writes_run_config_too(tiny_flux, sample_data, tmp_path):
     from conftest import run_entry_inprocess, trainer_args
 
-    from fluxkit.train_args import parse
+    from fluxkit.training.train_args import parse
 
     out = tmp_path / "out"
     args = trainer_args(tiny_flux, sample_data, out, steps=1, learning_rate="3e-4", hub_token="hf_SECRETsecret0123")
@@ -442,7 +442,7 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_starts(tiny_flux, sa
 
 
 def test_a_quantization_deepspeed_cannot_run_is_refused_by_the_launcher(tiny_flux, sample_data, tmp_path):
-    # the launchers' config is DeepSpeed ZeRO-2: torchao's int8 base cannot run there (fluxkit.quant.check)
+    # the launchers' config is DeepSpeed ZeRO-2: torchao's int8 base cannot run there (fluxkit.weights.quant.check)
     out = tmp_path / "out"
     proc = launch_inprocess(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--base_quantization=int8"))
     _one_line_nothing_written(proc, out, "--base_quantization int8 cannot run under DeepSpeed", "nf4")

@@ -69,7 +69,7 @@ WORLD = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def reference_world(tmp_path_factory, tiny_flux):
-    from fluxkit.tiny import build_datasets
+    from fluxkit.tiny.build import build_datasets
 
     home = tmp_path_factory.mktemp("world")
     data = build_datasets(str(home / "sample"), seed=0, resolution=32, num_instance=128, num_captioned=128)
@@ -326,7 +326,7 @@ def test_deepspeed_json_that_would_change_the_batch_is_refused(tmp_path):
 
 @pytest.fixture
 def fake_npu(tmp_path, monkeypatch):
-    """A stand-in torch_npu: 8 NPUs as far as fluxkit.device can tell; enough for our own branching.
+    """A stand-in torch_npu: 8 NPUs as far as fluxkit.shared.device can tell; enough for our own branching.
     Importable in this process (for the in-process launcher) until the test ends; the returned env
     puts it on a child process's path too."""
     import torch
@@ -357,7 +357,7 @@ def test_npu_host_gets_the_ascend_environment_and_a_process_per_npu(fake_npu):
 def test_gpu_host_gets_a_process_per_gpu_and_no_ascend_settings(monkeypatch):
     import torch
 
-    # torch on this host has no CUDA: make it report 4 GPUs to fluxkit.device
+    # torch on this host has no CUDA: make it report 4 GPUs to fluxkit.shared.device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import ROOT, run_inprocess, run_script
 
-from fluxkit.errors import UserError
+from fluxkit.shared.errors import UserError
 from fluxkit.plan import (ACTIVATION_CONSTANTS, GiB, check_fits, lora_parameter_count, measure_activation_constants,
                           plan_memory, read_architecture)
-from fluxkit.train_args import parse
+from fluxkit.training.train_args import parse
 
 
 def _args(model, data, *extra, lora=False):
@@ -134,7 +134,7 @@ def test_cli_table_json_and_fit_line(tmp_path, tiny_flux):
 
 
 def test_check_fits_refuses_in_one_line(tiny_flux, sample_data):
-    from fluxkit.device import DeviceInfo
+    from fluxkit.shared.device import DeviceInfo
 
     gpu = DeviceInfo(type="cuda", count=1, backend="nccl")
     tight = _args(tiny_flux, sample_data, "--resolution", "256", "--device_memory_gb", "0.001")
@@ -152,7 +152,7 @@ def test_an_unplannable_run_is_never_stopped(tiny_flux, sample_data, tmp_path):
     so, never an error (even with a device too small for anything)."""
     import shutil
 
-    from fluxkit.device import DeviceInfo
+    from fluxkit.shared.device import DeviceInfo
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_flux, broken)
@@ -195,7 +195,7 @@ def test_plan_command_reads_the_trainer_flags_through_the_trainers_parse():
     from conftest import assert_user_error
 
     from fluxkit.plan import parse as parse_plan
-    from fluxkit.train_args import TrainConfig
+    from fluxkit.training.train_args import TrainConfig
 
     dev = ["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-dev", "--resolution", "256"]
     req = parse_plan(dev + ["--lora", "--rank", "8", "--num_processes", "2", "--warm_cache"])
@@ -216,7 +216,7 @@ def test_plan_command_reads_the_trainer_flags_through_the_trainers_parse():
 
 @pytest.fixture(scope="module")
 def small_flux(tmp_path_factory):
-    from fluxkit.tiny import build_datasets, build_pipeline
+    from fluxkit.tiny.build import build_datasets, build_pipeline
 
     root = tmp_path_factory.mktemp("small")
     model = build_pipeline(str(root / "small_flux"), "small", seed=0)

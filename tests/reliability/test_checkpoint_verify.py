@@ -180,7 +180,7 @@ def test_a_launchers_check_is_not_repeated_by_its_trainer(plain_run, tmp_path, m
 
     from fluxkit import checkpoint
     from fluxkit.checkpoint import manifest
-    from fluxkit.errors import UserError
+    from fluxkit.shared.errors import UserError
 
     monkeypatch.setenv("FLUXKIT_CHECKPOINT_CHECKED", "")  # restored at the end: the check below sets it
     out = tmp_path / "out"
@@ -288,7 +288,7 @@ def test_resume_on_another_process_count_says_what_it_did_not_restore(tiny_flux,
     said = warnings_of(caplog)
     assert len(said) == 1 and "written by 2 process(es), on 1" in said[0], said
     assert "the random states of process 1 are not restored" in said[0] and "not bit-identical" in said[0], said
-    # it got past fluxkit.quiet (installed by the trainer) to the log; the launchers' console shows it too
+    # it got past fluxkit.shared.quiet (installed by the trainer) to the log; the launchers' console shows it too
     from fluxkit.launch.console import ConsoleFilter
 
     line = f"2026-01-01 00:00:00,000 WARNING fluxkit.checkpoint: {said[0]}\n"

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from fluxkit.device import build_accelerator, detect  # noqa: E402
+from fluxkit.shared.device import build_accelerator, detect  # noqa: E402
 
 steps = int(sys.argv[1])
 acc = build_accelerator(detect(), gradient_accumulation_steps=steps)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from fluxkit.device import build_accelerator, detect  # noqa: E402
+from fluxkit.shared.device import build_accelerator, detect  # noqa: E402
 
 info = detect()
 acc = build_accelerator(info)

@@ -45,9 +45,9 @@ def save(path, seen, latents):
 
 
 if __name__ == "__main__":
-    from fluxkit.errors import cli
-    from fluxkit.infer_args import DISTRIB
-    from fluxkit.inference import main
+    from fluxkit.shared.errors import cli
+    from fluxkit.inference.args import DISTRIB
+    from fluxkit.inference.run import main
 
     record_dir, argv = sys.argv[1], sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))

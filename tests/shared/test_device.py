@@ -25,7 +25,7 @@ def fake_npu(monkeypatch, tmp_path):
 
 
 def test_cpu_host_picks_cpu_and_gloo():
-    from fluxkit.device import detect
+    from fluxkit.shared.device import detect
 
     info = detect()
     assert (info.type, info.backend, info.count) == ("cpu", "gloo", 1)
@@ -33,7 +33,7 @@ def test_cpu_host_picks_cpu_and_gloo():
 
 
 def test_npu_preferred_when_torch_npu_present(fake_npu):
-    from fluxkit.device import detect
+    from fluxkit.shared.device import detect
 
     info = detect()
     assert (info.type, info.backend, info.count) == ("npu", "hccl", 8)
@@ -41,7 +41,7 @@ def test_npu_preferred_when_torch_npu_present(fake_npu):
 
 
 def test_cuda_preferred_over_cpu(monkeypatch):
-    from fluxkit import device
+    from fluxkit.shared import device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -51,16 +51,16 @@ def test_cuda_preferred_over_cpu(monkeypatch):
 
 @pytest.mark.parametrize("choice, needle", [("npu", "torch_npu"), ("cuda", "CUDA"), ("tpu", "not one of")])
 def test_unavailable_device_is_a_clear_error(choice, needle):
-    from fluxkit.device import detect
-    from fluxkit.errors import UserError
+    from fluxkit.shared.device import detect
+    from fluxkit.shared.errors import UserError
 
     with pytest.raises(UserError, match=needle):
         detect(choice)
 
 
 def test_mixed_precision_check():
-    from fluxkit.device import DeviceInfo, check_mixed_precision
-    from fluxkit.errors import UserError
+    from fluxkit.shared.device import DeviceInfo, check_mixed_precision
+    from fluxkit.shared.errors import UserError
 
     cpu = DeviceInfo("cpu", 1, "gloo")
     check_mixed_precision(cpu, "bf16")
@@ -85,7 +85,7 @@ def test_deepspeed_zero2_bf16_two_cpu_processes(tmp_path):
 
 
 def test_host_runtime_defaults_leave_what_the_user_set(monkeypatch, tmp_path):
-    from fluxkit import host_runtime
+    from fluxkit.shared import host_runtime
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -102,7 +102,7 @@ def test_host_runtime_defaults_leave_what_the_user_set(monkeypatch, tmp_path):
 def test_fast_exit_only_for_the_script_the_interpreter_was_started_with(monkeypatch, tmp_path):
     """Entry scripts skip the interpreter's teardown (seconds after a run's last line) only when the
     interpreter was started to run them: inside a test runner or a wrapper they exit as usual."""
-    from fluxkit import host_runtime
+    from fluxkit.shared import host_runtime
 
     script = tmp_path / "train.py"
     script.write_text("")
@@ -130,7 +130,7 @@ def test_one_set_of_progress_bars_per_machine(monkeypatch):
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
-    from fluxkit import quiet
+    from fluxkit.shared import quiet
 
     try:
         monkeypatch.setenv("LOCAL_RANK", "0")

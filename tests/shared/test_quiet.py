@@ -1,4 +1,4 @@
-"""fluxkit.quiet: only the named library noise goes; the same text at ERROR, other messages of the same
+"""fluxkit.shared.quiet: only the named library noise goes; the same text at ERROR, other messages of the same
 loggers, and other warnings of the same category all still reach the user."""
 
 import logging
@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from fluxkit import quiet
+from fluxkit.shared import quiet
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from fluxkit.device import device_module, empty_cache, synchronize, total_memory_bytes, zero_stage
-from fluxkit.environment import env_flag, git_state, parse_bool, versions
-from fluxkit.errors import UserError
+from fluxkit.shared.device import device_module, empty_cache, synchronize, total_memory_bytes, zero_stage
+from fluxkit.shared.environment import env_flag, git_state, parse_bool, versions
+from fluxkit.shared.errors import UserError
 
 YES = ["1", "true", "True", "YES", "y", "on", "On", " true "]
 NO = ["0", "false", "FALSE", "no", "n", "off", "Off"]
@@ -30,8 +30,8 @@ def test_every_reader_agrees_with_it(value, monkeypatch, tmp_path):
     """The trainer's true/false flags, a launcher switch on the command line and in a --config file,
     and an environment flag read the same word the same way (and refuse the same word)."""
     from fluxkit.launch.keys import _switch_value, read_config
-    from fluxkit.optim import _bool
-    from fluxkit.train_args import trainer_flags
+    from fluxkit.training.optim import _bool
+    from fluxkit.training.train_args import trainer_flags
 
     expected = parse_bool(value)
     monkeypatch.setenv("FLUXKIT_SOME_FLAG", value)
@@ -95,7 +95,7 @@ def test_device_module_dispatch_on_this_host():
 def test_run_record_and_bench_share_versions_and_commit():
     import bench.harness as harness
     from fluxkit.launch.record import toolkit_commit
-    from fluxkit.device import detect
+    from fluxkit.shared.device import detect
 
     found = versions()
     assert found["python"] and found["torch"] and "diffusers" in found
@@ -108,7 +108,7 @@ def test_run_record_and_bench_share_versions_and_commit():
 
 
 def test_launcher_and_trainer_share_the_host_checks(tmp_path, capsys, monkeypatch):
-    """fluxkit.preflight.check_host runs in the launcher before any process starts and in the
+    """fluxkit.training.preflight.check_host runs in the launcher before any process starts and in the
     trainer first thing: the same refusal, in the same words, from both."""
     from conftest import run_entry_inprocess
 
@@ -131,8 +131,8 @@ def test_launcher_and_trainer_share_the_host_checks(tmp_path, capsys, monkeypatc
 def test_an_agreed_stop_is_said_once_by_the_first_process(rank, monkeypatch, capsys):
     """Every process raises the agreed stop at the same step; only RANK 0 prints it (two processes
     printing the same resume line raced in CI). A process's own error is still said by it."""
-    from fluxkit.errors import cli
-    from fluxkit.runcontrol import Interrupted
+    from fluxkit.shared.errors import cli
+    from fluxkit.training.runcontrol import Interrupted
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", rank)

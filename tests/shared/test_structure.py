@@ -1,5 +1,6 @@
-"""The package's shape (issue 11): every module imports, fluxkit's modules import each other
-without cycles, no test-only fault hooks live in the package, and train.py reads in short steps."""
+"""The package's shape (issues 11, 19): every module imports, fluxkit's modules import each other
+without cycles, each folder imports only the folders below it, no test-only fault hooks live in the
+package, and train.py reads in short steps."""
 
 import ast
 import importlib
@@ -13,7 +14,7 @@ PACKAGE = os.path.join(ROOT, "fluxkit")
 
 
 def _find_modules():
-    """Every module of the package by its dotted name under fluxkit ("train", "cache", "cache.store", ...)."""
+    """Every module of the package by its dotted name under fluxkit ("training.train", "cache", "cache.store", ...)."""
     found = []
     for folder, subfolders, files in os.walk(PACKAGE):
         subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
@@ -116,8 +117,9 @@ def test_every_module_imports(name):
 
 def test_the_graph_sees_the_imports():
     graph = import_graph(module_level_only=True)
-    assert len(MODULES) >= 20 and {"checkpoint", "models", "loss", "cache", "outputs", "runcontrol"} <= set(MODULES)
-    assert {"models", "outputs", "checkpoint", "runcontrol", "loss", "cache"} <= graph["train"]
+    trained = {"training.models", "training.loss", "training.outputs", "training.runcontrol"}
+    assert len(MODULES) >= 20 and trained | {"checkpoint", "cache"} <= set(MODULES)
+    assert trained | {"checkpoint", "cache"} <= graph["training.train"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
 
 
@@ -129,6 +131,55 @@ def test_no_cycle_through_deferred_imports():
     # an import inside a function still ties two modules together, so it may not close a cycle either
     found = cycles(import_graph(module_level_only=False))
     assert not found, sorted(sorted(c) for c in found)
+
+
+# The floor plan, bottom up: each folder imports only itself and the folders listed for it. The
+# rooms a run is made of (training, inference, launch, cache, checkpoint, plan) sit on top of these
+# and may use each other (the cycle tests above still hold between their modules); nothing below
+# them imports them.
+LOWER_LAYERS = {
+    "shared": set(),                              # the shared facts: the bottom
+    "data": {"shared"},                           # scan, buckets, pairs, dataset: no model needed
+    "weights": {"shared"},                        # LoRA files, ZeRO-3 gathering, quantized base
+    "families": {"shared", "data", "weights"},    # what differs between FLUX models
+    "tiny": {"shared", "families"},               # random pipelines of any family
+    "upstream": {"shared", "weights", "families"},  # diffusers' own scripts: patches and fixes
+}
+
+
+def _folder(module):
+    return module.split(".")[0]
+
+
+def test_no_module_left_at_the_top_of_the_package():
+    """The floor plan shows the architecture: every module lives in a folder of what it serves."""
+    flat = [m for m in MODULES if "." not in m and not os.path.isdir(os.path.join(PACKAGE, m))]
+    assert not flat, flat
+
+
+def test_lower_layers_never_import_upper_ones():
+    """shared/ imports nothing above it; data/ and weights/ only shared/; families/ those three; tiny/
+    and upstream/ what the table allows. Deferred imports count too: they tie the layers all the same."""
+    upward = []
+    for module, imported in import_graph(module_level_only=False).items():
+        folder = _folder(module)
+        if folder in LOWER_LAYERS:
+            allowed = LOWER_LAYERS[folder] | {folder}
+            upward += [f"{module} -> {m}" for m in sorted(imported) if _folder(m) not in allowed]
+    assert not upward, upward
+
+
+def test_the_layer_guard_sees_an_upward_import(monkeypatch):
+    """Break it once: shared.errors importing training.train_args is caught (the guard reads real sources)."""
+    real = _source
+
+    def with_upward(name):
+        text = real(name)
+        return text + "\nfrom ..training.train_args import parse\n" if name == "shared.errors" else text
+
+    monkeypatch.setitem(globals(), "_source", with_upward)
+    with pytest.raises(AssertionError, match=r"shared\.errors -> training\.train_args"):
+        test_lower_layers_never_import_upper_ones()
 
 
 def test_no_fault_injection_hook_in_the_package():
@@ -145,7 +196,7 @@ def test_no_fault_injection_hook_in_the_package():
 
 
 def test_train_py_functions_are_short():
-    tree = ast.parse(_source("train"))
+    tree = ast.parse(_source("training.train"))
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert {"train", "setup", "resume", "loop", "finish"} <= set(lengths)
@@ -166,7 +217,7 @@ def test_no_file_in_the_package_is_long():
 
 
 def _trainer_flags():
-    from fluxkit.train_args import build_parser
+    from fluxkit.training.train_args import build_parser
 
     return {o for lora in (False, True) for a in build_parser(lora)._actions for o in a.option_strings
             if o.startswith("--") and o != "--help"}
@@ -177,7 +228,7 @@ def test_each_trainer_flag_is_defined_once():
     another program's flags); the full and LoRA parsers are the same function."""
     defined = {}
     for name in MODULES:
-        if name == "infer_args":
+        if name == "inference.args":
             continue
         for node in ast.walk(ast.parse(_source(name))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
@@ -197,7 +248,7 @@ UPSTREAM_NAMESPACE = "# upstream namespace"  # the mark of a line that reads an 
 def test_no_trainer_flag_is_read_with_getattr():
     """A trainer flag is a TrainConfig field, read as args.flag: never getattr(args, "flag", default), which
     restates (and can contradict) the parser's default. The one exception is an upstream script's own
-    argparse namespace (fluxkit.script_fixes' hooks run inside diffusers' scripts, whose flags differ),
+    argparse namespace (fluxkit.upstream.script_fixes' hooks run inside diffusers' scripts, whose flags differ),
     marked on its line."""
     flags = {o[2:] for o in _trainer_flags()} | {"lora"}
     found = []
@@ -217,7 +268,7 @@ def test_no_trainer_flag_is_read_with_getattr():
 def test_launcher_plan_and_cache_commands_take_the_trainer_flags_from_its_parser(monkeypatch, capsys):
     """A flag added to the trainer's parser (and nowhere else) is a launcher key, a plan flag and a
     cache-command flag at once."""
-    import fluxkit.train_args as train_args
+    import fluxkit.training.train_args as train_args
 
     real = train_args.build_parser
 
@@ -244,7 +295,7 @@ def test_train_config_is_the_parser_frozen():
     """TrainConfig has a field per trainer flag (its dest) and nothing else but `lora`; it cannot be edited."""
     import dataclasses
 
-    from fluxkit.train_args import TrainConfig, build_parser, parse
+    from fluxkit.training.train_args import TrainConfig, build_parser, parse
 
     dests = {a.dest for lora in (False, True) for a in build_parser(lora)._actions if a.dest != "help"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} == dests | {"lora"}

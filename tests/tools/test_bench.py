@@ -1,4 +1,4 @@
-"""FLOP accounting (fluxkit.flops) against torch's own counter, and the bench harness's
+"""FLOP accounting (fluxkit.shared.flops) against torch's own counter, and the bench harness's
 result schema and table printer. No timing is asserted anywhere."""
 
 import json
@@ -13,7 +13,7 @@ from conftest import ROOT, assert_user_error, run_inprocess, run_script
 
 def _transformer(preset, device=None, dtype=torch.float32):
     from diffusers import FluxTransformer2DModel
-    from fluxkit.tiny import PRESETS
+    from fluxkit.tiny.build import PRESETS
 
     torch.manual_seed(0)
     if device == "meta":
@@ -26,12 +26,12 @@ def _rel(a, b):
     return abs(a - b) / b
 
 
-# ---------------------------------------------------------------- fluxkit.flops
+# ---------------------------------------------------------------- fluxkit.shared.flops
 
 @pytest.mark.tiny
 @pytest.mark.parametrize("image_tokens, text_tokens, batch", [(64, 16, 1), (256, 77, 2), (100, 512, 3)])
 def test_forward_flops_match_torch_counter_on_tiny_model(image_tokens, text_tokens, batch):
-    from fluxkit.flops import flux_forward_flops, torch_counted_flops
+    from fluxkit.shared.flops import flux_forward_flops, torch_counted_flops
 
     model = _transformer("tiny")
     measured = torch_counted_flops(model, image_tokens, text_tokens, batch)
@@ -43,7 +43,7 @@ def test_forward_flops_match_torch_counter_on_tiny_model(image_tokens, text_toke
 @pytest.mark.tiny
 def test_forward_flops_match_torch_counter_on_flux_dev_architecture():
     """FLUX.1-dev's exact layer sizes, counted on the meta device (no memory, no compute)."""
-    from fluxkit.flops import flux_forward_flops, torch_counted_flops
+    from fluxkit.shared.flops import flux_forward_flops, torch_counted_flops
 
     model = _transformer("dev", device="meta", dtype=torch.bfloat16)
     measured = torch_counted_flops(model, 256, 77, 1)
@@ -55,7 +55,7 @@ def test_forward_flops_match_torch_counter_on_flux_dev_architecture():
 
 @pytest.mark.tiny
 def test_full_training_step_is_forward_plus_backward():
-    from fluxkit.flops import torch_counted_flops, training_step_flops
+    from fluxkit.shared.flops import torch_counted_flops, training_step_flops
 
     model = _transformer("tiny")
     measured = torch_counted_flops(model, 64, 16, 2, backward=True)
@@ -66,7 +66,7 @@ def test_full_training_step_is_forward_plus_backward():
 def test_lora_training_step_skips_base_weight_gradients():
     from peft import LoraConfig
 
-    from fluxkit.flops import torch_counted_flops, training_step_flops
+    from fluxkit.shared.flops import torch_counted_flops, training_step_flops
 
     model = _transformer("small")
     model.requires_grad_(False)
@@ -79,7 +79,7 @@ def test_lora_training_step_skips_base_weight_gradients():
 
 
 def test_image_tokens_and_mfu():
-    from fluxkit.flops import image_tokens, mfu
+    from fluxkit.shared.flops import image_tokens, mfu
 
     assert image_tokens(1024, 1024) == 4096 and image_tokens(256, 256) == 256 and image_tokens(512, 256) == 512
     assert image_tokens(32, 32, vae_scale_factor=2) == 64
@@ -89,7 +89,7 @@ def test_image_tokens_and_mfu():
 
 
 def test_peak_table_knows_datasheet_gpus_only_in_half_precision():
-    from fluxkit.flops import table_peak_flops
+    from fluxkit.shared.flops import table_peak_flops
 
     assert table_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
     assert table_peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
@@ -100,8 +100,8 @@ def test_peak_table_knows_datasheet_gpus_only_in_half_precision():
 
 
 def test_cpu_peak_is_measured_once_cached_and_shared_by_local_processes(tmp_path, monkeypatch):
-    from fluxkit.device import detect
-    from fluxkit.flops import peak_flops
+    from fluxkit.shared.device import detect
+    from fluxkit.shared.flops import peak_flops
 
     monkeypatch.setenv("FLUXKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FLUXKIT_PEAK_TFLOPS", raising=False)
@@ -121,9 +121,9 @@ def test_cpu_peak_is_measured_once_cached_and_shared_by_local_processes(tmp_path
 
 
 def test_peak_env_override_and_bad_value(monkeypatch):
-    from fluxkit.device import detect
-    from fluxkit.errors import UserError
-    from fluxkit.flops import peak_flops
+    from fluxkit.shared.device import detect
+    from fluxkit.shared.errors import UserError
+    from fluxkit.shared.flops import peak_flops
 
     monkeypatch.setenv("FLUXKIT_PEAK_TFLOPS", "313")
     assert peak_flops(detect("cpu"), torch.bfloat16) == 313e12

@@ -28,7 +28,7 @@ def test_tiny_pipeline_loads_and_generates(tiny_flux):
 def test_small_preset_matches_flux_structure(tmp_path):
     from diffusers import FluxPipeline
 
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     path = build_pipeline(str(tmp_path / "small"), "small", seed=1)
     pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
@@ -59,7 +59,7 @@ def test_tokenizers_are_real(tiny_flux):
 
 @pytest.mark.tiny
 def test_builder_is_deterministic(tmp_path):
-    from fluxkit.tiny import build_datasets, build_pipeline
+    from fluxkit.tiny.build import build_datasets, build_pipeline
 
     def digest(folder):
         h = hashlib.sha256()
@@ -103,7 +103,7 @@ def test_dev_preset_refuses_without_allow_large(tmp_path):
 
 
 def test_dev_preset_is_flux1_dev_architecture():
-    from fluxkit.tiny import PRESETS, parameter_count
+    from fluxkit.tiny.build import PRESETS, parameter_count
 
     counts = parameter_count(PRESETS["dev"])
     assert 11.8e9 < counts["transformer"] < 12.0e9  # FLUX.1-dev: 11.9B
@@ -113,7 +113,7 @@ def test_dev_preset_is_flux1_dev_architecture():
 
 @pytest.mark.tiny
 def test_devlike_preset_has_flux1_dev_proportions():
-    from fluxkit.tiny import PRESETS, parameter_count
+    from fluxkit.tiny.build import PRESETS, parameter_count
 
     dev, small = parameter_count(PRESETS["dev"]), parameter_count(PRESETS["devlike"])
     for part in ("text_encoder_2", "text_encoder", "vae"):  # each within 10% of dev's share of the transformer

@@ -1,4 +1,4 @@
-"""--blocks_to_swap (fluxkit.blockswap): swapped blocks' frozen weights are placeholders on the device
+"""--blocks_to_swap (fluxkit.training.blockswap): swapped blocks' frozen weights are placeholders on the device
 except while they run; the losses and the LoRA equal those of the run without it (bit for bit in
 fp32) on unquantized, NF4 and int8 bases; a run killed and resumed across it equals the uninterrupted
 one; each step records how many blocks were on the device, which is what the flag promises; what it
@@ -19,7 +19,7 @@ BLOCKS, SWAP = 5, 3  # 2 double-stream + 3 single-stream blocks; the last 3 are 
 
 @pytest.fixture(scope="module")
 def five_blocks(tmp_path_factory):
-    from fluxkit.tiny import PRESETS, _transformer, build_pipeline
+    from fluxkit.tiny.build import PRESETS, _transformer, build_pipeline
 
     tiny = PRESETS["tiny"]
     preset = dataclasses.replace(tiny, name="tiny5", transformer=_transformer(16, 2, 3, 16, 2, 32, 32, (4, 6, 6)))
@@ -31,7 +31,7 @@ def test_swapped_weights_visit_one_block_at_a_time(five_blocks):
 
     from diffusers import FluxTransformer2DModel
 
-    from fluxkit.blockswap import blocks_of, place
+    from fluxkit.training.blockswap import blocks_of, place
 
     t = FluxTransformer2DModel.from_pretrained(five_blocks, subfolder="transformer").requires_grad_(False)
     swap = place(Namespace(blocks_to_swap=SWAP), t, torch.device("cpu"))
@@ -91,8 +91,8 @@ def test_refusals_are_one_line(five_blocks, sample_data, tmp_path, script, flags
 def test_refused_under_deepspeed(five_blocks, monkeypatch):
     from argparse import Namespace
 
-    from fluxkit.blockswap import check_launch
-    from fluxkit.errors import UserError
+    from fluxkit.training.blockswap import check_launch
+    from fluxkit.shared.errors import UserError
 
     with pytest.raises(UserError, match="cannot run under DeepSpeed.*zero3_offload"):
         check_launch(Namespace(blocks_to_swap=2), True, five_blocks)

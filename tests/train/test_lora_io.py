@@ -1,4 +1,4 @@
-"""fluxkit.lora: LoRA files in diffusers' FLUX format, copies not in-place casts, accelerate hooks."""
+"""fluxkit.weights.lora: LoRA files in diffusers' FLUX format, copies not in-place casts, accelerate hooks."""
 
 import json
 import os
@@ -51,7 +51,7 @@ def pipe(tiny_flux):
 
 
 def test_unwrap_model_strips_wrappers():
-    from fluxkit.lora import unwrap_model
+    from fluxkit.weights.lora import unwrap_model
 
     model = torch.nn.Linear(2, 2)
     assert unwrap_model(model) is model
@@ -60,7 +60,7 @@ def test_unwrap_model_strips_wrappers():
 
 
 def test_state_dict_is_a_cast_copy_and_live_model_untouched(pipe):
-    from fluxkit.lora import lora_state_dict
+    from fluxkit.weights.lora import lora_state_dict
 
     transformer = _with_lora(pipe.transformer, TRANSFORMER_TARGETS).to(torch.bfloat16)
     state = lora_state_dict(torch.nn.DataParallel(transformer), dtype=torch.float32)
@@ -77,7 +77,7 @@ def test_state_dict_is_a_cast_copy_and_live_model_untouched(pipe):
 def test_save_writes_diffusers_format_with_rank_and_alpha(pipe, tmp_path):
     from safetensors import safe_open
 
-    from fluxkit.lora import save_lora
+    from fluxkit.weights.lora import save_lora
 
     _with_lora(pipe.transformer, TRANSFORMER_TARGETS, r=4, alpha=8)
     _with_lora(pipe.text_encoder, CLIP_TARGETS, r=2, alpha=1)
@@ -98,7 +98,7 @@ def test_flux_pipeline_loads_saved_lora_with_its_scale(tiny_flux, pipe, tmp_path
     """alpha != rank: if the metadata were dropped diffusers would assume alpha = rank and the outputs would differ."""
     from diffusers import FluxPipeline
 
-    from fluxkit.lora import save_lora
+    from fluxkit.weights.lora import save_lora
 
     inputs = _transformer_inputs(pipe.transformer)
     base = _out(pipe.transformer, inputs)
@@ -126,8 +126,8 @@ def test_flux_pipeline_loads_saved_lora_with_its_scale(tiny_flux, pipe, tmp_path
 def test_load_lora_restores_weights_and_rejects_mismatches(pipe, tiny_flux, tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    from fluxkit.errors import UserError
-    from fluxkit.lora import load_lora, save_lora
+    from fluxkit.shared.errors import UserError
+    from fluxkit.weights.lora import load_lora, save_lora
 
     _with_lora(pipe.transformer, TRANSFORMER_TARGETS, r=4, alpha=8, seed=1)
     inputs = _transformer_inputs(pipe.transformer)
@@ -156,7 +156,7 @@ def test_load_lora_restores_weights_and_rejects_mismatches(pipe, tiny_flux, tmp_
 def test_hooks_with_plain_accelerate_replace_full_model_file(pipe, tmp_path):
     from accelerate import Accelerator
 
-    from fluxkit.lora import lora_save_load_hooks
+    from fluxkit.weights.lora import lora_save_load_hooks
 
     transformer = _with_lora(pipe.transformer, TRANSFORMER_TARGETS)
     acc = Accelerator(cpu=True)

@@ -1,4 +1,4 @@
-"""The flow-matching loss as a function of tensors (fluxkit.loss): random latents and embeddings, a
+"""The flow-matching loss as a function of tensors (fluxkit.training.loss): random latents and embeddings, a
 tiny FLUX transformer built here, no pipeline, no cache, no encoders."""
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fluxkit.families import get as family
-from fluxkit.loss import flow_matching_loss, sample_timesteps
+from fluxkit.training.loss import flow_matching_loss, sample_timesteps
 
 flux1_velocity = family("flux1").velocity
 
@@ -29,7 +29,7 @@ def scheduler():
 def transformer():
     from diffusers import FluxTransformer2DModel
 
-    from fluxkit.tiny import PRESETS
+    from fluxkit.tiny.build import PRESETS
 
     torch.manual_seed(0)
     return FluxTransformer2DModel(**PRESETS["tiny"].transformer)

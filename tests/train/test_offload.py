@@ -30,7 +30,7 @@ def _watch_encoders(monkeypatch):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
-    import fluxkit.train
+    import fluxkit.training.train
 
     events = {cls.__name__: [] for cls in (AutoencoderKL, CLIPTextModel, T5EncoderModel)}
     hooked = set()
@@ -54,7 +54,7 @@ def _watch_encoders(monkeypatch):
         watch(cls)
 
     boundaries = []
-    record_step = fluxkit.train.record_step
+    record_step = fluxkit.training.train.record_step
 
     def at_step_boundary(run, loss):
         modules = {"AutoencoderKL": run.models.vae, "CLIPTextModel": run.models.text_encoder,
@@ -63,7 +63,7 @@ def _watch_encoders(monkeypatch):
                            for name, mod in modules.items()})
         record_step(run, loss)
 
-    monkeypatch.setattr(fluxkit.train, "record_step", at_step_boundary)
+    monkeypatch.setattr(fluxkit.training.train, "record_step", at_step_boundary)
     return events, boundaries
 
 
@@ -116,7 +116,7 @@ def test_visit_moves_to_the_device_given_and_back_to_the_host():
     encoding fails), the transformer and a training CLIP untouched, and nothing without the flag."""
     from types import SimpleNamespace
 
-    from fluxkit.offload import encoders_visiting
+    from fluxkit.training.offload import encoders_visiting
 
     moves = []
     m = SimpleNamespace(**{name: _Recorder(name, moves) for name in ("vae", "text_encoder", "text_encoder_2", "transformer")})

@@ -1,4 +1,4 @@
-"""Runs in phases (fluxkit.train.prepare_models): the encoders fill the cache and are gone before
+"""Runs in phases (fluxkit.training.train.prepare_models): the encoders fill the cache and are gone before
 the transformer is read, so a text encoder and the transformer never share the device (on a CPU
 host the device is the host: "on the device" is "alive in the process"). Recorded with hooks on
 the real loaders and on the encoders' forward, for unquantized and quantized bases."""
@@ -45,7 +45,7 @@ class Recorder:
 def recorder(monkeypatch):
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from fluxkit import quant
+    from fluxkit.weights import quant
 
     rec = Recorder()
     for cls in (CLIPTextModel, T5EncoderModel):
@@ -100,7 +100,7 @@ def test_warm_cache_loads_no_text_encoder(tiny_flux, sample_data, tmp_path, reco
 
 def test_lora_base_is_read_in_the_compute_dtype(tiny_flux, sample_data, tmp_path, monkeypatch):
     """A LoRA base is read straight into bf16 (never widened to fp32 in host memory first)."""
-    from fluxkit import quant
+    from fluxkit.weights import quant
 
     seen = []
     load = quant.load_transformer
@@ -127,7 +127,7 @@ def test_lora_base_is_read_in_the_compute_dtype(tiny_flux, sample_data, tmp_path
 @pytest.fixture(scope="module")
 def devlike(tmp_path_factory):
     """FLUX.1-dev's proportions (T5 0.40 of the transformer), stored in bf16 like FLUX.1-dev's files."""
-    from fluxkit.tiny import build_datasets, build_pipeline
+    from fluxkit.tiny.build import build_datasets, build_pipeline
 
     root = tmp_path_factory.mktemp("devlike")
     model = build_pipeline(str(root / "devlike"), "devlike", seed=0, dtype="bf16")
@@ -149,7 +149,7 @@ def test_cache_fill_and_training_peak_apart_as_planned(devlike, tmp_path):
     from bench.suites import memory
 
     from fluxkit.plan import plan_memory
-    from fluxkit.train_args import parse
+    from fluxkit.training.train_args import parse
 
     model, instance = devlike
     flags = memory.trainer_flags(model, instance, str(tmp_path / "out"), "lora", 256, 1, False)
@@ -187,7 +187,7 @@ def test_prompts_encoded_on_the_host_when_the_plan_says_so(tiny_flux, sample_dat
 
     original = T5EncoderModel.to
     monkeypatch.setattr(T5EncoderModel, "to", lambda self, *a, **kw: moved.append((a, kw)) or original(self, *a, **kw))
-    with caplog.at_level(logging.INFO, logger="fluxkit.train"):
+    with caplog.at_level(logging.INFO, logger="fluxkit.training.train"):
         assert train_inprocess(LORA, trainer_args(tiny_flux, sample_data, tmp_path / "out", steps=1)) == 0
     assert any("prompts are encoded on the host CPU" in r.getMessage() for r in caplog.records)
     assert not [a for a, kw in moved if a and not isinstance(a[0], torch.dtype)]  # only dtype casts, no device moves
@@ -196,8 +196,8 @@ def test_prompts_encoded_on_the_host_when_the_plan_says_so(tiny_flux, sample_dat
 def test_reading_in_the_compute_dtype_equals_casting_after(tiny_flux):
     """A base read straight in bf16 holds exactly the weights an fp32 read cast to bf16 holds (what the
     LoRA base and DeepSpeed's engine did before), so runs are unchanged by the cheaper read."""
-    from fluxkit.models import load_transformer, transformer_load_dtype
-    from fluxkit.train_args import parse
+    from fluxkit.training.models import load_transformer, transformer_load_dtype
+    from fluxkit.training.train_args import parse
 
     args = parse(["--pretrained_model_name_or_path", tiny_flux, "--instance_prompt", "p", "--instance_data_dir", "d"])
     assert transformer_load_dtype(args, torch.bfloat16, deepspeed=True) == torch.bfloat16

@@ -28,8 +28,8 @@ def ti_args(model, data, out, steps=8, **extra):
 
 def train(argv):
     """The whole run in this process; returns the Run, for a look inside."""
-    from fluxkit import train as trainer
-    from fluxkit.train_args import parse
+    from fluxkit.training import train as trainer
+    from fluxkit.training.train_args import parse
 
     run = trainer.setup(parse(argv, lora=True))
     run.initial_rows = {n: getattr(run.pivot.rows, n).detach().clone() for n in run.pivot.rows.names} if run.pivot else {}
@@ -137,7 +137,7 @@ def test_transformer_frac_0_is_textual_inversion_only(tiny_flux, sample_data, tm
     assert record["lora"] is None and record["embeddings"].endswith("ti_only_emb.safetensors")
     assert record["prompt"] == "<s0><s1>"
     # resuming its checkpoint without pivotal tuning would continue another run: refused in one line
-    from fluxkit.errors import UserError
+    from fluxkit.shared.errors import UserError
 
     with pytest.raises(UserError, match="pivotal TOK x2 in CLIP -> off"):
         train(trainer_args(tiny_flux, sample_data, out, steps=6, resume_from_checkpoint="latest", learning_rate=1e-3))
@@ -203,8 +203,8 @@ def mixed_captions(sample_data, folder):
 
 def test_cached_run_equals_uncached_and_the_cache_never_holds_new_token_embeddings(tiny_flux, sample_data, tmp_path):
     from fluxkit.cache import text_key
-    from fluxkit.encode import encode_prompts
-    from fluxkit.models import load_models
+    from fluxkit.training.encode import encode_prompts
+    from fluxkit.training.models import load_models
 
     data = mixed_captions(sample_data, str(tmp_path / "mixed"))
     common = dict(instance_data_dir=data, steps=8, validation_prompt="TOK on a beach", validation_epochs=1,
@@ -272,8 +272,8 @@ def test_deepspeed_zero2_two_processes(tiny_flux, sample_data, tmp_path):
 def infer(argv):
     from accelerate.state import AcceleratorState
 
-    from fluxkit import infer_args, inference
-    from fluxkit.errors import cli
+    from fluxkit.inference import args as infer_args, run as inference
+    from fluxkit.shared.errors import cli
 
     try:
         return cli(inference.main)(infer_args.LORA, [str(a) for a in argv])
@@ -329,8 +329,8 @@ def test_lora_inference_loads_the_embeddings_beside_the_lora(tiny_flux, sample_d
     (["--train_text_encoder_ti", "--offload_encoders"], "--offload_encoders"),
 ])
 def test_flag_rules_are_one_line_each(tiny_flux, sample_data, tmp_path, flags, needle):
-    from fluxkit.errors import UserError
-    from fluxkit.train_args import parse
+    from fluxkit.shared.errors import UserError
+    from fluxkit.training.train_args import parse
 
     with pytest.raises(UserError, match=needle.replace("-", r"\-").replace(".", r"\.")):
         parse(trainer_args(tiny_flux, sample_data, tmp_path / "out") + flags, lora=True)
@@ -340,8 +340,8 @@ def test_flag_rules_are_one_line_each(tiny_flux, sample_data, tmp_path, flags, n
 def test_tokens_and_prompts_as_the_advanced_script_names_them(tiny_flux, sample_data):
     from transformers import AutoTokenizer
 
-    from fluxkit.pivotal import Tokens, make_tokens
-    from fluxkit.train_args import parse
+    from fluxkit.training.pivotal import Tokens, make_tokens
+    from fluxkit.training.train_args import parse
 
     tok = AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer")
     tok2 = AutoTokenizer.from_pretrained(tiny_flux, subfolder="tokenizer_2")
@@ -355,7 +355,7 @@ def test_tokens_and_prompts_as_the_advanced_script_names_them(tiny_flux, sample_
                    len(tok2.encode("a red circle", add_special_tokens=False)))
     assert len(make_tokens(args, tok, tok2).by_abstraction["TOK"]) == expected
     assert Tokens({"TOK": ["<s0>"]}).holds_new("x <s0> y") and not Tokens({"TOK": ["<s0>"]}).holds_new("x TOK")
-    from fluxkit.pivotal import initial_rows
+    from fluxkit.training.pivotal import initial_rows
 
     table = torch.randn(len(tok), 8)
     ids = tok.encode("a red circle", add_special_tokens=False)
@@ -376,7 +376,7 @@ def test_quantized_base_and_buckets(tiny_flux, sample_data, tmp_path):
 
 def test_memory_plan_counts_the_rows_and_the_encoders_that_stay(tiny_flux, sample_data, tmp_path):
     from fluxkit.plan import plan_memory
-    from fluxkit.train_args import parse
+    from fluxkit.training.train_args import parse
 
     base = trainer_args(tiny_flux, sample_data, tmp_path / "o", mixed_precision="bf16")
     plans = {ti: plan_memory(parse(base + list(ti), lora=True)) for ti in ((), ("--train_text_encoder_ti",),
@@ -423,8 +423,8 @@ def test_text_encoder_frac_stops_the_clip_lora(tiny_flux, sample_data, tmp_path)
     out = tmp_path / "te"
     train_lora = trainer_args(tiny_flux, sample_data, out, 8, mixed_precision="no", train_text_encoder=True,
                               train_text_encoder_frac=0.5, text_encoder_lr=1e-2, checkpointing_steps=2)
-    from fluxkit import train as trainer
-    from fluxkit.train_args import parse
+    from fluxkit.training import train as trainer
+    from fluxkit.training.train_args import parse
 
     trainer.train(parse(train_lora, lora=True))
     files = {s: load_file(str(out / f"checkpoint-{s}" / "pytorch_lora_weights.safetensors")) for s in (2, 4, 8)}

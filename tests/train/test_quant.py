@@ -31,8 +31,8 @@ def losses(out):
 
 def infer_lora(argv) -> int:
     """infer_flux_text2img_lora_bf16.py's main in this process: its exit status."""
-    from fluxkit import infer_args, inference
-    from fluxkit.errors import cli
+    from fluxkit.inference import args as infer_args, run as inference
+    from fluxkit.shared.errors import cli
 
     return cli(inference.main)(infer_args.LORA, [str(a) for a in argv])
 
@@ -43,7 +43,7 @@ def test_the_transformer_loads_with_quantized_linear_weights(tiny_flux):
     import torch
     from torchao.quantization import Int8Tensor
 
-    from fluxkit.quant import load_transformer
+    from fluxkit.weights.quant import load_transformer
 
     plain = load_transformer(tiny_flux, "none", torch.float32, "cpu", subfolder="transformer", local_files_only=True)
     linears = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -142,7 +142,7 @@ def test_killed_run_on_a_quantized_base_resumes_bit_identical(tiny_flux, sample_
 
 
 def test_the_quantization_libraries_a_run_never_calls(tmp_path):
-    from fluxkit.quant import libraries_not_needed
+    from fluxkit.weights.quant import libraries_not_needed
 
     model = tmp_path / "model"
     (model / "transformer").mkdir(parents=True)

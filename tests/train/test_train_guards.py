@@ -108,7 +108,7 @@ def test_captions_and_repeats_reach_the_training_batches(tiny_flux, sample_data,
     captions (not --instance_prompt) are what the text encoders read."""
     from transformers import PreTrainedTokenizerBase
 
-    from fluxkit.data import DreamBoothDataset
+    from fluxkit.data.dataset import DreamBoothDataset
 
     items, tokenized = [], []
     get_item, tokenize = DreamBoothDataset.__getitem__, PreTrainedTokenizerBase.__call__
@@ -250,7 +250,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 
-from fluxkit import patches
+from fluxkit.upstream import patches
 
 # stand-ins for what torch_npu and a CUDA build provide: an "npu" device type and current devices
 torch.utils.rename_privateuse1_backend("npu")

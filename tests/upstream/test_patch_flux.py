@@ -21,7 +21,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # ------------------------------------------------------------------ runtime patches
 
 def test_list_reports_every_patch_and_why():
-    from fluxkit.patches import PATCHES
+    from fluxkit.upstream.patches import PATCHES
 
     proc = run_inprocess([sys.executable, RUNNER, "--list"])
     assert proc.returncode == 0, proc.stderr
@@ -45,7 +45,7 @@ def _flux_dev_ids(side=64, text_tokens=512):
 def test_rope_float32_matches_float64_for_flux_dev():
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    from fluxkit.patches import rope_float32
+    from fluxkit.upstream.patches import rope_float32
 
     embed = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])  # FLUX.1-dev's axes
     ids = _flux_dev_ids()  # 4096 image tokens + 512 text tokens
@@ -59,7 +59,7 @@ def test_rope_float32_matches_float64_for_flux_dev():
 
 @pytest.fixture
 def restore_pos_embed(monkeypatch):
-    from fluxkit.patches import _pos_embed_classes
+    from fluxkit.upstream.patches import _pos_embed_classes
 
     for cls in _pos_embed_classes():
         monkeypatch.setattr(cls, "forward", cls.forward)
@@ -69,7 +69,7 @@ def test_rope_patch_forced_by_env_is_used_and_idempotent(monkeypatch, restore_po
     from diffusers import FluxTransformer2DModel
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
 
     model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
     ids = _flux_dev_ids(side=8, text_tokens=8)
@@ -101,7 +101,7 @@ def test_rope_check_tells_old_diffusers_from_new(tmp_path, monkeypatch):
 
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    from fluxkit.patches import _diffusers_downcasts_rope
+    from fluxkit.upstream.patches import _diffusers_downcasts_rope
 
     (tmp_path / "old_flux_embed.py").write_text(textwrap.dedent('''
         import torch
@@ -121,7 +121,7 @@ def test_sharded_tensor_device_on_gloo_and_unknown_backends(monkeypatch, tmp_pat
     import torch.distributed as dist
     from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
 
     monkeypatch.setattr(ShardedTensor, "_get_preferred_device", ShardedTensor._get_preferred_device)
     patches.BY_NAME["npu-sharded-tensor-device"].install()
@@ -155,7 +155,7 @@ def test_gc_thresholds_and_opt_out(monkeypatch):
 
 
 def test_pop_safe_weights():
-    from fluxkit.patches import PopSafeList
+    from fluxkit.upstream.patches import PopSafeList
 
     weights = PopSafeList()
     assert weights.pop() is None
@@ -180,7 +180,7 @@ def npu_fusion_attention(query, key, value, head_num, atten_mask=None, input_lay
 
 NPU_PROBE = '''
 import json, sys, torch
-from fluxkit import patches
+from fluxkit.upstream import patches
 status = {n: [a, w] for n, a, w, _ in patches.describe()}
 from diffusers import FluxTransformer2DModel
 torch.manual_seed(0)
@@ -276,7 +276,7 @@ SHAPE_HAND_EDITED = SHAPE_MAIN.replace(
 
 
 def _fix(source, name="train_dreambooth_lora_flux.py", skip=()):
-    from fluxkit.script_fixes import fix_script
+    from fluxkit.upstream.script_fixes import fix_script
 
     tree = ast.parse(source)
     results = {r.name: r.status for r in fix_script(tree, name, skip=skip)}
@@ -305,7 +305,7 @@ class Recorder:
 def _run_block(tree, rank, distributed_type, tmp_path):
     from types import SimpleNamespace
 
-    from fluxkit import script_fixes
+    from fluxkit.upstream import script_fixes
 
     out = tmp_path / f"out-{rank}"
     (out / "checkpoint-1").mkdir(parents=True)
@@ -335,7 +335,7 @@ def test_2024_shape_every_fix_applies_and_ranks_behave(tmp_path):
     assert saved == ["checkpoint-2"] and not old_kept and events == ["log"]
     hooks = [c[1] for c in calls if c[0].endswith("_hook")]
     assert [h.__qualname__.split(".")[-1] for h in hooks] == ["save_hook", "load_hook"]
-    assert all(h.__module__ == "fluxkit.lora" for h in hooks)
+    assert all(h.__module__ == "fluxkit.weights.lora" for h in hooks)
     # without DeepSpeed nothing changes for rank 1: the block stays rank 0's
     saved, old_kept, events, _ = _run_block(tree, 1, "DistributedType.MULTI_GPU", tmp_path / "ddp")
     assert saved == [] and old_kept and events == []
@@ -365,7 +365,7 @@ def test_full_finetune_script_gets_no_lora_hooks():
 
 
 def test_missing_target_names_transform_and_script():
-    from fluxkit.errors import UserError
+    from fluxkit.shared.errors import UserError
 
     no_validation = SHAPE_2024.replace("def log_validation", "def other_function")
     with pytest.raises(UserError, match=r"transform 'validation-dtype' cannot fix 'train_dreambooth_lora_flux.py'.*--skip validation-dtype"):
@@ -378,7 +378,7 @@ def test_missing_target_names_transform_and_script():
         _fix(no_names)
     with pytest.raises(UserError, match="none of the constructs"):
         _fix("print('hello')\n", name="hello.py")
-    from fluxkit.patches import check_skip
+    from fluxkit.upstream.patches import check_skip
 
     with pytest.raises(UserError, match="'nope' is not a runtime patch or source fix"):
         check_skip(["validation-dtype", "checkpoint-save-barrier", "nope"])
@@ -428,7 +428,7 @@ def test_skip_leaves_out_runtime_patches_and_source_fixes(tmp_path, monkeypatch)
     own TorchPatcher.apply_patch(); the one not skipped does. A misspelt name: one line with the nearest."""
     from diffusers import Flux2Transformer2DModel
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
 
     monkeypatch.setattr(patches, "_LEFT_OUT", set())
     monkeypatch.setattr(sys, "path", list(sys.path))  # the runner puts the script's folder first

@@ -19,13 +19,13 @@ CACHED_PAIRS = os.path.join(ROOT, "tests", "fixtures", "train_cached_pairs_shape
 
 @pytest.fixture(scope="module")
 def tiny_klein(tmp_path_factory):
-    from fluxkit.tiny import build_pipeline
+    from fluxkit.tiny.build import build_pipeline
 
     return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
 
 
 def _fix(source, name="train_dreambooth_lora_flux2_klein.py"):
-    from fluxkit.script_fixes import fix_script
+    from fluxkit.upstream.script_fixes import fix_script
 
     tree = ast.parse(source)
     return tree, {r.name: r.status for r in fix_script(tree, name)}
@@ -45,7 +45,7 @@ def test_flux2_shape_gets_transformer_only_lora_hooks():
 
     # A script that can train its text encoder must still name it: the hook would silently drop its adapter.
     trains_te = source.replace('p.add_argument("--seed"', 'p.add_argument("--train_text_encoder", action="store_true")\n    p.add_argument("--seed"')
-    from fluxkit.errors import UserError
+    from fluxkit.shared.errors import UserError
 
     with pytest.raises(UserError, match=r"transform 'lora-save-hook'.*text_encoder_one"):
         _fix(trains_te)
@@ -60,8 +60,8 @@ def test_cached_captions_and_latents_stay_with_their_images(tmp_path, monkeypatc
     from accelerate.state import AcceleratorState
 
     from conftest import run_inprocess
-    from fluxkit import patches
-    from fluxkit.cache_pairing import ENV_LOG
+    from fluxkit.upstream import patches
+    from fluxkit.upstream.cache_pairing import ENV_LOG
 
     monkeypatch.setattr(patches, "_LEFT_OUT", set())
     monkeypatch.setattr(sys, "path", list(sys.path))  # the runner puts the script's folder first
@@ -108,8 +108,8 @@ def test_cached_captions_and_latents_stay_with_their_images(tmp_path, monkeypatc
 def test_cache_pairing_regroups_samples_and_refuses_what_it_cannot_pair():
     from torch.utils.data import DataLoader
 
-    from fluxkit import cache_pairing
-    from fluxkit.errors import UserError
+    from fluxkit.upstream import cache_pairing
+    from fluxkit.shared.errors import UserError
 
     with pytest.raises(UserError, match="has no batch sampler.*--skip cache-by-sample"):
         cache_pairing.keyed_batches(DataLoader(range(4), batch_size=None))
@@ -151,7 +151,7 @@ def test_unconnected_processes_are_refused_before_anything_runs(tmp_path, monkey
 def test_sampler_batch_size_reads_bucket_samplers():
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-    from fluxkit.patches import sampler_batch_size
+    from fluxkit.upstream.patches import sampler_batch_size
 
     data = list(range(8))
     bucketed = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 3, drop_last=False))
@@ -173,7 +173,7 @@ def restore(monkeypatch):
 def test_cpu_model_offload_keeps_the_pipeline_on_cpu(tiny_flux, restore):
     from diffusers import DiffusionPipeline, FluxPipeline
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
 
     restore(DiffusionPipeline, "enable_model_cpu_offload")
     pipe = FluxPipeline.from_pretrained(tiny_flux, local_files_only=True)
@@ -199,7 +199,7 @@ def _tiny_flux2_transformer():
 def test_flux2_input_dtype_casts_only_where_it_would_fail(restore):
     from diffusers import Flux2Transformer2DModel
 
-    from fluxkit import patches
+    from fluxkit.upstream import patches
 
     restore(Flux2Transformer2DModel, "forward")
     model = _tiny_flux2_transformer()

@@ -1,0 +1,128 @@
+"""One place that decides how a user's mistake is reported: one line, non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (a path, a flag, an input file).
+
+    The message must name the culprit and the fix; it is printed as one line, without a
+    traceback, and the process exits with status 2. `agreed` errors are raised alike by every
+    process after they agreed on them (a stop request): only the first process says them.
+    """
+
+    agreed = False
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def nearest(word: str, choices) -> str | None:
+    """The choice closest to a misspelt word, or None when none is close."""
+    import difflib
+
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one `PROG: error:` line and exit status 2 (SystemExit, as argparse's
+    own) without the usage block; an unknown flag names the nearest known one ("did you mean
+    --learning_rate?"). Its name is the command's as typed: a script's file name, `python -m fluxkit.X`."""
+
+    def __init__(self, *args, **kwargs):
+        if not args:
+            kwargs.setdefault("prog", _prog_name())
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {' '.join(self._suggest(message).split())}\n")
+
+    def _suggest(self, message: str) -> str:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return message
+        unknown = [a.split("=", 1)[0] for a in message[len(prefix):].split() if a.startswith("-")]
+        if not unknown:
+            return message
+        flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        guess = nearest(unknown[0], flags)
+        hint = f"did you mean {guess}?" if guess else f"{self.prog} --help lists the flags"
+        return f"unknown flag {unknown[0]}; {hint}" + (f" (also unknown: {' '.join(unknown[1:])})" if unknown[1:] else "")
+
+
+def report_user_error(err: UserError, prog: str | None = None) -> int:
+    name = prog or _prog_name()
+    message = " ".join(str(err).split())  # one line, whatever the message held
+    print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def _prog_name() -> str:
+    import os
+
+    if not (sys.argv and sys.argv[0]):
+        return "fluxkit"
+    path = os.path.abspath(sys.argv[0])
+    inside = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the fluxkit folder
+    if not inside.startswith(os.pardir) and inside.endswith(".py"):  # `python -m fluxkit.plan`, `-m fluxkit.cache`
+        parts = inside[:-3].split(os.sep)
+        return "python -m " + ".".join(["fluxkit"] + parts[:-1 if parts[-1] == "__main__" else None])
+    return os.path.basename(path)
+
+
+def cli(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Decorate an entry point: UserError -> one line on stderr and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            rc = int(main(*args, **kwargs) or 0)
+        except UserError as err:
+            rc = EXIT_USER_ERROR if _said_by_another_process(err) else report_user_error(err)
+        except KeyboardInterrupt:
+            print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
+            rc = EXIT_INTERRUPTED
+        _record_exit_status(rc)
+        return rc
+
+    return wrapper
+
+
+def _said_by_another_process(err: UserError) -> bool:
+    """Under `accelerate launch`, every process checks the same flags and files before the processes
+    connect, and each would print the same line: before that, only each machine's first process
+    (LOCAL_RANK 0) reports. Once connected, a process's error may be its own (a file only it read),
+    so every process reports it, except an agreed one, which the first process (RANK 0) says."""
+    import os
+
+    if err.agreed:
+        return int(os.environ.get("RANK", "0") or 0) != 0
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        return False
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
+EXIT_STATUS_ENV = "FLUXKIT_EXIT_STATUS_FILE"
+
+
+def _record_exit_status(rc: int) -> None:
+    """Leave our exit status where a launcher asked for it: `accelerate launch` itself only
+    reports 1 for any failed process, and the launchers promise the trainer's own status."""
+    import os
+
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{rc}\n")
+        except OSError:
+            pass  # the status is a courtesy; never turn it into a second failure

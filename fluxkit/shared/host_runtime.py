@@ -1,0 +1,137 @@
+"""Runtime defaults for the host a run starts on, each applied only where the user set nothing.
+
+- OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep between parallel regions instead of spinning. On a
+  CPU host shared with other work, spinning threads hold cores the peer threads of the same region
+  are waiting for (measured in docs/performance.md: a LoRA step several times slower, the same on a
+  quiet host). Read by the OpenMP runtime when it loads, so it is set before torch is imported
+  (entry scripts) or in the environment of the processes a launcher starts.
+- TORCH_EXTENSIONS_DIR, one folder per Python environment: torch keys its JIT-built extensions
+  (DeepSpeed's ops) by name only, so two environments on one host sharing ~/.cache/torch_extensions
+  rebuild each other's ops on every launch.
+- Optional libraries a run never calls (bitsandbytes, torchao: fluxkit.weights.quant.libraries_not_needed)
+  are left out of a process started for one of the toolkit's entry points (scripts, launchers), before
+  diffusers, transformers or peft load: these look each one up once and import it whenever installed.
+- DeepSpeed's shared-memory communication op (deepspeed_shm_comm) is not built for training on a CPU:
+  DeepSpeed's TorchBackend compiles it (about a minute of C++) when it starts, and uses it only for
+  inference_all_reduce, which training never calls; gradients go through torch.distributed (gloo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+WAIT_POLICY = "PASSIVE"
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def extensions_dir() -> str:
+    """A TORCH_EXTENSIONS_DIR of this Python environment (sys.prefix), under the user's cache."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    env_id = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return os.path.join(cache, "torch_extensions", f"env-{env_id}")
+
+
+def env_defaults(environ=None) -> dict[str, str]:
+    """The variables above that `environ` (default: this process's) does not set yet."""
+    environ = os.environ if environ is None else environ
+    wanted = {"OMP_WAIT_POLICY": WAIT_POLICY, "TORCH_EXTENSIONS_DIR": extensions_dir()}
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
+
+
+def apply_defaults() -> None:
+    """Set env_defaults() in this process; entry scripts call it before anything imports torch."""
+    os.environ.update(env_defaults())
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Mark DeepSpeed's shm comm op unbuildable for this process (DeepSpeed keeps the probe result in
+    deepspeed.ops.__compatible_ops__, a dict its comm backend reads; edits to it are kept). Call
+    before DeepSpeed's comm backend starts, on CPU hosts only."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+LIBRARIES_THAT_LOOK_ONCE = ("diffusers", "transformers", "peft")  # cache what is installed at import
+
+
+def leave_out(names) -> tuple[str, ...]:
+    """Make each of `names` look not installed to every later import and availability check in this
+    process (sys.modules[name] = None: Python's own "this import fails"; importlib.util.find_spec
+    then returns None). Done only in a process started for one of the toolkit's entry points (a test
+    runner's later runs may need them) and before any of LIBRARIES_THAT_LOOK_ONCE loaded (they would
+    have recorded the library as present). Returns the names left out."""
+    if not names or not _started_for_the_toolkit() or any(m in sys.modules for m in LIBRARIES_THAT_LOOK_ONCE):
+        return ()
+    left = tuple(name for name in names if name not in sys.modules)
+    for name in left:
+        sys.modules[name] = None
+    return left
+
+
+def _started_with() -> tuple[str, str] | None:
+    """What this interpreter was started to run: ("script", PATH) for python [options] SCRIPT,
+    ("module", NAME) for python -m NAME; None for -c or an interactive interpreter."""
+    args = list(getattr(sys, "orig_argv", []))[1:]
+    while args and args[0].startswith("-"):
+        option = args.pop(0)
+        if option == "-m":
+            return ("module", args[0]) if args else None
+        if option == "-c":
+            return None
+        if option in ("-X", "-W") and args:
+            args.pop(0)
+    return ("script", args[0]) if args else None
+
+
+def _started_as(script: str) -> bool:
+    """Whether this interpreter was started to run `script`, not a test runner or another program
+    that runs it inside its own process."""
+    started = _started_with()
+    try:
+        return started is not None and started[0] == "script" and os.path.samefile(started[1], script)
+    except OSError:
+        return False
+
+
+def _started_for_the_toolkit() -> bool:
+    """Whether this interpreter was started to run one of the toolkit's scripts or `python -m fluxkit...`
+    (the launchers)."""
+    from .environment import TOOLKIT_ROOT
+
+    started = _started_with()
+    if started is None:
+        return False
+    if started[0] == "module":
+        return started[1].split(".")[0] == "fluxkit"
+    return os.path.dirname(os.path.realpath(started[1])) == os.path.realpath(TOOLKIT_ROOT)
+
+
+def exit_without_teardown(rc: int, script: str) -> None:
+    """End the process now, with its exit handlers run but without the interpreter's teardown;
+    a plain sys.exit(rc) unless the interpreter was started to run `script` (the entry script).
+
+    After a run has written everything and closed its files, CPython still finalizes every module
+    and object of torch, diffusers, transformers and friends one by one: 2 to 7 s measured here
+    after the last line of a run, for nothing a user keeps. Exit handlers (logging, accelerate,
+    torch.distributed, multiprocessing's workers) still run; then stdio is flushed and the process
+    ends with rc."""
+    import atexit
+    import threading
+
+    if not _started_as(script):
+        sys.exit(rc)
+    try:
+        for thread in threading.enumerate():  # as the interpreter would: wait for non-daemon threads
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or broken pipe: nothing left to say
+                pass
+        os._exit(rc)
