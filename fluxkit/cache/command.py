@@ -12,7 +12,7 @@ import torch
 
 from ..shared.errors import FlagParser, UserError
 from .admin import prune_to_size, prune_unused, usage
-from .facade import cache_root, check_cache_dir, default_cache_dir, prepare_data
+from .facade import cache_folder, check_cache_dir, default_cache_dir, prepare_data
 from .fill import fill
 from .store import FORMAT
 
@@ -45,7 +45,6 @@ def main(argv=None) -> int:
 
 
 def _size_command(argv) -> int:
-    import argparse
     import datetime
     import json
 
@@ -64,7 +63,7 @@ def _size_command(argv) -> int:
     if args.max_size_gb is not None and args.max_size_gb < 0:
         raise UserError(f"--max_size_gb {args.max_size_gb} must be 0 or more")
     if args.latent_cache_dir or args.output_dir:
-        top = cache_root(argparse.Namespace(no_cache=False, latent_cache_dir=args.latent_cache_dir, output_dir=args.output_dir))
+        top = cache_folder(args.latent_cache_dir, args.output_dir)
     else:  # the default folder of runs whose --output_dir is in this folder (the launchers' and trainers' defaults)
         top = default_cache_dir(os.path.join(os.getcwd(), "output"))
     root = os.path.join(top, FORMAT)

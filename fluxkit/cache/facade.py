@@ -130,11 +130,16 @@ class Cache:
             self.text.flush()
 
 
+def cache_folder(latent_cache_dir: str | None, output_dir: str | None) -> str:
+    """--latent_cache_dir, else the default folder beside --output_dir."""
+    return os.path.abspath(os.path.expanduser(latent_cache_dir or default_cache_dir(output_dir)))
+
+
 def cache_root(args) -> str | None:
-    """The cache folder of a run, or None with --no_cache."""
+    """The cache folder of a run (its TrainConfig), or None with --no_cache."""
     if args.no_cache:
         return None
-    return os.path.abspath(os.path.expanduser(args.latent_cache_dir or default_cache_dir(args.output_dir)))
+    return cache_folder(args.latent_cache_dir, args.output_dir)
 
 
 def check_cache_dir(args, given_only: bool = False) -> str | None:
