@@ -115,10 +115,10 @@ def test_cache_pairing_regroups_samples_and_refuses_what_it_cannot_pair():
         cache_pairing.keyed_batches(DataLoader(range(4), batch_size=None))
     cache = []
     for batch in cache_pairing.keyed_batches(DataLoader(range(4), batch_size=2)):  # (0, 1), (2, 3)
-        cache_pairing.cache_append(cache, batch * 10)
+        cache_pairing.cache_append(cache, torch.cat([batch * 10, batch * 10 + 100]))  # instance rows, then class rows
     batches = iter(cache_pairing.keyed_batches(DataLoader(range(6), batch_size=3)))
-    next(batches)  # (0, 1, 2): rows of both entries
-    assert cache_pairing.cached(cache, 0, "cache").tolist() == [0, 10, 20]
+    next(batches)  # (0, 1, 2): rows of both entries, still instance rows first
+    assert cache_pairing.cached(cache, 0, "cache").tolist() == [0, 10, 20, 100, 110, 120]
     next(batches)  # (3, 4, 5): 4 and 5 were never cached
     with pytest.raises(UserError, match="sample 4 of the batch at step 1 is in no entry of cache"):
         cache_pairing.cached(cache, 1, "cache")
