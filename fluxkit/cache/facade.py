@@ -46,7 +46,8 @@ class Cache:
         self.max_sequence_length = max_sequence_length
         self.latent_keys = latent_keys or {}
         self.key_images = key_images or {}  # latent key -> its image's content hash
-        self.image_hashes: tuple[list[str], list[str]] = ([], [])  # per instance image, per class image
+        # content hash per instance image, per class image, per reference image (editing pairs)
+        self.image_hashes: tuple[list[str], list[str], list[str]] = ([], [], [])
         self.latents = ShardStore(os.path.join(self.root, "latents", vae_id), LATENT_FIELDS) if root else None
         self.text = ShardStore(os.path.join(self.root, "text", text_id), TEXT_FIELDS) if root else None
         self.unreadable = UnreadableImages(self.root) if root else None
@@ -63,10 +64,11 @@ class Cache:
     def undecodable(self, key: str) -> bool:
         return key in self.key_images and self.unreadable.reason(self.key_images[key]) is not None
 
-    def unreadable_images(self) -> tuple[dict[int, str], dict[int, str]]:
-        """({instance image index: reason}, {class image index: reason}) of images that do not decode."""
+    def unreadable_images(self) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """({instance image index: reason}, {class image index: reason}, {reference image index: reason})
+        of images that do not decode (a reference's index is its pair's instance image index)."""
         if not self.enabled:
-            return {}, {}
+            return {}, {}, {}
         return tuple({i: self.unreadable.reason(h) for i, h in enumerate(hashes) if self.unreadable.reason(h)}
                      for hashes in self.image_hashes)
 
@@ -160,7 +162,8 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     hashes = ImageHashes(os.path.join(root, FORMAT))
     per_image = image_hashes(dataset, hashes)  # reads (or hashes) each image once
     key_images = {}
-    keys = latent_keys(dataset, per_image, key_images, reference_hashes(dataset, hashes))
+    references = reference_hashes(dataset, hashes)
+    keys = latent_keys(dataset, per_image, key_images, references)
     from ..shared.environment import is_rank0
 
     if is_rank0():
@@ -170,7 +173,7 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
     family = of_args(args, model_dir)
     text_id = text_identity(model_dir, weight_dtype, family, family.text_settings(args))
     cache = Cache(root, vae_identity(model_dir, weight_dtype), text_id, args.max_sequence_length, keys, device, key_images)
-    cache.image_hashes = per_image
+    cache.image_hashes = (*per_image, references)
     _say_if_other_models(cache)
     _check_known_unreadable(cache, dataset)
     if is_rank0():
@@ -189,9 +192,10 @@ def _check_known_unreadable(cache: Cache, dataset) -> None:
     from ..data.dataset import UnreadableImage, say_skipped, skipped_name
     from ..shared.environment import is_rank0
 
-    unreadable, unreadable_class = cache.unreadable_images()
+    unreadable, unreadable_class, unreadable_reference = cache.unreadable_images()
     found = [(dataset.scan.samples[i].name, r) for i, r in unreadable.items()]
     found += [(dataset.scan.class_samples[i].name, r) for i, r in unreadable_class.items()]
+    found += [(dataset.scan.references[i].name, r) for i, r in unreadable_reference.items()]
     if found and not dataset.skip_bad:
         name, reason = found[0]
         raise UnreadableImage(name, f"{reason}; recorded by an earlier run in {cache.unreadable.folder}")

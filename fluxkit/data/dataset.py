@@ -207,9 +207,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.skip_bad = bool(args.skip_bad_images)
         # False once every latent is cached: items then carry no pixels, and workers decode nothing
         self.decode_pixels = True
-        # images known not to decode (from the cache's record): {image index: reason}, instance and class
+        # images known not to decode (from the cache's record): {image index: reason}, instance, class
+        # and reference (editing pairs: indexed like their pair's instance image)
         self.unreadable: dict[int, str] = {}
         self.unreadable_class: dict[int, str] = {}
+        self.unreadable_reference: dict[int, str] = {}
         self._members: dict[int, np.ndarray] = {}
         self._named: set[str] = set()
 
@@ -273,12 +275,17 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ undecodable images
 
-    def use_cached_latents(self, unreadable: dict[int, str] | None = None, unreadable_class: dict[int, str] | None = None) -> None:
+    def use_cached_latents(self, unreadable: dict[int, str] | None = None, unreadable_class: dict[int, str] | None = None,
+                           unreadable_reference: dict[int, str] | None = None) -> None:
         """Every latent is cached: items carry no pixels. unreadable*: images the cache fill could not
-        decode ({image index: reason}); their samples are replaced as a decode failure would be."""
+        decode ({image index: reason}); their samples are replaced as a decode failure would be. The
+        record is the cache folder's, read by every process after the fill: a pair whose reference
+        another process found undecodable is replaced here by the same sample as there."""
         self.decode_pixels = False
         self.unreadable, self.unreadable_class = dict(unreadable or {}), dict(unreadable_class or {})
-        for known, samples in ((self.unreadable, self.scan.samples), (self.unreadable_class, self.scan.class_samples)):
+        self.unreadable_reference = dict(unreadable_reference or {})
+        for known, samples in ((self.unreadable, self.scan.samples), (self.unreadable_class, self.scan.class_samples),
+                               (self.unreadable_reference, self.scan.references or [])):
             self._named.update(skipped_name(samples[i].name, reason) for i, reason in known.items())  # the fill named them
 
     def _sample_pixels(self, index: int) -> tuple[dict, list[str]]:
@@ -290,7 +297,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             parts.append(("class_pixel_values", self.class_of, self.class_placement, self.unreadable_class,
                           len(self.scan.class_samples)))
         if self.scan.references:
-            parts.append(("cond_pixel_values", self.reference_of, None, {}, len(self.scan.samples)))
+            parts.append(("cond_pixel_values", self.reference_of, None, self.unreadable_reference, len(self.scan.samples)))
         for field_name, sample_of, placement_of, known, count in parts:
             sample = sample_of(index)
             try:

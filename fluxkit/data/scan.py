@@ -470,14 +470,18 @@ def _inspect_path(path: str, skip_bad: bool, skipped: list) -> tuple | None:
 
 # ------------------------------------------------------------------------------------ editing pairs
 
-def _reference_in_folder(folder: str, target: str) -> str:
-    """The reference image of target path `target`: the file of the same stem in `folder`."""
+def _reference_in_folder(folder: str, target: str, root: str) -> str:
+    """The reference image of target path `target` (an image under `root`, --instance_data_dir): the file
+    of the same stem at the same place under `folder` (in a kohya-style folder, its N_prompt subfolder)."""
     stem = os.path.splitext(os.path.basename(target))[0]
-    found = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-             if os.path.splitext(n)[0] == stem and n.lower().endswith(IMAGE_EXTENSIONS)]
+    where = os.path.normpath(os.path.join(folder, os.path.relpath(os.path.dirname(target), root)))
+    names = sorted(os.listdir(where)) if os.path.isdir(where) else []
+    found = [os.path.join(where, n) for n in names if os.path.splitext(n)[0] == stem and n.lower().endswith(IMAGE_EXTENSIONS)]
     if not found:
+        expected = os.path.relpath(os.path.join(where, stem), folder)
+        mirror = "; --cond_image_dir mirrors the N_prompt folders" if where != os.path.normpath(folder) else ""
         raise UserError(f"target image {target!r} has no reference image in --cond_image_dir {folder!r} "
-                        f"(expected {stem}.png/.jpg/...); add it, or move the target out of --instance_data_dir")
+                        f"(expected {expected}.png/.jpg/...{mirror}); add it, or move the target out of --instance_data_dir")
     return found[0]
 
 
@@ -496,24 +500,32 @@ def attach_references(scan, args, skipped: list) -> None:
 
         if isinstance(scan.table.features[args.cond_image_column], datasets.Image):  # bytes stay on disk, as the targets'
             scan.table = scan.table.cast_column(args.cond_image_column, datasets.Image(decode=False))
-    kept, references, skip_bad = [], [], args.skip_bad_images
+    kept, references, inspected = [], [], {}  # a kohya folder lists each target once per repeat
     for sample in scan.samples:
-        if scan.table is not None:
-            ref, name = int(sample.ref), f"{args.dataset_name}[{sample.ref}].{args.cond_image_column}"
-            source = _row_image(scan.table[ref][args.cond_image_column])
-        else:
-            ref = name = source = _reference_in_folder(folder, sample.ref)
-        try:
-            if source is None:
-                raise OSError("the row has no reference image")
-            size, mode = inspect_image(source, name)
-        except Exception as err:
-            if not skip_bad:
-                raise _bad_image_error(name, err) from None
-            skipped.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
-            continue
-        kept.append(sample)
-        references.append(ImageInfo(name, ref, size, mode, sample.caption, "reference"))
+        if sample.ref not in inspected:
+            inspected[sample.ref] = _reference(scan, args, folder, sample, skipped)
+        if inspected[sample.ref] is not None:
+            kept.append(sample)
+            references.append(inspected[sample.ref])
     if not kept:
         raise UserError("no training pair has a readable reference image; check --cond_image_dir / --cond_image_column")
     scan.samples, scan.references, scan.cond_column = kept, references, args.cond_image_column
+
+
+def _reference(scan, args, folder: str | None, sample, skipped: list):
+    """The reference ImageInfo of one target, or None when it is unreadable and --skip_bad_images."""
+    if scan.table is not None:
+        ref, name = int(sample.ref), f"{args.dataset_name}[{sample.ref}].{args.cond_image_column}"
+        source = _row_image(scan.table[ref][args.cond_image_column])
+    else:
+        ref = name = source = _reference_in_folder(folder, sample.ref, args.instance_data_dir)
+    try:
+        if source is None:
+            raise OSError("the row has no reference image")
+        size, mode = inspect_image(source, name)
+    except Exception as err:
+        if not args.skip_bad_images:
+            raise _bad_image_error(name, err) from None
+        skipped.append(f"{name} ({type(err).__name__}: {str(err)[:120]})")
+        return None
+    return ImageInfo(name, ref, size, mode, sample.caption, "reference")
