@@ -36,7 +36,8 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
     if have < args.num_class_images:
         dtype = torch_dtype(args.prior_generation_precision or ("bf16" if info.type != "cpu" else "fp32"))
         model_dir = resolve_model_dir(args)
-        pipe = of_args(args, model_dir).load_pipeline(model_dir, torch_dtype=dtype, local_files_only=True)
+        family = of_args(args, model_dir)
+        pipe = family.load_pipeline(model_dir, torch_dtype=dtype, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(accelerator.device)
         todo = list(range(have, args.num_class_images))
@@ -46,7 +47,9 @@ def prepare_class_images(args, accelerator, info) -> list[str]:
         for start in tqdm(range(0, len(mine), args.sample_batch_size), desc="class images", disable=not accelerator.is_local_main_process):
             chunk = mine[start:start + args.sample_batch_size]
             gens = [torch.Generator().manual_seed((args.seed or 0) * 1000003 + i) for i in chunk]
-            images = pipe([args.class_prompt] * len(chunk), height=args.resolution, width=args.resolution,
+            # prompt by name: FLUX.2 [klein]'s first argument is the image
+            images = pipe(prompt=[args.class_prompt] * len(chunk), **family.render_call(None, args.resolution, args.resolution),
+                          height=args.resolution, width=args.resolution,
                           num_inference_steps=args.num_validation_steps, generator=gens).images
             for i, image in zip(chunk, images):
                 fsio.atomic_write(os.path.join(args.class_data_dir, f"class_{i:05d}.png"), lambda f: image.save(f, format="PNG"))
@@ -79,7 +82,9 @@ def run_validation(args, accelerator, m, transformer, text_encoder, weight_dtype
             g = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
             embeds = None if prompt_embeds is None else tuple(e.to(weight_dtype) for e in prompt_embeds)
             text = m.family.validation_text(args.validation_prompt, embeds, args)
-            images.append(pipe(**text, height=args.resolution, width=args.resolution,
+            # the family's render arguments (Kontext: keep --resolution; its pipeline would scale to 1 MP)
+            images.append(pipe(**text, **m.family.render_call(None, args.resolution, args.resolution),
+                               height=args.resolution, width=args.resolution,
                                num_inference_steps=args.num_validation_steps, guidance_scale=args.guidance_scale,
                                generator=g).images[0])
     if was_training:
