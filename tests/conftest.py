@@ -44,6 +44,14 @@ def tiny_flux(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory):
+    """The tiny FLUX.2 [klein] pipeline (Qwen3 text encoder), built once for every module that uses it."""
+    from fluxkit.tiny.build import build_pipeline
+
+    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
+
+
+@pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
     from fluxkit.tiny.build import build_datasets
 

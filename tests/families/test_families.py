@@ -36,13 +36,6 @@ def test_every_family_names_its_pipeline_and_components():
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
 
 
-@pytest.fixture(scope="module")
-def tiny_klein(tmp_path_factory):
-    from fluxkit.tiny.build import build_pipeline
-
-    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
-
-
 def _losses(out):
     return [json.loads(line)["loss"] for line in open(os.path.join(out, "train_log.jsonl"))]
 

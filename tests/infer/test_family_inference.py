@@ -19,13 +19,6 @@ DISTRIB = os.path.join(ROOT, "infer_flux_text2img_distrib.py")
 
 
 @pytest.fixture(scope="module")
-def tiny_klein(tmp_path_factory):
-    from fluxkit.tiny.build import build_pipeline
-
-    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
-
-
-@pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Two 64x64 reference images that differ, a 32x32 one, and a file that is no image."""
     folder = tmp_path_factory.mktemp("refs")

@@ -17,13 +17,6 @@ FLUX2_SHAPE = os.path.join(ROOT, "tests", "fixtures", "train_lora_flux2_shape.py
 CACHED_PAIRS = os.path.join(ROOT, "tests", "fixtures", "train_cached_pairs_shape.py")
 
 
-@pytest.fixture(scope="module")
-def tiny_klein(tmp_path_factory):
-    from fluxkit.tiny.build import build_pipeline
-
-    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_klein"), "tiny", family="flux2-klein")
-
-
 def _fix(source, name="train_dreambooth_lora_flux2_klein.py"):
     from fluxkit.upstream.script_fixes import fix_script
 
