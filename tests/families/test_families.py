@@ -152,19 +152,27 @@ def torch_equal(a, b):
     return torch.equal(a, b)
 
 
-def test_pairs_from_a_parquet_column_train_klein_with_reference_tokens(tiny_klein, sample_data, tmp_path, monkeypatch):
+def test_pairs_from_a_parquet_column_train_klein_with_reference_tokens_cached_as_uncached(tiny_klein, sample_data, tmp_path,
+                                                                                        monkeypatch):
     from diffusers import Flux2Transformer2DModel
 
     from conftest import run_entry_inprocess, trainer_args
 
     seen = _record_inputs(monkeypatch, Flux2Transformer2DModel)
-    args = trainer_args(tiny_klein, sample_data, tmp_path / "o", steps=2, max_sequence_length=16, no_cache=True,
-                        dataset_name=sample_data["edit_dataset"], caption_column="text", cond_image_column="cond_image")
-    assert run_entry_inprocess(LORA, args) == 0
+
+    def train(out, **cache):
+        args = trainer_args(tiny_klein, sample_data, out, steps=2, max_sequence_length=16, dataset_name=sample_data["edit_dataset"],
+                            caption_column="text", cond_image_column="cond_image", **cache)
+        assert run_entry_inprocess(LORA, args) == 0
+        return _losses(str(out))
+
+    cached = train(tmp_path / "cached", latent_cache_dir=tmp_path / "cache")
     # FLUX.2: 64 target tokens (patchified 2x2) + 64 reference tokens at t = 10 on the first of 4 axes
     assert [n for n, _ in seen] == [128, 128]
     ids = seen[0][1][0]
     assert (ids[:64, 0] == 0).all() and (ids[64:, 0] == 10).all() and ids.shape[-1] == 4
+    # both latents of each pair from the cache give the losses of encoding them every step
+    assert train(tmp_path / "uncached", no_cache=True) == cached
 
 
 @pytest.mark.parametrize("case", ["missing reference", "text-to-image family"])
