@@ -13,7 +13,7 @@ which must equal it bit for bit, rank by rank. Both runs record each rank's micr
 
 The klein data holds a reference image whose header scans but whose pixels do not decode, with
 --skip_bad_images and the cache: the process whose fill share holds it records it in the shared
-cache folder, and every process must replace that pair by the same sample (data.py draws the
+cache folder, and every process must replace that pair by the same sample (fluxkit/data/dataset.py draws the
 replacement from (seed, epoch, index)); a rank that did not know would crash on the missing latent.
 """
 
@@ -142,8 +142,8 @@ def _shown(chain):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("chain", ["klein-zero2"], indirect=True)  # the chain holding the undecodable reference
 def test_an_undecodable_reference_is_replaced_alike_on_every_rank(chain, capsys):
-    from fluxkit.data import DreamBoothDataset
-    from fluxkit.train_args import parse
+    from fluxkit.data.dataset import DreamBoothDataset
+    from fluxkit.training.train_args import parse
 
     args = parse(chain.args, lora=True)
     dataset = DreamBoothDataset(args, seed=0)  # decodes here: finds the damaged reference itself
@@ -151,7 +151,7 @@ def test_an_undecodable_reference_is_replaced_alike_on_every_rank(chain, capsys)
     assert bad == [2, 6]  # pair_002, shown twice per epoch (--repeats 2)
     expected = Counter(dataset.readable_sample(i, 0)[0] for i in range(len(dataset)))
     assert not set(bad) & set(expected) and sum(expected.values()) == 8
-    # what the ranks trained is the replacement map data.py draws: whichever rank drew the bad pair
+    # what the ranks trained is the replacement map fluxkit/data/dataset.py draws: whichever rank drew the bad pair
     # replaced it with the sample the other rank (or this process) would have chosen
     assert _shown(chain) == expected, (chain.ranks_killed, chain.ranks_resumed)
     named = [line for line in chain.killed.stderr.splitlines() if "skipped undecodable image" in line]

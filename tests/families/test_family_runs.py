@@ -99,9 +99,9 @@ def test_kohya_folders_take_each_reference_from_the_same_n_prompt_folder(tmp_pat
     """A kohya-style --instance_data_dir (N_prompt folders) pairs with a --cond_image_dir of the same
     folders: each target's reference is its own folder's file of that name (two concepts both holding
     img0.png keep theirs), each repeat of a target has its reference; a flat reference folder is one line."""
-    from fluxkit.data import DreamBoothDataset
-    from fluxkit.errors import UserError
-    from fluxkit.scan import scan_dataset
+    from fluxkit.data.dataset import DreamBoothDataset
+    from fluxkit.shared.errors import UserError
+    from fluxkit.data.scan import scan_dataset
     from test_data import make_args
 
     targets, refs = tmp_path / "targets", tmp_path / "refs"
