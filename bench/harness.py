@@ -231,6 +231,16 @@ class CommandFailed(RuntimeError):
     pass
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process of this one (and theirs, once
+    waited for). The difference around one command is that command's CPU time: on a host shared with
+    other work it moves far less than the wall time, which waits for the cores."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_command(cmd: list[str], log_path: str, env: dict | None = None, timeout: float = 900) -> str:
     """Run cmd from the repo root with stdout+stderr to log_path; return stdout.
 

@@ -3,7 +3,9 @@
 Every case is started the same way, `accelerate launch --num_processes 1` (no config file, fp32),
 on the `small` preset at 256x256, batch 1, one optimizer step, a fresh output folder and (ours) a
 fresh latent cache, so both encode the same images and prompt. Cases alternate within each repeat
-(floor, ours, upstream, floor, ours, ...) so a change in the host's load hits them alike.
+(floor, ours, upstream, floor, ours, ...) so a change in the host's load hits them alike. Each
+case's `cpu s` is the user + system CPU time of its processes (on a shared host it moves far less
+than the wall time, which waits for the cores).
 
 - floor: `accelerate launch` of an empty script (interpreter, accelerate's launcher, one child).
 - ours: train_flux_dreambooth_lora.py; its summary's `startup_seconds` splits the run into phases
@@ -67,12 +69,13 @@ def run(ctx) -> dict:
     assets = ctx.small_assets()
     env = {**harness.threads_env(1), "OMP_WAIT_POLICY": "PASSIVE"}
     walls: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}  # user + system CPU seconds of each run's processes
     phases: dict[str, list[float]] = {}
     loads, failures = [], []
     for repeat in range(ctx.args.startup_repeats):
         for case, cmd in _commands(ctx, assets, f"startup-{repeat}").items():
             loads.append(os.getloadavg()[0])
-            began = time.time()
+            began, cpu = time.time(), harness.children_cpu_seconds()
             try:
                 harness.run_command(cmd, ctx.path("logs", f"startup-{case}-{repeat}.log"), env=env, timeout=ctx.args.timeout)
             except harness.CommandFailed as err:
@@ -80,18 +83,21 @@ def run(ctx) -> dict:
                 continue
             ended = time.time()
             walls.setdefault(case, []).append(ended - began)
+            cpus.setdefault(case, []).append(harness.children_cpu_seconds() - cpu)
             if case == "ours":
                 for phase, seconds in _our_phases(ctx.path(f"startup-{repeat}", "ours"), began, ended).items():
                     phases.setdefault(phase, []).append(seconds)
-    rows = [{"case": case, "params": {"runs": len(values)}, "metrics": {"e2e s": harness.summarize(values)}}
+    rows = [{"case": case, "params": {"runs": len(values)},
+             "metrics": {"e2e s": harness.summarize(values), "cpu s": harness.summarize(cpus[case])}}
             for case, values in walls.items()]
     if phases:
         rows.append({"case": "ours, by phase", "params": {"runs": len(walls.get("ours", []))},
                      "metrics": {f"{p} s": harness.summarize(v) for p, v in phases.items()}})
     comparisons = []
     if "ours" in walls and "upstream" in walls:
-        comparisons.append({"name": "1-step LoRA run: ours / upstream", "metric": "e2e s",
-                            **harness.compare(harness.summarize(walls["upstream"]), harness.summarize(walls["ours"]))})
+        for metric, values in (("e2e s", walls), ("cpu s", cpus)):
+            comparisons.append({"name": "1-step LoRA run: ours / upstream", "metric": metric,
+                                **harness.compare(harness.summarize(values["upstream"]), harness.summarize(values["ours"]))})
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch 1, 1 step, fp32, accelerate launch --num_processes 1, "
              f"OMP_WAIT_POLICY=PASSIVE, {harness.threads_env(1)['OMP_NUM_THREADS']} OpenMP threads; "
              f"{ctx.args.startup_repeats} alternating repeat(s); 1-minute load average at each start: "

@@ -4,6 +4,8 @@ Same model (the `small` preset), same flags, each started the same way (`acceler
 --num_processes 1`, fp32), 256x256, batch 2, `--speed_steps` optimizer steps (default 100), a fresh
 output folder and (ours) a fresh latent cache. LoRA passes upstream's `--cache_latents` to both; the
 full fine-tune has no such flag upstream (its script encodes every batch), ours caches by default.
+`cpu s` is the user + system CPU time of each run's processes: on a shared host it moves far less
+than the wall time.
 Cases alternate within each repeat (ours, upstream, ours, upstream) so a change in the host's load
 hits both alike.
 
@@ -76,7 +78,7 @@ def run(ctx) -> dict:
             for who, cmd in _commands(ctx, assets, mode, repeat).items():
                 loads.append(os.getloadavg()[0])
                 log = ctx.path("logs", f"vs-upstream-{mode}-{who}-{repeat}.log")
-                began = time.time()
+                began, cpu = time.time(), harness.children_cpu_seconds()
                 try:
                     harness.run_command(cmd, log, env=env, timeout=ctx.args.timeout)
                 except harness.CommandFailed as err:
@@ -84,15 +86,16 @@ def run(ctx) -> dict:
                     continue
                 with open(log, errors="replace") as f:
                     per_step = bar_seconds_per_step(f.read())
-                cell = results.setdefault((mode, who), {"e2e s": [], "s/step": []})
+                cell = results.setdefault((mode, who), {"e2e s": [], "cpu s": [], "s/step": []})
                 cell["e2e s"].append(time.time() - began)
+                cell["cpu s"].append(harness.children_cpu_seconds() - cpu)
                 cell["s/step"].append(per_step)
     rows = [{"case": f"{mode}: {who}", "params": {"runs": len(cell["e2e s"]), "steps": ctx.args.speed_steps},
              "metrics": {k: harness.summarize(v) for k, v in cell.items()}} for (mode, who), cell in results.items()]
     comparisons = [{"name": f"{mode}: ours / upstream ({metric}; speed-up = 1 / ratio)", "metric": metric,
                     **harness.compare(harness.summarize(results[(mode, "upstream")][metric]),
                                       harness.summarize(results[(mode, "ours")][metric]))}
-                   for mode in SCRIPTS for metric in ("e2e s", "s/step")
+                   for mode in SCRIPTS for metric in ("e2e s", "cpu s", "s/step")
                    if (mode, "ours") in results and (mode, "upstream") in results]
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {ctx.args.speed_steps} steps, fp32, accelerate launch "
              f"--num_processes 1, OMP_WAIT_POLICY=PASSIVE, {env['OMP_NUM_THREADS']} OpenMP threads; s/step after {WARMUP} "

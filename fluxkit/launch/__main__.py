@@ -17,7 +17,7 @@ from .checks import (check_accelerate_config, check_cache_folder, check_data, ch
                      validate_trainer_args)
 from .command import LaunchPlan, family_line, make_plan, plan_text, resume_command
 from .console import Supervisor, tee_print
-from .demo import apply_demo, build_demo_cache, demo_infer
+from .demo import apply_demo, build_demo_cache, demo_infer, import_for_demo_infer
 from .keys import Request, apply_family_defaults, parse_command_line
 from .spec import KEY_OF_FLAG, LAUNCHERS
 
@@ -180,6 +180,8 @@ def start_training(launch: Launch) -> int:
     if req.verbose:
         env[quiet.VERBOSE_ENV] = "1"
     launch.supervisor = Supervisor(plan.log, req.verbose)
+    if req.demo:
+        import_for_demo_infer(req)
     rc = launch.supervisor(plan.command, env)
     if rc != 0:
         with contextlib.suppress(OSError, ValueError):
@@ -259,4 +261,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # everything is written and said: skip the interpreter's teardown (10 s after the demo's last line at load 8)
+    host_runtime.exit_without_teardown(main(), "fluxkit.launch")

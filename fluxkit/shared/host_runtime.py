@@ -86,12 +86,16 @@ def _started_with() -> tuple[str, str] | None:
     return ("script", args[0]) if args else None
 
 
-def _started_as(script: str) -> bool:
-    """Whether this interpreter was started to run `script`, not a test runner or another program
-    that runs it inside its own process."""
+def _started_as(entry: str) -> bool:
+    """Whether this interpreter was started to run `entry` (a script's path, or a module's name for
+    python -m), not a test runner or another program that runs it inside its own process."""
     started = _started_with()
+    if started is None:
+        return False
+    if started[0] == "module":
+        return started[1] == entry
     try:
-        return started is not None and started[0] == "script" and os.path.samefile(started[1], script)
+        return os.path.samefile(started[1], entry)
     except OSError:
         return False
 
@@ -109,9 +113,10 @@ def _started_for_the_toolkit() -> bool:
     return os.path.dirname(os.path.realpath(started[1])) == os.path.realpath(TOOLKIT_ROOT)
 
 
-def exit_without_teardown(rc: int, script: str) -> None:
+def exit_without_teardown(rc: int, entry: str) -> None:
     """End the process now, with its exit handlers run but without the interpreter's teardown;
-    a plain sys.exit(rc) unless the interpreter was started to run `script` (the entry script).
+    a plain sys.exit(rc) unless the interpreter was started to run `entry` (the entry script's path,
+    or the module's name for python -m: the launchers' fluxkit.launch).
 
     After a run has written everything and closed its files, CPython still finalizes every module
     and object of torch, diffusers, transformers and friends one by one: 2 to 7 s measured here
@@ -121,7 +126,7 @@ def exit_without_teardown(rc: int, script: str) -> None:
     import atexit
     import threading
 
-    if not _started_as(script):
+    if not _started_as(entry):
         sys.exit(rc)
     try:
         for thread in threading.enumerate():  # as the interpreter would: wait for non-daemon threads

@@ -111,6 +111,10 @@ def test_fast_exit_only_for_the_script_the_interpreter_was_started_with(monkeypa
                            (["python", str(tmp_path / "other.py")], False)):
         monkeypatch.setattr(sys, "orig_argv", argv)
         assert host_runtime._started_as(str(script)) is expected, argv
+    for argv, expected in ((["python", "-m", "fluxkit.launch", "--launcher", "lora"], True), (["python", "-m", "pytest"], False),
+                           (["python", str(script)], False)):  # the launchers: python -m fluxkit.launch
+        monkeypatch.setattr(sys, "orig_argv", argv)
+        assert host_runtime._started_as("fluxkit.launch") is expected, argv
     # optional libraries are left out only of a process started for the toolkit's own scripts or launchers
     for argv, expected in ((["python", os.path.join(ROOT, "train_flux_dreambooth_lora.py")], True),
                            (["python", "-u", "-m", "fluxkit.launch", "--launcher", "lora"], True),

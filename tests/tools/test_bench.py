@@ -215,6 +215,19 @@ def test_trainer_and_inference_summaries_are_read_as_documented(tmp_path):
                      "first_batch_seconds": 3.0, "num_inference_steps": 8}) is None
 
 
+@pytest.mark.cli
+def test_a_commands_cpu_time_counts_the_processes_it_started(tmp_path):
+    """startup and vs-upstream report each run's CPU time beside its wall time: the CPU of the
+    processes `accelerate launch` starts (grandchildren of the bench) is counted."""
+    from bench import harness
+
+    burn = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'sum(i * i for i in range(3_000_000))'])"
+    before = harness.children_cpu_seconds()
+    harness.run_command([sys.executable, "-c", burn], str(tmp_path / "log"))
+    child_only = harness.children_cpu_seconds() - before
+    assert child_only > 0.1  # the grandchild's loop, not only two interpreter starts
+
+
 def test_step_time_is_read_from_either_scripts_step_bar_only():
     """vs-upstream reads s/step the same way for our trainers and diffusers' scripts: from the elapsed
     times of the step bar (ours "steps:", upstream "Steps:"), never from another bar in the log."""
