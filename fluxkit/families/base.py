@@ -25,6 +25,18 @@ class Family:
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
     # the family pipeline's own call defaults: what the inference scripts render with unless told
     inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 3.5, "max_sequence_length": 512}
+    # the memory plan (fluxkit.plan): each text encoder's name there and its role ("pooled": a pooled
+    # vector, "sequence": the per-token embeddings); the one --train_text_encoder trains
+    text_encoder_labels: dict[str, tuple[str, str]] = {}
+    trained_text_encoder: str | None = None
+    encoding_keeps_hidden_states = False  # prompts are read at several layers: every layer's output is kept
+    hub_presets: dict[str, str] = {}  # hub ids whose architecture the plan knows without files -> preset
+    # On a CPU device a run's first steps leave lasting allocations of the runtime itself (oneDNN's
+    # kernel cache per op and shape, heap fragmentation) that do not grow with batch or resolution:
+    # measured by bench's memory suite on the family's small preset (the rest of its batch-1 runs
+    # after the plan's terms). FLUX.1 small: 40 MiB full fine-tune, 64 MiB LoRA (peft's adapters add
+    # kernels of their own shapes).
+    cpu_runtime_bytes = {"full": 40 * 2**20, "lora": 64 * 2**20}
 
     def check(self, args) -> None:
         """Refuse flags this family cannot honour, before anything loads."""
@@ -51,6 +63,10 @@ class Family:
     def component_class(self, name: str):
         module, cls = ("diffusers", self.transformer_class) if name == "transformer" else self.components[name]
         return getattr(importlib.import_module(module), cls)
+
+    def preset_configs(self, preset: str) -> dict:
+        """{component: config} of this family's fluxkit.tiny preset (the plan's --architecture)."""
+        raise NotImplementedError(f"{self.name} has no presets")
 
     def default_lora_targets(self, config) -> list[str]:
         """The modules diffusers' LoRA script for this family adapts when --lora_layers is not given."""

@@ -21,10 +21,19 @@ class Flux1(Family):
     }
     text_encoders = ("text_encoder", "text_encoder_2")
     trains_text_encoder = True
+    text_encoder_labels = {"text_encoder": ("CLIP", "pooled"), "text_encoder_2": ("T5", "sequence")}
+    trained_text_encoder = "text_encoder"
+    hub_presets = {"black-forest-labs/FLUX.1-dev": "dev"}
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2", "proj_mlp", "proj_out")
     clip_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def preset_configs(self, preset):
+        from ..tiny.build import resolve_preset
+
+        p = resolve_preset(preset)
+        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.clip, "text_encoder_2": p.t5}
 
     # ------------------------------------------------------------------ text
 

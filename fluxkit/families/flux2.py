@@ -27,11 +27,23 @@ class Flux2(Family):
         "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
     }
     editing = True
+    text_encoder_labels = {"text_encoder": ("Mistral3", "sequence")}
+    encoding_keeps_hidden_states = True  # read at layers 10, 20, 30: the model returns every layer's
+    hub_presets = {"black-forest-labs/FLUX.2-dev": "dev"}
+    # klein small, LoRA: 41 MiB (the rest of its batch-1 run, 256 px; batch 4 then within 1%); the
+    # full fine-tune's is FLUX.1's, not measured for FLUX.2
+    cpu_runtime_bytes = {"full": 40 * 2**20, "lora": 41 * 2**20}
     min_reference_side = 64  # Flux2Pipeline/Flux2KleinPipeline: "Both dimensions must be at least 64px"
     out_layers = (10, 20, 30)  # Flux2Pipeline's hidden_states_layers
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
     # Flux2Pipeline/Flux2KleinPipeline default to 4.0 (classifier-free guidance for klein)
     inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512}
+
+    def preset_configs(self, preset):
+        from ..tiny.build import resolve_preset
+
+        p = resolve_preset(preset, self.name)
+        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.text_encoder}
 
     def default_lora_targets(self, config) -> list[str]:
         # the double blocks' attention, and the single blocks' fused projections (their to_out by

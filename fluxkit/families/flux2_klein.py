@@ -17,6 +17,8 @@ class Flux2Klein(Flux2):
         "tokenizer": ("transformers", "AutoTokenizer"),
         "text_encoder": ("transformers", "Qwen3ForCausalLM"),
     }
+    text_encoder_labels = {"text_encoder": ("Qwen3", "sequence")}
+    hub_presets = {f"black-forest-labs/FLUX.2-klein-{v}{b}": b.lower() for v in ("", "base-") for b in ("4B", "9B")}
     out_layers = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
 
     def validation_prompts(self, args):

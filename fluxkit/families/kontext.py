@@ -11,6 +11,7 @@ class Kontext(Flux1):
     name = "kontext"
     pipeline_name = "FluxKontextPipeline"
     editing = True
+    hub_presets = {"black-forest-labs/FLUX.1-Kontext-dev": "dev"}  # FLUX.1-dev's architecture
 
     def edit_call(self, image, height, width):
         # the reference at the result's size, as training places it into its target's shape (the

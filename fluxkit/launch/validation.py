@@ -51,7 +51,7 @@ def _share(args, renders: int) -> float | None:
     from ..plan import read_architecture
 
     try:
-        arch = read_architecture(args.pretrained_model_name_or_path)
+        arch = read_architecture(args.pretrained_model_name_or_path, family=args.model_family)
     except Exception:  # a hub model not downloaded yet: no estimate, the rest of the line stands
         return None
     tokens = flops.image_tokens(args.resolution, args.resolution, arch.vae_scale)

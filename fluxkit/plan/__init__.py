@@ -27,9 +27,9 @@ from .fit import (accelerate_offload, check_fits, device_memory_bytes, launched_
                   smallest_change, text_on_host)
 from .phases import GiB, HEADROOM_FRACTION, Phase, Plan, plan_memory, plan_shape
 from .shape import RunShape, shape_from_args
-from .terms import ACTIVATION_CONSTANTS, CPU_DEEPSPEED_BYTES, CPU_RUNTIME_BYTES, Item
+from .terms import ACTIVATION_CONSTANTS, CPU_DEEPSPEED_BYTES, Item
 
-__all__ = ["ACTIVATION_CONSTANTS", "accelerate_offload", "Architecture", "CPU_DEEPSPEED_BYTES", "CPU_RUNTIME_BYTES", "GiB", "HEADROOM_FRACTION",
+__all__ = ["ACTIVATION_CONSTANTS", "accelerate_offload", "Architecture", "CPU_DEEPSPEED_BYTES", "GiB", "HEADROOM_FRACTION",
            "Item", "Phase", "Plan", "PlanRequest", "RunShape", "build_parser", "check_fits", "device_memory_bytes", "launched_offload",
            "launched_zero_stage", "lora_parameter_count", "main", "measure_activation_constants", "parse", "plan_memory",
            "plan_shape", "quantized_linear_bytes", "read_architecture", "remedies", "shape_from_args", "smallest_change", "text_on_host"]

@@ -1,8 +1,9 @@
 """The model a plan is made for, described by numbers only: parameter counts per component, the
 transformer's config and the shapes of its nn.Linear layers, the VAE's widths. Read from a pipeline
 folder's config.json files and counted on the meta device (no weights are read), or from a
-fluxkit.tiny.build preset (`dev` is FLUX.1-dev's exact architecture). A model family (fluxkit.families)
-may supply the same description for its own components."""
+fluxkit.tiny.build preset (`dev` is FLUX.1-dev's exact architecture). The model family (fluxkit.families)
+says which components there are, the classes that build them, and how the plan names its text
+encoders; nothing here knows a family by name."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from dataclasses import asdict, dataclass, field
 
 from ..shared.errors import UserError
 
-HUB_DEV_IDS = ("black-forest-labs/FLUX.1-dev",)
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
 ARCHITECTURE_MEMO_ENV = "FLUXKIT_PLAN_MEMO"
-MEMO_SCHEMA = 3  # bump when Architecture's fields change
+MEMO_SCHEMA = 4  # bump when Architecture's fields change
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the transformer's blocks, in forward order
+# a text encoder's config keys, as the libraries spell them (T5's / the causal LMs')
+_TEXT_KEYS = {"width": ("d_model", "hidden_size"), "ff": ("d_ff", "intermediate_size"),
+              "heads": ("num_heads", "num_attention_heads"), "layers": ("num_layers", "num_hidden_layers")}
 
 
 @dataclass
@@ -33,15 +36,22 @@ class Architecture:
     vae_first_channels: int = 128  # VAE encoder's first block width: its feature maps dominate encoding
     vae_layers_per_block: int = 2
     linear_shapes: list = field(default_factory=list)  # (module name, in, out) of every transformer nn.Linear
-    clip_linear_shapes: list = field(default_factory=list)
+    # the nn.Linear shapes of the text encoder --train_text_encoder trains (FLUX.1's CLIP), if any
+    trained_text_linear_shapes: list = field(default_factory=list)
     # parameters of each transformer block in forward order (what --blocks_to_swap moves)
     block_params: list = field(default_factory=list)
-    # the T5 encoder's width, feed-forward width and heads: its working set while it encodes
-    text_encoder_shape: dict = field(default_factory=dict)
+    family: str = "flux1"  # fluxkit.families name
+    # each text encoder (Family.plan_text_encoders): component, label, role, params and the shape of
+    # its working set while it encodes (width, ff, heads, layers, max_tokens, keeps_hidden_states)
+    text_encoders: list = field(default_factory=list)
 
     @property
     def hidden(self) -> int:
         return self.transformer["num_attention_heads"] * self.transformer["attention_head_dim"]
+
+    def text_encoder(self, role: str) -> dict | None:
+        """The text encoder with this role ("pooled": FLUX.1's CLIP; "sequence": T5, Mistral3, Qwen3)."""
+        return next((t for t in self.text_encoders if t["role"] == role), None)
 
 
 def _read_json(path: str) -> dict:
@@ -53,56 +63,52 @@ def _read_json(path: str) -> dict:
                         "at a complete FLUX pipeline folder") from None
 
 
-def component_configs(model: str, architecture: str | None = None) -> tuple[dict, str]:
-    """{component: config dict} from a pipeline folder, or from a tiny.py preset."""
-    from ..tiny.build import resolve_preset
+def hub_architecture(model: str) -> tuple[str, str] | None:
+    """(family, preset) of a hub id whose architecture the plan knows without its files."""
+    from ..families import NAMES, get
 
-    if architecture:
-        p = resolve_preset(architecture)
-        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.clip, "text_encoder_2": p.t5}, f"preset {p.name}"
-    if os.path.isdir(model):
-        _check_family(model)
-        comps = {c: _read_json(os.path.join(model, c, "config.json"))
-                 for c in ("transformer", "vae", "text_encoder", "text_encoder_2")}
-        return comps, model
-    if model in HUB_DEV_IDS:
-        return component_configs(model, "dev")
-    raise UserError(f"--pretrained_model_name_or_path {model!r} is not a local pipeline folder; give one, or add "
-                    "--architecture dev to plan FLUX.1-dev's architecture without its files")
+    return next(((name, get(name).hub_presets[model]) for name in NAMES if model in get(name).hub_presets), None)
 
 
-def _check_family(model: str) -> None:
-    """The plan's terms model FLUX.1's components (CLIP + T5); another family is named, not misread."""
+def component_configs(model: str, architecture: str | None = None, family: str | None = None) -> tuple[dict, str, str]:
+    """({component: config dict}, where it came from, the family's name) from a pipeline folder, a
+    known hub id, or a fluxkit.tiny preset of `family` (default FLUX.1)."""
     from ..families import get, of_folder
 
-    try:
-        family = of_folder(model)
-    except UserError:
-        return  # not a known pipeline: reading its configs names what is missing
-    if family.components != get("flux1").components:
-        raise UserError(f"{model!r} is a {family.name} pipeline ({family.pipeline_name}); the memory plan models "
-                        "FLUX.1 and Kontext (CLIP + T5) only so far")
+    if architecture:
+        fam = get(family or "flux1")
+        return fam.preset_configs(architecture), f"preset {architecture}" + (f" ({fam.name})" if family else ""), fam.name
+    if os.path.isdir(model):
+        fam = of_folder(model, family) if family or os.path.isfile(os.path.join(model, "model_index.json")) else get("flux1")
+        comps = {c: _read_json(os.path.join(model, c, "config.json")) for c in ("transformer", "vae", *fam.text_encoders)}
+        return comps, model, fam.name
+    known = hub_architecture(model)
+    if known:
+        return component_configs(model, known[1], family or known[0])
+    raise UserError(f"--pretrained_model_name_or_path {model!r} is not a local pipeline folder; give one, or add "
+                    "--architecture dev to plan FLUX.1-dev's architecture without its files (--model_family picks "
+                    "another family's presets)")
 
 
-def read_architecture(model: str, architecture: str | None = None) -> Architecture:
+def read_architecture(model: str, architecture: str | None = None, family: str | None = None) -> Architecture:
     """Count every component's parameters on the meta device (nothing is allocated).
 
     Importing diffusers and transformers takes seconds, longer than the count itself, and the
     launchers plan every run (--dry_run too) before they start anything: the counts are kept in
     a small memo file per set of configs and library versions (ARCHITECTURE_MEMO), so only the
     first plan of a model pays for the imports."""
-    configs, source = component_configs(model, architecture)
-    memo = _memo_path(configs)
+    configs, source, family = component_configs(model, architecture, family)
+    memo = _memo_path(configs, family)
     if memo:
         try:
             with open(memo) as f:
                 data = json.load(f)
-            for shapes in ("linear_shapes", "clip_linear_shapes"):
+            for shapes in ("linear_shapes", "trained_text_linear_shapes"):
                 data[shapes] = [tuple(s) for s in data[shapes]]
             return Architecture(**{**data, "source": source})
         except (OSError, ValueError, TypeError, KeyError):
             pass  # not there yet, or unreadable: count again
-    arch = _count_architecture(configs, source)
+    arch = _count_architecture(configs, source, family)
     if memo:
         try:
             from ..shared.fsio import atomic_write_json
@@ -114,7 +120,7 @@ def read_architecture(model: str, architecture: str | None = None) -> Architectu
     return arch
 
 
-def _memo_path(configs: dict) -> str | None:
+def _memo_path(configs: dict, family: str) -> str | None:
     """Where the counts for these configs are memoised: keyed by the configs and by the versions
     of the libraries that build the modules (a new version may add or drop parameters)."""
     import hashlib
@@ -126,38 +132,56 @@ def _memo_path(configs: dict) -> str | None:
         versions = [version(lib) for lib in ("diffusers", "transformers", "torch")]
     except PackageNotFoundError:
         return None
-    key = json.dumps([MEMO_SCHEMA, versions, configs], sort_keys=True, default=str)
+    key = json.dumps([MEMO_SCHEMA, family, versions, configs], sort_keys=True, default=str)
     base = os.environ.get(ARCHITECTURE_MEMO_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fluxkit", "plan")
     return os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
-def _count_architecture(configs: dict, source: str) -> Architecture:
+def _on_meta(cls, config: dict):
+    """The module `cls` builds from `config`, on the meta device (diffusers' from_config or a
+    transformers config object)."""
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        models = {
-            "transformer": FluxTransformer2DModel.from_config(strip(configs["transformer"])),
-            "vae": AutoencoderKL.from_config(strip(configs["vae"])),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**strip(configs["text_encoder"]))),
-            "text_encoder_2": T5EncoderModel(T5Config(**strip(configs["text_encoder_2"]))),
-        }
+        if hasattr(cls, "from_config"):
+            return cls.from_config(config)
+        return cls(cls.config_class(**config))
+
+
+def text_encoder_shape(config: dict) -> dict:
+    """Width, feed-forward width, heads, layers and the longest input of a text encoder's config (a
+    multimodal encoder's text part: text_config)."""
+    config = config.get("text_config") or config
+    out = {name: next((config[k] for k in keys if config.get(k) is not None), 0) for name, keys in _TEXT_KEYS.items()}
+    out["max_tokens"] = config.get("max_position_embeddings")
+    return out
+
+
+def _count_architecture(configs: dict, source: str, family: str) -> Architecture:
+    import torch
+
+    from ..families import get
+
+    fam = get(family)
+    models = {name: _on_meta(fam.component_class(name), config) for name, config in configs.items()}
     linears = lambda m: [(n, mod.in_features, mod.out_features) for n, mod in m.named_modules()  # noqa: E731
                          if isinstance(mod, torch.nn.Linear)]
     vae = configs["vae"]
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     params = {k: count(m) for k, m in models.items()}
-    params["vae_encoder"] = count(models["vae"].encoder) + count(models["vae"].quant_conv or torch.nn.Identity())
+    params["vae_encoder"] = count(models["vae"].encoder) + count(getattr(models["vae"], "quant_conv", None) or torch.nn.Identity())
     blocks = [count(b) for name in BLOCK_LISTS for b in getattr(models["transformer"], name)]
-    return Architecture(source=source, params=params, block_params=blocks,
+    texts = [{"component": name, "label": label, "role": role, "params": params[name],
+              "keeps_hidden_states": fam.encoding_keeps_hidden_states, **text_encoder_shape(configs[name])}
+             for name, (label, role) in fam.text_encoder_labels.items()]
+    trained = fam.trained_text_encoder
+    return Architecture(source=source, params=params, block_params=blocks, family=family, text_encoders=texts,
                         transformer=dict(models["transformer"].config), vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
                         latent_channels=vae["latent_channels"], vae_first_channels=vae["block_out_channels"][0],
                         vae_layers_per_block=vae.get("layers_per_block", 2), linear_shapes=linears(models["transformer"]),
-                        clip_linear_shapes=linears(models["text_encoder"]),
-                        text_encoder_shape={k: configs["text_encoder_2"].get(k) for k in ("d_model", "d_ff", "num_heads")})
+                        trained_text_linear_shapes=linears(models[trained]) if trained else [])
 
 
 def lora_parameter_count(shapes: list, targets: list[str], rank: int) -> int:
@@ -186,7 +210,12 @@ def block_linear_shapes(shapes: list) -> list[list]:
     return [blocks[k] for k in sorted(blocks)]
 
 
-def default_lora_targets() -> list[str]:
+def default_lora_targets(arch: Architecture | None = None) -> list[str]:
+    """The LoRA targets diffusers' script for the architecture's family adapts (FLUX.1's without one)."""
+    from types import SimpleNamespace
+
     from ..families import get
 
-    return list(get("flux1").lora_targets)
+    if arch is None:
+        return list(get("flux1").lora_targets)
+    return get(arch.family).default_lora_targets(SimpleNamespace(**arch.transformer))

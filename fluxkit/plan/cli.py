@@ -28,7 +28,9 @@ def _plan_flags(p) -> None:
                         "(pretrain_bf16_zero3_offload_accelerate_config.yaml); implies --zero_stage 3")
     g.add_argument("--warm_cache", action="store_true",
                    help="the cache already holds every latent and prompt (python -m fluxkit.cache): no encoder loads")
-    g.add_argument("--architecture", default=None, help="plan a tiny.py preset's architecture (dev = FLUX.1-dev) instead of the folder's")
+    g.add_argument("--architecture", default=None,
+                   help="plan a preset's architecture instead of the folder's: dev (FLUX.1-dev; with --model_family "
+                        "flux2: FLUX.2 [dev]), 4b or 9b with --model_family flux2-klein")
     g.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     g.add_argument("--calibrate", action="store_true", help="measure the activation constants on this CPU and compare")
 
@@ -65,7 +67,7 @@ class PlanRequest:
         return self.zero_stage if self.zero_stage is not None else (2 if self.num_processes > 1 else 0)
 
     def plan(self, device: str, device_memory_bytes: int | None = None) -> Plan:
-        arch = read_architecture(self.config.pretrained_model_name_or_path, self.architecture)
+        arch = read_architecture(self.config.pretrained_model_name_or_path, self.architecture, self.config.model_family)
         return plan_memory(self.config, self.num_processes, self.zero, device, device_memory_bytes, arch,
                            offload=(self.zero_offload, self.zero_offload), warm_cache=self.warm_cache)
 

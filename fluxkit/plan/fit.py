@@ -181,7 +181,7 @@ def check_fits(args, world_size: int, zero_stage: int, device_info, processes_pe
         else:
             sharing = (processes_per_host or world_size) if device_info.type == "cpu" else 1
             memory = device_memory_bytes(device_info, sharing)
-        arch = read_architecture(model_dir) if model_dir else None
+        arch = read_architecture(model_dir, family=args.model_family) if model_dir else None
         plan = plan_memory(args, world_size, zero_stage, device_info.type, memory, arch,
                            offload if offload is not None else launched_offload(), processes_per_host)
     except Exception as err:  # noqa: BLE001 - an unreadable config must not stop training

@@ -122,8 +122,8 @@ def plan_memory(args, world_size: int = 1, zero_stage: int = 0, device: str = "c
                 warm_cache: bool = False) -> Plan:
     """The per-device memory of the run `args` (a TrainConfig) describes, phase by phase (warm_cache: the
     cache already holds everything, as `python -m fluxkit.plan --warm_cache` says)."""
-    s = shape_from_args(args, world_size, zero_stage, device, offload, warm_cache)
-    arch = arch or read_architecture(args.pretrained_model_name_or_path)
+    arch = arch or read_architecture(args.pretrained_model_name_or_path, family=args.model_family)
+    s = shape_from_args(args, world_size, zero_stage, device, offload, warm_cache, arch)
     return plan_shape(s, arch, device_memory_bytes, processes_per_host or world_size)
 
 
@@ -156,7 +156,7 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
             Item("overlap", "gradients fill freed activations", -min(grads_bw, sum(i.bytes for i in acts)),
                  "backward holds about the larger of the two")]
     fwd_bwd = (resident + acts + held + terms.pivotal_t5_backward(s, arch) + terms.autocast_copies(s, trained)
-               + terms.cpu_runtime(s))
+               + terms.cpu_runtime(s, arch))
     if not s.caching:  # encoding every step, before the forward pass
         fwd_bwd = fwd_bwd + [terms.vae_encoding(s, arch)]
         if s.offload_encoders and not s.on_cpu:
@@ -166,16 +166,17 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
     temp = terms.step_temporaries(s, trained)
     if temp:
         step.append(Item("transient", "optimizer step temporaries", temp, "foreach AdamW, fp32"))
-    phases.append(Phase("train: optimizer step", resident + step + terms.cpu_runtime(s), host_bytes=host_train))
+    phases.append(Phase("train: optimizer step", resident + step + terms.cpu_runtime(s, arch), host_bytes=host_train))
     if s.validates:
-        phases.append(Phase("validate", resident + terms.validation_working_set(s, arch) + terms.cpu_runtime(s),
+        phases.append(Phase("validate", resident + terms.validation_working_set(s, arch) + terms.cpu_runtime(s, arch),
                             host_bytes=host_train, note="one image, from cached prompt embeddings"))
     save_host = trained * (s.cb if s.deepspeed else 4) if not s.lora else 0
-    phases.append(Phase("save", resident + terms.cpu_runtime(s), host_bytes=host_train + save_host,
+    phases.append(Phase("save", resident + terms.cpu_runtime(s, arch), host_bytes=host_train + save_host,
                         note="weights copied to host memory and written"))
     summary = {"run": "LoRA" if s.lora else "full", "text_encoders_on": "host" if s.text_on_host else "device", "resolution": s.resolution, "batch": s.batch,
                "mixed_precision": s.mixed, "regime": s.regime, "trained_params": trained,
                "image_tokens": terms.image_tokens(s, arch), "text_tokens": s.seq_len,
+               "reference_images": s.references, "family": arch.family,
                "gradient_checkpointing": s.checkpointing, "base_quantization": s.quant,
                "blocks_to_swap": s.blocks_to_swap, "blocks": len(arch.block_params),
                "offload": {"params": s.offload_params, "optimizer": s.offload_optimizer},
@@ -184,7 +185,7 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
 
 
 def _text(items) -> list:
-    return [i for i in items if i.name.startswith(("T5", "CLIP"))]
+    return [i for i in items if " text encoder " in i.name]
 
 
 def _encode_phase(s: RunShape, arch: Architecture, encoders: list) -> Phase:
@@ -192,13 +193,13 @@ def _encode_phase(s: RunShape, arch: Architecture, encoders: list) -> Phase:
     host CPU (their weights and their working set in host memory) and only the VAE on the device."""
     text = _text(encoders) if s.text_on_host else []
     vae_side = [i for i in encoders if i not in text] + [terms.vae_encoding(s, arch)]
+    host = terms.host_encoders_read(s, arch)
     if s.text_on_host:
-        return Phase("encode", vae_side + terms.caches(s, arch),
-                     host_bytes=sum(i.bytes for i in text) + terms.text_encoding(s, arch).bytes,
+        return Phase("encode", vae_side + terms.caches(s, arch), host_bytes=host,
                      note="the VAE fills the cache; the text encoders run on the host CPU (they do not fit beside it)")
     encoding = max(vae_side[-1], terms.text_encoding(s, arch), key=lambda i: i.bytes)  # one at a time
-    return Phase("encode", encoders + [encoding] + terms.caches(s, arch), host_bytes=max(i.bytes for i in encoders),
-                 note="encoders fill the cache, then leave")
+    return Phase("encode", encoders + [encoding] + terms.caches(s, arch), host_bytes=host,
+                 note="encoders read into host memory, fill the cache on the device, then leave")
 
 
 def _text_goes_to_host(s: RunShape, arch: Architecture, device_memory_bytes: int | None) -> bool:

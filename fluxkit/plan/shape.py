@@ -30,7 +30,8 @@ class RunShape:
     blocks_to_swap: int = 0  # transformer blocks kept in host memory (--blocks_to_swap)
     batch: int = 1  # micro batch, doubled with prior preservation
     resolution: int = 512
-    seq_len: int = 512  # T5 tokens
+    seq_len: int = 512  # text tokens (T5's, Mistral3's, Qwen3's)
+    references: int = 0  # reference images per sample (editing pairs: Kontext, FLUX.2), each as many tokens as the target
     checkpointing: bool = False
     optimizer: str = "adamw"  # adamw, adamw8bit or prodigy
     caching: bool = True  # latents and prompt embeddings come from the cache
@@ -70,9 +71,12 @@ class RunShape:
 
 
 def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str = "cuda",
-                    offload: tuple[bool, bool] = (False, False), warm_cache: bool = False) -> RunShape:
+                    offload: tuple[bool, bool] = (False, False), warm_cache: bool = False, arch=None) -> RunShape:
     """The RunShape of the trainer's settings `args` (a TrainConfig) launched on `world_size` processes
-    with this ZeRO stage and (offload_params, offload_optimizer)."""
+    with this ZeRO stage and (offload_params, offload_optimizer), for the architecture `arch` (its
+    family's default LoRA targets; FLUX.1's without one)."""
+    from ..data.pairs import editing_requested
+
     if zero_stage not in (0, 1, 2, 3):
         raise UserError(f"--zero_stage {zero_stage} must be 0 (no DeepSpeed), 1, 2 or 3")
     if world_size < 1:
@@ -81,7 +85,7 @@ def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str 
     if not lora:
         refuse_for_full_finetune(quant)
     layers = args.lora_layers
-    targets = [t.strip() for t in layers.split(",") if t.strip()] if layers else default_lora_targets()
+    targets = [t.strip() for t in layers.split(",") if t.strip()] if layers else default_lora_targets(arch)
     prior = args.with_prior_preservation
     images = _count_images(args)
     samples = images * args.repeats * (2 if prior else 1) if images is not None else None
@@ -93,6 +97,7 @@ def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str 
         offload_params=bool(offload[0]) and zero_stage == 3, offload_optimizer=bool(offload[1]) and zero_stage > 0,
         blocks_to_swap=args.blocks_to_swap,
         batch=args.train_batch_size * (2 if prior else 1), resolution=args.resolution, seq_len=args.max_sequence_length,
+        references=1 if editing_requested(args) else 0,
         checkpointing=bool(args.gradient_checkpointing),
         optimizer="prodigy" if opt == "prodigy" else ("adamw8bit" if args.use_8bit_adam else "adamw"),
         caching=not args.no_cache, warm_cache=warm_cache,

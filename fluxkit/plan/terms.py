@@ -16,14 +16,6 @@ DEEPSPEED_REDUCE_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (ac
 DEEPSPEED_STAGE3_LIVE = int(1e9)  # stage3_max_live_parameters default: gathered parameters at once
 DEEPSPEED_STAGE3_PREFETCH = int(5e8)  # stage3_prefetch_bucket_size default
 CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# On a CPU device the process's first training steps leave lasting allocations of the runtime
-# itself, which do not grow with batch or resolution: oneDNN's kernel cache (JIT code per op
-# and shape; ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 halves the total) and small-block heap
-# fragmentation. bench's memory suite measures 23 MiB for the tiny preset, and for the small one
-# (the unplanned rest of its batch-1 runs) 40 MiB for the full fine-tune and 64 MiB for LoRA
-# (peft's adapters add kernels of their own shapes). Accelerators keep these outside the
-# allocator whose peak torch.cuda/npu report.
-CPU_RUNTIME_BYTES = {"full": 40 * 2**20, "lora": 64 * 2**20}
 # DeepSpeed on a CPU host (gloo) holds about 100 MiB more per process than the plan's ZeRO
 # terms, the same for the full fine-tune (9.3M trained parameters) and LoRA (0.1M) of the small
 # preset: the engine's and gloo's own state, not the model's. Measured by bench's memory suite.
@@ -68,7 +60,20 @@ class Item:
 
 
 def image_tokens(s: RunShape, arch: Architecture) -> int:
+    """The target image's tokens (2x2 latent patches)."""
     return (s.resolution // arch.vae_scale // 2) ** 2
+
+
+def sequence_image_tokens(s: RunShape, arch: Architecture) -> int:
+    """Image tokens the transformer runs over: the target's, and as many again per reference image of
+    an editing pair (Kontext, FLUX.2: the reference is placed in the target's shape)."""
+    return image_tokens(s, arch) * (1 + s.references)
+
+
+def _label(arch: Architecture) -> str:
+    """The name of the text encoder whose per-token output the transformer reads (T5, Mistral3, Qwen3)."""
+    seq = arch.text_encoder("sequence")
+    return seq["label"] if seq else "text"
 
 
 def trained_parameters(s: RunShape, arch: Architecture) -> int:
@@ -76,17 +81,22 @@ def trained_parameters(s: RunShape, arch: Architecture) -> int:
     weight of the transformer (and CLIP)."""
     if s.lora:
         n = lora_parameter_count(arch.linear_shapes, list(s.targets), s.rank) + pivotal_rows(s, arch)
-        return n + (lora_parameter_count(arch.clip_linear_shapes, list(CLIP_LORA_TARGETS), s.rank) if s.train_clip else 0)
-    return arch.params["transformer"] + (arch.params["text_encoder"] if s.train_clip else 0)
+        return n + (lora_parameter_count(arch.trained_text_linear_shapes, list(CLIP_LORA_TARGETS), s.rank) if s.train_clip else 0)
+    return arch.params["transformer"] + (arch.text_encoder("pooled")["params"] if s.train_clip else 0)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.0f}M params"
 
 
 def encoder_weights(s: RunShape, arch: Architecture) -> list[Item]:
-    """The frozen encoders in the compute dtype: VAE, T5, and CLIP unless it trains."""
+    """The frozen encoders in the compute dtype: the VAE and the family's text encoders (T5 and CLIP,
+    Mistral3, Qwen3), less FLUX.1's CLIP when it trains."""
     P, cb = arch.params, s.cb
-    out = [Item("weights", "VAE (frozen)", P["vae"] * cb, f"{P['vae'] / 1e6:.1f}M params"),
-           Item("weights", "T5 text encoder (frozen)", P["text_encoder_2"] * cb, f"{P['text_encoder_2'] / 1e9:.2f}B params")]
-    if not s.train_clip:
-        out.append(Item("weights", "CLIP text encoder (frozen)", P["text_encoder"] * cb, f"{P['text_encoder'] / 1e6:.0f}M params"))
+    out = [Item("weights", "VAE (frozen)", P["vae"] * cb, f"{P['vae'] / 1e6:.1f}M params")]
+    for t in sorted(arch.text_encoders, key=lambda t: t["role"] != "sequence"):
+        if not (s.train_clip and t["role"] == "pooled"):
+            out.append(Item("weights", f"{t['label']} text encoder (frozen)", t["params"] * cb, _count(t["params"])))
     return out
 
 
@@ -100,13 +110,15 @@ def trained_clip_weights(s: RunShape, arch: Architecture) -> list[Item]:
     """A CLIP that trains stays on the device with the transformer (its LoRA base, or its weights)."""
     if not s.train_clip or not s.lora:
         return []  # a fully trained CLIP is counted with the trained weights
-    return [Item("weights", "CLIP text encoder (LoRA base)", arch.params["text_encoder"] * s.cb,
-                 f"{arch.params['text_encoder'] / 1e6:.0f}M params")]
+    clip = arch.text_encoder("pooled")
+    return [Item("weights", f"{clip['label']} text encoder (LoRA base)", clip["params"] * s.cb, _count(clip["params"]))]
 
 
 def pivotal_rows(s: RunShape, arch: Architecture) -> int:
     """Parameters of pivotal tuning's new token rows: CLIP's width (the pooled projection's input),
     plus T5's (the transformer's joint attention width) with --enable_t5_ti."""
+    if not s.pivotal_tokens:
+        return 0
     width = arch.transformer["pooled_projection_dim"] + (arch.transformer["joint_attention_dim"] if s.pivotal_t5 else 0)
     return s.pivotal_tokens * width
 
@@ -117,10 +129,11 @@ def pivotal_encoders(s: RunShape, arch: Architecture) -> list[Item]:
     prompts) are left out."""
     if not s.pivotal_tokens:
         return []
-    P, cb = arch.params, s.cb
-    out = [Item("weights", "CLIP text encoder (new tokens)", P["text_encoder"] * cb, "encodes prompts with new tokens every step")]
+    clip, t5 = arch.text_encoder("pooled"), arch.text_encoder("sequence")
+    out = [Item("weights", f"{clip['label']} text encoder (new tokens)", clip["params"] * s.cb,
+                "encodes prompts with new tokens every step")]
     if s.pivotal_t5:
-        out.append(Item("weights", "T5 text encoder (new tokens)", P["text_encoder_2"] * cb, "--enable_t5_ti"))
+        out.append(Item("weights", f"{t5['label']} text encoder (new tokens)", t5["params"] * s.cb, "--enable_t5_ti"))
     return out
 
 
@@ -191,12 +204,13 @@ def step_temporaries(s: RunShape, trained: int) -> int:
 def activations(s: RunShape, arch: Architecture) -> list[Item]:
     """What autograd saves for backward (ACTIVATION_CONSTANTS), and with gradient checkpointing
     one block's full activations while it is recomputed."""
-    img = image_tokens(s, arch)
+    img = sequence_image_tokens(s, arch)
     tokens = s.batch * (img + s.seq_len)
     double, single, outer = ACTIVATION_CONSTANTS[(s.regime, s.mode, s.checkpointing)]
     d, Ld, Ls = arch.hidden, arch.transformer["num_layers"], arch.transformer["num_single_layers"]
+    refs = f" incl. {s.references} reference image(s)" if s.references else ""
     out = [Item("activations", "saved for backward", int(tokens * d * (Ld * double + Ls * single) + s.batch * img * d * outer),
-                f"{s.batch} x ({img} image + {s.seq_len} T5 tokens), {Ld}+{Ls} blocks, "
+                f"{s.batch} x ({img} image{refs} + {s.seq_len} {_label(arch)} tokens), {Ld}+{Ls} blocks, "
                 f"checkpointing {'on' if s.checkpointing else 'off'}")]
     if s.checkpointing:
         full_double, full_single, _ = ACTIVATION_CONSTANTS[(s.regime, s.mode, False)]
@@ -220,27 +234,35 @@ def vae_encoding(s: RunShape, arch: Architecture) -> Item:
     return Item("transient", "VAE encoding", size, f"{s.batch} image(s) at {s.resolution}px")
 
 
+def text_encoder_working_set(s: RunShape, t: dict) -> int:
+    """One text encoder's working set while it encodes one prompt (no gradients), in the compute
+    dtype: the attention scores (heads x tokens^2: T5's position bias needs them whole), the gated
+    feed-forward's two inner tensors and a few hidden states; an encoder read at several layers
+    (FLUX.2's) also returns every layer's hidden states."""
+    tokens = min(s.seq_len, t.get("max_tokens") or s.seq_len)
+    size = t["heads"] * tokens ** 2 + tokens * (2 * t["ff"] + 4 * t["width"])
+    if t.get("keeps_hidden_states"):
+        size += (t["layers"] + 1) * tokens * t["width"]
+    return size * s.cb
+
+
 def text_encoding(s: RunShape, arch: Architecture) -> Item:
-    """T5's working set while it encodes one prompt (no gradients): the attention scores with its
-    position bias (heads x tokens^2), the gated feed-forward's two inner tensors and a few hidden
-    states, in the compute dtype."""
-    t = arch.text_encoder_shape or {}
-    d, ff, heads = t.get("d_model") or 0, t.get("d_ff") or 0, t.get("num_heads") or 0
-    size = (heads * s.seq_len ** 2 + s.seq_len * (2 * ff + 4 * d)) * s.cb
-    return Item("transient", "T5 encoding one prompt", size, f"{s.seq_len} tokens")
+    """The largest text encoder working set (they encode one after the other)."""
+    sizes = {t["label"]: text_encoder_working_set(s, t) for t in arch.text_encoders}
+    label = max(sizes, key=sizes.get) if sizes else _label(arch)
+    return Item("transient", f"{label} encoding one prompt", sizes.get(label, 0), f"{s.seq_len} tokens")
 
 
 def pivotal_t5_backward(s: RunShape, arch: Architecture) -> list[Item]:
     """--enable_t5_ti: T5 runs with gradients for each prompt holding new tokens (at most the micro
-    batch): every layer keeps about its encoding working set (text_encoding) for backward. Layers
-    from the parameter count (4 d^2 attention + 3 d ff gated feed-forward each; T5-XXL: 24). CLIP's
+    batch): every layer keeps about its encoding working set (text_encoder_working_set) for backward,
+    for each of its layers (T5-XXL: 24, from its config). CLIP's
     share (77 tokens, 12 narrow layers) is left out."""
     if not s.pivotal_t5:
         return []
-    t = arch.text_encoder_shape or {}
-    d, ff = t.get("d_model") or 0, t.get("d_ff") or 0
-    layers = arch.params["text_encoder_2"] // (4 * d * d + 3 * d * ff) if d and ff else 0
-    size = s.batch * layers * text_encoding(s, arch).bytes
+    t5 = arch.text_encoder("sequence")
+    layers = t5["layers"]
+    size = s.batch * layers * text_encoder_working_set(s, t5)
     return [Item("activations", "T5 saved for the new rows' gradients", size,
                  f"{s.batch} prompt(s) x {layers} layers, --enable_t5_ti")]
 
@@ -248,7 +270,7 @@ def pivotal_t5_backward(s: RunShape, arch: Architecture) -> list[Item]:
 def validation_working_set(s: RunShape, arch: Architecture) -> list[Item]:
     """Rendering one validation image: the transformer's no-grad working tensors, then the VAE
     decoding (its feature maps mirror the encoder's at full resolution)."""
-    tokens = image_tokens(s, arch) + s.seq_len
+    tokens = sequence_image_tokens(s, arch) + s.seq_len
     dec = s.resolution ** 2 * (arch.vae_first_channels * (4 + arch.vae_layers_per_block) * s.cb + 3 * 4)
     return [Item("transient", "validation: transformer working set", tokens * arch.hidden * INFERENCE_WORKING_PER_TOKEN_HIDDEN * s.cb,
                  "one image, no gradients"),
@@ -260,17 +282,22 @@ def caches(s: RunShape, arch: Architecture) -> list[Item]:
     if not s.caching or s.samples is None:
         return []
     side = s.resolution // arch.vae_scale
-    return [Item("caches", "VAE latent moments", s.samples * 2 * arch.latent_channels * side * side * s.cb,
-                 f"{s.samples} image(s), mean + logvar"),
+    images = s.samples * (1 + s.references)  # an editing pair caches its reference's latents too
+    return [Item("caches", "VAE latent moments", images * 2 * arch.latent_channels * side * side * s.cb,
+                 f"{images} image(s), mean + logvar"),
             Item("caches", "text embeddings", s.prompts * (s.seq_len * arch.transformer["joint_attention_dim"]
-                                                          + arch.transformer["pooled_projection_dim"]) * 4,
-                 f"{s.prompts} prompt(s) x {s.seq_len} T5 tokens")]
+                                                          + arch.transformer.get("pooled_projection_dim", 0)) * 4,
+                 f"{s.prompts} prompt(s) x {s.seq_len} {_label(arch)} tokens")]
 
 
-def cpu_runtime(s: RunShape) -> list[Item]:
+def cpu_runtime(s: RunShape, arch: Architecture) -> list[Item]:
+    """On a CPU device: the runtime's lasting allocations, as measured for the model's family."""
     if not s.on_cpu:
         return []
-    out = [Item("runtime", "CPU runtime (kernel caches, heap)", CPU_RUNTIME_BYTES[s.mode], "measured constant")]
+    from ..families import get
+
+    out = [Item("runtime", "CPU runtime (kernel caches, heap)", get(arch.family).cpu_runtime_bytes[s.mode],
+                f"measured constant ({arch.family})")]
     if s.deepspeed:
         out.append(Item("runtime", "DeepSpeed engine and gloo on CPU", CPU_DEEPSPEED_BYTES, "measured constant"))
     return out
@@ -335,6 +362,14 @@ def transformer_arriving(s: RunShape, arch: Architecture, trained: int) -> Item:
         # the swapped blocks stay in host memory (a base diffusers quantizes on CUDA lands whole first)
         size += sum(i.bytes for i in block_offload(s, arch))
     return Item("transient", "transformer arriving", size, note)
+
+
+def host_encoders_read(s: RunShape, arch: Architecture) -> int:
+    """Host memory one process uses while the encoders load: all of them are read (fluxkit.models.
+    load_models) before the first moves to the device, so their sum (FLUX.2 [dev]'s 24B Mistral3 alone
+    is 45 GiB in bf16). Text encoders that encode on the host also keep their largest working set."""
+    size = sum(i.bytes for i in encoder_weights(s, arch))
+    return size + (text_encoding(s, arch).bytes if s.text_on_host else 0)
 
 
 def host_transformer_read(s: RunShape, arch: Architecture) -> int:

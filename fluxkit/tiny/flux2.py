@@ -84,6 +84,7 @@ KLEIN_PRESETS = {
         text_encoder=_qwen3(4096, 36, 32, 8, 128, 12288, 151936, tied=False), large=True, sample_resolution=512),
 }
 
+
 # A Qwen-style chat template (user turns, then the assistant's opening with thinking switched off),
 # written here: Flux2KleinPipeline formats every prompt through it.
 CHAT_TEMPLATE = (

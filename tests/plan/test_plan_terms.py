@@ -125,7 +125,9 @@ def test_smallest_change_names_the_block_count(dev):
 
 def test_text_encoding_working_set(dev):
     (t5,) = [terms.text_encoding(shape(), dev)]
-    assert dev.text_encoder_shape == {"d_model": 4096, "d_ff": 10240, "num_heads": 64}
+    (entry,) = [t for t in dev.text_encoders if t["label"] == "T5"]
+    assert {k: entry[k] for k in ("width", "ff", "heads", "layers", "role")} == {
+        "width": 4096, "ff": 10240, "heads": 64, "layers": 24, "role": "sequence"}
     assert t5.bytes == (64 * 512 ** 2 + 512 * (2 * 10240 + 4 * 4096)) * 2
     assert t5.bytes < terms.vae_encoding(shape(), dev).bytes  # at 512 px the VAE's maps are the larger transient
 
@@ -141,3 +143,88 @@ def test_text_encoders_go_to_the_host_only_when_they_do_not_fit(dev):
     assert encode.host_bytes >= dev.params["text_encoder_2"] * 2
     cpu = plan_shape(shape(quant="nf4", device="cpu"), dev, 8 * GiB)
     assert cpu.summary["text_encoders_on"] == "device"  # a CPU device is the host already
+
+
+# --------------------------------------------------------------- the FLUX family (read through fluxkit.families)
+
+KLEIN4, KLEIN9, FLUX2 = "black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B", "black-forest-labs/FLUX.2-dev"
+
+
+@pytest.fixture(scope="module")
+def family_archs():
+    return {m: read_architecture(m) for m in (KLEIN4, KLEIN9, FLUX2, "black-forest-labs/FLUX.1-Kontext-dev")}
+
+
+def test_each_family_reads_its_own_components(family_archs, dev):
+    """The published sizes, counted by the libraries' own classes on the meta device: klein 4B and 9B with
+    Qwen3-4B / Qwen3-8B, FLUX.2 [dev] with a 24B Mistral3 (its vision tower included: the pipeline loads
+    it); Kontext is FLUX.1-dev's architecture."""
+    expect = {KLEIN4: ("flux2-klein", "Qwen3", 3.88e9, 4.02e9), KLEIN9: ("flux2-klein", "Qwen3", 9.08e9, 8.19e9),
+              FLUX2: ("flux2", "Mistral3", 32.22e9, 24.01e9)}
+    for model, (family, label, transformer, text) in expect.items():
+        arch = family_archs[model]
+        (t,) = arch.text_encoders
+        assert (arch.family, t["label"], t["role"], t["keeps_hidden_states"]) == (family, label, "sequence", True), model
+        assert arch.params["transformer"] == pytest.approx(transformer, rel=2e-3)
+        assert t["params"] == arch.params["text_encoder"] == pytest.approx(text, rel=2e-3)
+        assert arch.transformer["joint_attention_dim"] == 3 * t["width"]  # three hidden-state layers per token
+    kontext = family_archs["black-forest-labs/FLUX.1-Kontext-dev"]
+    assert kontext.family == "kontext" and kontext.params == dev.params
+    # the weights the plan puts on the device name the family's encoders, never T5/CLIP for FLUX.2
+    names = {i.name for i in terms.encoder_weights(shape(), family_archs[FLUX2])}
+    assert names == {"VAE (frozen)", "Mistral3 text encoder (frozen)"}
+    # FLUX.2's default LoRA targets are its script's (the fused single-block projections among them)
+    assert "to_qkv_mlp_proj" in default_lora_targets(family_archs[KLEIN4])
+
+
+def test_encoders_read_every_layer_for_flux2(family_archs):
+    """FLUX.2's encoders return every layer's hidden states (the pipelines read three of them): the
+    working set adds (layers + 1) x tokens x width; Qwen3 really returns layers + 1 of them."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fluxkit.tiny.flux2 import KLEIN_PRESETS
+
+    s, (t,) = shape(), family_archs[KLEIN4].text_encoders
+    plain = dict(t, keeps_hidden_states=False)
+    extra = terms.text_encoder_working_set(s, t) - terms.text_encoder_working_set(s, plain)
+    assert extra == (36 + 1) * 512 * 2560 * 2
+    config = KLEIN_PRESETS["tiny"].text_encoder
+    out = Qwen3ForCausalLM(Qwen3Config(**config))(torch.zeros(1, 8, dtype=torch.long), output_hidden_states=True)
+    assert len(out.hidden_states) == config["num_hidden_layers"] + 1
+    # the host holds every encoder while they load (all are read before the first moves to the device)
+    tight = plan_shape(shape(quant="nf4", resolution=1024), family_archs[FLUX2], 24 * GiB)
+    assert tight.shape.text_on_host and tight.phase("encode").host_bytes > 24.0e9 * 2
+    assert "Mistral3 text encoder (frozen)" not in {i.name for i in tight.phase("encode").items}
+
+
+@pytest.mark.parametrize("family,preset", [("kontext", "tiny"), ("flux2-klein", "tiny")])
+def test_reference_tokens_double_the_image_sequence(family, preset):
+    """An editing pair's reference image enters the transformer as many tokens again as its target (the
+    family's own packing), and the plan counts the same in activations and in the latent cache."""
+    import types
+
+    import torch
+
+    from fluxkit.families import get
+
+    fam = get(family)
+    arch = read_architecture("", architecture=preset, family=family)
+    s = shape(resolution=64, references=1, samples=3, prompts=1, batch=1)
+    side = 64 // arch.vae_scale
+    # the latents as the family's transformer_inputs takes them: FLUX.1's unpacked, FLUX.2's patchified 2x2
+    packed = family != "kontext"
+    latents = torch.zeros(1, arch.transformer["in_channels"] // (1 if packed else 4), side // (2 if packed else 1),
+                          side // (2 if packed else 1))
+    config = types.SimpleNamespace(**arch.transformer)
+    seq = torch.zeros(1, 8, arch.transformer["joint_attention_dim"])
+    pooled = torch.zeros(1, arch.transformer.get("pooled_projection_dim", 0))
+    inputs = fam.transformer_inputs(latents, seq, pooled, latents.clone(), None, config)
+    assert inputs["hidden_states"].shape[1] == terms.sequence_image_tokens(s, arch) == 2 * terms.image_tokens(s, arch)
+    alone = dataclasses.replace(s, references=0)
+    saved = lambda x: terms.activations(x, arch)[0].bytes  # noqa: E731
+    double, single, outer = terms.ACTIVATION_CONSTANTS[(s.regime, s.mode, s.checkpointing)]
+    d, t = arch.hidden, arch.transformer
+    per_image_token = d * (t["num_layers"] * double + t["num_single_layers"] * single + outer)
+    assert saved(s) - saved(alone) == pytest.approx(terms.image_tokens(s, arch) * per_image_token, abs=2)
+    assert terms.caches(s, arch)[0].bytes == 2 * terms.caches(alone, arch)[0].bytes
