@@ -64,10 +64,6 @@ class Family:
         module, cls = ("diffusers", self.transformer_class) if name == "transformer" else self.components[name]
         return getattr(importlib.import_module(module), cls)
 
-    def preset_configs(self, preset: str) -> dict:
-        """{component: config} of this family's fluxkit.tiny preset (the plan's --architecture)."""
-        raise NotImplementedError(f"{self.name} has no presets")
-
     def default_lora_targets(self, config) -> list[str]:
         """The modules diffusers' LoRA script for this family adapts when --lora_layers is not given."""
         return list(self.lora_targets)

@@ -29,12 +29,6 @@ class Flux1(Family):
                     "ff_context.net.2", "proj_mlp", "proj_out")
     clip_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-    def preset_configs(self, preset):
-        from ..tiny.build import resolve_preset
-
-        p = resolve_preset(preset)
-        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.clip, "text_encoder_2": p.t5}
-
     # ------------------------------------------------------------------ text
 
     @staticmethod

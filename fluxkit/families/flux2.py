@@ -39,12 +39,6 @@ class Flux2(Family):
     # Flux2Pipeline/Flux2KleinPipeline default to 4.0 (classifier-free guidance for klein)
     inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512}
 
-    def preset_configs(self, preset):
-        from ..tiny.build import resolve_preset
-
-        p = resolve_preset(preset, self.name)
-        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.text_encoder}
-
     def default_lora_targets(self, config) -> list[str]:
         # the double blocks' attention, and the single blocks' fused projections (their to_out by
         # index: the double blocks' to_out is a ModuleList peft cannot adapt)

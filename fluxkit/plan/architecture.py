@@ -76,8 +76,11 @@ def component_configs(model: str, architecture: str | None = None, family: str |
     from ..families import get, of_folder
 
     if architecture:
+        from ..tiny.build import resolve_preset
+
         fam = get(family or "flux1")
-        return fam.preset_configs(architecture), f"preset {architecture}" + (f" ({fam.name})" if family else ""), fam.name
+        configs = resolve_preset(architecture, fam.name).configs()
+        return configs, f"preset {architecture}" + (f" ({fam.name})" if family else ""), fam.name
     if os.path.isdir(model):
         fam = of_folder(model, family) if family or os.path.isfile(os.path.join(model, "model_index.json")) else get("flux1")
         comps = {c: _read_json(os.path.join(model, c, "config.json")) for c in ("transformer", "vae", *fam.text_encoders)}

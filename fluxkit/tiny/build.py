@@ -34,6 +34,10 @@ class Preset:
     sample_resolution: int = 64  # image size of the sample data written with --dataset_dir
     extra: dict = field(default_factory=dict)
 
+    def configs(self) -> dict:
+        """{pipeline folder: config} of the components (what the memory plan counts)."""
+        return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.clip, "text_encoder_2": self.t5}
+
 
 
 

@@ -38,6 +38,10 @@ class Flux2Preset:
     sample_resolution: int = 64
     family: str = "flux2-klein"  # fluxkit.families name: which text half and pipeline class
 
+    def configs(self) -> dict:
+        """{pipeline folder: config} of the components (what the memory plan counts)."""
+        return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
+
 
 def _transformer(latent_channels, layers, single_layers, head_dim, heads, text_hidden, axes, guidance=False):
     assert sum(axes) == head_dim, "FLUX.2 needs sum(axes_dims_rope) == attention_head_dim"
