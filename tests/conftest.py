@@ -191,6 +191,54 @@ def trainer_args(model, data, out, steps=4, **extra):
     return args
 
 
+# ------------------------------------------------------------------------------- shared 2-process runs
+# A 2-process DeepSpeed launch costs about 15 CPU-seconds before it trains a step (two interpreters, DeepSpeed's
+# start): the uninterrupted runs several test files need are made once per session here. Read them, never change
+# them (copy the folder first).
+LORA_SCRIPT = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
+FULL_SCRIPT = os.path.join(ROOT, "train_flux_dreambooth.py")
+SHARD_ALL = os.path.join(ROOT, "tests", "fixtures", "zero3_shard_everything.yaml")  # ZeRO-3, every parameter sharded
+
+
+def zero2_lora_launch(model, data, out, env=None, **extra):
+    """The shared ZeRO-2 LoRA run's launch: 2 processes, bf16, seeded, 4 steps of accumulation 2, checkpoint-2 and
+    checkpoint-4; extra flags as trainer_args takes them, env for the child (tests/faults loaded)."""
+    args = trainer_args(model, data, out, 4, mixed_precision="bf16", checkpointing_steps=2, gradient_accumulation_steps=2,
+                        **extra)
+    return accelerate_launch([LORA_SCRIPT] + args, num_processes=2, timeout=600, env=with_faults(env))
+
+
+@pytest.fixture(scope="session")
+def zero2_lora_run(tiny_flux, sample_data, tmp_path_factory):
+    """(output folder, CompletedProcess) of one uninterrupted zero2_lora_launch: test_reliability's SIGKILL chain
+    resumes to equal it, test_checkpoint_verify damages copies of its checkpoint-2."""
+    out = tmp_path_factory.mktemp("zero2_lora") / "out"
+    proc = zero2_lora_launch(model=tiny_flux, data=sample_data, out=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def zero3_runs(tiny_flux, sample_data, tmp_path_factory):
+    """script -> (output folder, CompletedProcess) of its 2-process ZeRO-3 run (every parameter sharded), made on
+    first use: 2 steps at --learning_rate 1e-2, checkpoint-1 and checkpoint-2, a validation image at the end.
+    test_zero3 compares each with ZeRO-2 and resumes from it; test_checkpoint_verify damages copies of the full
+    fine-tune's checkpoint-2."""
+    made = {}
+
+    def run(script):
+        if script not in made:
+            out = tmp_path_factory.mktemp("zero3") / "out"
+            args = trainer_args(tiny_flux, sample_data, out, 2, checkpointing_steps=1, learning_rate="1e-2",
+                                validation_prompt="a photo of sks dog", num_validation_images=1, num_validation_steps=2)
+            proc = accelerate_launch([script] + args, num_processes=2, config=SHARD_ALL, timeout=420)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            made[script] = out, proc
+        return made[script]
+
+    return run
+
+
 def run_entry_inprocess(script, args):
     """An entry script's main() in this process (no interpreter start): its exit status."""
     import importlib.util

@@ -187,11 +187,15 @@ def test_buckets_and_caption_dropout_in_one_process(tiny_flux, tmp_path, encoder
 
 @pytest.mark.multiproc
 def test_buckets_under_deepspeed_two_processes_kill_resume_bit_identical(tiny_flux, tmp_path):
+    """Buckets under ZeRO-2 bf16 on 2 processes, over an NF4 base: each rank trains one shape per step, and a run
+    killed after step 3 (checkpoint-2 on disk) and resumed from DeepSpeed's own checkpoint (which holds the
+    quantized module) equals the uninterrupted run. (test_quant's 2-process NF4 kill/resume, merged into these
+    launches; int8 and fp8 are refused under DeepSpeed before anything loads: test_quant's refusal test.)"""
     folder = captioned_folder(tmp_path / "data", MIXED)
 
     def launch(out, env=None, **extra):
         args = args_for(tiny_flux, folder, out, 4, checkpointing_steps=2, aspect_ratio_buckets=True, bucket_step=16,
-                        latent_cache_dir=str(tmp_path / "cache"), **extra)
+                        latent_cache_dir=str(tmp_path / "cache"), base_quantization="nf4", **extra)
         args[args.index("--mixed_precision") + 1] = "bf16"
         return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=with_faults(env))
 

@@ -18,11 +18,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import ACCELERATE_CONFIG, ROOT, accelerate_launch, run_entry_inprocess, run_script, trainer_args
+from conftest import ACCELERATE_CONFIG, ROOT, SHARD_ALL, accelerate_launch, run_entry_inprocess, run_script, trainer_args
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
-SHARD_ALL = os.path.join(ROOT, "tests", "fixtures", "zero3_shard_everything.yaml")
 DAMAGES = ("truncate", "delete", "flip", "pickle")
 PLAIN_FILES = ["fluxkit_state.json", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "transformer/config.json",
                "transformer/diffusion_pytorch_model.safetensors"]
@@ -308,17 +307,21 @@ DEEPSPEED_RUNS = {"zero2": (LORA, ACCELERATE_CONFIG, ZERO2_FILES),  # a LoRA run
 
 
 @pytest.fixture(scope="module")
-def deepspeed_run(tiny_flux, sample_data, tmp_path_factory):
-    """deepspeed_run(kind): a 2-process run's output folder holding checkpoint-2, for a kind of
-    DEEPSPEED_RUNS; each kind is launched once in this module, when a test first asks for it."""
+def deepspeed_run(request, tmp_path_factory):
+    """deepspeed_run(kind): a 2-process run's output folder whose newest checkpoint is checkpoint-2, for a kind of
+    DEEPSPEED_RUNS: a copy, made once in this module, of the session's shared run of that kind (conftest:
+    zero2_lora_run, 4 steps; zero3_runs, 2 steps) without its other checkpoint."""
     runs = {}
 
     def run(kind):
         if kind not in runs:
-            script, config, _ = DEEPSPEED_RUNS[kind]
+            if kind == "zero2":
+                (shared, _), other = request.getfixturevalue("zero2_lora_run"), "checkpoint-4"
+            else:
+                (shared, _), other = request.getfixturevalue("zero3_runs")(DEEPSPEED_RUNS[kind][0]), "checkpoint-1"
             out = tmp_path_factory.mktemp(kind) / "out"
-            proc = _launch(script, tiny_flux, sample_data, out, config, 2, checkpointing_steps=2)
-            assert proc.returncode == 0, proc.stderr[-4000:]
+            shutil.copytree(shared, out)
+            shutil.rmtree(out / other)
             runs[kind] = out
         return runs[kind]
 

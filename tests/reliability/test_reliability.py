@@ -23,7 +23,7 @@ import pytest
 
 from bad_inputs import CASES, ENTRY_POINTS
 from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_inprocess, run_script, trainer_args
-from conftest import with_faults
+from conftest import with_faults, zero2_lora_launch
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
@@ -144,23 +144,26 @@ def assert_killed_at_step_3_resumes_bit_identical(launch, out, reference):
     assert_bit_identical(weights(out, LORA), weights(reference, LORA))
 
 
-def assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path, **flags):
-    """ZeRO-2 bf16 LoRA on 2 processes (with `flags`): killed at step 3 (checkpoint-2 on disk), resumed,
-    equals the uninterrupted run."""
-    def launch(out, env=None, **extra):
-        args = train_args(tiny_flux, sample_data, out, 4, checkpointing_steps=2, **flags, **extra)
-        args[args.index("--mixed_precision") + 1] = "bf16"
-        return accelerate_launch([LORA] + args, num_processes=2, timeout=600, env=with_faults(env))
-
-    reference = tmp_path / "uninterrupted"
-    proc = launch(reference)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_killed_at_step_3_resumes_bit_identical(launch, tmp_path / "crashed", reference)
-
-
 @pytest.mark.multiproc
-def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path):
-    assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path)
+def test_sigkill_under_deepspeed_two_processes(tiny_flux, sample_data, tmp_path, zero2_lora_run):
+    """ZeRO-2 bf16 LoRA on 2 processes with accumulation 2 (conftest.zero2_lora_launch): killed at step 3
+    (checkpoint-2 on disk), resumed, equals the session's uninterrupted run (conftest.zero2_lora_run). What
+    test_train's 2-process ZeRO-2 LoRA case asserted is asserted here, on these launches: the summary of a
+    2-process bf16 run with accumulation 2, its checkpoints, the resumed run's steps and LoRA keys."""
+    reference, proc = zero2_lora_run
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["mixed_precision"] == "bf16" and summary["grad_accum"] == 2
+    assert listing(reference) == ["checkpoint-2", "checkpoint-4"]
+
+    def launch(out, env=None, **extra):
+        return zero2_lora_launch(tiny_flux, sample_data, out, env=env, **extra)
+
+    out = tmp_path / "crashed"
+    assert_killed_at_step_3_resumes_bit_identical(launch, out, reference)
+    # resumed from checkpoint-2: checkpoint-4 written, each step logged once, the LoRA keys diffusers loads
+    assert listing(out) == ["checkpoint-2", "checkpoint-4"] and [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+    keys = list(weights(out, LORA))
+    assert keys and all(k.startswith("transformer.") and "lora" in k and "module." not in k for k in keys)
 
 
 def test_checkpoint_limit_counts_only_complete_checkpoints(tmp_path):

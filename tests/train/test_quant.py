@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_user_error, run_entry_inprocess as train_inprocess, run_script
-from test_reliability import (LORA, assert_bit_identical, assert_deepspeed_kill_resume_bit_identical, log_lines,
-                              steps_and_losses, train_args, weights)
+from test_reliability import LORA, assert_bit_identical, log_lines, steps_and_losses, train_args, weights
 from test_train_guards import run_chain
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
@@ -218,11 +217,3 @@ def test_inference_renders_on_a_quantized_transformer(tiny_flux, tmp_path):
     for quantization in ("int8", "nf4"):  # close to the unquantized image, not equal to it
         diff = np.abs(images[quantization][1] - images["none"][1])
         assert 0 < diff.mean() < 40, (quantization, diff.mean())
-
-
-@pytest.mark.multiproc
-def test_deepspeed_zero2_two_processes_nf4_resumes_bit_identical(tiny_flux, sample_data, tmp_path):
-    """ZeRO-2 bf16 on 2 CPU processes over an NF4 base, resumed from DeepSpeed's own checkpoint (which holds
-    the quantized module), equals the uninterrupted run. (int8 and fp8 are refused under DeepSpeed before
-    anything loads: the refusal test above.)"""
-    assert_deepspeed_kill_resume_bit_identical(tiny_flux, sample_data, tmp_path, base_quantization="nf4")

@@ -143,8 +143,10 @@ def test_validation_images_and_tensorboard(tiny_flux, sample_data, tmp_path):
 # ----------------------------------------------------------------------------- DeepSpeed
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("script", [LORA, FULL], ids=["lora", "full"])
-def test_deepspeed_zero2_two_processes_checkpoint_and_resume(tiny_flux, sample_data, tmp_path, script):
+def test_deepspeed_zero2_two_processes_checkpoint_and_resume(tiny_flux, sample_data, tmp_path):
+    """The full fine-tune (the LoRA case's assertions are on test_reliability's 2-process SIGKILL chain, which
+    shares its uninterrupted run with test_checkpoint_verify: conftest.zero2_lora_run)."""
+    script = FULL
     out = tmp_path / "ds"
     args = base_args(tiny_flux, sample_data, out, steps=2, checkpointing_steps=1, gradient_accumulation_steps=2)
     proc = accelerate_launch([script] + args, num_processes=2, timeout=300)
@@ -158,14 +160,10 @@ def test_deepspeed_zero2_two_processes_checkpoint_and_resume(tiny_flux, sample_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint-3").is_dir()
     assert [json.loads(l)["step"] for l in open(out / "train_log.jsonl")] == [1, 2, 3]
-    if script == LORA:
-        keys, _ = lora_keys(out / "pytorch_lora_weights.safetensors")
-        assert keys and all(k.startswith("transformer.") and "lora" in k and "module." not in k for k in keys)
-    else:
-        from diffusers import FluxPipeline
+    from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(str(out), local_files_only=True)
-        assert np.isfinite(generate(pipe)).all()
+    pipe = FluxPipeline.from_pretrained(str(out), local_files_only=True)
+    assert np.isfinite(generate(pipe)).all()
 
 
 # ----------------------------------------------------------------------------- bad input

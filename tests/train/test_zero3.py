@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ACCELERATE_CONFIG, ROOT, accelerate_launch
+from conftest import ACCELERATE_CONFIG, ROOT, SHARD_ALL, accelerate_launch
 from conftest import trainer_args as base_args
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
 ZERO3_CONFIG = os.path.join(ROOT, "pretrain_bf16_zero3_accelerate_config.yaml")
-# the same with every parameter of the tiny model sharded (see the fixture's comment)
-SHARD_ALL = os.path.join(ROOT, "tests", "fixtures", "zero3_shard_everything.yaml")
 WEIGHTS = {FULL: os.path.join("transformer", "diffusion_pytorch_model.safetensors"), LORA: "pytorch_lora_weights.safetensors"}
 # ZeRO-3 against ZeRO-2 (see the docstring): closeness per weight, and the shares required
 ATOL, RTOL = 1e-3, 2 ** -7  # a tenth of a step at lr 1e-2; bf16's relative spacing
@@ -35,8 +33,12 @@ MIN_CLOSE, MIN_MOVED = 0.98, 0.5
 
 
 def _launch(config, script, model, data, out, **extra):
+    """A 2-process run with the flags of conftest.zero3_runs' runs (2 steps at lr 1e-2, a checkpoint each step)."""
     args = base_args(model, data, out, steps=2, checkpointing_steps=1, learning_rate="1e-2", **extra)
-    proc = accelerate_launch([script] + args, num_processes=2, config=config, timeout=420)
+    return _log(accelerate_launch([script] + args, num_processes=2, config=config, timeout=420), out)
+
+
+def _log(proc, out):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["global_step"] == 2
@@ -51,12 +53,12 @@ def _tensors(path):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("script", [FULL, LORA], ids=["full", "lora"])
-def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_path, script):
-    z2, z3, resumed = tmp_path / "zero2", tmp_path / "zero3", tmp_path / "zero3-resumed"
+def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_path, script, zero3_runs):
+    z2, resumed = tmp_path / "zero2", tmp_path / "zero3-resumed"
     log2 = _launch(ACCELERATE_CONFIG, script, tiny_flux, sample_data, z2)
+    z3, proc = zero3_runs(script)  # the session's ZeRO-3 run (conftest), also damaged by test_checkpoint_verify
+    log3 = _log(proc, z3)
     # validation renders on both ranks in lockstep (the sharded transformer gathers every layer)
-    log3 = _launch(SHARD_ALL, script, tiny_flux, sample_data, z3, validation_prompt="a photo of sks dog",
-                   num_validation_images=1, num_validation_steps=2)
     assert (z3 / "validation" / "validation-final.png").is_file()
 
     # checkpoint-1 and the final weights hold full tensors of the right shapes (ZeRO-2's shapes)
