@@ -239,6 +239,18 @@ def zero3_runs(tiny_flux, sample_data, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def lora_demo(tmp_path_factory):
+    """(CompletedProcess, output folder, demo cache) of the LoRA launcher's --demo as a user runs it (build the
+    tiny FLUX into a fresh FLUXKIT_DEMO_DIR, 2-process training, images), once for the session: test_launch reads
+    its console, test_launchers its outputs, and the full demo reuses its cache."""
+    from test_launchers import LORA, launch
+
+    root = tmp_path_factory.mktemp("demo")
+    cache, out = root / "demo cache", root / "lora demo"
+    return launch(LORA, "--demo", f"--output_dir={out}", env={"FLUXKIT_DEMO_DIR": str(cache)}, timeout=900), out, cache
+
+
 def run_entry_inprocess(script, args):
     """An entry script's main() in this process (no interpreter start): its exit status."""
     import importlib.util

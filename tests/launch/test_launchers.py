@@ -487,23 +487,15 @@ def _check_run(proc, out, network):
     return summary
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """One demo cache for both demos: whichever runs first builds it, the other must reuse it."""
-    return tmp_path_factory.mktemp("demo") / "demo cache"
-
-
-def _demo(script, out, cache):
-    built_before = (cache / "tiny_flux" / "model_index.json").is_file()
-    proc = launch(script, "--demo", f"--output_dir={out}", env={"FLUXKIT_DEMO_DIR": str(cache)}, timeout=600)
+def _demo_said(proc, built_before):
+    """The demo says whether it built the tiny FLUX into its cache or reused the one there."""
     assert ("reusing the tiny FLUX" if built_before else "building a tiny random FLUX") in proc.stdout
-    return proc
 
 
 @pytest.mark.cli
-def test_lora_demo_end_to_end(tmp_path, demo_cache):
-    out = tmp_path / "lora demo"
-    proc = _demo(LORA, out, demo_cache)
+def test_lora_demo_end_to_end(lora_demo):
+    proc, out, _ = lora_demo  # the session's one LoRA demo (conftest), into a fresh demo cache
+    _demo_said(proc, built_before=False)
     summary = _check_run(proc, out, "FluxLora")
     assert summary["grad_accum"] == 1 and summary["device"] == "cpu"
     from safetensors import safe_open
@@ -516,9 +508,11 @@ def test_lora_demo_end_to_end(tmp_path, demo_cache):
 
 
 @pytest.mark.cli
-def test_full_demo_end_to_end(tmp_path, demo_cache):
-    out = tmp_path / "full demo"
-    proc = _demo(FULL, out, demo_cache)
+def test_full_demo_end_to_end(tmp_path, lora_demo):
+    out, cache = tmp_path / "full demo", lora_demo[2]  # the LoRA demo's cache: built there, reused here
+    assert (cache / "tiny_flux" / "model_index.json").is_file()
+    proc = launch(FULL, "--demo", f"--output_dir={out}", env={"FLUXKIT_DEMO_DIR": str(cache)}, timeout=600)
+    _demo_said(proc, built_before=True)
     summary = _check_run(proc, out, "FluxDreambooth")
     assert summary["grad_accum"] == 2
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
