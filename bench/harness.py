@@ -270,15 +270,16 @@ def run_command(cmd: list[str], log_path: str, env: dict | None = None, timeout:
 ACCELERATE_CONFIG = os.path.join(ROOT, "pretrain_bf16_accelerate_config.yaml")
 
 
-def launch_prefix(processes: int, deepspeed: bool = False) -> list[str]:
+def launch_prefix(processes: int, deepspeed: bool = False, config: str | None = None) -> list[str]:
     """How to start a script: plain python for one process, accelerate launch for more
-    (with the toolkit's DeepSpeed ZeRO-2 bf16 config when deepspeed=True)."""
-    if processes == 1:
+    (with the toolkit's DeepSpeed ZeRO-2 bf16 config when deepspeed=True), or accelerate launch
+    with the accelerate config file `config` (one process too)."""
+    if processes == 1 and not config:
         return [sys.executable]
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     # --multi_gpu is accelerate's torchrun launcher; it starts N processes on CPU hosts too
     # (--cpu would start one), and the scripts pick gloo there.
-    cmd += ["--config_file", ACCELERATE_CONFIG] if deepspeed else ["--multi_gpu"]
+    cmd += ["--config_file", config or ACCELERATE_CONFIG] if deepspeed or config else ["--multi_gpu"]
     return cmd + ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
 
 

@@ -6,11 +6,12 @@ step minus the process's own after its libraries were imported and their kernels
 (the "loaded process"). That delta is compared with the plan's per-device peak for the same
 flags (device cpu). Cases: LoRA/full, batch 1/4, gradient checkpointing on/off, and 2-process
 DeepSpeed ZeRO-2. The first case, the tiny preset at 32 px (almost no data), shows the CPU
-runtime's own lasting allocations that the plan adds as a constant (fluxkit.plan.CPU_RUNTIME_BYTES).
+runtime's own lasting allocations that the plan adds as a constant (each family's cpu_runtime_bytes).
 
 Before them: the devlike preset's phases (phase_rows: encode, load and train, each planned vs
 measured, and the run's peak against the sum of the phases), and the memory rungs' cost in s/step
-against the resident run (rung_rows: --blocks_to_swap 0 / 2 / 4 on the small preset).
+against the resident run (rung_rows: --blocks_to_swap 0 / 2 / 4 on the small preset; ZeRO-3 CPU
+offload against ZeRO-3 resident, the small preset's full fine-tune).
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def measure(ctx, name: str, script: str, flags: list[str], processes: int) -> in
     return max(r["loop_peak_bytes"] - r["baseline_bytes"] for r in probe(ctx, name, script, flags, processes))
 
 
-def probe(ctx, name: str, script: str, flags: list[str], processes: int) -> list[dict]:
-    """Run the trainer under bench.memprobe: each rank's record."""
+def probe(ctx, name: str, script: str, flags: list[str], processes: int, config: str | None = None) -> list[dict]:
+    """Run the trainer under bench.memprobe (launched with the accelerate config file `config` if
+    given): each rank's record."""
     out_prefix = ctx.path("memory", name.replace(" ", "_"))
     os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
-    cmd = harness.launch_prefix(processes, deepspeed=processes > 1) + ["-m", "bench.memprobe", out_prefix, script, *flags]
+    cmd = harness.launch_prefix(processes, deepspeed=processes > 1, config=config) + [
+        "-m", "bench.memprobe", out_prefix, script, *flags]
     env = {**harness.threads_env(processes), **PROBE_ENV}
     harness.run_command(cmd, ctx.path("logs", f"memory-{name.replace(' ', '_')}.log"), env=env, timeout=ctx.args.timeout)
     records = []
@@ -120,11 +123,39 @@ def phase_rows(ctx) -> tuple[list, list]:
     return rows, [note]
 
 
+def _step_seconds(out: str) -> tuple[list, dict | None]:
+    """(the run's train_log.jsonl lines, s/step after 2 warm-up steps)."""
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    return log, harness.summarize(r["sec"] for r in log[2:])
+
+
+def zero3_offload_rows(ctx) -> tuple[list, list]:
+    """ZeRO-3 CPU offload (pretrain_bf16_zero3_offload_accelerate_config.yaml: parameters and optimizer
+    states in host memory, the step as torch's fused AdamW on the host) against ZeRO-3 resident: the
+    small preset's full fine-tune, 1 process, 5 steps. On a CPU the host is the device, so this is
+    DeepSpeed's offload bookkeeping (copies between host tensors), not a transfer over a bus."""
+    small = ctx.small_assets()
+    rows, times = [], {}
+    for name, config in (("resident", "pretrain_bf16_zero3_accelerate_config.yaml"),
+                         ("CPU offload", "pretrain_bf16_zero3_offload_accelerate_config.yaml")):
+        case = f"full ZeRO-3 {name}"
+        out = ctx.path("memory", case.replace(" ", "_") + "-out")
+        flags = trainer_flags(small["model_path"], small["instance_dir"], out, "full", 256, 1, False) + ["--max_train_steps", "5"]
+        ctx.log(f"memory: {case}")
+        (r,) = probe(ctx, case, SCRIPTS["full"], flags, 1, config=os.path.join(harness.ROOT, config))
+        _, times[name] = _step_seconds(out)
+        rows.append({"case": case, "params": {"preset": "small", "mode": "full", "px": 256, "batch": 1, "ckpt": "off",
+                                              "processes": 1},
+                     "metrics": {"s/step": times[name], "measured MiB": (r["loop_peak_bytes"] - r["baseline_bytes"]) / 2**20}})
+    return rows, [{"name": "ZeRO-3 CPU offload / resident", "metric": "s/step", **harness.compare(times["resident"],
+                                                                                                  times["CPU offload"])}]
+
+
 def rung_rows(ctx) -> tuple[list, list]:
     """s/step of each memory rung against the resident run: the small preset's LoRA with gradient
     checkpointing, 0 / 2 / 4 of its 6 blocks swapped (on a CPU the host is the device: this is the
-    hooks' cost, not a transfer's). ZeRO-3 CPU offload is not run here (DeepSpeed's CPU Adam op
-    compiles for minutes on first use)."""
+    hooks' cost, not a transfer's); ZeRO-3 CPU offload against ZeRO-3 resident (zero3_offload_rows)."""
     small = ctx.small_assets()
     rows, times = [], {}
     for swap in (0, 2, 4):
@@ -134,15 +165,14 @@ def rung_rows(ctx) -> tuple[list, list]:
             "--blocks_to_swap", str(swap), "--max_train_steps", "5"]
         ctx.log(f"memory: {name}")
         probe(ctx, name, SCRIPTS["lora"], flags, 1)
-        with open(os.path.join(out, "train_log.jsonl")) as f:
-            log = [json.loads(line) for line in f if line.strip()]
-        times[swap] = harness.summarize(r["sec"] for r in log[2:])  # after 2 warm-up steps
+        log, times[swap] = _step_seconds(out)
         rows.append({"case": name, "params": {"preset": "small", "mode": "lora", "px": 256, "batch": 1, "ckpt": "on",
                                               "processes": 1},
                      "metrics": {"s/step": times[swap], "blocks resident": max(r.get("resident_blocks", 6) for r in log)}})
     comparisons = [{"name": f"blocks_to_swap {n} / resident", "metric": "s/step", **harness.compare(times[0], times[n])}
                    for n in (2, 4)]
-    return rows, comparisons
+    more, compared = zero3_offload_rows(ctx)
+    return rows + more, comparisons + compared
 
 
 def run(ctx) -> dict:
