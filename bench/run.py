@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--startup_repeats", type=int, default=3,
                    help="startup and vs-upstream suites: alternating runs per case (default 3)")
     p.add_argument("--speed_steps", type=int, default=100, help="vs-upstream suite: optimizer steps per run (default 100)")
+    p.add_argument("--vs_upstream_flags", default="",
+                   help="vs-upstream suite: more flags for both scripts, one string (e.g. '--allow_tf32')")
     p.add_argument("--upstream_dir", default=os.environ.get("FLUXKIT_UPSTREAM_EXAMPLES"),
                    help="startup and vs-upstream suites: a folder with diffusers' examples/dreambooth scripts, run beside ours "
                         "(default: $FLUXKIT_UPSTREAM_EXAMPLES; none: upstream is skipped)")

@@ -1,6 +1,6 @@
 """vs-upstream: our trainers beside diffusers' own FLUX DreamBooth scripts, full and LoRA, end to end.
 
-Same model (the `small` preset), same flags, each started the same way (`accelerate launch
+Same model (the `small` preset), same flags (`--vs_upstream_flags` adds more to both), each started the same way (`accelerate launch
 --num_processes 1`, fp32), 256x256, batch 2, `--speed_steps` optimizer steps (default 100), a fresh
 output folder and (ours) a fresh latent cache. LoRA passes upstream's `--cache_latents` to both; the
 full fine-tune has no such flag upstream (its script encodes every batch), ours caches by default.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 
 from .. import harness
@@ -53,7 +54,7 @@ def _flags(ctx, assets: dict, mode: str, out: str) -> list[str]:
              "--max_train_steps", str(ctx.args.speed_steps), "--learning_rate", "1e-4" if mode == "lora" else "1e-5",
              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--checkpointing_steps", str(10**9),
              "--output_dir", out, "--seed", "0", "--mixed_precision", "no", "--report_to", "tensorboard"]
-    return flags + (["--cache_latents"] if mode == "lora" else [])
+    return flags + (["--cache_latents"] if mode == "lora" else []) + shlex.split(ctx.args.vs_upstream_flags)
 
 
 def _commands(ctx, assets: dict, mode: str, repeat: int) -> dict[str, list[str]]:
@@ -97,7 +98,8 @@ def run(ctx) -> dict:
                                       harness.summarize(results[(mode, "ours")][metric]))}
                    for mode in SCRIPTS for metric in ("e2e s", "cpu s", "s/step")
                    if (mode, "ours") in results and (mode, "upstream") in results]
-    notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {ctx.args.speed_steps} steps, fp32, accelerate launch "
+    extra = f", both with {ctx.args.vs_upstream_flags}" if ctx.args.vs_upstream_flags else ""
+    notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {ctx.args.speed_steps} steps, fp32{extra}, accelerate launch "
              f"--num_processes 1, OMP_WAIT_POLICY=PASSIVE, {env['OMP_NUM_THREADS']} OpenMP threads; s/step after {WARMUP} "
              f"warm-up steps from each script's tqdm bar; {ctx.args.startup_repeats} alternating repeat(s); 1-minute load "
              "average at each start: " + ", ".join(f"{x:.1f}" for x in loads)]

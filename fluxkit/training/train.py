@@ -34,7 +34,8 @@ from .. import families
 from ..data.buckets import BucketSampler
 from ..cache import Cache
 from ..data.dataset import DreamBoothDataset, EpochShuffleSampler, collate, stop_workers
-from ..shared.device import build_accelerator, detect, empty_cache, is_deepspeed, synchronize, torch_dtype, using_deepspeed, zero_stage
+from ..shared.device import (allow_fast_fp32_matmul, build_accelerator, detect, empty_cache, is_deepspeed, synchronize,
+                             torch_dtype, using_deepspeed, zero_stage)
 from .encode import encode_batch
 from .loss import flow_matching_loss
 from .preflight import check_host, require
@@ -212,8 +213,8 @@ def start_accelerator(args, info):
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
-    if args.allow_tf32 and info.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.allow_tf32:
+        allow_fast_fp32_matmul(info.type)
     if accelerator.is_main_process:
         if args.overwrite_output_dir:
             moved = checkpoint.move_aside_previous_run(args.output_dir)

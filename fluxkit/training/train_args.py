@@ -87,7 +87,9 @@ def _training_flags(g, lora: bool) -> None:
     g.add_argument("--logit_std", type=float, default=1.0, help="std for logit_normal")
     g.add_argument("--mode_scale", type=float, default=1.29, help="scale for the mode weighting scheme")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
-    g.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--allow_tf32", action="store_true",
+                   help="faster, slightly less exact fp32 matmuls: TF32 on Ampere+ GPUs; on CPUs with bf16 units, "
+                        "oneDNN's bf16-based fp32 path (docs/performance.md)")
     g.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="overrides accelerate's setting")
     g.add_argument("--prior_generation_precision", default=None, choices=("no", "fp32", "fp16", "bf16"), help="dtype for class image generation")
     g.add_argument("--local_rank", type=int, default=-1,

@@ -241,6 +241,18 @@ def test_resume_across_run_types_is_refused(tiny_flux, sample_data, tmp_path, ca
     assert rc == 2 and "lora run" in err and "train_flux_dreambooth_lora.py" in err
 
 
+def test_allow_tf32_on_a_cpu_takes_the_fast_fp32_matmul_path(tiny_flux, sample_data, tmp_path, capsys):
+    """Upstream's --allow_tf32 (speed over the last bits of fp32 matmuls) means, on a CPU, torch's
+    "medium" float32 matmul precision (oneDNN's bf16-based path); without it matmuls stay exact."""
+    try:
+        assert train_inprocess(LORA, base_args(tiny_flux, sample_data, tmp_path / "exact", steps=1)) == 0
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert train_inprocess(LORA, base_args(tiny_flux, sample_data, tmp_path / "fast", steps=1, allow_tf32=True)) == 0
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 @pytest.mark.cli
 def test_bad_input_through_the_real_entry_point(tiny_flux, sample_data, tmp_path):
     proc = run_script([sys.executable, LORA] + base_args(tiny_flux, sample_data, tmp_path / "o", resolution=40), timeout=120)
