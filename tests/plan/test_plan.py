@@ -216,8 +216,8 @@ def test_plan_command_reads_the_trainer_flags_through_the_trainers_parse():
 
 @pytest.fixture(scope="module")
 def small_models(tmp_path_factory):
-    """family -> (small preset folder, trainer flags naming its data), each built on first use: FLUX.1's
-    small preset (Kontext trains on it with the sample editing pairs), FLUX.2 [klein]'s small preset."""
+    """family -> (small preset folder, its data, extra trainer flags), each built on first use: FLUX.1's
+    small preset (Kontext trains on it with the sample editing pairs), FLUX.2 [klein]'s and [dev]'s."""
     from fluxkit.tiny.build import build_datasets, build_pipeline
 
     root, built = tmp_path_factory.mktemp("small"), {}
@@ -226,13 +226,13 @@ def small_models(tmp_path_factory):
         if "data" not in built:
             built["data"] = build_datasets(str(root / "data"), seed=0, resolution=256)
         data = built["data"]
-        kind = "flux2-klein" if family == "flux2-klein" else "flux1"
+        kind = family if family.startswith("flux2") else "flux1"
         if kind not in built:
             built[kind] = build_pipeline(str(root / kind), "small", seed=0, family=kind)
         if family == "kontext":
             return built[kind], data["edit_targets"], ["--model_family", "kontext", "--cond_image_dir", data["edit_references"],
                                                        "--max_sequence_length", "77"]
-        return built[kind], data["instance_dir"], (["--max_sequence_length", "64"] if family == "flux2-klein" else [])
+        return built[kind], data["instance_dir"], (["--max_sequence_length", "64"] if kind != "flux1" else [])
 
     return get
 
@@ -241,7 +241,8 @@ def small_models(tmp_path_factory):
 @pytest.mark.parametrize("family,mode,resolution,batch,checkpointing", [
     ("flux1", "full", 256, 1, False), ("flux1", "lora", 256, 4, True),
     ("kontext", "lora", 512, 1, False),  # the reference's 1024 tokens beside the target's: half the activations
-    ("flux2-klein", "lora", 256, 4, False)])  # its CPU runtime constant was measured at batch 1
+    ("flux2-klein", "lora", 256, 4, False),  # FLUX.2's CPU runtime constant was measured on klein at batch 1
+    ("flux2", "lora", 256, 4, False)])
 def test_plan_within_15_percent_of_measured(tmp_path, small_models, family, mode, resolution, batch, checkpointing):
     sys.path.insert(0, ROOT)
     from bench.suites import memory
