@@ -317,8 +317,20 @@ class Context:
             if not os.path.isdir(data):
                 build_datasets(data, seed=0, resolution=256)
             self._assets = {"model_path": model, "instance_dir": os.path.join(data, "instance"),
-                            "prompts_file": os.path.join(data, "prompts.txt")}
+                            "prompts_file": os.path.join(data, "prompts.txt"),
+                            "edit_targets": os.path.join(data, "edit", "targets"),
+                            "edit_references": os.path.join(data, "edit", "references")}
         return self._assets
+
+    def small_model(self, family: str) -> str:
+        """The `small` preset pipeline of another FLUX family (fluxkit.tiny), built once per bench run."""
+        from fluxkit.tiny.build import build_pipeline
+
+        model = self.path(f"small_{family}")
+        if not os.path.isdir(model):
+            self.log(f"building the small random {family} pipeline (once per run)")
+            build_pipeline(model, "small", seed=0, family=family)
+        return model
 
 
 def model_geometry(model_path: str) -> dict:

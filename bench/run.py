@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--infer_images", type=int, default=4, help="images per inference run, split over the processes (default 4)")
     p.add_argument("--infer_steps", type=int, default=8, help="denoising steps per image (default 8)")
     p.add_argument("--infer_resolutions", type=int, nargs="+", default=[256, 512], help="inference image sizes (default 256 512)")
+    p.add_argument("--families", nargs="+", default=["flux1"], metavar="FAMILY",
+                   help="train suites: FLUX families to run: flux1, kontext, flux2-klein (default flux1); the others run "
+                        "1 process and 2-process ZeRO-2 with the cache beside FLUX.1 at the same settings (all of "
+                        "FLUX.1's cases only when flux1 is named; see bench/suites/train.py)")
     p.add_argument("--model_path", default=None, help="a `small` preset pipeline to reuse (default: build one in --work_dir)")
     p.add_argument("--peak_tflops", type=float, action="append", default=None,
                    help="flops suite: device bf16 peak(s) in TFLOP/s for the images/s table (repeatable; default 989)")
@@ -67,6 +71,11 @@ def parse_args(argv=None):
     for flag in ("train_repeats", "infer_repeats", "train_steps", "infer_images", "infer_steps", "startup_repeats", "speed_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    from bench.suites.train import FAMILIES
+
+    other = [f for f in args.families if f not in FAMILIES]
+    if other:
+        raise UserError(f"--families {other[0]!r} is not one of {', '.join(FAMILIES)}")
     if args.train_steps <= args.warmup_steps:
         raise UserError(f"--train_steps {args.train_steps} leaves no measured step after --warmup_steps {args.warmup_steps}; raise it")
     problem = args.model_path and pipeline_folder_problem(args.model_path)

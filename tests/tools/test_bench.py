@@ -196,6 +196,23 @@ def test_schema_validation_rejects_broken_results():
             validate(broken)
 
 
+def test_families_run_beside_flux1_at_the_same_settings():
+    """--families: each other family's tasks at one process and 2-process ZeRO-2 with the cache, beside
+    FLUX.1's same cases (all of FLUX.1's cases only when flux1 is named); Kontext trains pairs."""
+    from bench.suites.train import FAMILY_CASES, _cases
+
+    def labels(mode, families):
+        return [(c.family, c.task, c.processes, c.cache, c.quantization) for c in _cases(mode, families)]
+
+    assert labels("lora", ["flux1"]) == labels("lora", ("flux1",)) and len(labels("lora", ["flux1"])) == 7
+    both = [(1, True), (2, True)]
+    assert FAMILY_CASES == both
+    assert labels("lora", ["kontext", "flux2-klein"]) == [("flux1", "t2i", p, c, "none") for p, c in both] + [
+        (f, t, p, c, "none") for f, t in (("kontext", "edit"), ("flux2-klein", "t2i"), ("flux2-klein", "edit")) for p, c in both]
+    assert labels("full", ["flux1", "flux2-klein"])[4:] == [(f, t, p, c, "none") for f, t in (("flux2-klein", "t2i"),
+                                                                                        ("flux2-klein", "edit")) for p, c in both]
+
+
 def test_trainer_and_inference_summaries_are_read_as_documented(tmp_path):
     from bench.harness import CommandFailed
     from bench.suites.infer import measured
@@ -249,6 +266,7 @@ def test_step_time_is_read_from_either_scripts_step_bar_only():
     (["nosuch"], "unknown suite 'nosuch'"),
     (["flops", "--train_steps", "2", "--warmup_steps", "2"], "--train_steps 2"),
     (["flops", "--model_path", "/nonexistent/model"], "--model_path"),
+    (["train-lora", "--families", "flux1", "sd3"], "--families 'sd3'"),
 ])
 def test_bench_cli_bad_input_is_one_line(args, needle, tmp_path):
     proc = run_inprocess([sys.executable, "-m", "bench", *args, "--results_dir", str(tmp_path)])
