@@ -23,6 +23,9 @@ import traceback
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `fluxkit` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fluxkit.shared.host_runtime import apply_defaults  # noqa: E402
+
+apply_defaults()  # before torch loads: suites that time steps in this process (step-levers) get the runs' wait policy
 from bench import harness  # noqa: E402
 from bench.suites import DEFAULT_SUITES, SUITES  # noqa: E402
 from fluxkit.shared.environment import pipeline_folder_problem  # noqa: E402
@@ -55,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--startup_repeats", type=int, default=3,
                    help="startup and vs-upstream suites: alternating runs per case (default 3)")
     p.add_argument("--speed_steps", type=int, default=100, help="vs-upstream suite: optimizer steps per run (default 100)")
+    p.add_argument("--lever_rounds", type=int, default=8, help="step-levers suite: alternating measured rounds (default 8)")
+    p.add_argument("--lever_compile", action="store_true",
+                   help="step-levers suite: also torch.compile the transformer (minutes of compiling on a small CPU)")
     p.add_argument("--vs_upstream_flags", default="",
                    help="vs-upstream suite: more flags for both scripts, one string (e.g. '--allow_tf32')")
     p.add_argument("--upstream_dir", default=os.environ.get("FLUXKIT_UPSTREAM_EXAMPLES"),
@@ -68,7 +74,7 @@ def parse_args(argv=None):
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise UserError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
-    for flag in ("train_repeats", "infer_repeats", "train_steps", "infer_images", "infer_steps", "startup_repeats", "speed_steps"):
+    for flag in ("train_repeats", "infer_repeats", "train_steps", "infer_images", "infer_steps", "startup_repeats", "speed_steps", "lever_rounds"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     from bench.suites.train import FAMILIES

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from . import data, flops, gpu, infer, memory, startup, train, upstream
+from . import data, flops, gpu, infer, levers, memory, startup, train, upstream
 
 SUITES = {
     "flops": flops.run,
@@ -17,5 +17,6 @@ SUITES = {
     "gpu": gpu.run,
     "startup": startup.run,
     "vs-upstream": upstream.run,
+    "step-levers": levers.run,
 }
 DEFAULT_SUITES = list(SUITES)
