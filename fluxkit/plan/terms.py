@@ -367,7 +367,8 @@ def transformer_arriving(s: RunShape, arch: Architecture, trained: int) -> Item:
 def host_encoders_read(s: RunShape, arch: Architecture) -> int:
     """Host memory one process uses while the encoders load: all of them are read
     (fluxkit.training.models.load_models) before the first moves to the device, so their sum
-    (FLUX.2 [dev]'s 24B Mistral3 alone is 45 GiB in bf16). Text encoders that encode on the host also keep their largest working set."""
+    (FLUX.2 [dev]'s 24B Mistral3 alone is 45 GiB in bf16). Text encoders that encode on the host
+    also keep their largest working set."""
     size = sum(i.bytes for i in encoder_weights(s, arch))
     return size + (text_encoding(s, arch).bytes if s.text_on_host else 0)
 
