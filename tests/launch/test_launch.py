@@ -237,8 +237,9 @@ def test_ctrl_c_before_the_first_checkpoint_offers_no_resume(tmp_path, tiny_flux
 @pytest.mark.multiproc
 def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_works(tmp_path, tiny_flux, sample_data):
     out = tmp_path / "out"
+    steps = 20  # Ctrl-C comes after step 1 (the run stopped at step 3 in CI); the resumed run trains the rest
     args = [LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}", "--resolution=32",
-            "--batch_size=1", "--max_train_steps=60", "--checkpointing_steps=100000", "--learning_rate=1e-4",
+            "--batch_size=1", f"--max_train_steps={steps}", "--checkpointing_steps=100000", "--learning_rate=1e-4",
             "--validation_prompt=", "--num_processes=2", f"--output_dir={out}", "--", "--report_to=none"]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -262,15 +263,15 @@ def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_wo
     (hint,) = [line for line in lines if "resume with: " in line]
     assert "stopped on SIGINT (exit status 2)" in hint
     stopped_at = json.loads(step_log.read_text().splitlines()[-1])["step"]
-    assert stopped_at < 60 and (out / f"checkpoint-{stopped_at}").is_dir()
+    assert stopped_at < steps and (out / f"checkpoint-{stopped_at}").is_dir()
 
     again = subprocess.run(shlex.split(hint.split("resume with: ", 1)[1]), cwd=ROOT, env=_env(), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {out / f'checkpoint-{stopped_at}'}" in again.stdout + again.stderr
-    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 60
-    steps = [json.loads(line)["step"] for line in step_log.read_text().splitlines()]
-    assert steps == list(range(1, 61))  # the resumed run continued where the stopped one left off
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == steps
+    logged = [json.loads(line)["step"] for line in step_log.read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # the resumed run continued where the stopped one left off
 
 
 @pytest.mark.cli
@@ -338,7 +339,7 @@ def _listing(folder):
 def test_a_fresh_run_in_a_folder_with_another_runs_checkpoints_is_refused(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
     before = _listing(out)
-    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out))
+    proc = launch_inprocess(FULL, *_run_keys(tiny_flux, sample_data, out))
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = proc.stderr.splitlines()
     for needle in ("checkpoint-2", "--resume_from_checkpoint latest", "--overwrite_output_dir"):
@@ -362,8 +363,8 @@ def test_overwrite_output_dir_moves_the_old_run_aside(finished_run, tmp_path, ti
 def test_resume_with_changed_settings_is_refused_naming_them(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
     before = _listing(out)
-    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--learning_rate=3e-4", "--batch_size=2",
-                                   "--resume_from_checkpoint", "latest"))
+    proc = launch_inprocess(FULL, *_run_keys(tiny_flux, sample_data, out, "--learning_rate=3e-4", "--batch_size=2",
+                                             "--resume_from_checkpoint", "latest"))
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = proc.stderr.splitlines()
     for needle in ("checkpoint-2", "learning_rate 0.0001 -> 0.0003", "1x1x1 -> 1x2x1", "--allow_changed_settings"):
@@ -544,7 +545,7 @@ def test_a_new_run_into_a_finished_run_without_checkpoints_is_refused(finished_l
     out = _copy(finished_lora_run[0], tmp_path)
     before = {p: (out / p).read_bytes() for p in _listing(out)}
     more = ["--resume_from_checkpoint=latest"] if resume else []
-    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, *more))
+    proc = launch_inprocess(LORA, *_tiny_keys(tiny_flux, sample_data, out, *more))
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = proc.stderr.splitlines()
     for needle in ("holds a finished run (pytorch_lora_weights.safetensors, train_summary.json)", "--overwrite_output_dir",

@@ -461,8 +461,9 @@ def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample
 def test_failed_run_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
     # our trainer rejects a value only it can judge once the model is loaded: the launcher's status is the
     # trainer's 2, not accelerate's 1, and the console shows the trainer's one error line, no elastic traceback
+    # (at 32 px: at the launcher's default 512 the trainer first encoded 8 images at 512 px, 45 of 53 CPU-seconds)
     out = tmp_path / "out"
-    proc = launch(LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}",
+    proc = launch(LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}", "--resolution=32",
                   f"--output_dir={out}", "--num_processes=1", "--lora_layers=attn.to_nothing", timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "training failed with exit status 2" in proc.stderr and "Final Performance" not in proc.stdout
