@@ -4,6 +4,7 @@ package, and train.py reads in short steps."""
 
 import ast
 import importlib
+import importlib.util
 import os
 
 import pytest
@@ -113,6 +114,61 @@ def cycles(graph):
 @pytest.mark.parametrize("name", [m for m in MODULES if not m.endswith("__main__")])  # __main__ runs its command
 def test_every_module_imports(name):
     importlib.import_module(f"fluxkit.{name}")
+
+
+def _unresolved_imports(sources):
+    """`file:line: what` for each fluxkit import (relative or absolute, deferred ones too) whose module
+    or name does not exist. sources: (file under ROOT, text) pairs."""
+    found = []
+    for path, text in sources:
+        package = os.path.dirname(path).split(os.sep)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                if not path.startswith("fluxkit"):  # a relative import outside the package (bench's own)
+                    continue
+                base = package[:len(package) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fluxkit":
+                module = node.module
+            elif isinstance(node, ast.Import):
+                module = next((a.name for a in node.names if a.name.split(".")[0] == "fluxkit"), None)
+                if module is None:
+                    continue
+                node = ast.ImportFrom(module=module, names=[], lineno=node.lineno)
+            else:
+                continue
+            try:
+                imported = importlib.import_module(module)
+            except ImportError as err:
+                found.append(f"{path}:{node.lineno}: {module} ({err})")
+                continue
+            found += [f"{path}:{node.lineno}: {module} has no {a.name}" for a in node.names
+                      if a.name != "*" and not hasattr(imported, a.name)
+                      and not (hasattr(imported, "__path__") and importlib.util.find_spec(f"{module}.{a.name}"))]
+    return found
+
+
+def test_every_import_resolves_deferred_ones_too():
+    """An import inside a function runs only when it is called: one left naming a module that moved
+    (fluxkit's folders, issue 19) would fail in a user's run, not on import. Every module of the
+    package, entry script, bench and test file is read."""
+    files = [os.path.relpath(os.path.join(folder, name), ROOT)
+             for top in ("fluxkit", "bench", "tests") for folder, _, names in os.walk(os.path.join(ROOT, top))
+             for name in names if name.endswith(".py")]
+    files += [name for name in os.listdir(ROOT) if name.endswith(".py")]
+    sources = []
+    for path in sorted(files):
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            sources.append((path, f.read()))
+    found = _unresolved_imports([(p, t) for p, t in sources if p.startswith("fluxkit") or "fluxkit" in t])
+    assert not found, found
+
+
+def test_the_import_check_sees_a_moved_module():
+    """Break it once: a deferred `from ..scan import` in training/ (scan lives in data/) is named."""
+    text = "def f():\n    from ..scan import scan_dataset\n    from ..data.scan import scan_dataset, nothing_here\n"
+    found = _unresolved_imports([(os.path.join("fluxkit", "training", "x.py"), text)])
+    assert len(found) == 2 and "fluxkit.scan" in found[0] and "has no nothing_here" in found[1], found
 
 
 def test_the_graph_sees_the_imports():
