@@ -1,6 +1,6 @@
 """Each editing family through our LoRA trainer under 2-process DeepSpeed on CPU (gloo, bf16):
-FLUX.2 [klein] under ZeRO-2 with pairs from --cond_image_dir, FLUX.1 Kontext under ZeRO-3 (every
-parameter sharded) with pairs from a parquet --cond_image_column.
+FLUX.2 [klein] under ZeRO-2 on an NF4 base with pairs from --cond_image_dir, FLUX.1 Kontext under
+ZeRO-3 (every parameter sharded) with pairs from a parquet --cond_image_column.
 
 Each family costs ONE chain of two launches, shared by every test here (module-scoped fixture):
 the first run (4 pairs, --repeats 2: 8 samples, 4 steps of one sample per rank, one epoch)
@@ -19,7 +19,8 @@ missing latent.
 
 One more launch: the klein full fine-tune under ZeRO-3 (the full trainer's gather of a FLUX.2
 transformer into a pipeline folder). Tried by hand and not launched here, to keep the suite short:
-klein LoRA under ZeRO-3 and Kontext under ZeRO-2 (the same code paths as the chains above).
+klein LoRA under ZeRO-3, klein on an unquantized base under ZeRO-2 (this module's chain before it
+took the NF4 base) and Kontext under ZeRO-2 (the same code paths as the chains above).
 """
 
 import json
@@ -51,7 +52,9 @@ def _family_args(name, model, data, tmp):
         refs = tmp / "references"
         shutil.copytree(data["edit_references"], refs)
         damaged_png(refs / BAD, size=(32, 32))
-        args = trainer_args(model, data, tmp / "out", cond_image_dir=refs, skip_bad_images=True, **common)
+        # on an NF4 base (FLUX.1's quantized base under DeepSpeed, for klein: no extra launch)
+        args = trainer_args(model, data, tmp / "out", cond_image_dir=refs, skip_bad_images=True, base_quantization="nf4",
+                            **common)
         args[args.index("--instance_data_dir") + 1] = data["edit_targets"]
         return ZERO2, args
     args = trainer_args(model, data, tmp / "out", model_family="kontext", dataset_name=data["edit_dataset"],
@@ -124,6 +127,8 @@ def test_each_rank_resumes_bit_identical_under_its_zero_stage(chain):
     assert log[:3] == chain.killed_log[:2] + [log[2]] and log[2]["loss"] == chain.killed_log[2]["loss"]
     summary = json.loads((chain.out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == STEPS
+    settings = json.loads((chain.out / "run_config.json").read_text())["settings"]
+    assert settings["base_quantization"] == {"klein-zero2": "nf4", "kontext-zero3": "none"}[chain.name]
 
 
 @pytest.mark.multiproc
