@@ -294,3 +294,17 @@ def test_encoders_are_on_the_device_only_while_they_encode(tiny_flux, sample_dat
     away = plan("--no_cache", "--offload_encoders")
     assert "T5 text encoder (frozen)" not in names(away.phase("train: optimizer step"))
     assert "offloaded encoders visiting" in names(away.phase("train: forward + backward"))
+
+
+def test_a_klein_folder_is_planned_as_klein(tiny_klein, sample_data):
+    """A FLUX.2 [klein] folder's plan reads its own components (Qwen3, the FLUX.2 transformer), the same
+    counts as the preset it was built from, and the run's pre-flight gives a plan, not 'unavailable'."""
+    from fluxkit.shared.device import DeviceInfo
+
+    folder = read_architecture(tiny_klein)
+    assert folder.family == "flux2-klein" and [t["label"] for t in folder.text_encoders] == ["Qwen3"]
+    assert folder.params == read_architecture("", architecture="tiny", family="flux2-klein").params
+    plan, line = check_fits(_args(tiny_klein, sample_data, "--resolution", "32", lora=True), 1, 0,
+                            DeviceInfo(type="cuda", count=1, backend="nccl"))
+    assert plan is not None and line.startswith("memory plan: ") and "unavailable" not in line, line
+    assert "Qwen3 text encoder (frozen)" in {i.name for i in plan.phase("encode").items}
