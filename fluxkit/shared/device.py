@@ -98,7 +98,7 @@ def allow_fast_fp32_matmul(device_type: str) -> None:
     """--allow_tf32 (upstream's flag: speed over the last bits of fp32 matmuls): TF32 on CUDA GPUs; on
     a CPU, oneDNN's bfloat16-based fp32 matmuls where the CPU has bf16 units (torch's "medium"
     float32 matmul precision). Measured on this host's AVX512-BF16 CPU: a LoRA step 1.7x and a
-    full fine-tune step 1.4x less CPU time, weights 4.5e-6 from the exact path after 9 LoRA steps
+    full fine-tune step 1.45x less CPU time, weights within 1.5e-6 of the exact path after 9 steps
     (docs/performance.md). Without the flag every matmul stays exact fp32."""
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
