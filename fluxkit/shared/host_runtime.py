@@ -2,9 +2,10 @@
 
 - OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep between parallel regions instead of spinning. On a
   CPU host shared with other work, spinning threads hold cores the peer threads of the same region
-  are waiting for (measured in docs/performance.md: a LoRA step several times slower, the same on a
-  quiet host). Read by the OpenMP runtime when it loads, so it is set before torch is imported
-  (entry scripts) or in the environment of the processes a launcher starts.
+  are waiting for (measured in docs/performance.md: spinning made a LoRA step 10-20x slower on a
+  busy host; sleeping made a small model's step 1.4x slower on a quiet one, so sleeping is the choice
+  that never costs an order of magnitude). Read by the OpenMP runtime when it loads, so it is set
+  before torch is imported (entry scripts) or in the environment of the processes a launcher starts.
 - TORCH_EXTENSIONS_DIR, one folder per Python environment: torch keys its JIT-built extensions
   (DeepSpeed's ops) by name only, so two environments on one host sharing ~/.cache/torch_extensions
   rebuild each other's ops on every launch.
