@@ -320,7 +320,7 @@ def _run_keys(tiny_flux, sample_data, out, *more):
 def finished_run(tmp_path_factory, tiny_flux, sample_data):
     """A 2-step full fine-tune through the launcher, with checkpoint-1 and checkpoint-2 (copied per test)."""
     out = tmp_path_factory.mktemp("lifecycle") / "run"
-    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out), timeout=600)
+    proc = launch_inprocess(FULL, *_run_keys(tiny_flux, sample_data, out))  # the launcher in process, its run real
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -350,8 +350,7 @@ def test_a_fresh_run_in_a_folder_with_another_runs_checkpoints_is_refused(finish
 @pytest.mark.cli
 def test_overwrite_output_dir_moves_the_old_run_aside(finished_run, tmp_path, tiny_flux, sample_data):
     out = _copy(finished_run, tmp_path)
-    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=1", "--overwrite_output_dir"),
-                  timeout=600)
+    proc = launch_inprocess(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=1", "--overwrite_output_dir"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert (old / "checkpoint-2").is_dir() and (old / "train_summary.json").is_file()
@@ -378,8 +377,8 @@ def test_resume_by_checkpoint_name_inside_output_dir(finished_run, tmp_path, tin
     out = _copy(finished_run, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()  # the name is looked up in --output_dir, not in the current folder (as diffusers does)
-    proc = launch(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=3", "--resume_from_checkpoint",
-                                   "checkpoint-1"), cwd=elsewhere, timeout=600)
+    proc = launch_inprocess(FULL, *_run_keys(tiny_flux, sample_data, out, "--max_train_steps=3", "--resume_from_checkpoint",
+                                             "checkpoint-1"), cwd=elsewhere)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {out / 'checkpoint-1'} at step 1" in proc.stdout + proc.stderr
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -522,8 +521,7 @@ def finished_lora_run(tmp_path_factory, tiny_flux, sample_data):
     """A 1-step LoRA run through the launcher that leaves no checkpoint-* folder, planned on a device far
     too small for it and run anyway with --ignore_memory_plan: (its folder, the launcher's output)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    proc = launch(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"),
-                  timeout=600)
+    proc = launch_inprocess(LORA, *_tiny_keys(tiny_flux, sample_data, out, "--device_memory_gb=0.02", "--ignore_memory_plan"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 

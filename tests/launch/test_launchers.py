@@ -449,8 +449,8 @@ def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample
     # a trainer that rejects the launcher's flags: patch_flux's upstream-shaped fixture lacks some
     fixture = os.path.join(ROOT, "tests", "fixtures", "train_lora_flux_2024_shape.py")
     out = tmp_path / "out"
-    proc = launch(LORA, f"--train_script={fixture}", f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}",
-                  f"--output_dir={out}", "--num_processes=1", timeout=300)
+    proc = launch_inprocess(LORA, f"--train_script={fixture}", f"--model_name={tiny_flux}",  # the launcher in process
+                            f"--dataset_name={sample_data['dataset_name']}", f"--output_dir={out}", "--num_processes=1")
     assert proc.returncode != 0
     assert "Final Performance" not in proc.stdout and "training failed with exit status" in proc.stderr
     logs = list((out / "logs").glob("train_*.log"))
