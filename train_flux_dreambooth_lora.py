@@ -21,6 +21,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from fluxkit.shared.host_runtime import exit_without_teardown
+    from fluxkit.shared.host_runtime import exit_without_teardown, pause_collection_while_importing
 
+    pause_collection_while_importing(__file__)  # until the run starts (fluxkit.training.startup.begin)
     exit_without_teardown(main(), __file__)  # everything is written: skip the interpreter's slow teardown

@@ -35,7 +35,11 @@ _RUNS = {"base": None}  # when the current run's first phase began
 
 def begin(phase: str = "imports") -> None:
     """A run starts: its first phase ends now. It began with the process for the process's first
-    run; a later run in the same process (tests, notebooks) has imported everything already."""
+    run; a later run in the same process (tests, notebooks) has imported everything already. The garbage
+    collector, paused while a trainer imports (fluxkit.shared.host_runtime), runs again from here."""
+    from ..shared.host_runtime import resume_collection
+
+    resume_collection()
     _MARKS.clear()
     _RUNS["base"] = process_started_at() if _RUNS["base"] is None else time.time()
     mark(phase)

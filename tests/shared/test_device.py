@@ -99,6 +99,27 @@ def test_host_runtime_defaults_leave_what_the_user_set(monkeypatch, tmp_path):
     assert host_runtime.env_defaults({"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": "/mine"}) == {}
 
 
+def test_a_trainer_collects_no_garbage_while_it_imports_and_again_once_its_run_starts(monkeypatch):
+    """The trainers pause the garbage collector for their imports (Python's full collections rescan the half
+    million objects as they grow) and the run turns it back on as it starts; in a process that was not started
+    for the trainer (this test runner) nothing is paused."""
+    import gc
+
+    from fluxkit.shared import host_runtime
+    from fluxkit.training import startup
+
+    host_runtime.pause_collection_while_importing("train_flux_dreambooth_lora.py")
+    assert gc.isenabled()  # pytest, not the trainer
+    monkeypatch.setattr(host_runtime, "_started_as", lambda entry: True)
+    try:
+        host_runtime.pause_collection_while_importing("train_flux_dreambooth_lora.py")
+        assert not gc.isenabled()
+        startup.begin()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+
+
 def test_fast_exit_only_for_the_script_the_interpreter_was_started_with(monkeypatch, tmp_path):
     """Entry scripts skip the interpreter's teardown (seconds after a run's last line) only when the
     interpreter was started to run them: inside a test runner or a wrapper they exit as usual."""
