@@ -85,7 +85,12 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             rc = int(main(*args, **kwargs) or 0)
         except UserError as err:
-            rc = EXIT_USER_ERROR if _said_by_another_process(err) else report_user_error(err)
+            if not _said_by_another_process(err):
+                rc = report_user_error(err)
+            else:
+                _record_exit_status(EXIT_USER_ERROR)
+                _wait_for_the_process_that_says_it()
+                return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
             rc = EXIT_INTERRUPTED
@@ -109,6 +114,25 @@ def _said_by_another_process(err: UserError) -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized())
+
+
+SILENT_WAIT_S = 30.0  # the longest a quiet process waits; processes can start seconds apart on a loaded host
+
+
+def _wait_for_the_process_that_says_it() -> None:
+    """A process that leaves the line to another must not exit first: torch's elastic agent stops
+    every other process when one fails, and would stop the one that says it before it prints (a
+    silent run, seen with two processes). So it waits, with the default signal handlers back, to be
+    stopped by the agent once that process has failed; alone (no agent) it does not wait."""
+    import os
+    import signal
+    import time
+
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    time.sleep(SILENT_WAIT_S)
 
 
 EXIT_STATUS_ENV = "FLUXKIT_EXIT_STATUS_FILE"

@@ -137,6 +137,7 @@ def test_an_agreed_stop_is_said_once_by_the_first_process(rank, monkeypatch, cap
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", rank)
     monkeypatch.delenv("FLUXKIT_EXIT_STATUS_FILE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # alone: no agent to wait for
     monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)  # as after the processes connected
 
     def stopped():
