@@ -17,7 +17,7 @@ from .checks import (check_accelerate_config, check_cache_folder, check_data, ch
                      validate_trainer_args)
 from .command import LaunchPlan, family_line, make_plan, plan_text, resume_command
 from .console import Supervisor, tee_print
-from .demo import apply_demo, build_demo_cache, demo_infer, import_for_demo_infer
+from .demo import apply_demo, build_demo_cache, demo_infer, import_for_demo_infer, remove_dry_run_scratch
 from .keys import Request, apply_family_defaults, parse_command_line
 from .spec import KEY_OF_FLAG, LAUNCHERS
 
@@ -41,11 +41,14 @@ class Launch:
 def run(req: Request) -> int:
     """One launch: every check before anything is written, then the training processes and the report."""
     launch = Launch(req)
-    read_keys(launch)
-    find_devices(launch)
-    with in_launcher_words(req):  # the trainer's checks name the launcher's keys the user typed
-        check_trainer_args(launch)
-        check_inputs(launch)
+    try:
+        read_keys(launch)
+        find_devices(launch)
+        with in_launcher_words(req):  # the trainer's checks name the launcher's keys the user typed
+            check_trainer_args(launch)
+            check_inputs(launch)
+    finally:
+        remove_dry_run_scratch(req)
     if req.dry_run:
         print(plan_text(req, launch.plan))
         return 0
@@ -88,7 +91,7 @@ def find_devices(launch: Launch) -> None:
     check_mixed_precision(launch.info, req.opts["mixed_precision"])
     os.environ.setdefault("DS_ACCELERATOR", launch.info.type)  # see make_plan
     if req.demo:
-        build_demo_cache(req.dry_run, req.verbose)
+        build_demo_cache(req)
     launch.plan = make_plan(req, launch.info, launch.external, launch.script)
 
 

@@ -152,7 +152,11 @@ def family_line(req: Request) -> str:
     from .keys import model_family
 
     family = model_family(req)
-    values = ", ".join(f"{k} {req.opts.get(k, '')}" + ("" if k in req.given else " (default)") for k in FAMILY_DEFAULTED)
+    from ..training.train_args import trainer_flags
+
+    flags = trainer_flags(req.spec.kind == "lora")  # a key the launcher leaves to the trainer: the trainer's default
+    values = ", ".join(f"{k} {req.opts.get(k) or flags[k].default}" + ("" if k in req.given else " (default)")
+                       for k in FAMILY_DEFAULTED)
     return f"model family: {family.name} ({family.pipeline_name}); {values}"
 
 

@@ -18,8 +18,20 @@ def demo_cache() -> str:
     return os.environ.get("FLUXKIT_DEMO_DIR") or os.path.join(base, "fluxkit", "demo")
 
 
+def demo_built(cache: str) -> bool:
+    return (os.path.isfile(os.path.join(cache, "tiny_flux", "model_index.json"))
+            and os.path.isfile(os.path.join(cache, "data", "prompts.txt")))
+
+
 def apply_demo(req: Request) -> None:
+    """The demo's keys. A dry run with nothing built yet builds the demo's model and data in a
+    scratch folder (removed when it ends, remove_dry_run_scratch), so it checks what the demo runs."""
     cache = demo_cache()
+    if req.dry_run and not demo_built(cache):
+        import tempfile
+
+        cache = tempfile.mkdtemp(prefix="fluxkit-demo-dry-run-")
+    req.demo_cache = cache
     for key, value in req.spec.demo.items():
         if key not in req.given:
             req.opts[key] = value.replace("{cache}", cache) if isinstance(value, str) else value
@@ -28,28 +40,36 @@ def apply_demo(req: Request) -> None:
         req.opts["overwrite_output_dir"] = True
 
 
-def build_demo_cache(dry_run: bool, verbose: bool = False) -> None:
-    cache = demo_cache()
+def build_demo_cache(req: Request) -> None:
+    cache = req.demo_cache
     model, data = os.path.join(cache, "tiny_flux"), os.path.join(cache, "data")
     todo_model = not os.path.isfile(os.path.join(model, "model_index.json"))
     todo_data = not os.path.isfile(os.path.join(data, "prompts.txt"))
     if not (todo_model or todo_data):
         print(f"demo: reusing the tiny FLUX and sample data in {cache}", flush=True)
         return
-    if dry_run:
-        print(f"demo: would build a tiny random FLUX and sample data in {cache} (make_tiny_flux.py --preset tiny)")
-        return
-    print(f"demo: building a tiny random FLUX and sample data in {cache} (once)", flush=True)
+    if req.dry_run:
+        print(f"demo: would build a tiny random FLUX and sample data in {demo_cache()} (make_tiny_flux.py --preset "
+              "tiny); checked on a copy built in a scratch folder, removed when the dry run ends", flush=True)
+    else:
+        print(f"demo: building a tiny random FLUX and sample data in {cache} (once)", flush=True)
     from ..tiny import build as tiny
 
     os.makedirs(cache, exist_ok=True)
     preset = tiny.resolve_preset("tiny")
     # the tokenizer trainers and dataset writers print progress from native code: kept to show on failure
-    with captured_output(show_on_error=True, keep=verbose):
+    with captured_output(show_on_error=True, keep=req.verbose):
         if todo_model:
             tiny.build_pipeline(model, preset, seed=0, overwrite=True)
         if todo_data:
             tiny.build_datasets(data, seed=0, resolution=preset.sample_resolution, overwrite=True)
+
+
+def remove_dry_run_scratch(req: Request) -> None:
+    if req.dry_run and req.demo_cache and req.demo_cache != demo_cache():
+        import shutil
+
+        shutil.rmtree(req.demo_cache, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -120,7 +140,7 @@ def demo_infer(req: Request, plan: LaunchPlan, device_type: str) -> None:
     o = req.opts
     out = o["output_dir"]
     images = os.path.join(out, "demo_images")
-    args = ["--prompts_file", os.path.join(demo_cache(), "data", "prompts.txt"), "--seeds", "0",
+    args = ["--prompts_file", os.path.join(req.demo_cache, "data", "prompts.txt"), "--seeds", "0",
             "--num_inference_steps", "4", "--height", o["resolution"], "--width", o["resolution"],
             "--output_dir", images, "--device", device_type, "--overwrite"]
     if req.spec.kind == "lora":

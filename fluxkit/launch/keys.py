@@ -32,6 +32,7 @@ class Request:
     config: str | None = None
     # a key of TRAINER_NAME typed with the trainer's spelling (train_batch_size): messages use that spelling
     trainer_spelling: set = field(default_factory=set)
+    demo_cache: str | None = None  # where the demo's model and data are (a scratch folder under --dry_run)
 
 
 def parse_command_line(spec: Launcher, prog: str, argv: list[str]) -> Request:

@@ -567,3 +567,22 @@ def test_the_demo_starts_over_in_its_own_folder_only():
     assert "--overwrite_output_dir" in dry(LORA, "--demo").trainer
     assert "--overwrite_output_dir" not in dry(LORA, "--demo", "--output_dir=mine").trainer
     assert "--overwrite_output_dir" not in dry(FULL, "--demo", "--resume_from_checkpoint=latest").trainer
+
+
+@pytest.mark.tiny
+def test_demo_dry_run_checks_what_the_demo_would_build_and_leaves_nothing(tmp_path, monkeypatch):
+    """--demo --dry_run before the demo ever ran: every check runs on a tiny FLUX built in a scratch
+    folder (it was refused: 'no such pipeline folder'), exit 0; the demo folder stays empty and the
+    scratch folder is gone. The family line shows the trainer's defaults, not blanks."""
+    demo, scratch = tmp_path / "demo", tmp_path / "tmp"
+    demo.mkdir()
+    scratch.mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkdtemp makes the scratch folder
+    proc = launch_inprocess(LORA, "--demo", "--dry_run", env={"FLUXKIT_DEMO_DIR": str(demo)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "would build a tiny random FLUX" in proc.stdout and "scratch folder" in proc.stdout
+    family = next(line for line in proc.stdout.splitlines() if line.startswith("model family:"))
+    assert "max_sequence_length 512 (default)" in family and "guidance_scale 3.5 (default)" in family, family
+    assert not any(demo.iterdir()) and not any(scratch.iterdir())
