@@ -85,12 +85,17 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             rc = int(main(*args, **kwargs) or 0)
         except UserError as err:
-            if not _said_by_another_process(err):
-                rc = report_user_error(err)
-            else:
-                _record_exit_status(EXIT_USER_ERROR)
+            rc = EXIT_USER_ERROR
+            if err.agreed and _connected():
+                if _rank("RANK") == 0:  # every process raised it at the same step: the first one says it
+                    report_user_error(err)
+                _leave_together()
+            elif _said_by_another_process():
+                _record_exit_status(rc)
                 _wait_for_the_process_that_says_it()
-                return EXIT_USER_ERROR
+                return rc
+            else:
+                report_user_error(err)
         except KeyboardInterrupt:
             print(f"{_prog_name()}: interrupted", file=sys.stderr, flush=True)
             rc = EXIT_INTERRUPTED
@@ -100,20 +105,35 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
-def _said_by_another_process(err: UserError) -> bool:
+def _rank(variable: str) -> int:
+    import os
+
+    return int(os.environ.get(variable, "0") or 0)
+
+
+def _connected() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _said_by_another_process() -> bool:
     """Under `accelerate launch`, every process checks the same flags and files before the processes
     connect, and each would print the same line: before that, only each machine's first process
     (LOCAL_RANK 0) reports. Once connected, a process's error may be its own (a file only it read),
-    so every process reports it, except an agreed one, which the first process (RANK 0) says."""
-    import os
+    so every process reports it (an agreed one excepted: the first process says it)."""
+    return _rank("LOCAL_RANK") != 0 and not _connected()
 
-    if err.agreed:
-        return int(os.environ.get("RANK", "0") or 0) != 0
-    if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
-        return False
+
+def _leave_together() -> None:
+    """After an agreed error: no process leaves before the first one has said it (the launcher's
+    agent stops the others when one exits first)."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized())
+    try:
+        dist.barrier()
+    except Exception:  # a process already gone: nothing left to wait for
+        pass
 
 
 SILENT_WAIT_S = 30.0  # the longest a quiet process waits; processes can start seconds apart on a loaded host
