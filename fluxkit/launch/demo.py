@@ -18,16 +18,17 @@ def demo_cache() -> str:
     return os.environ.get("FLUXKIT_DEMO_DIR") or os.path.join(base, "fluxkit", "demo")
 
 
-def demo_built(cache: str) -> bool:
-    return (os.path.isfile(os.path.join(cache, "tiny_flux", "model_index.json"))
-            and os.path.isfile(os.path.join(cache, "data", "prompts.txt")))
+def missing_parts(cache: str) -> tuple[bool, bool]:
+    """Whether the demo's tiny FLUX and its sample data are still to be built in `cache`."""
+    return (not os.path.isfile(os.path.join(cache, "tiny_flux", "model_index.json")),
+            not os.path.isfile(os.path.join(cache, "data", "prompts.txt")))
 
 
 def apply_demo(req: Request) -> None:
     """The demo's keys. A dry run with nothing built yet builds the demo's model and data in a
     scratch folder (removed when it ends, remove_dry_run_scratch), so it checks what the demo runs."""
     cache = demo_cache()
-    if req.dry_run and not demo_built(cache):
+    if req.dry_run and any(missing_parts(cache)):
         import tempfile
 
         cache = tempfile.mkdtemp(prefix="fluxkit-demo-dry-run-")
@@ -43,8 +44,7 @@ def apply_demo(req: Request) -> None:
 def build_demo_cache(req: Request) -> None:
     cache = req.demo_cache
     model, data = os.path.join(cache, "tiny_flux"), os.path.join(cache, "data")
-    todo_model = not os.path.isfile(os.path.join(model, "model_index.json"))
-    todo_data = not os.path.isfile(os.path.join(data, "prompts.txt"))
+    todo_model, todo_data = missing_parts(cache)
     if not (todo_model or todo_data):
         print(f"demo: reusing the tiny FLUX and sample data in {cache}", flush=True)
         return
