@@ -14,7 +14,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_launchers import FULL, LORA, _SCRUB, dry, launch, launch_inprocess, reference_world  # noqa: F401 (autouse)
+from test_launchers import (FULL, LORA, _SCRUB, dry, launch, launch_inprocess,  # noqa: F401 (autouse)
+                            launched_until_first_step, reference_world)
 
 
 def _one_line_nothing_written(proc, out, *needles):
@@ -241,20 +242,10 @@ def test_ctrl_c_with_two_processes_prints_no_traceback_and_the_resume_command_wo
     args = [LORA, f"--model_name={tiny_flux}", f"--dataset_name={sample_data['dataset_name']}", "--resolution=32",
             "--batch_size=1", f"--max_train_steps={steps}", "--checkpointing_steps=100000", "--learning_rate=1e-4",
             "--validation_prompt=", "--num_processes=2", f"--output_dir={out}", "--", "--report_to=none"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    step_log = out / "train_log.jsonl"
-    try:
-        deadline = time.monotonic() + 300
-        while not (step_log.is_file() and step_log.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-            time.sleep(0.05)
+    with launched_until_first_step(args, _env(), out, timeout=300) as proc:
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends the launcher (its child runs in a group of its own)
         output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    step_log = out / "train_log.jsonl"
     assert proc.returncode == 2, output[-3000:]
     assert "Traceback" not in output and "ChildFailedError" not in output and "SignalException" not in output, output
     lines = _console_lines(output)

@@ -3,6 +3,7 @@
 What a launcher prints or refuses is asserted through its main() in this process (launch_inprocess);
 --help of both, the toolkit in a folder with spaces and the end-to-end runs use the real command."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -102,6 +103,25 @@ def launch_inprocess(script, *args, env=None, cwd=ROOT):
     full_env.update(env or {})
     return run_inprocess([script, *args], env=full_env, cwd=cwd)
 
+
+
+@contextlib.contextmanager
+def launched_until_first_step(args, env, out, timeout):
+    """A launcher started in a session of its own, yielded once its first optimizer step is logged; if
+    it is still running afterwards (a lost signal), the whole session is killed, not just the shell."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    step_log = out / "train_log.jsonl"
+    try:
+        deadline = time.monotonic() + timeout
+        while not (step_log.is_file() and step_log.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:  # the launcher's child runs in a group of its own: end the session
+            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------- help, parsing
@@ -563,23 +583,12 @@ def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_with_the_trainers_s
             "--batch_size=1", "--max_train_steps=2000", "--checkpointing_steps=100000", "--learning_rate=1e-4",
             "--validation_prompt=", "--num_processes=1", f"--output_dir={out}",
             "--", "--report_to=none", "--dataloader_num_workers=0"]  # minutes of training, not seconds
-    # a session of its own: if the signal is lost, the clean-up can end the launcher and all it started
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    step_log = out / "train_log.jsonl"
-    try:
-        deadline = time.monotonic() + 120
-        while not (step_log.is_file() and step_log.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-            time.sleep(0.1)
+    with launched_until_first_step(args, env, out, timeout=120) as proc:
         sent = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)  # the launcher's PID only, not its process group
         output, _ = proc.communicate(timeout=120)
         took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:  # the signal was lost: end the whole run, not just the shell
-            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
-            proc.wait()
+    step_log = out / "train_log.jsonl"
     assert proc.returncode == 2, output[-3000:]
     assert "stopped by SIGTERM" in output and "--resume_from_checkpoint latest" in output
     assert "Final Performance" not in output
