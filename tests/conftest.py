@@ -138,6 +138,22 @@ def _in_process_only(request, monkeypatch):
 _port = [29600 + (os.getpid() % 200) * 2]
 
 
+def private_mount_prefix(probe):
+    """The unshare prefix that mounts a tmpfs privately here (makes the folder `probe` to try it), or
+    None on hosts that forbid it: tests of a full or read-only disk mount one of their own."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return None
+    probe.mkdir(exist_ok=True)
+    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
+        proc = subprocess.run(prefix + ["sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', str(probe)],
+                              capture_output=True, timeout=60)
+        if proc.returncode == 0:
+            return prefix
+    return None
+
+
 def free_port() -> int:
     import socket
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, accelerate_launch, assert_user_error, run_inprocess, run_script
+from conftest import ROOT, accelerate_launch, assert_user_error, private_mount_prefix, run_inprocess, run_script
 
 SCRIPTS = {
     "base": os.path.join(ROOT, "infer_flux_text2img_bf16.py"),
@@ -409,24 +409,11 @@ def test_unwritable_output_dir(tiny_flux, tmp_path, capfd):
     assert rc == 2 and "not writable" in one_error_line(capfd)
 
 
-def _private_mount_prefix(probe):
-    """The unshare prefix that mounts a tmpfs privately here (as tests/reliability/test_reliability.py does), or None."""
-    if shutil.which("unshare") is None:
-        return None
-    probe.mkdir()
-    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
-        proc = subprocess.run(prefix + ["sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', str(probe)],
-                              capture_output=True, timeout=60)
-        if proc.returncode == 0:
-            return prefix
-    return None
-
-
 @pytest.mark.cli
 def test_read_only_output_dir_is_refused_before_loading(tiny_flux, tmp_path):
     """The write probe, also as root (CI): a read-only tmpfs refuses the probe file whatever the
     permission bits say, so the run stops with one line before it loads the model."""
-    prefix = _private_mount_prefix(tmp_path / "probe")
+    prefix = private_mount_prefix(tmp_path / "probe")
     if prefix is None:
         pytest.skip("this host does not let us mount a tmpfs in a private namespace")
     mnt = tmp_path / "ro"

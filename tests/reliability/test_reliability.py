@@ -23,7 +23,7 @@ import pytest
 
 from bad_inputs import CASES, ENTRY_POINTS
 from conftest import ROOT, accelerate_launch, assert_user_error, run_entry_inprocess as train_inprocess, run_inprocess, run_script, trainer_args
-from conftest import with_faults, zero2_lora_launch
+from conftest import private_mount_prefix, with_faults, zero2_lora_launch
 
 FULL = os.path.join(ROOT, "train_flux_dreambooth.py")
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
@@ -199,18 +199,6 @@ def checkpoint_2(tiny_flux, sample_data, tmp_path_factory):
     return out
 
 
-def _namespace_with_mounts(probe_dir):
-    """The unshare prefix that lets us mount a tmpfs privately here, or None on hosts that forbid it."""
-    if shutil.which("unshare") is None:
-        return None
-    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
-        proc = subprocess.run(prefix + ["sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', str(probe_dir)],
-                              capture_output=True, timeout=60)
-        if proc.returncode == 0:
-            return prefix
-    return None
-
-
 def _pages(folder):
     return sum(-(-os.path.getsize(os.path.join(d, f)) // 4096) * 4096 for d, _, fs in os.walk(folder) for f in fs)
 
@@ -225,8 +213,7 @@ def test_full_disk_during_checkpoint_and_final_save(tiny_flux, sample_data, chec
     ckpt_args = train_args(tiny_flux, sample_data, mnt, 4, checkpointing_steps=2, resume_from_checkpoint="latest")
     final_args = train_args(tiny_flux, sample_data, mnt, 3, checkpointing_steps=2, resume_from_checkpoint="latest")
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
-    (tmp_path / "probe").mkdir()
-    prefix = _namespace_with_mounts(tmp_path / "probe")
+    prefix = private_mount_prefix(tmp_path / "probe")
     if prefix:
         # room for checkpoint-2 and the log, and 16 KiB more: a second checkpoint or the 34 KiB LoRA file cannot fit
         size_k = (_pages(checkpoint_2) + 20 * 1024) // 1024
