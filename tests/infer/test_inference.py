@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import shlex
-import shutil
 import subprocess
 import sys
 
