@@ -26,7 +26,6 @@ run, worker count and resume. The skipped file is named once (per process).
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from ..shared.errors import UserError
+from ..shared.host_runtime import usable_cpus
 from .pairs import REFERENCE
 from .scan import scan_dataset
 
@@ -422,10 +422,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 def default_num_workers(processes_per_machine: int = 1) -> int:
     """DataLoader workers per process: the cores this process may use, less one for the process
     itself, shared among the processes on the machine; never more cores than there are."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cpus()
     return max(0, min(8, cores // max(1, processes_per_machine) - 1))
 
 

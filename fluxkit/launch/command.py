@@ -40,13 +40,6 @@ def python() -> str:
     return os.environ.get("PYTHON") or sys.executable
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def trainer_arguments(req: Request, device_type: str, per_machine: int, external: bool) -> list[str]:
     """The trainer's arguments: every key that is a trainer flag, then the user's `--` arguments verbatim."""
     o = req.opts
@@ -122,11 +115,11 @@ def make_plan(req: Request, info, external: bool, script: str) -> LaunchPlan:
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")}
     threads = os.environ.get("OMP_NUM_THREADS")
     if not threads:  # 1 beside an accelerator (the reference's), the cores shared out on a CPU
-        threads = str(max(1, cores() // per_machine)) if info.type == "cpu" else "1"
+        threads = str(max(1, host_runtime.usable_cpus() // per_machine)) if info.type == "cpu" else "1"
     env["OMP_NUM_THREADS"] = threads
-    # OpenMP threads that sleep between regions, and a JIT-extensions folder per Python environment,
-    # unless set (fluxkit/shared/host_runtime.py: measured on a shared CPU host)
-    env.update({k: os.environ.get(k) or v for k, v in host_runtime.env_defaults({}).items()})
+    # OpenMP's wait policy for the host's load, and a JIT-extensions folder per Python environment,
+    # unless set (fluxkit/shared/host_runtime.py: measured on a quiet and a shared CPU host)
+    env.update(host_runtime.runtime_env())
     # DeepSpeed told the device the launcher chose, rather than guessing it in every process (and
     # warning "Setting accelerator to CPU" four times on a CPU host)
     env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", info.type)

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 from .errors import UserError
 from .fsio import atomic_write_text
+from .host_runtime import host_busy
 
 PEAK_ENV = "FLUXKIT_PEAK_TFLOPS"
 CACHE_ENV = "FLUXKIT_CACHE_DIR"
@@ -260,13 +261,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _host_busy() -> bool:
-    """Whether other work keeps more than half the cores busy (1-minute load average)."""
-    if not hasattr(os, "getloadavg"):
-        return False
-    return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
-
-
 def cpu_peak_flops(dtype) -> float:
     """The whole CPU's matmul peak (every core) in `dtype`, measured once per host and cached.
 
@@ -296,7 +290,7 @@ def cpu_peak_flops(dtype) -> float:
             except (OSError, ValueError):
                 cache = {}  # a corrupt cache is re-measured, never fatal
         entry = cache.get(key) if isinstance(cache.get(key), dict) else None
-        busy = _host_busy()
+        busy = host_busy()
         if entry is None or (not entry.get("quiet") and not busy):
             previous = torch.get_num_threads()
             torch.set_num_threads(cores)

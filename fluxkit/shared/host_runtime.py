@@ -1,11 +1,14 @@
 """Runtime defaults for the host a run starts on, each applied only where the user set nothing.
 
-- OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep between parallel regions instead of spinning. On a
-  CPU host shared with other work, spinning threads hold cores the peer threads of the same region
-  are waiting for (measured in docs/performance.md: spinning made a LoRA step 10-20x slower on a
-  busy host; sleeping made a small model's step 1.4x slower on a quiet one, so sleeping is the choice
-  that never costs an order of magnitude). Read by the OpenMP runtime when it loads, so it is set
-  before torch is imported (entry scripts) or in the environment of the processes a launcher starts.
+- OpenMP's wait policy, chosen by the host's load when the run starts: OpenMP threads that spin between
+  parallel regions hold cores the peer threads of the same region wait for. On a busy host (1-minute
+  load average over half the cores) OMP_WAIT_POLICY=PASSIVE: threads sleep at once (spinning made a LoRA
+  step 10-20x slower there). On a quiet host PASSIVE with GOMP_SPINCOUNT=3000: threads spin briefly
+  before they sleep (pure sleeping made a small model's step 1.4x slower there, a short spin costs
+  nothing; a short spin on a busy host costs 1.3-2.6x, so it is not used there). Measured in
+  docs/performance.md. Read by the OpenMP runtime when it loads, so it is set before torch is imported
+  (entry scripts) or in the environment of the processes a launcher starts; the user's own
+  OMP_WAIT_POLICY or GOMP_SPINCOUNT wins, and then neither is touched.
 - TORCH_EXTENSIONS_DIR, one folder per Python environment: torch keys its JIT-built extensions
   (DeepSpeed's ops) by name only, so two environments on one host sharing ~/.cache/torch_extensions
   rebuild each other's ops on every launch.
@@ -24,7 +27,36 @@ import os
 import sys
 
 WAIT_POLICY = "PASSIVE"
+QUIET_SPIN_COUNT = "3000"  # spins before an OpenMP thread sleeps, on a quiet host (libgomp's default: 300000)
+OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def host_busy(load: float | None = None, cpus: int | None = None) -> bool:
+    """Whether other work keeps more than half the cores busy (the 1-minute load average)."""
+    if load is None:
+        if not hasattr(os, "getloadavg"):
+            return False
+        load = os.getloadavg()[0]
+    return load > 0.5 * (usable_cpus() if cpus is None else cpus)
+
+
+def openmp_wait(environ, load: float | None = None, cpus: int | None = None) -> dict[str, str]:
+    """OpenMP's wait settings for a run starting now (module docstring); nothing where `environ` sets
+    either variable."""
+    if any(environ.get(name) for name in OPENMP_VARS):
+        return {}
+    if host_busy(load, cpus):
+        return {"OMP_WAIT_POLICY": WAIT_POLICY}
+    return {"OMP_WAIT_POLICY": WAIT_POLICY, "GOMP_SPINCOUNT": QUIET_SPIN_COUNT}
 
 
 def extensions_dir() -> str:
@@ -37,8 +69,17 @@ def extensions_dir() -> str:
 def env_defaults(environ=None) -> dict[str, str]:
     """The variables above that `environ` (default: this process's) does not set yet."""
     environ = os.environ if environ is None else environ
-    wanted = {"OMP_WAIT_POLICY": WAIT_POLICY, "TORCH_EXTENSIONS_DIR": extensions_dir()}
-    return {k: v for k, v in wanted.items() if not environ.get(k)}
+    wanted = {**openmp_wait(environ)}
+    if not environ.get("TORCH_EXTENSIONS_DIR"):
+        wanted["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    return wanted
+
+
+def runtime_env(environ=None) -> dict[str, str]:
+    """The variables above as a run started from `environ` gets them: the user's where set, else ours."""
+    environ = os.environ if environ is None else environ
+    given = {name: environ[name] for name in (*OPENMP_VARS, "TORCH_EXTENSIONS_DIR") if environ.get(name)}
+    return {**given, **env_defaults(environ)}
 
 
 def apply_defaults() -> None:

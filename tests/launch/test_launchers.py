@@ -166,6 +166,7 @@ def test_full_defaults_are_the_references(tmp_path):
     assert p.env["OMP_WAIT_POLICY"] == "PASSIVE" and "torch_extensions" in p.env["TORCH_EXTENSIONS_DIR"]
     mine = dry(FULL, env={"OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert mine.env["OMP_WAIT_POLICY"] == "ACTIVE" and mine.env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext")
+    assert "GOMP_SPINCOUNT" not in mine.env  # the user's policy is theirs whole: no spin count of ours beside it
 
 
 def test_the_launchers_own_process_sleeps_between_openmp_regions_too(monkeypatch):
@@ -174,14 +175,16 @@ def test_the_launchers_own_process_sleeps_between_openmp_regions_too(monkeypatch
     spinning), set before anything imports torch; the user's own value wins."""
     from fluxkit.launch import main
 
-    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        if given is None:
-            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-        else:
+    cases = ((None, 0.1, "PASSIVE", "3000"), (None, 99.0, "PASSIVE", None), ("ACTIVE", 0.1, "ACTIVE", None))
+    for given, load, policy, spins in cases:  # quiet host: a short spin first; busy: sleep at once
+        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # set first, so that the test's end unsets them
+            monkeypatch.setenv(name, "")
+        if given:
             monkeypatch.setenv("OMP_WAIT_POLICY", given)
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
         with pytest.raises(SystemExit):
             main(["--launcher", "lora", LORA, "--help"])
-        assert os.environ["OMP_WAIT_POLICY"] == expected
+        assert (os.environ["OMP_WAIT_POLICY"], os.environ.get("GOMP_SPINCOUNT") or None) == (policy, spins), load
 
 
 def test_lora_defaults_are_the_references():
