@@ -97,7 +97,8 @@ def _fill_command(argv=None) -> int:
     from ..training import pivotal
     from ..shared.device import check_mixed_precision, detect, torch_dtype
     from ..training.encode import encode_prompts, latent_moments
-    from ..training.models import load_models, resolve_model_dir
+    from ..weights import quant
+    from ..training.models import load_models, place, resolve_model_dir
     from ..data.scan import list_images, scan_dataset
     from ..training.train_args import parse
 
@@ -110,6 +111,7 @@ def _fill_command(argv=None) -> int:
         raise UserError("--no_cache leaves nothing to fill; drop it")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     info = detect(args.device)
+    quant.check_text_encoder(args.text_encoder_quantization, info.type)  # before anything is written
     model_dir = resolve_model_dir(args)
     args, tokens = pivotal.prepare_prompts(args, model_dir)  # the trainer's prompts: TOK -> <s0><s1> (pivotal tuning)
     scan = scan_dataset(args, world_size=1)
@@ -127,12 +129,11 @@ def _fill_command(argv=None) -> int:
         print(json.dumps({"cache_dir": cache.root, **prune_unused(cache, prompts)}), flush=True)
         return 0
     if cache.missing_latents() or cache.missing_prompts(prompts):
-        m = load_models(args, model_dir, without=("transformer", "scheduler"))
+        m = load_models(args, model_dir, without=("transformer", "scheduler"), weight_dtype=dtype, text_device=device)
         for module in (m.vae, m.text_encoder, m.text_encoder_2):
-            if module is None:  # a family with one text encoder
-                continue
-            module.requires_grad_(False)
-            module.to(device, dtype=dtype)
+            if module is not None:  # a family with one text encoder has no second
+                module.requires_grad_(False)
+                place(module, device, dtype)
         from ..data.dataset import default_num_workers
 
         workers = args.dataloader_num_workers or default_num_workers(1)  # decoding in parallel is the point here

@@ -51,7 +51,7 @@ class Flux2(Family):
         return tuple(args.text_encoder_out_layers or self.out_layers)
 
     def text_settings(self, args) -> tuple:
-        return ("out_layers", *self.layers(args))
+        return super().text_settings(args) + ("out_layers", *self.layers(args))
 
     def _token_batch(self, m, prompts, max_length):
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input

@@ -17,8 +17,9 @@ from ..shared.errors import UserError
 
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
 ARCHITECTURE_MEMO_ENV = "FLUXKIT_PLAN_MEMO"
-MEMO_SCHEMA = 4  # bump when Architecture's fields change
+MEMO_SCHEMA = 6  # bump when Architecture's fields change
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
+NF4_CODE_BYTES = 16 * 4  # each 4-bit layer's quantization state keeps its 16-value fp32 code table
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the transformer's blocks, in forward order
 # a text encoder's config keys, as the libraries spell them (T5's / the causal LMs')
 _TEXT_KEYS = {"width": ("d_model", "hidden_size"), "ff": ("d_ff", "intermediate_size"),
@@ -41,8 +42,9 @@ class Architecture:
     # parameters of each transformer block in forward order (what --blocks_to_swap moves)
     block_params: list = field(default_factory=list)
     family: str = "flux1"  # fluxkit.families name
-    # each text encoder (Family.plan_text_encoders): component, label, role, params and the shape of
-    # its working set while it encodes (width, ff, heads, layers, max_tokens, keeps_hidden_states)
+    # each text encoder (Family.text_encoder_labels): component, label, role, params, the shape of its
+    # working set while it encodes (width, ff, heads, layers, max_tokens, keeps_hidden_states) and what
+    # bitsandbytes quantizes in it (quantization_facts)
     text_encoders: list = field(default_factory=list)
 
     @property
@@ -177,7 +179,8 @@ def _count_architecture(configs: dict, source: str, family: str) -> Architecture
     params["vae_encoder"] = count(models["vae"].encoder) + count(getattr(models["vae"], "quant_conv", None) or torch.nn.Identity())
     blocks = [count(b) for name in BLOCK_LISTS for b in getattr(models["transformer"], name)]
     texts = [{"component": name, "label": label, "role": role, "params": params[name],
-              "keeps_hidden_states": fam.encoding_keeps_hidden_states, **text_encoder_shape(configs[name])}
+              "keeps_hidden_states": fam.encoding_keeps_hidden_states, **text_encoder_shape(configs[name]),
+              **quantization_facts(models[name])}
              for name, (label, role) in fam.text_encoder_labels.items()]
     trained = fam.trained_text_encoder
     return Architecture(source=source, params=params, block_params=blocks, family=family, text_encoders=texts,
@@ -185,6 +188,19 @@ def _count_architecture(configs: dict, source: str, family: str) -> Architecture
                         latent_channels=vae["latent_channels"], vae_first_channels=vae["block_out_channels"][0],
                         vae_layers_per_block=vae.get("layers_per_block", 2), linear_shapes=linears(models["transformer"]),
                         trained_text_linear_shapes=linears(models[trained]) if trained else [])
+
+
+def quantization_facts(model) -> dict:
+    """What --text_encoder_quantization converts in a text encoder (fluxkit.weights.quant): the
+    weights of those nn.Linear layers (quant_numel), their output rows (quant_rows), how many
+    (quant_layers) and the largest of them (largest_linear); and the encoder's largest parameter (largest_param: what loading holds
+    at once while it quantizes onto a device)."""
+    from ..weights.quant import text_encoder_quantized_linears
+
+    shapes = text_encoder_quantized_linears(model)
+    return {"quant_numel": sum(i * o for i, o in shapes), "quant_rows": sum(o for _, o in shapes), "quant_layers": len(shapes),
+            "largest_linear": max((i * o for i, o in shapes), default=0),
+            "largest_param": max((p.numel() for p in model.parameters()), default=0)}
 
 
 def lora_parameter_count(shapes: list, targets: list[str], rank: int) -> int:
@@ -200,6 +216,19 @@ def quantized_linear_bytes(shapes: list, quantization: str, dtype_bytes: int) ->
     if quantization == "nf4":  # bitsandbytes NF4: two weights per byte + an fp32 absmax per block
         return numel // 2 + math.ceil(numel / NF4_BLOCK) * 4, numel
     return numel * dtype_bytes, numel
+
+
+def quantized_text_bytes(t: dict, quantization: str, dtype_bytes: int) -> int:
+    """Bytes of a text encoder (an Architecture.text_encoders entry) quantized by bitsandbytes as
+    --text_encoder_quantization asks: its converted nn.Linear weights packed (nf4: two per byte, an
+    fp32 absmax per 64 and a 16-value fp32 code table per layer; int8: one byte each and an fp32 scale
+    per output row), the rest (embeddings, norms, the output head, biases) in the compute dtype."""
+    numel, rows = t["quant_numel"], t["quant_rows"]
+    packed = {"nf4": numel // 2 + math.ceil(numel / NF4_BLOCK) * 4 + t["quant_layers"] * NF4_CODE_BYTES,
+              "int8": numel + rows * 4}.get(quantization)
+    if packed is None:
+        return t["params"] * dtype_bytes
+    return packed + (t["params"] - numel) * dtype_bytes
 
 
 def block_linear_shapes(shapes: list) -> list[list]:

@@ -178,6 +178,7 @@ def plan_shape(s: RunShape, arch: Architecture, device_memory_bytes: int | None 
                "image_tokens": terms.image_tokens(s, arch), "text_tokens": s.seq_len,
                "reference_images": s.references, "family": arch.family,
                "gradient_checkpointing": s.checkpointing, "base_quantization": s.quant,
+               "text_encoder_quantization": s.text_quant,
                "blocks_to_swap": s.blocks_to_swap, "blocks": len(arch.block_params),
                "offload": {"params": s.offload_params, "optimizer": s.offload_optimizer},
                "architecture": arch.source, "params": arch.params, "processes_per_host": processes_per_host}

@@ -17,6 +17,7 @@ from .architecture import default_lora_targets
 class RunShape:
     lora: bool = True
     quant: str = "none"  # --base_quantization of a LoRA base
+    text_quant: str = "none"  # --text_encoder_quantization (bitsandbytes nf4 / int8) of the frozen text encoders
     rank: int = 4
     targets: tuple = ()  # LoRA module names
     train_clip: bool = False
@@ -91,7 +92,7 @@ def shape_from_args(args, world_size: int = 1, zero_stage: int = 0, device: str 
     samples = images * args.repeats * (2 if prior else 1) if images is not None else None
     opt = args.optimizer.lower()
     return RunShape(
-        lora=lora, quant=quant, rank=args.rank if lora else 0, targets=tuple(targets), train_clip=args.train_text_encoder,
+        lora=lora, quant=quant, text_quant=args.text_encoder_quantization, rank=args.rank if lora else 0, targets=tuple(targets), train_clip=args.train_text_encoder,
         pivotal_tokens=pivotal.planned_tokens(args), pivotal_t5=pivotal.planned_tokens(args) > 0 and bool(args.enable_t5_ti),
         mixed=args.mixed_precision or ("bf16" if zero_stage else "no"), world=world_size, zero_stage=zero_stage,
         offload_params=bool(offload[0]) and zero_stage == 3, offload_optimizer=bool(offload[1]) and zero_stage > 0,

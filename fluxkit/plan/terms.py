@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .architecture import Architecture, block_linear_shapes, lora_parameter_count, quantized_linear_bytes
+from .architecture import (Architecture, block_linear_shapes, lora_parameter_count, quantized_linear_bytes,
+                           quantized_text_bytes)
 from .shape import RunShape
 
 DEEPSPEED_REDUCE_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default (accelerate leaves it)
@@ -91,13 +92,22 @@ def _count(n: int) -> str:
 
 def encoder_weights(s: RunShape, arch: Architecture) -> list[Item]:
     """The frozen encoders in the compute dtype: the VAE and the family's text encoders (T5 and CLIP,
-    Mistral3, Qwen3), less FLUX.1's CLIP when it trains."""
+    Mistral3, Qwen3; quantized_text_weights), less FLUX.1's CLIP when it trains."""
     P, cb = arch.params, s.cb
     out = [Item("weights", "VAE (frozen)", P["vae"] * cb, f"{P['vae'] / 1e6:.1f}M params")]
     for t in sorted(arch.text_encoders, key=lambda t: t["role"] != "sequence"):
         if not (s.train_clip and t["role"] == "pooled"):
-            out.append(Item("weights", f"{t['label']} text encoder (frozen)", t["params"] * cb, _count(t["params"])))
+            out.append(text_encoder_weights(s, t))
     return out
+
+
+def text_encoder_weights(s: RunShape, t: dict) -> Item:
+    """One frozen text encoder as it is held: in the compute dtype, or with --text_encoder_quantization
+    its nn.Linear weights packed by bitsandbytes (architecture.quantized_text_bytes)."""
+    note = _count(t["params"])
+    if s.text_quant != "none":
+        note += f", Linear weights {s.text_quant} (bitsandbytes, --text_encoder_quantization)"
+    return Item("weights", f"{t['label']} text encoder (frozen)", quantized_text_bytes(t, s.text_quant, s.cb), note)
 
 
 def vae_decoder_weights(s: RunShape, arch: Architecture) -> Item:
@@ -243,6 +253,8 @@ def text_encoder_working_set(s: RunShape, t: dict) -> int:
     size = t["heads"] * tokens ** 2 + tokens * (2 * t["ff"] + 4 * t["width"])
     if t.get("keeps_hidden_states"):
         size += (t["layers"] + 1) * tokens * t["width"]
+    if s.text_quant != "none":  # bitsandbytes dequantizes one weight at a time for the matmul
+        size += t["largest_linear"]
     return size * s.cb
 
 
@@ -367,9 +379,15 @@ def transformer_arriving(s: RunShape, arch: Architecture, trained: int) -> Item:
 def host_encoders_read(s: RunShape, arch: Architecture) -> int:
     """Host memory one process uses while the encoders load: all of them are read
     (fluxkit.training.models.load_models) before the first moves to the device, so their sum
-    (FLUX.2 [dev]'s 24B Mistral3 alone is 45 GiB in bf16). Text encoders that encode on the host
+    (FLUX.2 [dev]'s 24B Mistral3 alone is 45 GiB in bf16). A quantized text encoder
+    (--text_encoder_quantization) is quantized onto the device that encodes as it loads: the host
+    holds its largest tensor at a time in the compute dtype (the packed encoder only where it
+    encodes on the host: text_on_host, --offload_encoders). Text encoders that encode on the host
     also keep their largest working set."""
-    size = sum(i.bytes for i in encoder_weights(s, arch))
+    size = sum(i.bytes for i in encoder_weights(s, arch) if not (s.text_quant != "none" and " text encoder " in i.name))
+    if s.text_quant != "none":
+        on_host = s.text_on_host or s.offload_encoders
+        size += sum(text_encoder_weights(s, t).bytes if on_host else t["largest_param"] * s.cb for t in arch.text_encoders)
     return size + (text_encoding(s, arch).bytes if s.text_on_host else 0)
 
 

@@ -33,6 +33,7 @@ NAMES = {FLUX1: "FLUX.1 [dev]", KONTEXT: "FLUX.1 Kontext [dev]", FLUX2: "FLUX.2 
 HF_QLORA = "HF QLoRA (NF4, rank 4, 8-bit Adam, cached, 512x768, RTX 4090): about 9 GB"
 HF_BF16 = "HF bf16 LoRA: 26 GB"
 REFERENCE = "the reference's own run: 8 x 64 GB Atlas 900 A2, 55.23 images/s"
+SIMPLETUNER_FLUX2 = "SimpleTuner: about 22 GB with an int4 text encoder and an int8 transformer, 96 GB+ system RAM"
 MINDSPEED = "MindSpeed-MM {what} LoRA, 8 NPUs at 1024 px: {speed} images/s (memory not published)"
 
 LORA = RunShape(lora=True, rank=16, targets=(), mixed="bf16", resolution=512, seq_len=512, batch=1,
@@ -72,8 +73,9 @@ ROWS = [
     Row("LoRA rank 16, 1024px, batch 1", KLEIN4, 8, LORA_1024, "SimpleTuner int8: about 8 GB"),
     Row("LoRA rank 16, 1024px, batch 1", KLEIN9, 24, LORA_1024, "SimpleTuner bf16: about 22 GB", readme=True),
     Row("LoRA rank 16, 1024px, batch 1", KLEIN9, 16, LORA_1024, "SimpleTuner int8: about 14 GB"),
-    Row("LoRA rank 16, 1024px, batch 1", FLUX2, 24, LORA_1024,
-        "SimpleTuner: about 22 GB with an int4 text encoder and an int8 transformer, 96 GB+ system RAM", readme=True),
+    Row("LoRA rank 16, 1024px, batch 1", FLUX2, 24, LORA_1024, SIMPLETUNER_FLUX2),
+    Row("LoRA rank 16, 1024px, batch 1, 4-bit text encoder", FLUX2, 24, replace(LORA_1024, text_quant="nf4", quant="int8"),
+        SIMPLETUNER_FLUX2, readme=True),
     Row("LoRA rank 16, 1024px, batch 1, 8 cards", FLUX2, 64, replace(LORA_1024, **ON_8),
         MINDSPEED.format(what="FLUX.2", speed="1.28")),
 ]
@@ -85,6 +87,7 @@ def describe(s: RunShape) -> list[str]:
     out += ["(editing pairs: `--cond_image_dir`)"] if s.references else []
     out += ["--gradient_checkpointing"] if s.checkpointing else []
     out += [f"--base_quantization {s.quant}"] if s.quant != "none" else []
+    out += [f"--text_encoder_quantization {s.text_quant}"] if s.text_quant != "none" else []
     out += ["--use_8bit_adam"] if s.optimizer == "adamw8bit" else []
     out += [f"--blocks_to_swap {s.blocks_to_swap}"] if s.blocks_to_swap else []
     out += ["(prompts encoded on the host: the text encoder does not fit beside the VAE)"] if s.text_on_host else []

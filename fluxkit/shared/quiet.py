@@ -33,6 +33,8 @@ LOG_NOISE = {
     "torchao": ("Failed to load ",),
     "torchao.kernel.intmm": ("Detected no triton",),
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # --text_encoder_quantization int8: LLM.int8 quantizes its inputs from fp16, and says so at every call
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast from",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
     # we load torchao-quantized models from safetensors weights only, never torchao's pickled tensors
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),

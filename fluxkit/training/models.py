@@ -54,19 +54,20 @@ def resolve_model_dir(args) -> str:
 
 
 def load_models(args, model_dir: str, without: tuple[str, ...] = (), weight_dtype: torch.dtype = torch.float32,
-                device_type: str = "cpu", deepspeed: bool = False) -> Models:
+                device_type: str = "cpu", deepspeed: bool = False, text_device="cpu") -> Models:
     """The pipeline's components, loaded by the classes its family names (fluxkit.families); those
     named in `without` (e.g. text encoders whose every output is cached, or the transformer while the
     cache fills: see train.prepare_models) are not loaded and are None; so are those the family does
-    not have. The transformer comes as load_transformer gives it."""
+    not have. The transformer comes as load_transformer gives it; text encoders quantized as
+    --text_encoder_quantization asks land on text_device as they load (the others on the host)."""
     family = families.of_args(args, model_dir)
 
     def load(name):
         if name in without or name not in family.components:
             return None
         kw = {} if name.startswith(("tokenizer", "scheduler")) else dict(variant=args.variant)
-        return family.component_class(name).from_pretrained(model_dir, subfolder=name, revision=args.revision,
-                                                            local_files_only=True, **kw)
+        return family.load_component(name, model_dir, args.text_encoder_quantization, weight_dtype, text_device,
+                                     revision=args.revision, local_files_only=True, **kw)
 
     try:
         models = Models(**{n: load(n) for n in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")},
@@ -104,13 +105,24 @@ def load_transformer(args, model_dir: str, weight_dtype: torch.dtype, device_typ
 
 
 def freeze_encoders(args, m: Models, weight_dtype: torch.dtype) -> None:
-    """The VAE and the text encoders frozen, in the compute dtype (CLIP stays fp32 when it trains)."""
+    """The VAE and the text encoders frozen, in the compute dtype (CLIP stays fp32 when it trains; a
+    quantized text encoder was loaded in it)."""
     for module in (m.vae, m.text_encoder_2, m.text_encoder):
         if module is not None:
             module.requires_grad_(False)
     for module in (m.vae, m.text_encoder_2, None if args.train_text_encoder else m.text_encoder):
-        if module is not None:
-            module.to(dtype=weight_dtype)
+        place(module, dtype=weight_dtype)
+
+
+def place(module, device=None, dtype=None) -> None:
+    """Move a frozen encoder (None: nothing) to `device` and cast it to `dtype`; a quantized one keeps
+    its dtypes (transformers refuses to cast a bitsandbytes model)."""
+    if module is None:
+        return
+    if quant.is_quantized(module):
+        dtype = None
+    if device is not None or dtype is not None:
+        module.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
 
 
 @dataclass

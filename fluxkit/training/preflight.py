@@ -12,11 +12,12 @@ from ..shared.errors import UserError
 
 
 def check_host(cfg, info, deepspeed: bool) -> None:
-    """The precision on this device, a quantized base under this launch, the optional packages the
-    flags need, and NPU attention only on an NPU. info: fluxkit.shared.device.DeviceInfo; deepspeed:
+    """The precision on this device, a quantized base or text encoder under this launch, the optional
+    packages the flags need, and NPU attention only on an NPU. info: fluxkit.shared.device.DeviceInfo; deepspeed:
     whether the launch runs DeepSpeed."""
     check_mixed_precision(info, cfg.mixed_precision)
     quant.check(cfg.base_quantization, info.type, deepspeed=deepspeed)
+    quant.check_text_encoder(cfg.text_encoder_quantization, info.type)
     if cfg.use_8bit_adam:
         require("bitsandbytes", "--use_8bit_adam needs bitsandbytes (CUDA only); drop the flag or pip install bitsandbytes")
     if cfg.optimizer.lower() == "prodigy":

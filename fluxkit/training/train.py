@@ -106,7 +106,7 @@ def train(args) -> dict:
     """The whole run; returns the summary it also prints and writes to train_summary.json."""
     startup.begin("imports")  # interpreter start-up and imports, from this process's start
     host_runtime.leave_out(quant.libraries_not_needed(args.base_quantization, args.use_8bit_adam,
-                                                      args.pretrained_model_name_or_path))
+                                                      args.pretrained_model_name_or_path, args.text_encoder_quantization))
     quiet.install()
     run = setup(args)
     try:
@@ -264,8 +264,10 @@ def prepare_models(args, accelerator, info, model_dir: str, weight_dtype, scan, 
     without = ("transformer",) + (("text_encoder_2",) if covered and not keep_t5 else ())
     if covered and not keep_clip:
         without += ("text_encoder",)
+    # a quantized text encoder lands where it encodes as it loads (fluxkit.weights.quant.load_text_encoder)
+    text_device = "cpu" if text_on_host or args.offload_encoders else accelerator.device
     with zero3.whole_models(accelerator):
-        models = load_models(args, model_dir, without, weight_dtype, info.type)
+        models = load_models(args, model_dir, without, weight_dtype, info.type, text_device=text_device)
     startup.mark("model load")
     encode_phase(args, accelerator, models, dataset, cache, prompts, covered, weight_dtype, (keep_clip, keep_t5),
                  text_on_host and not (keep_clip or keep_t5))

@@ -1,4 +1,5 @@
-"""A quantized frozen FLUX transformer (--base_quantization) for LoRA training and inference.
+"""A quantized frozen FLUX transformer (--base_quantization) for LoRA training and inference, and
+quantized frozen text encoders (--text_encoder_quantization) for training and the cache fill.
 
     none  the weights in the run's dtype
     int8  torchao int8 weight-only (int8 weights, one scale per output row), via diffusers' TorchAoConfig
@@ -13,6 +14,12 @@ diffusers 0.42 quantizes NF4 through BitsAndBytesConfig only when a GPU is prese
 raises "No GPU found" otherwise), although bitsandbytes 0.50 quantizes and runs NF4 on a CPU. Off
 CUDA the transformer is therefore loaded in the run's dtype and its nn.Linear layers are swapped for
 bitsandbytes' Linear4bit here, which is what diffusers' quantizer builds on a GPU.
+
+Text encoders (transformers models: CLIP, T5, Mistral3, Qwen3) are quantized by transformers'
+own bitsandbytes quantizer (BitsAndBytesConfig), which runs on a CPU as on a GPU: nf4 (4-bit, an
+fp32 absmax per 64 weights) or int8 (LLM.int8: int8 weights, an fp32 scale per output row). It
+converts every nn.Linear but the output embeddings, tied weights and the model's fp32-only modules
+(text_encoder_quantized_linears counts the same ones for the plan).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from ..shared.errors import UserError
 
 QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
 _LIBRARY = {"int8": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}  # versions: requirements_flux.txt
+TEXT_ENCODER_QUANTIZATIONS = ("none", "nf4", "int8")  # bitsandbytes, through transformers
 FP8_MIN_CAPABILITY = (8, 9)  # float8 matmul units: Ada (8.9) and Hopper (9.0) onwards
 
 
@@ -63,16 +71,40 @@ def check(quantization: str, device_type: str, deepspeed: bool = False) -> None:
                         f"pip install {library} (the versions this toolkit is tested with are in requirements_flux.txt)")
 
 
-def libraries_not_needed(quantization: str, eight_bit_adam: bool, model_path: str) -> tuple[str, ...]:
+def refuse_trained_text_encoder(quantization: str, trains_text: bool) -> None:
+    """A quantized text encoder is frozen: it cannot be the one --train_text_encoder(_ti) trains."""
+    if quantization not in (None, "none") and trains_text:
+        raise UserError(f"--text_encoder_quantization {quantization} loads the text encoders frozen and quantized, and "
+                        "--train_text_encoder / --train_text_encoder_ti train one: drop one of the two")
+
+
+def check_text_encoder(quantization: str, device_type: str) -> None:
+    """Refuse, before anything loads or is written, a text-encoder quantization this host cannot run:
+    bitsandbytes missing, or a device bitsandbytes has no backend for."""
+    if quantization in (None, "none"):
+        return
+    flag = f"--text_encoder_quantization {quantization}"
+    if importlib.util.find_spec("bitsandbytes") is None:  # also None where sys.modules blocks the import
+        raise UserError(f"{flag} needs bitsandbytes, which is not installed; pip install bitsandbytes (the version "
+                        "this toolkit is tested with is in requirements_flux.txt), or drop the flag")
+    if device_type == "npu":
+        raise UserError(f"{flag}: bitsandbytes has no Ascend NPU backend; drop the flag (the memory plan encodes "
+                        "prompts on the host CPU when the text encoder does not fit on the NPU)")
+
+
+def libraries_not_needed(quantization: str, eight_bit_adam: bool, model_path: str,
+                         text_quantization: str = "none") -> tuple[str, ...]:
     """The quantization libraries (bitsandbytes, torchao) a run with these settings never calls.
     diffusers, transformers and peft import both whenever they are installed (about 1 s for
     bitsandbytes on this CPU); a run that calls neither can skip that (host_runtime.leave_out).
-    Kept: the library --base_quantization names, bitsandbytes for --use_8bit_adam, and both when the
+    Kept: the library --base_quantization names, bitsandbytes for --use_8bit_adam and for
+    --text_encoder_quantization, and both when the
     model is not a local folder or a component of it was saved quantized (its config.json names a
     quantization_config: loading it needs its library)."""
     if not os.path.isdir(model_path) or _saved_quantized(model_path):
         return ()
-    needed = {_LIBRARY.get(quantization)} | ({"bitsandbytes"} if eight_bit_adam else set())
+    needed = {_LIBRARY.get(quantization)} | ({"bitsandbytes"} if eight_bit_adam or text_quantization not in (None, "none")
+                                            else set())
     return tuple(library for library in ("bitsandbytes", "torchao") if library not in needed)
 
 
@@ -187,3 +219,51 @@ def reload_nf4_in_place(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module._register_load_state_dict_pre_hook(drop_quant_state, with_module=True)
+
+
+# ------------------------------------------------------------------------------ text encoders
+
+def text_encoder_config(quantization: str, dtype):
+    """transformers' BitsAndBytesConfig for --text_encoder_quantization (single quantization of the
+    absmax, as the NF4 transformer base has: the plan's bytes per weight)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_use_double_quant=False)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_text_encoder(model_class, path: str, quantization: str, dtype, device, **from_pretrained):
+    """A frozen text encoder of `model_class` from `path` (subfolder= etc. in from_pretrained), its
+    nn.Linear weights quantized by bitsandbytes as it loads, onto `device` tensor by tensor (the host
+    never holds it whole in the compute dtype), everything else in `dtype`."""
+    import torch
+
+    model = model_class.from_pretrained(path, quantization_config=text_encoder_config(quantization, dtype),
+                                        device_map={"": torch.device(device)}, **from_pretrained, **dtype_kwarg(dtype))
+    keep_4bit_layout(model)
+    return model.requires_grad_(False).eval()
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes' AVX512-bf16 CPU path repacks 4-bit weights in place on the first no-grad forward
+    and fails for in_features that are not a multiple of 64 (see swap_in_nf4): keep the plain kernel."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def text_encoder_quantized_linears(model) -> list[tuple[int, int]]:
+    """(in, out) of each nn.Linear of a transformers model (on any device, meta included) that
+    transformers' bitsandbytes quantizer converts: all but the modules it keeps (output embeddings,
+    tied weights, the last module, _keep_in_fp32_modules), matched as it matches them."""
+    import torch
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    keep = HfQuantizer.get_modules_to_not_convert(model, None, list(getattr(model, "_keep_in_fp32_modules", None) or []))
+    return [(m.in_features, m.out_features) for name, m in model.named_modules()
+            if type(m) is torch.nn.Linear and should_convert_module(name, keep)]
