@@ -65,8 +65,9 @@ def test_4bit_prompt_embeddings_stay_close_and_the_plan_counts_the_encoder(famil
     """Tolerance: each prompt's NF4 embedding within 0.3 relative (L2) of its full-precision one (cosine
     >= 0.95), and nearer to it than to any other prompt's. Why: NF4 keeps each weight within about 10%
     (RMS) of its value; the random 30+-layer encoders of the tiny models compound that to 0.18-0.27 here
-    (LLM.int8: 0.01). A quantization that lost the weights (or quantized them to another code) lands near
-    1.0-1.4 and among the other prompts; one that did nothing lands at 0.
+    (LLM.int8: 0.01). Packed weights garbled (each layer's rows shifted by one) land at 0.70; a
+    quantization that did nothing at 0. The bound tells NF4 from a broken encoder, not from another
+    4-bit code: bitsandbytes' fp4 gives 0.25-0.28 on klein.
     The plan: architecture.quantized_text_bytes within 15% of held_bytes for nf4 and int8."""
     import bitsandbytes as bnb
 
