@@ -150,6 +150,7 @@ def test_the_quantization_libraries_a_run_never_calls(tmp_path):
     assert libraries_not_needed("nf4", False, str(model)) == ("torchao",)
     assert libraries_not_needed("int8", False, str(model)) == ("bitsandbytes",)
     assert libraries_not_needed("none", True, str(model)) == ("torchao",)  # --use_8bit_adam: bitsandbytes' optimizer
+    assert libraries_not_needed("none", False, str(model), "nf4") == ("torchao",)  # --text_encoder_quantization: bitsandbytes
     assert libraries_not_needed("none", False, "black-forest-labs/FLUX.1-dev") == ()  # not local: cannot tell
     # a component saved quantized needs its library to load
     (model / "transformer" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
