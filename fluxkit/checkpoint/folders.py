@@ -265,12 +265,13 @@ _FINISHED_RUN_FILES = ("pytorch_lora_weights.safetensors", "model_index.json", "
 
 def run_settings(args, world_size: int) -> dict:
     """What a checkpoint records about the run that wrote it: a resume with other values would silently
-    continue a different run (another learning rate, global batch, LoRA rank, base model or its quantization)."""
+    continue a different run (another learning rate, global batch, LoRA rank, base model or its quantization,
+    or prompt embeddings from a text encoder quantized otherwise)."""
     model = args.pretrained_model_name_or_path
     return {"run_type": "lora" if args.lora else "full", "world_size": world_size,
             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "learning_rate": args.learning_rate, "rank": args.rank, "base_quantization": args.base_quantization,
-            "model": os.path.abspath(model) if os.path.exists(model) else model, "pivotal": pivotal_settings(args)}
+            "text_encoder_quantization": args.text_encoder_quantization, "model": os.path.abspath(model) if os.path.exists(model) else model, "pivotal": pivotal_settings(args)}
 
 
 def changed_settings(recorded: dict, now: dict) -> list[str]:
@@ -280,7 +281,7 @@ def changed_settings(recorded: dict, now: dict) -> list[str]:
     if all(k in recorded for k in batch) and any(recorded[k] != now[k] for k in batch):
         changes.append("world size x batch x accumulation " + "x".join(str(recorded[k]) for k in batch) + " -> "
                        + "x".join(str(now[k]) for k in batch))
-    for key in ("learning_rate", "rank", "base_quantization", "model", "pivotal"):
+    for key in ("learning_rate", "rank", "base_quantization", "text_encoder_quantization", "model", "pivotal"):
         if key in recorded and recorded[key] != now[key]:
             changes.append(f"{key} {recorded[key]} -> {now[key]}")
     return changes

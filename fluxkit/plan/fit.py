@@ -89,6 +89,9 @@ def _changes(plan: Plan) -> list[list[tuple]]:
         kinds.append([(f"--base_quantization {q}", lambda x, q=q: replace(x, quant=q)) for q in quant + ["nf4"]])
     if s.optimizer == "adamw" and not s.on_cpu:
         kinds.append([("--use_8bit_adam", lambda x: replace(x, optimizer="adamw8bit"))])
+    if s.text_quant == "none" and not (s.train_clip or s.pivotal_tokens or s.warm_cache) and s.device != "npu":
+        # bitsandbytes quantizes the frozen text encoders (fluxkit.weights.quant; no NPU backend)
+        kinds.append([(f"--text_encoder_quantization {q}", lambda x, q=q: replace(x, text_quant=q)) for q in ("int8", "nf4")])
     if s.caching and not s.warm_cache:
         kinds.append([("the cache filled first on the host (python -m fluxkit.cache [same flags] --device cpu)",
                        lambda x: replace(x, warm_cache=True))])

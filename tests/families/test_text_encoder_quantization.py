@@ -125,6 +125,12 @@ def test_lora_trains_over_a_4bit_text_encoder(folders, sample_data, tmp_path, mo
     losses = [json.loads(line)["loss"] for line in open(out / "train_log.jsonl")]
     assert len(losses) == 4 and len(set(losses)) > 1 and all(l == l for l in losses), losses
     assert os.path.getsize(out / "pytorch_lora_weights.safetensors") > 0
+    # recorded with the run: a resume with the encoder quantized otherwise is refused like another base
+    from fluxkit.checkpoint.folders import changed_settings
+
+    recorded = json.loads((out / "run_config.json").read_text())["settings"]
+    assert recorded["text_encoder_quantization"] == "nf4"
+    assert changed_settings(recorded, dict(recorded, text_encoder_quantization="none")) == ["text_encoder_quantization nf4 -> none"]
     # the quantized encoder's embeddings are cached under their own identity
     from fluxkit.cache import text_identity
 
@@ -206,3 +212,21 @@ def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux, sam
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert_user_error(proc, "--text_encoder_quantization nf4", needle)
         assert not out.exists() and not cache.exists()
+
+
+@pytest.mark.unit
+def test_the_smallest_change_can_quantize_the_text_encoders():
+    """A FLUX.1 [dev] LoRA without a cache keeps T5 and CLIP on a 16 GB card for the whole run: the plan's
+    way to fit it quantizes them (int8, the smaller step, is enough), beside the base."""
+    from dataclasses import replace
+
+    from fluxkit.plan.architecture import default_lora_targets, read_architecture
+    from fluxkit.plan.fit import smallest_change
+    from fluxkit.plan.phases import GiB, plan_shape
+    from fluxkit.plan.where import LORA
+
+    arch = read_architecture("black-forest-labs/FLUX.1-dev")
+    s = replace(LORA, caching=False, targets=tuple(default_lora_targets(arch)))
+    flags, fitting = smallest_change(plan_shape(s, arch, 16 * GiB))
+    assert "--text_encoder_quantization int8" in flags and fitting.fits, flags
+    assert fitting.shape.text_quant == "int8"
