@@ -52,6 +52,14 @@ def tiny_klein(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dev(tmp_path_factory):
+    """The tiny FLUX.2 [dev] pipeline (Mistral3 text encoder, PixtralProcessor tokenizer folder), built once."""
+    from fluxkit.tiny.build import build_pipeline
+
+    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux2_dev"), "tiny", family="flux2")
+
+
+@pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
     from fluxkit.tiny.build import build_datasets
 
@@ -302,7 +310,7 @@ def run_inprocess(command, env=None, cwd=ROOT, timeout=None):
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = _run_command(command, saved_env, runpy)
+            rc = _run_command(command, runpy)
     finally:
         os.chdir(saved_cwd)
         os.environ.clear()
@@ -311,12 +319,13 @@ def run_inprocess(command, env=None, cwd=ROOT, timeout=None):
     return subprocess.CompletedProcess(command, rc, out.getvalue(), err.getvalue())
 
 
-def _run_command(command, saved_env, runpy) -> int:
+def _run_command(command, runpy) -> int:
     name = os.path.basename(command[0])
     if name in LAUNCHER_KINDS:
         from fluxkit import launch
 
-        os.environ["PYTHONPATH"] = ROOT + (os.pathsep + saved_env["PYTHONPATH"] if saved_env.get("PYTHONPATH") else "")
+        given = os.environ.get("PYTHONPATH")  # the caller's env (e.g. with_faults) holds it now
+        os.environ["PYTHONPATH"] = ROOT + (os.pathsep + given if given else "")
         sys.argv[:] = [launch.__file__, *command]
         return launch.main(["--launcher", LAUNCHER_KINDS[name], *command])
     assert command[0] == sys.executable, f"not a command run_inprocess knows: {command}"

@@ -47,6 +47,7 @@ def describe(args, processes: int, samples: int | None) -> str:
 
 
 def _share(args, renders: int) -> float | None:
+    from .. import families
     from ..shared import flops
     from ..plan import read_architecture
 
@@ -57,8 +58,9 @@ def _share(args, renders: int) -> float | None:
     tokens = flops.image_tokens(args.resolution, args.resolution, arch.vae_scale)
     text = args.max_sequence_length
     steps = args.max_train_steps or 0
+    parts = families.get(arch.family).flop_parts()  # the family's transformer (FLUX.2's has no pooled projection)
     train = steps * flops.training_step_flops(arch.transformer, tokens, text, args.train_batch_size * args.gradient_accumulation_steps,
-                                              frozen_base=args.lora)
-    render = renders * args.num_validation_images * args.num_validation_steps * flops.flux_forward_flops(
-        arch.transformer, tokens, text)
+                                              frozen_base=args.lora, flop_parts=parts)
+    forward = parts(arch.transformer, tokens, text, 1)
+    render = renders * args.num_validation_images * args.num_validation_steps * (forward["linear"] + forward["attention"])
     return render / (render + train) if render + train else None

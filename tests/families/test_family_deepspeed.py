@@ -1,6 +1,8 @@
 """Each editing family through our LoRA trainer under 2-process DeepSpeed on CPU (gloo, bf16):
 FLUX.2 [klein] under ZeRO-2 on an NF4 base with pairs from --cond_image_dir, FLUX.1 Kontext under
-ZeRO-3 (every parameter sharded) with pairs from a parquet --cond_image_column.
+ZeRO-3 (every parameter sharded) with pairs from a parquet --cond_image_column, FLUX.2 [dev] under
+ZeRO-2 on an NF4 base through the LoRA launcher as a user types it (--key=value, pairs from
+--cond_image_dir, the launcher's gradient checkpointing).
 
 Each family costs ONE chain of two launches, shared by every test here (module-scoped fixture):
 the first run (4 pairs, --repeats 2: 8 samples, 4 steps of one sample per rank, one epoch)
@@ -9,7 +11,8 @@ before the rename that completes it, so `.partial-checkpoint-3` holds the state 
 run after step 3 (each rank's optimizer partition, its fp32 master weights and Adam moments, the
 LoRA file); the second run resumes from checkpoint-2, mid-epoch, and writes checkpoint-3 again,
 which must equal it bit for bit, rank by rank. Both runs record each rank's micro batches
-(tests/faults/sitecustomize.py: FLUXKIT_TEST_RECORD_BATCHES).
+(tests/faults/sitecustomize.py: FLUXKIT_TEST_RECORD_BATCHES), with the image and text tokens each
+transformer forward received: the reference's tokens beside the target's.
 
 The klein data holds a reference image whose header scans but whose pixels do not decode, with
 --skip_bad_images and the cache: the process whose fill share holds it records it in the shared
@@ -17,8 +20,8 @@ cache folder, and every process must replace that pair by the same sample (fluxk
 draws the replacement from (seed, epoch, index)); a rank that did not know would crash on the
 missing latent.
 
-One more launch: the klein full fine-tune under ZeRO-3 (the full trainer's gather of a FLUX.2
-transformer into a pipeline folder). Tried by hand and not launched here, to keep the suite short:
+Two more launches: the klein full fine-tune under ZeRO-3 (the full trainer's gather of a FLUX.2
+transformer into a pipeline folder), and FLUX.2 [dev] LoRA under ZeRO-3, text-to-image. Tried by hand and not launched here, to keep the suite short:
 klein LoRA under ZeRO-3, klein on an unquantized base under ZeRO-2 (this module's chain before it
 took the NF4 base) and Kontext under ZeRO-2 (the same code paths as the chains above).
 """
@@ -34,6 +37,7 @@ import torch
 
 from conftest import ROOT, accelerate_launch, run_entry_inprocess, trainer_args, with_faults
 from test_data_train import damaged_png
+from test_launchers import LORA as LORA_LAUNCHER, launch_inprocess
 from test_reliability import KILL_IN_CHECKPOINT, LORA, listing, log_lines
 
 RECORD = "FLUXKIT_TEST_RECORD_BATCHES"  # tests/faults/sitecustomize.py
@@ -41,10 +45,37 @@ SHARD_ALL = os.path.join(ROOT, "tests", "fixtures", "zero3_shard_everything.yaml
 ZERO2 = os.path.join(ROOT, "pretrain_bf16_accelerate_config.yaml")
 STEPS, KILLED_IN = 4, 3
 BAD = "pair_002.png"  # klein's undecodable reference
+DEV_TOKENS = 48  # the tiny FLUX.2 [dev] tokenizer's system message alone takes 33 tokens
+# each chain: its model fixture, family, ZeRO stage, base quantization, text tokens, a reference's first position id
+CHAINS = {
+    "klein-zero2": SimpleNamespace(model="tiny_klein", family="flux2-klein", stage=2, quant="nf4", text=16, ref_t=10),
+    "kontext-zero3": SimpleNamespace(model="tiny_flux", family="kontext", stage=3, quant="none", text=16, ref_t=1),
+    "dev-zero2": SimpleNamespace(model="tiny_flux2_dev", family="flux2", stage=2, quant="nf4", text=DEV_TOKENS, ref_t=10),
+}
+
+
+def _dev_keys(model, data, tmp):
+    """FLUX.2 [dev]'s chain as the LoRA launcher's --key=value keys (its defaults otherwise: ZeRO-2 bf16,
+    gradient checkpointing)."""
+    keys = dict(model_name=model, instance_dir=data["edit_targets"], cond_image_dir=data["edit_references"],
+                instance_prompt="a photo of sks dog", resolution=32, batch_size=1, max_train_steps=STEPS, repeats=2,
+                num_processes=2, base_quantization="nf4", max_sequence_length=DEV_TOKENS, learning_rate="1e-3",
+                checkpointing_steps=1, resume_from_checkpoint="latest", latent_cache_dir=tmp / "cache",
+                validation_prompt="make the circle blue", num_validation_images=1, num_validation_steps=2,
+                output_dir=tmp / "out", report_to="none")
+    return [f"--{k}={v}" for k, v in keys.items()]
+
+
+def _launch(name, config, args, env):
+    if name == "dev-zero2":  # the launcher's main() here; accelerate and the trainer are real processes
+        return launch_inprocess(LORA_LAUNCHER, *args, env=with_faults(env))
+    return accelerate_launch([LORA] + args, config=config, timeout=600, env=with_faults(env))
 
 
 def _family_args(name, model, data, tmp):
-    """(accelerate config, trainer flags) of one family's chain."""
+    """(accelerate config, trainer flags) of one family's chain (the launcher's keys for dev)."""
+    if name == "dev-zero2":
+        return None, _dev_keys(model, data, tmp)
     common = dict(steps=STEPS, repeats=2, max_sequence_length=16, learning_rate="1e-3", checkpointing_steps=1,
                   mixed_precision="bf16", resume_from_checkpoint="latest", latent_cache_dir=tmp / "cache",
                   validation_prompt="make the circle blue", num_validation_images=1, num_validation_steps=2)
@@ -67,24 +98,24 @@ def _records(folder):
     return {r: [json.loads(line) for line in open(os.path.join(folder, f"rank-{r}.jsonl"))] for r in (0, 1)}
 
 
-@pytest.fixture(scope="module", params=["klein-zero2", "kontext-zero3"])
-def chain(request, tiny_flux, tiny_klein, sample_data, tmp_path_factory):
-    name = request.param
+@pytest.fixture(scope="module", params=list(CHAINS))
+def chain(request, sample_data, tmp_path_factory):
+    name, spec = request.param, CHAINS[request.param]
+    model = request.getfixturevalue(spec.model)
     tmp = tmp_path_factory.mktemp(name)
-    config, args = _family_args(name, tiny_klein if name.startswith("klein") else tiny_flux, sample_data, tmp)
+    config, args = _family_args(name, model, sample_data, tmp)
     out = tmp / "out"
-    killed = accelerate_launch([LORA] + args, config=config, timeout=600,
-                               env=with_faults({KILL_IN_CHECKPOINT: str(KILLED_IN), RECORD: str(tmp / "ranks-killed")}))
+    killed = _launch(name, config, args, {KILL_IN_CHECKPOINT: str(KILLED_IN), RECORD: str(tmp / "ranks-killed")})
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert listing(out) == [f".partial-checkpoint-{KILLED_IN}", "checkpoint-1", "checkpoint-2"], killed.stderr[-3000:]
     uninterrupted = tmp / "uninterrupted-3"  # the resumed run replaces the partial folder
     shutil.copytree(out / f".partial-checkpoint-{KILLED_IN}", uninterrupted)
     killed_log = log_lines(out)
-    resumed = accelerate_launch([LORA] + args, config=config, timeout=600, env=with_faults({RECORD: str(tmp / "ranks-resumed")}))
+    resumed = _launch(name, config, args, {RECORD: str(tmp / "ranks-resumed")})
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    return SimpleNamespace(name=name, args=args, out=out, tmp=tmp, killed=killed, resumed=resumed, killed_log=killed_log,
-                           uninterrupted=uninterrupted, ranks_killed=_records(tmp / "ranks-killed"),
-                           ranks_resumed=_records(tmp / "ranks-resumed"), model=tiny_klein if name.startswith("klein") else tiny_flux,
+    return SimpleNamespace(name=name, spec=spec, args=args, out=out, tmp=tmp, killed=killed, resumed=resumed,
+                           killed_log=killed_log, uninterrupted=uninterrupted, ranks_killed=_records(tmp / "ranks-killed"),
+                           ranks_resumed=_records(tmp / "ranks-resumed"), model=model,
                            reference=os.path.join(sample_data["edit_references"], "pair_000.png"))
 
 
@@ -110,7 +141,7 @@ def _optimizer_partition(checkpoint, rank):
 def test_each_rank_resumes_bit_identical_under_its_zero_stage(chain):
     from safetensors.torch import load_file
 
-    stage = {"klein-zero2": 2, "kontext-zero3": 3}[chain.name]
+    stage = chain.spec.stage
     resumed_3 = chain.out / f"checkpoint-{KILLED_IN}"
     for rank in (0, 1):  # each rank's own partition: written by the killed run's rank, and again after the resume
         (stage_a, before), (stage_b, after) = _optimizer_partition(chain.uninterrupted, rank), _optimizer_partition(resumed_3, rank)
@@ -128,7 +159,7 @@ def test_each_rank_resumes_bit_identical_under_its_zero_stage(chain):
     summary = json.loads((chain.out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == STEPS
     settings = json.loads((chain.out / "run_config.json").read_text())["settings"]
-    assert settings["base_quantization"] == {"klein-zero2": "nf4", "kontext-zero3": "none"}[chain.name]
+    assert settings["base_quantization"] == chain.spec.quant
 
 
 @pytest.mark.multiproc
@@ -142,6 +173,20 @@ def test_each_rank_records_its_own_batches_and_the_resume_replays_them(chain):
     assert all(len(i) == 1 for i in epoch)
     if chain.name != "klein-zero2":  # (klein's undecodable pair is replaced: the test below)
         assert sorted(i[0] for i in epoch) == list(range(8))
+
+
+@pytest.mark.multiproc
+def test_every_forward_takes_the_reference_tokens_beside_the_targets(chain):
+    """What reached the transformer on each rank: an editing pair's reference tokens after the target's
+    (twice a 32 px image's tokens), at their own position on the ids' first axis, and the text tokens."""
+    from fluxkit.plan import read_architecture
+    from fluxkit.shared.flops import image_tokens
+
+    target = image_tokens(32, 32, read_architecture(chain.model, family=chain.spec.family).vae_scale)
+    expected = {"image_tokens": 2 * target, "text_tokens": chain.spec.text, "id_t": [0, chain.spec.ref_t]}
+    for records in (chain.ranks_killed, chain.ranks_resumed):
+        for rank in (0, 1):
+            assert all(b["forwards"] == [expected] for b in records[rank]), (rank, records[rank])
 
 
 def _shown(chain):
@@ -196,15 +241,15 @@ def test_the_lora_of_the_2_process_run_loads_into_the_familys_plain_pipeline(cha
     keys = list(load_file(str(lora)))
     assert keys and all(k.startswith("transformer.") and "lora" in k for k in keys)
     assert (chain.out / "validation" / "validation-final.png").is_file()  # rendered by both ranks in lockstep
-    family = families.get("flux2-klein" if chain.name.startswith("klein") else "kontext")
-    pipe = family.pipeline_class().from_pretrained(chain.model, local_files_only=True)
+    family = families.get(chain.spec.family)
+    pipe = family.load_pipeline(chain.model, local_files_only=True)  # FLUX.2 [dev]'s: its processor's text half here
     pipe.set_progress_bar_config(disable=True)
 
     def render():
-        call = dict(prompt="make the circle blue", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+        call = dict(prompt="make the circle blue", height=32, width=32, num_inference_steps=2, max_sequence_length=chain.spec.text,
                     output_type="np", generator=torch.Generator().manual_seed(0))
-        if family.name == "kontext":  # an edit of a reference image
-            call.update(family.edit_call(Image.open(chain.reference), 32, 32))
+        side = max(32, family.min_reference_side)  # FLUX.2's pipelines take references of 64 px and more
+        call.update(family.edit_call(Image.open(chain.reference).resize((side, side)), 32, 32))  # an edit, as trained
         return pipe(**call).images
 
     before = render()
@@ -238,3 +283,34 @@ def test_klein_full_fine_tune_under_zero3_gathers_a_klein_pipeline(tiny_klein, s
         assert any(not torch.equal(trained[k].float(), start[k].float()) for k in start), folder
     final = Flux2KleinPipeline.from_pretrained(str(out), local_files_only=True)
     assert all(torch.equal(a, b) for a, b in zip(final.text_encoder.parameters(), base.text_encoder.parameters()))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("chain", ["dev-zero2"], indirect=True)  # the same keys, ZeRO-2: what ZeRO-3 must match
+def test_dev_lora_under_zero3_trains_as_under_zero2(chain):
+    """FLUX.2 [dev] LoRA through the launcher with every parameter sharded (tests/fixtures/zero3_shard_everything:
+    ZeRO-3, stage3_param_persistence_threshold 0), the dev chain's keys for 2 steps (one launch): each rank's
+    optimizer file is ZeRO-3's, each rank trained the chain's samples with their reference tokens, and the two
+    steps' losses and the LoRA gathered from the shards equal the ZeRO-2 chain's at step 2, bit for bit (the same
+    draws on the same NF4 base; the chain's final LoRA is the one loaded into Flux2Pipeline above)."""
+    from safetensors.torch import load_file
+
+    out = chain.tmp / "zero3"
+    changed = dict(output_dir=out, max_train_steps=2, checkpointing_steps=2, latent_cache_dir=chain.tmp / "cache-zero3",
+                   config_file=SHARD_ALL)  # a cache of its own: the encoders load (whole) and fill it under ZeRO-3
+    keys = [k for k in chain.args if k.split("=")[0][2:] not in changed and k != "--resume_from_checkpoint=latest"]
+    proc = launch_inprocess(LORA_LAUNCHER, *keys, *(f"--{k}={v}" for k, v in changed.items()),
+                            env=with_faults({RECORD: str(chain.tmp / "ranks-zero3")}))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
+    assert listing(out) == ["checkpoint-2"] and (out / "validation" / "validation-final.png").is_file()
+    assert all(int(_optimizer_partition(out / "checkpoint-2", rank)[0]) == 3 for rank in (0, 1))
+    ranks = _records(chain.tmp / "ranks-zero3")
+    for rank in (0, 1):
+        assert [b["index"] for b in ranks[rank]] == [b["index"] for b in chain.ranks_killed[rank][:2]], rank
+        assert [b["forwards"] for b in ranks[rank]] == [b["forwards"] for b in chain.ranks_killed[rank][:2]], rank
+    assert [r["loss"] for r in log_lines(out)] == [r["loss"] for r in chain.killed_log[:2]]
+    zero3 = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    zero2 = load_file(str(chain.out / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
+    assert zero3.keys() == zero2.keys() and all(torch.equal(zero3[k], zero2[k]) for k in zero2)
+    assert any(zero3[k].abs().max() > 0 for k in zero3 if "lora_B" in k)  # trained, not the zero init

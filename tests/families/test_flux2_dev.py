@@ -20,13 +20,6 @@ TOKENS = 48  # the tiny tokenizer's system message takes 33 tokens: room for the
 
 
 @pytest.fixture(scope="module")
-def tiny_flux2_dev(tmp_path_factory):
-    from fluxkit.tiny.build import build_pipeline
-
-    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux2_dev"), "tiny", family="flux2")
-
-
-@pytest.fixture(scope="module")
 def dev_pipe(tiny_flux2_dev):
     from fluxkit import families
 

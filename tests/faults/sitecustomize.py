@@ -10,7 +10,10 @@ wrapped as their module is first imported, so the process dies exactly where a c
 and one recorder, so a multi-process test can state what each rank did rather than infer it:
 
     FLUXKIT_TEST_RECORD_BATCHES=DIR    each micro batch's step, sample indices and (width, height) per
-                                       sample, appended to DIR/rank-R.jsonl by process R
+                                       sample, appended to DIR/rank-R.jsonl by process R, with what each
+                                       transformer forward of it received: image tokens (an editing
+                                       pair's reference tokens included), text tokens, and the distinct
+                                       values of the image position ids' first axis (a reference's differ)
 """
 
 import importlib.abc
@@ -76,10 +79,23 @@ def _record_batches(module, folder: str) -> None:
     def micro_step(run, batch):
         rank = run.accelerator.process_index
         indices = [int(i) for i in batch["index"] if int(i) >= 0]  # class partners are negative
+        forwards = []
+
+        def seen(model, args, kwargs):
+            image = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            ids = kwargs.get("img_ids")
+            forwards.append({"image_tokens": image.shape[1], "text_tokens": kwargs["encoder_hidden_states"].shape[1],
+                             "id_t": [] if ids is None else sorted(ids[..., 0].unique().tolist())})
+
+        hook = run.accelerator.unwrap_model(run.transformer).register_forward_pre_hook(seen, with_kwargs=True)
+        try:
+            result = original(run, batch)
+        finally:
+            hook.remove()
         with open(os.path.join(folder, f"rank-{rank}.jsonl"), "a") as f:
-            f.write(json.dumps({"step": run.step, "index": indices,
+            f.write(json.dumps({"step": run.step, "index": indices, "forwards": forwards,
                                 "sizes": [list(run.dataset.target_size(i)) for i in indices]}) + "\n")
-        return original(run, batch)
+        return result
 
     module.micro_step = micro_step
 
