@@ -198,7 +198,8 @@ def _encode_phase(s: RunShape, arch: Architecture, encoders: list) -> Phase:
     if s.text_on_host:
         return Phase("encode", vae_side + terms.caches(s, arch), host_bytes=host,
                      note="the VAE fills the cache; the text encoders run on the host CPU (they do not fit beside it)")
-    encoding = max(vae_side[-1], terms.text_encoding(s, arch), key=lambda i: i.bytes)  # one at a time
+    # one at a time: quantizing the text encoders as they load, encoding prompts, encoding images
+    encoding = max(vae_side[-1], terms.text_encoding(s, arch), terms.text_quantizing(s, arch), key=lambda i: i.bytes)
     return Phase("encode", encoders + [encoding] + terms.caches(s, arch), host_bytes=host,
                  note="encoders read into host memory, fill the cache on the device, then leave")
 

@@ -47,6 +47,12 @@ ACTIVATION_CONSTANTS = {
     ("fp32", "full", False): (98.5, 87.2, 13.0), ("fp32", "full", True): (4.0, 4.9, 13.0),
     ("fp32", "lora", False): (73.9, 70.6, 4.1), ("fp32", "lora", True): (7.1, 8.0, 4.1),
 }
+# --text_encoder_quantization: bitsandbytes quantizes each weight as it loads, through temporaries of
+# that weight (a float32 copy, block indices): bytes per element of the largest converted weight, on
+# top of what is loaded so far. Measured on CPU (bitsandbytes 0.50, transformers 5.23): a 132M-parameter
+# Qwen3 read from bf16 files, RssAnon's peak while loading above its end: 37 MiB (nf4) and 23 MiB (int8)
+# over a largest weight of 3.1M elements.
+QUANTIZING_BYTES = {"nf4": 12, "int8": 8}
 # Inference (validation) holds no activations for backward: the largest live set is one block's
 # working tensors, a few times the hidden states (q, k, v, attention output, the MLP's 4x input).
 INFERENCE_WORKING_PER_TOKEN_HIDDEN = 12
@@ -265,6 +271,16 @@ def text_encoding(s: RunShape, arch: Architecture) -> Item:
     return Item("transient", f"{label} encoding one prompt", sizes.get(label, 0), f"{s.seq_len} tokens")
 
 
+def text_quantizing(s: RunShape, arch: Architecture) -> Item:
+    """--text_encoder_quantization: the temporaries of the one weight bitsandbytes quantizes at a time
+    while a text encoder loads (QUANTIZING_BYTES), on the device it lands on; nothing without it."""
+    if s.text_quant == "none":
+        return Item("transient", "quantizing the text encoder", 0)
+    largest = max((t["largest_linear"] for t in arch.text_encoders), default=0)
+    return Item("transient", "quantizing the text encoder", largest * QUANTIZING_BYTES[s.text_quant],
+                f"one weight at a time as it loads ({s.text_quant}, bitsandbytes)")
+
+
 def pivotal_t5_backward(s: RunShape, arch: Architecture) -> list[Item]:
     """--enable_t5_ti: T5 runs with gradients for each prompt holding new tokens (at most the micro
     batch): every layer keeps about its encoding working set (text_encoder_working_set) for backward,
@@ -388,6 +404,7 @@ def host_encoders_read(s: RunShape, arch: Architecture) -> int:
     if s.text_quant != "none":
         on_host = s.text_on_host or s.offload_encoders
         size += sum(text_encoder_weights(s, t).bytes if on_host else t["largest_param"] * s.cb for t in arch.text_encoders)
+        size += text_quantizing(s, arch).bytes if on_host else 0
     return size + (text_encoding(s, arch).bytes if s.text_on_host else 0)
 
 
