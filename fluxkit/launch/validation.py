@@ -48,6 +48,7 @@ def describe(args, processes: int, samples: int | None) -> str:
 
 def _share(args, renders: int) -> float | None:
     from .. import families
+    from ..data.pairs import editing_requested
     from ..shared import flops
     from ..plan import read_architecture
 
@@ -59,7 +60,8 @@ def _share(args, renders: int) -> float | None:
     text = args.max_sequence_length
     steps = args.max_train_steps or 0
     parts = families.get(arch.family).flop_parts()  # the family's transformer (FLUX.2's has no pooled projection)
-    train = steps * flops.training_step_flops(arch.transformer, tokens, text, args.train_batch_size * args.gradient_accumulation_steps,
+    trained = tokens * (2 if editing_requested(args) else 1)  # pairs train with the reference's tokens; renders have none
+    train = steps * flops.training_step_flops(arch.transformer, trained, text, args.train_batch_size * args.gradient_accumulation_steps,
                                               frozen_base=args.lora, flop_parts=parts)
     forward = parts(arch.transformer, tokens, text, 1)
     render = renders * args.num_validation_images * args.num_validation_steps * (forward["linear"] + forward["attention"])

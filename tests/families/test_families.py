@@ -273,6 +273,17 @@ def test_launcher_names_the_family_and_applies_its_refusals(tiny_klein, sample_d
             "--instance_prompt=a photo of sks dog", "--batch_size=1"]
     proc = run_inprocess([launcher, *keys, "--dry_run"])
     assert proc.returncode == 0 and "model family: flux2-klein (Flux2KleinPipeline)" in proc.stdout, proc.stdout + proc.stderr
+    # the validation line's estimate counts FLUX.2's transformer (FLUX.1's count raised on its config), and an
+    # editing run's training steps with the reference's tokens (its renders have none): a smaller share
+    short = ["--dry_run", "--validation_prompt=a dog", "--max_train_steps=10", "--resolution=32"]
+    edit = [f"--instance_dir={sample_data['edit_targets']}", f"--cond_image_dir={sample_data['edit_references']}"]
+    shares = []
+    for extra in ([], edit):
+        proc = run_inprocess([launcher, *keys, *short, *extra])
+        line = next((s for s in proc.stdout.splitlines() if s.startswith("validation:")), proc.stdout + proc.stderr)
+        assert "% of the run's transformer compute (estimate)" in line, line
+        shares.append(int(line.split("about ")[1].split("%")[0]))
+    assert shares[1] < shares[0], shares
     proc = run_inprocess([launcher, *keys, "--train_text_encoder"])
     assert_user_error(proc, "--train_text_encoder", "flux2-klein")
     assert not (tmp_path / "o").exists()
