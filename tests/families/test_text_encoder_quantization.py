@@ -5,6 +5,7 @@ plan's term against the bytes the loaded encoder holds, and the bad combinations
 
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -104,12 +105,14 @@ def test_4bit_prompt_embeddings_stay_close_and_the_plan_counts_the_encoder(famil
 
 
 @pytest.mark.tiny
-def test_lora_trains_over_a_4bit_text_encoder(folders, sample_data, tmp_path, monkeypatch):
-    """FLUX.2 [dev]'s LoRA run: its prompts encoded by the NF4 Mistral3 (seen at the encode), the loss
-    moves, the LoRA file is written, and the text cache is another namespace than an unquantized run's."""
+@pytest.mark.parametrize("name", ["flux2", "flux2-klein"])
+def test_lora_trains_over_a_4bit_text_encoder(name, folders, sample_data, tmp_path, monkeypatch):
+    """A LoRA run of FLUX.2 [dev] (and klein): its prompts encoded by the NF4 Mistral3 / Qwen3 (seen at the
+    encode), the loss moves, the LoRA file is written, the setting is recorded, and the text cache is
+    another namespace than an unquantized run's."""
     from fluxkit import families
 
-    family = families.get("flux2")
+    family = families.get(name)
     seen = []
     original = type(family).encode_prompts
 
@@ -119,7 +122,7 @@ def test_lora_trains_over_a_4bit_text_encoder(folders, sample_data, tmp_path, mo
 
     monkeypatch.setattr(type(family), "encode_prompts", encode_prompts)
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = trainer_args(folders["flux2"], sample_data, out, steps=4, max_sequence_length=TOKENS, mixed_precision="no",
+    args = trainer_args(folders[name], sample_data, out, steps=4, max_sequence_length=TOKENS, mixed_precision="no",
                         text_encoder_quantization="nf4", learning_rate="1e-3", latent_cache_dir=cache)
     assert run_entry_inprocess(LORA, args) == 0
     assert seen and all("Linear4bit" in s for s in seen), seen
@@ -135,8 +138,8 @@ def test_lora_trains_over_a_4bit_text_encoder(folders, sample_data, tmp_path, mo
     # the quantized encoder's embeddings are cached under their own identity
     from fluxkit.cache import text_identity
 
-    quantized, plain = (_config(folders["flux2"], q) for q in ("nf4", "none"))
-    ids = {text_identity(folders["flux2"], torch.float32, family, family.text_settings(a)) for a in (quantized, plain)}
+    quantized, plain = (_config(folders[name], q) for q in ("nf4", "none"))
+    ids = {text_identity(folders[name], torch.float32, family, family.text_settings(a)) for a in (quantized, plain)}
     assert len(ids) == 2
     text_namespaces = os.listdir(cache / "v1" / "text")
     assert len(text_namespaces) == 1
@@ -187,6 +190,13 @@ def test_flux2_dev_with_a_4bit_encoder_plans_it_on_the_device_not_the_host():
     encode = plan.phase("encode")
     assert not plan.shape.text_on_host and any(i.bytes == packed for i in encode.items)
     assert encode.host_bytes < 2 * GiB  # the VAE and the largest tensor (the embedding) in bf16
+    # python -m fluxkit.plan lists it so
+    proc = run_inprocess([sys.executable, "-m", "fluxkit.plan", "--lora", "--pretrained_model_name_or_path",
+                          "black-forest-labs/FLUX.2-dev", "--resolution", "1024", "--train_batch_size", "1", "--mixed_precision", "bf16",
+                          "--text_encoder_quantization", "nf4", "--device_memory_gb", "24"])
+    line = next(l for l in proc.stdout.splitlines() if "Mistral3 text encoder (frozen)" in l)
+    assert f"{packed / GiB:.3f}" in line and "Linear weights nf4" in line, line
+    assert "quantizing the text encoder" in proc.stdout  # its 1.9 GiB outweigh one 1024 px image's VAE encoding
     unquantized = plan_shape(replace(s, text_quant="none"), arch, 24 * GiB)
     assert unquantized.shape.text_on_host and unquantized.phase("encode").host_bytes > 44 * GiB
     # encoding on the host: the packed encoder there, with one weight's quantizing temporaries (a 168M-element
