@@ -247,3 +247,16 @@ def test_the_smallest_change_can_quantize_the_text_encoders():
     flags, fitting = smallest_change(plan_shape(s, arch, 16 * GiB))
     assert "--text_encoder_quantization int8" in flags and fitting.fits, flags
     assert fitting.shape.text_quant == "int8"
+
+
+@pytest.mark.unit
+def test_an_npu_run_is_refused_and_none_is_always_fine():
+    """bitsandbytes 0.50 has no Ascend NPU backend: one line before anything loads; none needs nothing."""
+    from fluxkit.shared.errors import UserError
+    from fluxkit.weights import quant
+
+    with pytest.raises(UserError, match="--text_encoder_quantization int8: bitsandbytes has no Ascend NPU backend"):
+        quant.check_text_encoder("int8", "npu")
+    for device in ("npu", "cuda", "cpu"):
+        quant.check_text_encoder("none", device)
+    quant.refuse_trained_text_encoder("none", True)
