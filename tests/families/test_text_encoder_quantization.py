@@ -19,13 +19,6 @@ TOKENS = 48  # the tiny dev tokenizer's system message takes 33 tokens: room for
 
 
 @pytest.fixture(scope="module")
-def tiny_flux2_dev(tmp_path_factory):
-    from fluxkit.tiny.build import build_pipeline
-
-    return build_pipeline(str(tmp_path_factory.mktemp("models") / "tiny_flux2_dev"), "tiny", family="flux2")
-
-
-@pytest.fixture(scope="module")
 def folders(tiny_flux2_dev, tiny_klein):
     return {"flux2": tiny_flux2_dev, "flux2-klein": tiny_klein}
 
