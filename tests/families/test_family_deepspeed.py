@@ -21,9 +21,14 @@ draws the replacement from (seed, epoch, index)); a rank that did not know would
 missing latent.
 
 Two more launches: the klein full fine-tune under ZeRO-3 (the full trainer's gather of a FLUX.2
-transformer into a pipeline folder), and FLUX.2 [dev] LoRA under ZeRO-3, text-to-image. Tried by hand and not launched here, to keep the suite short:
-klein LoRA under ZeRO-3, klein on an unquantized base under ZeRO-2 (this module's chain before it
-took the NF4 base) and Kontext under ZeRO-2 (the same code paths as the chains above).
+transformer into a pipeline folder), and FLUX.2 [dev] LoRA under ZeRO-3, text-to-image.
+
+The other stage of klein and Kontext, klein LoRA under ZeRO-3 and Kontext LoRA under ZeRO-2, runs in
+THIS process as a 1-process DeepSpeed run (no launch: the environment `accelerate launch
+--num_processes 1` would give its process, derived by accelerate's own launch code, and a gloo group
+of one): a real DeepSpeed engine of that stage trains each family's pairs; what needs a second rank
+(each rank's partition, replays, the shared skip record) is the chains' part. Tried by hand and not
+run here: klein on an unquantized base under ZeRO-2 (this module's chain before it took the NF4 base).
 """
 
 import json
@@ -35,7 +40,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, run_entry_inprocess, trainer_args, with_faults
+from conftest import ROOT, accelerate_launch, free_port, run_entry_inprocess, trainer_args, with_faults
 from test_data_train import damaged_png
 from test_launchers import LORA as LORA_LAUNCHER, launch_inprocess
 from test_reliability import KILL_IN_CHECKPOINT, LORA, listing, log_lines
@@ -229,32 +234,39 @@ def test_an_undecodable_reference_is_replaced_alike_on_every_rank(chain, capsys)
     assert not again.exists() or not any(again.iterdir())
 
 
-@pytest.mark.multiproc
-def test_the_lora_of_the_2_process_run_loads_into_the_familys_plain_pipeline(chain):
+def _assert_the_lora_changes_the_familys_plain_pipeline(family_name, model, out, reference, text_tokens):
+    """The LoRA file in `out`: transformer keys only, and loaded into the family's own diffusers pipeline it
+    changes an edit of `reference` (as trained)."""
     import numpy as np
     from PIL import Image
     from safetensors.torch import load_file
 
     from fluxkit import families
 
-    lora = chain.out / "pytorch_lora_weights.safetensors"
+    lora = out / "pytorch_lora_weights.safetensors"
     keys = list(load_file(str(lora)))
     assert keys and all(k.startswith("transformer.") and "lora" in k for k in keys)
-    assert (chain.out / "validation" / "validation-final.png").is_file()  # rendered by both ranks in lockstep
-    family = families.get(chain.spec.family)
-    pipe = family.load_pipeline(chain.model, local_files_only=True)  # FLUX.2 [dev]'s: its processor's text half here
+    family = families.get(family_name)
+    pipe = family.load_pipeline(model, local_files_only=True)  # FLUX.2 [dev]'s: its processor's text half here
     pipe.set_progress_bar_config(disable=True)
 
     def render():
-        call = dict(prompt="make the circle blue", height=32, width=32, num_inference_steps=2, max_sequence_length=chain.spec.text,
+        call = dict(prompt="make the circle blue", height=32, width=32, num_inference_steps=2, max_sequence_length=text_tokens,
                     output_type="np", generator=torch.Generator().manual_seed(0))
         side = max(32, family.min_reference_side)  # FLUX.2's pipelines take references of 64 px and more
-        call.update(family.edit_call(Image.open(chain.reference).resize((side, side)), 32, 32))  # an edit, as trained
+        call.update(family.edit_call(Image.open(reference).resize((side, side)), 32, 32))  # an edit, as trained
         return pipe(**call).images
 
     before = render()
-    pipe.load_lora_weights(str(chain.out), weight_name=lora.name)
+    pipe.load_lora_weights(str(out), weight_name=lora.name)
     assert np.abs(render() - before).max() > 1e-4
+
+
+@pytest.mark.multiproc
+def test_the_lora_of_the_2_process_run_loads_into_the_familys_plain_pipeline(chain):
+    assert (chain.out / "validation" / "validation-final.png").is_file()  # rendered by both ranks in lockstep
+    _assert_the_lora_changes_the_familys_plain_pipeline(chain.spec.family, chain.model, chain.out, chain.reference,
+                                                        chain.spec.text)
 
 
 @pytest.mark.multiproc
@@ -314,3 +326,116 @@ def test_dev_lora_under_zero3_trains_as_under_zero2(chain):
     zero2 = load_file(str(chain.out / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
     assert zero3.keys() == zero2.keys() and all(torch.equal(zero3[k], zero2[k]) for k in zero2)
     assert any(zero3[k].abs().max() > 0 for k in zero3 if "lora_B" in k)  # trained, not the zero init
+
+
+# ------------------------------------------------------------------ the other stage of each family, in this process
+ONE_PROCESS = {"kontext-zero2": ("kontext", ZERO2, 2), "klein-zero3": ("flux2-klein", SHARD_ALL, 3)}
+
+
+def _launch_environment(config, port):
+    """What `accelerate launch --config_file CONFIG --num_processes 1` exports to its one process (accelerate's own
+    launch code derives it from the config: ACCELERATE_USE_DEEPSPEED, the stage or the DeepSpeed JSON, precision...),
+    and the rank variables torchrun adds."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    parsed = launch_command_parser().parse_args(["--config_file", config, "--num_processes", "1",
+                                                 "--main_process_port", str(port), LORA])
+    parsed, defaults, precision_from_config = _validate_launch_command(parsed)
+    parsed.deepspeed_fields_from_accelerate_config = ",".join(  # as accelerate's launch_command sets it
+        list(defaults.deepspeed_config) + (["mixed_precision"] if precision_from_config else []))
+    _, env = prepare_deepspeed_cmd_env(parsed)
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}
+
+
+@pytest.fixture
+def one_process_deepspeed(monkeypatch):
+    """run(config, args) -> the DeepSpeed engine the LoRA trainer built: the trainer's main() in this process under
+    a 1-process DeepSpeed launch's environment. When it returns, the process group, DeepSpeed's cached world group,
+    accelerate's state and transformers' ZeRO-3 registration (which would partition any model loaded next) are
+    undone, so what the test loads next, and later in-process runs, see none of it."""
+    import accelerate
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+    from deepspeed.utils import groups
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    engines, prepare = [], accelerate.Accelerator._prepare_deepspeed
+
+    def recording(self, *args):
+        prepared = prepare(self, *args)
+        engines.append(self.deepspeed_engine_wrapped.engine)
+        return prepared
+
+    def undo():
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        unset_hf_deepspeed_config()
+        assert not is_deepspeed_zero3_enabled()
+
+    def run(config, args):
+        environment = _launch_environment(config, free_port())
+        monkeypatch.setattr(accelerate.Accelerator, "_prepare_deepspeed", recording)
+        monkeypatch.setattr(groups, "_WORLD_GROUP", None)  # DeepSpeed's clone of the world group, made per group
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with monkeypatch.context() as launched:
+            for key, value in environment.items():
+                launched.setenv(key, value)
+            try:
+                assert run_entry_inprocess(LORA, args) == 0
+            finally:
+                undo()
+        assert len(engines) == 1, engines
+        return engines[0]
+
+    yield run
+    undo()
+
+
+@pytest.mark.tiny
+@pytest.mark.parametrize("case", list(ONE_PROCESS))
+def test_the_other_zero_stage_of_each_family_trains_pairs_and_its_lora_loads(case, one_process_deepspeed, tiny_flux,
+                                                                          tiny_klein, sample_data, tmp_path, monkeypatch):
+    """Kontext LoRA under ZeRO-2 and klein LoRA under ZeRO-3 (the stages the 2-process chains above do not run), one
+    process each, 2 steps of editing pairs, bf16, checkpoint-2, validation: the engine is that stage's (ZeRO-3: every
+    transformer parameter partitioned, its whole partition on this one rank), every forward saw the
+    reference's tokens, the checkpoint's optimizer file is that stage's and holds every LoRA weight's fp32 master
+    (one rank: the whole partition), and the LoRA file loads into the family's plain pipeline and changes it."""
+    import diffusers
+
+    family, config, stage = ONE_PROCESS[case]
+    model = tiny_flux if family == "kontext" else tiny_klein
+    out = tmp_path / "out"
+    args = trainer_args(model, sample_data, out, steps=2, max_sequence_length=16, learning_rate="1e-3",
+                        checkpointing_steps=2, mixed_precision="bf16", model_family=family,
+                        cond_image_dir=sample_data["edit_references"], latent_cache_dir=tmp_path / "cache",
+                        validation_prompt="make the circle blue", num_validation_images=1, num_validation_steps=2)
+    args[args.index("--instance_data_dir") + 1] = sample_data["edit_targets"]
+    transformer = getattr(diffusers, "FluxTransformer2DModel" if family == "kontext" else "Flux2Transformer2DModel")
+    tokens, forward = [], transformer.forward
+
+    def recording_forward(self, hidden_states, *rest, **kwargs):
+        tokens.append(hidden_states.shape[1])
+        return forward(self, hidden_states, *rest, **kwargs)
+
+    monkeypatch.setattr(transformer, "forward", recording_forward)
+    engine = one_process_deepspeed(config, args)
+
+    assert engine.zero_optimization_stage() == stage and engine.zero_optimization_partition_gradients()
+    params = dict(engine.module.named_parameters())
+    lora = {n: p for n, p in params.items() if p.requires_grad}
+    assert lora and all("lora" in n for n in lora)
+    if stage == 3:  # every parameter partitioned by ZeRO-3 (its placeholder empty but while gathered), this rank's
+        # partition holding all of it (a world of one)
+        assert all(hasattr(p, "ds_id") and p.ds_tensor.numel() == p.ds_numel > 0 for p in params.values())
+    else:
+        assert not any(hasattr(p, "ds_id") for p in params.values())
+    assert tokens[:2] == [128, 128], tokens  # the training steps: 64 target + 64 reference tokens
+    zero_stage, tensors = _optimizer_partition(out / "checkpoint-2", 0)
+    masters = sum(t.numel() for k, t in tensors.items() if k.split("/")[1] in ("single_partition_of_fp32_groups", "fp32_flat_groups"))
+    assert int(zero_stage) == stage and masters == sum(p.ds_numel if stage == 3 else p.numel() for p in lora.values())
+    assert (out / "validation" / "validation-final.png").is_file()
+    _assert_the_lora_changes_the_familys_plain_pipeline(family, model, out, os.path.join(sample_data["edit_references"], "pair_000.png"),
+                                                        16)
