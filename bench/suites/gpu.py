@@ -7,6 +7,8 @@
    same run: the ratio planned / measured, and whether it is within PLAN_TOLERANCE (issue 15's 10%);
 2b. the memory ladder (bench/suites/gpu_memory.py): bf16 LoRA, the HF QLoRA recipe and block offload
    (16 / 22 / 28 blocks swapped) once the cache is full, each beside the plan's training peak;
+2c. the other families (bench/suites/gpu_families.py): Kontext editing, FLUX.2 [klein] 4B and FLUX.2 [dev]
+   LoRA steps at 1024x1024 as the trainer runs them (images/s, MFU, peak memory beside the plan's);
 3. 1024x1024, 28-step text-to-image through FluxPipeline: s/image and transformer it/s, eager
    and torch.compile'd;
 4. the same image split over every accelerator here with Ulysses context parallelism
@@ -33,7 +35,7 @@ from fluxkit.shared import flops
 from fluxkit.shared.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
 
 from .. import harness
-from . import gpu_memory
+from . import gpu_families, gpu_memory
 
 TRAIN_WARMUP, TRAIN_STEPS = 3, 8
 INFER_STEPS, INFER_REPEATS = 28, 3
@@ -275,6 +277,9 @@ def run(ctx) -> dict:
     ladder_rows, ladder_notes = gpu_memory.ladder(ctx, preset, sizes["train"], vae_scale, PLAN_TOLERANCE)
     rows += ladder_rows
     notes += ladder_notes
+    family_rows, family_notes = gpu_families.cases(ctx, preset, measured_peak, PLAN_TOLERANCE)
+    rows += family_rows
+    notes += family_notes
     cp_row, cp_note = _context_parallel(ctx, preset, sizes["infer"])
     notes.append(cp_note)
     if cp_row:

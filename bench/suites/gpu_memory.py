@@ -157,6 +157,20 @@ def encode_phase(ctx, preset, res: int) -> tuple[int, int]:
     return measured, request.plan(ctx.device.type).phase("encode").bytes
 
 
+def _rungs(blocks: int) -> list[tuple]:
+    """RUNGS with swap counts clipped to a preset of `blocks` blocks; rungs that clip to the same run (a small
+    preset has fewer blocks than kohya's counts) are run once, one row naming them all."""
+    merged: dict[tuple, tuple] = {}
+    for case, rank, quantization, eight_bit, swap, published in RUNGS:
+        key = (rank, quantization, eight_bit, min(swap, blocks - 1))
+        if key in merged:
+            first = merged[key]
+            case = f"{first[0]} / {swap}"
+            published = f"{first[5]}; {published}"
+        merged[key] = (case, *key, published)
+    return list(merged.values())
+
+
 def ladder(ctx, preset, res: int, vae_scale: int, tolerance: float) -> tuple[list, list]:
     """(rows, notes) of the memory ladder; see the module doc."""
     rows, notes = [], []
@@ -168,9 +182,8 @@ def ladder(ctx, preset, res: int, vae_scale: int, tolerance: float) -> tuple[lis
                  "metrics": {"peak mem GB": measured / 2**30, "planned GB": planned / 2**30,
                              "planned / measured": planned / measured if ctx.device.has_accelerator else "n/a (CPU RSS)"}})
     blocks = preset.transformer["num_layers"] + preset.transformer["num_single_layers"]
-    for case, rank, quantization, eight_bit, swap, published in RUNGS:
+    for case, rank, quantization, eight_bit, swap, published in _rungs(blocks):
         ctx.log(f"gpu: memory ladder, {case}")
-        swap = min(swap, blocks - 1)
         before = _allocated(ctx)  # left by earlier work (nothing, after gpu.run freed its models)
         t = _transformer(preset, device, quantization)
         times, measured, resident = _steps(ctx, t, res, vae_scale, rank, eight_bit and ctx.device.has_accelerator, swap)
@@ -191,5 +204,5 @@ def ladder(ctx, preset, res: int, vae_scale: int, tolerance: float) -> tuple[lis
         empty_cache(device)
     if not ctx.device.has_accelerator:
         notes.append("memory ladder: on CPU a check of the code path (AdamW instead of 8-bit Adam, swap counts clipped "
-                     "to the preset's blocks), not a GPU measurement")
+                     "to the preset's blocks, rungs that clip alike run once), not a GPU measurement")
     return rows, notes

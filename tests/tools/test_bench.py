@@ -213,6 +213,23 @@ def test_families_run_beside_flux1_at_the_same_settings():
                                                                                         ("flux2-klein", "edit")) for p, c in both]
 
 
+@pytest.mark.parametrize("family, model, preset, edit, card_gib, base", [
+    ("flux2", "black-forest-labs/FLUX.2-dev", "dev", False, 80, "none"),  # 68 GiB planned: bf16 fits an 80 GB card
+    ("kontext", "black-forest-labs/FLUX.1-Kontext-dev", "dev", True, 24, "nf4"),  # bf16 30 GiB does not fit: NF4
+    ("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", "4b", False, 24, "none"),
+])
+def test_gpu_family_case_takes_the_base_the_plan_fits(family, model, preset, edit, card_gib, base):
+    """The gpu suite's family cases run at the family's sensible setting: a bf16 base where the plan says
+    the run fits the device, else NF4; an editing family's plan counts the reference's tokens."""
+    from bench.suites.gpu_families import setting
+    from fluxkit import families
+
+    request, plan = setting(families.get(family), model, preset, 1024, edit, "cuda", card_gib * 2**30)
+    assert request.config.base_quantization == base and plan.fits
+    assert request.config.rank == 16 and request.config.gradient_checkpointing and request.config.max_sequence_length == 512
+    assert plan.shape.references == (1 if edit else 0)
+
+
 def test_trainer_and_inference_summaries_are_read_as_documented(tmp_path):
     from bench.harness import CommandFailed
     from bench.suites.infer import measured
@@ -296,11 +313,22 @@ def test_bench_run_writes_a_valid_result_and_prints_the_table_last(tmp_path):
     ladder = [r for r in suite["rows"] if r["table"].startswith("memory ladder")]
     assert ladder[0]["case"].startswith("encode phase") and ladder[0]["metrics"]["planned GB"] > 0
     ladder = ladder[1:]
-    assert [r["case"].split(",")[0] for r in ladder] == ["bf16 LoRA r16", "HF QLoRA recipe (NF4 r4", "QLoRA + --blocks_to_swap 16",
-                                                         "QLoRA + --blocks_to_swap 22", "QLoRA + --blocks_to_swap 28"]
-    # the tiny preset has 2 blocks: one may be swapped, and one visits at a time
-    assert [r["metrics"]["blocks resident"] for r in ladder] == [2, 2, 2, 2, 2]
+    # the tiny preset has 2 blocks: kohya's 16, 22 and 28 all clip to 1 swapped (one run, one row naming them),
+    # and one block visits at a time
+    assert [r["case"].split(",")[0] for r in ladder] == ["bf16 LoRA r16", "HF QLoRA recipe (NF4 r4",
+                                                         "QLoRA + --blocks_to_swap 16 / 22 / 28"]
+    assert [r["metrics"]["blocks resident"] for r in ladder] == [2, 2, 2]
     assert all(r["metrics"]["s/step"]["n"] == 4 for r in ladder)
+    # each other family's LoRA step on its own tiny preset (the same invocation): the trainer's code, the
+    # transformer run over the tokens the family makes (Kontext: a reference as many again), the plan beside it
+    families = [r for r in suite["rows"] if r["table"] == "family LoRA training step"]
+    assert [r["case"].split(",")[:2] for r in families] == [["Kontext edit", " kontext tiny"], ["FLUX.2 [klein] 4B t2i", " flux2-klein tiny"],
+                                                            ["FLUX.2 [dev] t2i", " flux2 tiny"]]
+    assert [r["params"]["image tokens"] for r in families] == [128, 64, 64]
+    assert all(r["case"].endswith("bf16 base") and r["params"]["text tokens"] == 512 for r in families)
+    assert all(r["metrics"]["s/step"]["n"] == 4 and r["metrics"]["MFU % (measured peak)"]["median"] > 0
+               and r["metrics"]["planned GB"] > 0 for r in families)
+    assert "SimpleTuner bf16: about 12 GB" in families[1]["params"]["published"]
     image = next(r for r in suite["rows"] if r["case"].endswith("eager"))
     assert image["metrics"]["s/image"]["n"] == 3
     out = proc.stdout.strip().splitlines()
