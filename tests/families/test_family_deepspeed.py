@@ -349,19 +349,29 @@ def _launch_environment(config, port):
     return {k: v for k, v in env.items() if os.environ.get(k) != v}
 
 
+def _torch_globals() -> dict:
+    """The identity of every public attribute of torch's namespaces a library may patch for good (DeepSpeed does)."""
+    import torch.nn.functional as F
+
+    return {(space.__name__, name): id(getattr(space, name)) for space in (torch, F, torch.nn.Module, torch.Tensor)
+            for name in dir(space) if not name.startswith("__") and hasattr(space, name)}
+
+
 @pytest.fixture
 def one_process_deepspeed(monkeypatch):
     """run(config, args) -> the DeepSpeed engine the LoRA trainer built: the trainer's main() in this process under
     a 1-process DeepSpeed launch's environment. When it returns, the process group, DeepSpeed's cached world group,
-    accelerate's state and transformers' ZeRO-3 registration (which would partition any model loaded next) are
+    accelerate's state, transformers' ZeRO-3 registration (which would partition any model loaded next) and
+    torch.nn.functional.linear (ZeRO-3's engine swaps in its own for good; torchao's int8 weights fail in it) are
     undone, so what the test loads next, and later in-process runs, see none of it."""
     import accelerate
     import torch.distributed as dist
+    import torch.nn.functional as F
     from accelerate.state import AcceleratorState
     from deepspeed.utils import groups
     from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    engines, prepare = [], accelerate.Accelerator._prepare_deepspeed
+    engines, prepare, linear = [], accelerate.Accelerator._prepare_deepspeed, F.linear
 
     def recording(self, *args):
         prepared = prepare(self, *args)
@@ -369,6 +379,7 @@ def one_process_deepspeed(monkeypatch):
         return prepared
 
     def undo():
+        F.linear = linear
         if dist.is_initialized():
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -376,7 +387,7 @@ def one_process_deepspeed(monkeypatch):
         assert not is_deepspeed_zero3_enabled()
 
     def run(config, args):
-        environment = _launch_environment(config, free_port())
+        environment, before = _launch_environment(config, free_port()), _torch_globals()
         monkeypatch.setattr(accelerate.Accelerator, "_prepare_deepspeed", recording)
         monkeypatch.setattr(groups, "_WORLD_GROUP", None)  # DeepSpeed's clone of the world group, made per group
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -387,6 +398,8 @@ def one_process_deepspeed(monkeypatch):
                 assert run_entry_inprocess(LORA, args) == 0
             finally:
                 undo()
+        after = _torch_globals()
+        assert not [k for k in before if after.get(k) != before[k]], "the run left torch patched"
         assert len(engines) == 1, engines
         return engines[0]
 
