@@ -24,7 +24,7 @@ class Flux2(Family):
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
         "vae": ("diffusers", "AutoencoderKLFlux2"),
         "tokenizer": ("fluxkit.families.pixtral_text", "PromptProcessor"),  # PixtralProcessor, or its text half
-        "text_encoder": ("transformers", "Mistral3ForConditionalGeneration"),
+        "text_encoder": ("fluxkit.families.mistral3_text", "Mistral3PromptEncoder"),  # without its unused output head
     }
     editing = True
     text_encoder_labels = {"text_encoder": ("Mistral3", "sequence")}
