@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..shared.errors import FlagParser, UserError
 from ..families import NAMES, get as get_family
 from ..weights.lora import LORA_WEIGHT_NAME
-from ..weights.quant import add_flag as add_quantization_flag
+from ..weights.quant import add_flag as add_quantization_flag, add_text_encoder_flag
 
 REFERENCE_SEEDS = (8, 23, 42, 1334)
 
@@ -119,6 +119,7 @@ def build_parser(defaults: ScriptDefaults) -> argparse.ArgumentParser:
     g.add_argument("--fuse_lora", action="store_true",
                    help="merge the LoRA into the weights before generating (faster; same images within rounding)")
     add_quantization_flag(g, "load the transformer's weights quantized")
+    add_text_encoder_flag(g, "each image's metadata and file name record it")
     g.add_argument("--local_files_only", action=argparse.BooleanOptionalAction, default=True,
                    help="never download (the default); --no-local_files_only lets diffusers fetch a hub id")
     g = p.add_argument_group("what to generate")

@@ -192,12 +192,13 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
 
 
 def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: str = "none", device_type: str = "cpu",
-                  family=None):
+                  family=None, text_quantization: str = "none", text_device="cpu"):
     """The pipeline at model_path in `dtype` (the family's class, fluxkit.families; default: the
-    folder's), its transformer quantized as asked (fluxkit.weights.quant)."""
+    folder's), its transformer quantized as asked (fluxkit.weights.quant), its text encoders loaded
+    by the family (load_text_encoders)."""
     family = family or (families.of_folder(model_path) if os.path.isdir(model_path) else families.get("flux1"))
     try:
-        parts = {}
+        parts = load_text_encoders(family, model_path, text_quantization, dtype, text_device, local_files_only)
         if quantization != "none":
             parts["transformer"] = quant.load_transformer(model_path, quantization, dtype, device_type, subfolder="transformer",
                                                           local_files_only=local_files_only,
@@ -207,6 +208,16 @@ def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: 
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"--model_path {model_path!r} could not be loaded as a FLUX pipeline: {first_line}") from None
     return pipe
+
+
+def load_text_encoders(family, model_path: str, quantization: str, dtype, device, local_files_only: bool) -> dict:
+    """The family's text encoders as its load_component gives them, as the trainers load them: quantized
+    onto `device` as --text_encoder_quantization asks (the host never holds them whole), else in `dtype`."""
+    def load(name):
+        encoder = family.load_component(name, model_path, quantization, dtype, device, local_files_only=local_files_only)
+        return encoder if quant.is_quantized(encoder) else encoder.to(dtype)  # as stored (transformers' "auto"), then cast
+
+    return {name: load(name) for name in family.text_encoders}
 
 
 # ---------------------------------------------------------------- speed-ups and devices
@@ -271,6 +282,8 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
         settings["batch_size"] = args.batch_size
     if args.base_quantization != "none":  # absent when unquantized: earlier runs' file names stay valid
         settings["base_quantization"] = args.base_quantization
+    if args.text_encoder_quantization != "none":  # likewise
+        settings["text_encoder_quantization"] = args.text_encoder_quantization
     if embeddings:  # likewise absent without pivotal tuning's new tokens
         settings["embeddings"] = embeddings
     return settings
@@ -334,6 +347,7 @@ def check_before_loading(args, defaults: ScriptDefaults):
     if not info.supports(args.dtype):
         raise UserError(f"--dtype {args.dtype} is not supported on {info.type}; use bf16 or fp32")
     quant.check(args.base_quantization, info.type)
+    quant.check_text_encoder(args.text_encoder_quantization, info.type)
     grid = plan_grid(world_size(), args.ulysses_degree, args.ring_degree)
     backend = choose_attention_backend(args.attention_backend, info.type, args.npu_flash_attention, grid)
     check_backend_for_grid(backend, grid)
@@ -420,7 +434,7 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
     if info.type == "npu":
         report(apply_npu_patches(args.npu_flash_attention))
     pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only, args.base_quantization, info.type,
-                         family)
+                         family, args.text_encoder_quantization, state.device)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
     if embeddings:
@@ -491,7 +505,8 @@ def main(defaults: ScriptDefaults, argv=None) -> int:
     """Entry point of the four scripts (wrapped by errors.cli there)."""
     try:
         args = parse_args(defaults, argv)
-        host_runtime.leave_out(quant.libraries_not_needed(args.base_quantization, False, args.model_path))
+        host_runtime.leave_out(quant.libraries_not_needed(args.base_quantization, False, args.model_path,
+                                                                args.text_encoder_quantization))
         quiet.install()
         run(args, defaults)
     except UserError:

@@ -61,12 +61,7 @@ def _model_flags(g) -> None:
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--cache_dir", default=None, help="where downloaded models and datasets are cached")
     quant.add_flag(g, "LoRA only: quantize the frozen transformer base")
-    g.add_argument("--text_encoder_quantization", default="none", choices=quant.TEXT_ENCODER_QUANTIZATIONS,
-                   help="(ours) load the frozen text encoder(s) quantized by bitsandbytes as they load: nf4 (4-bit) or "
-                        "int8 (LLM.int8). FLUX.2 [dev]'s 24B Mistral3 is 45 GiB in bf16, 14 GiB in nf4. Named after "
-                        "--base_quantization, its values bitsandbytes' own; SimpleTuner calls it "
-                        "--text_encoder_1_precision (nf4-bnb), diffusers' FLUX.2 scripts have none. Prompt embeddings "
-                        "move a little (docs/memory.md); the cache keeps them apart from unquantized ones")
+    quant.add_text_encoder_flag(g, "the cache keeps their embeddings apart from unquantized ones")
 
 
 def _training_flags(g, lora: bool) -> None:

@@ -43,6 +43,17 @@ def add_flag(group, what: str) -> None:
                             "capability 8.9+); less memory, slower steps")
 
 
+def add_text_encoder_flag(group, note: str = "") -> None:
+    """--text_encoder_quantization on a parser group (trainers, the cache command, the inference
+    scripts); `note` adds what it means in that script."""
+    group.add_argument("--text_encoder_quantization", default="none", choices=TEXT_ENCODER_QUANTIZATIONS,
+                       help="(ours) load the frozen text encoder(s) quantized by bitsandbytes as they load: nf4 (4-bit) "
+                            "or int8 (LLM.int8). FLUX.2 [dev]'s 24B Mistral3 is 43 GiB in bf16, 13 GiB in nf4. Named "
+                            "after --base_quantization, its values bitsandbytes' own; SimpleTuner calls it "
+                            "--text_encoder_1_precision (nf4-bnb), diffusers' FLUX.2 scripts have none. Prompt "
+                            "embeddings move a little (docs/memory.md)" + (f"; {note}" if note else ""))
+
+
 def refuse_for_full_finetune(quantization: str) -> None:
     """A full fine-tune trains every weight: there is no frozen base to quantize."""
     if quantization not in (None, "none"):

@@ -1,0 +1,160 @@
+"""--text_encoder_quantization in the inference scripts (fluxkit.inference.run.load_text_encoders, through
+each family's load_component as the trainers load them) on the tiny FLUX.2 [dev]: an NF4 Mistral3 renders,
+the metadata and the file name say so, and the image differs from the unquantized one only through the
+prompt embeddings; the same image from two data-parallel processes; the bad combinations as one error
+line; and FLUX.2 [dev]'s Mistral3 without its output head (fluxkit.families.mistral3_text)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, accelerate_launch
+from test_context_parallel import two_process_config
+from test_inference import _fresh_process_state, infer, manifest, pixels, pngs  # noqa: F401
+
+DISTRIB = os.path.join(ROOT, "infer_flux_text2img_distrib.py")
+PROMPTS = ["a photo of sks dog", "an astronaut riding a horse on the moon"]
+# 48 tokens: the tiny dev tokenizer's system message takes 33, the prompt comes after it
+ARGV = ["--height", "32", "--width", "32", "--num_inference_steps", "2", "--dtype", "fp32", "--max_sequence_length", "48",
+        "--seeds", "8", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+
+
+def recorded_run(model, out, quantization, replay=None):
+    """One in-process run of the base script recording, per pipeline call, the prompt embeddings the
+    pipeline encoded, the latents it handed the VAE, and the Linear classes of its text encoder.
+    replay: embeddings to hand the pipeline instead of its own (in call order)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Pipeline
+
+    record = {"embeds": [], "latents": [], "linears": set()}
+    encode, decode = Flux2Pipeline.encode_prompt, AutoencoderKLFlux2.decode
+
+    def encode_prompt(self, *args, **kwargs):
+        record["linears"] |= {type(m).__name__ for m in self.text_encoder.modules() if "Linear" in type(m).__name__}
+        embeds, ids = encode(self, *args, **kwargs)
+        if replay is not None:
+            embeds = replay[len(record["embeds"])]
+        record["embeds"].append(embeds.detach().clone())
+        return embeds, ids
+
+    def vae_decode(self, z, *args, **kwargs):
+        record["latents"].append(z.detach().clone())
+        return decode(self, z, *args, **kwargs)
+
+    Flux2Pipeline.encode_prompt, AutoencoderKLFlux2.decode = encode_prompt, vae_decode
+    try:
+        assert infer("BASE", ["--model_path", model, *ARGV, "--text_encoder_quantization", quantization,
+                              "--output_dir", out]) == 0
+    finally:
+        Flux2Pipeline.encode_prompt, AutoencoderKLFlux2.decode = encode, decode
+    return record
+
+
+@pytest.fixture(scope="module")
+def nf4_run(tiny_flux2_dev, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nf4") / "out"
+    record = recorded_run(tiny_flux2_dev, out, "nf4")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out, record
+
+
+@pytest.mark.tiny
+def test_flux2_dev_renders_over_a_4bit_text_encoder_and_only_its_embeddings_change_the_image(tiny_flux2_dev, nf4_run,
+                                                                                              tmp_path):
+    """The check: the NF4 run's embeddings move (0 < relative L2 <= 0.3 per prompt, the bound of
+    tests/families/test_text_encoder_quantization.py) and so do its final latents; handing the NF4 run's
+    embeddings to the unquantized pipeline gives its final latents bit for bit and its PNGs exactly. So
+    the image differs from the unquantized one by exactly what the embeddings do, nothing else."""
+    out, q = nf4_run
+    assert "Linear4bit" in q["linears"] and "Linear" not in q["linears"], q["linears"]  # no head, all converted
+    records = manifest(out)
+    assert [r["text_encoder_quantization"] for r in records] == ["nf4", "nf4"]
+    with Image.open(out / records[0]["file"]) as im:
+        assert im.text["text_encoder_quantization"] == "nf4"
+
+    plain = recorded_run(tiny_flux2_dev, tmp_path / "none", "none")
+    assert plain["linears"] == {"Linear"}
+    assert all("text_encoder_quantization" not in r for r in manifest(tmp_path / "none"))  # names of earlier runs kept
+    assert set(pngs(out)).isdisjoint(pngs(tmp_path / "none"))  # the file name tells them apart
+    for got, full in zip(q["embeds"], plain["embeds"]):
+        error = ((got - full).norm() / full.norm()).item()
+        assert 0 < error <= 0.3, error
+    assert any(not torch.equal(a, b) for a, b in zip(q["latents"], plain["latents"]))
+
+    replayed = recorded_run(tiny_flux2_dev, tmp_path / "replay", "none", replay=q["embeds"])
+    assert all(torch.equal(a, b) for a, b in zip(q["latents"], replayed["latents"]))
+    for a, b in zip(records, manifest(tmp_path / "replay")):
+        assert np.array_equal(pixels(out / a["file"]), pixels(tmp_path / "replay" / b["file"]))
+
+
+@pytest.mark.multiproc
+def test_two_data_parallel_processes_render_the_same_4bit_images(tiny_flux2_dev, nf4_run, tmp_path):
+    """Each of two processes quantizes its own text encoder and renders its share (one image each):
+    the same files, pixel for pixel, as the single process's NF4 run."""
+    one, _ = nf4_run
+    argv = ["--model_path", tiny_flux2_dev, *ARGV, "--text_encoder_quantization", "nf4", "--output_dir", tmp_path / "two"]
+    proc = accelerate_launch([DISTRIB, *map(str, argv)], num_processes=2, config=two_process_config(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es), grid 2 data-parallel x ulysses 1 x ring 1" in proc.stdout
+    two = tmp_path / "two"
+    import json
+
+    assert json.loads((two / "infer_summary.json").read_text())["images_per_process"] == [1, 1]
+    assert pngs(two) == pngs(one) and len(pngs(one)) == 2
+    assert all(np.array_equal(pixels(one / n), pixels(two / n)) for n in pngs(one))
+    assert manifest(two) == manifest(one)
+
+
+@pytest.mark.tiny
+@pytest.mark.parametrize("mistake", ["bitsandbytes missing", "npu"])
+def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux2_dev, tmp_path, capfd, monkeypatch):
+    import sys
+    from dataclasses import replace
+
+    from fluxkit.shared import device
+
+    if mistake == "npu":
+        detect = device.detect
+        monkeypatch.setattr(device, "detect", lambda name: replace(detect("cpu"), type="npu"))
+        needle = "bitsandbytes has no Ascend NPU backend"
+    else:
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as Python blocks an import
+        needle = "needs bitsandbytes, which is not installed"
+    out = tmp_path / "out"
+    assert infer("BASE", ["--model_path", tiny_flux2_dev, *ARGV, "--text_encoder_quantization", "nf4",
+                          "--output_dir", out]) == 2
+    lines = [line for line in capfd.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "--text_encoder_quantization nf4" in lines[0] and needle in lines[0], lines
+    assert not out.exists()
+
+
+@pytest.mark.tiny
+def test_mistral3_loads_without_its_output_head_and_encodes_the_same(tiny_flux2_dev):
+    """FLUX.2 [dev]'s text encoder class has no lm_head parameter (the checkpoint's is left unread), its
+    hidden states equal transformers' full model's bit for bit, the plan counts it without the head, and
+    text generation (which needs the head) is refused."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    from fluxkit import families
+    from fluxkit.plan.architecture import read_architecture
+
+    family = families.get("flux2")
+    full = Mistral3ForConditionalGeneration.from_pretrained(tiny_flux2_dev, subfolder="text_encoder", local_files_only=True)
+    encoder, info = family.component_class("text_encoder").from_pretrained(
+        tiny_flux2_dev, subfolder="text_encoder", local_files_only=True, output_loading_info=True)
+    head = full.lm_head.weight.numel()
+    assert not any("lm_head" in n for n, _ in encoder.named_parameters()), "the output head was loaded"
+    assert not info["missing_keys"], info  # every other weight came from the checkpoint
+    count = sum(p.numel() for p in encoder.parameters())
+    assert count == sum(p.numel() for p in full.parameters()) - head
+    assert read_architecture(tiny_flux2_dev).text_encoders[0]["params"] == count
+    ids = torch.randint(0, full.config.text_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, output_hidden_states=True, use_cache=False) for m in (full, encoder))
+    assert all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states)) and b.logits is None
+    with pytest.raises(NotImplementedError, match="encodes prompts only"):
+        encoder.generate(input_ids=ids)
