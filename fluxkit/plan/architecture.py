@@ -17,7 +17,7 @@ from ..shared.errors import UserError
 
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
 ARCHITECTURE_MEMO_ENV = "FLUXKIT_PLAN_MEMO"
-MEMO_SCHEMA = 7  # bump when Architecture's fields or what they count change (7: FLUX.2 [dev] without lm_head)
+MEMO_SCHEMA = 8  # bump when Architecture's fields or what they count change (8: FLUX.2 [dev] without lm_head, vision tower)
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
 NF4_CODE_BYTES = 16 * 4  # each 4-bit layer's quantization state keeps its 16-value fp32 code table
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the transformer's blocks, in forward order

@@ -2,7 +2,7 @@
 each family's load_component as the trainers load them) on the tiny FLUX.2 [dev]: an NF4 Mistral3 renders,
 the metadata and the file name say so, and the image differs from the unquantized one only through the
 prompt embeddings; the same image from two data-parallel processes; the bad combinations as one error
-line; and FLUX.2 [dev]'s Mistral3 without its output head (fluxkit.families.mistral3_text)."""
+line; and FLUX.2 [dev]'s Mistral3 without its output head and vision tower (fluxkit.families.mistral3_text)."""
 
 import os
 
@@ -133,8 +133,9 @@ def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux2_dev
 
 
 @pytest.mark.tiny
-def test_mistral3_loads_without_its_output_head_and_encodes_the_same(tiny_flux2_dev):
-    """FLUX.2 [dev]'s text encoder class has no lm_head parameter (the checkpoint's is left unread), its
+def test_mistral3_loads_without_its_output_head_and_vision_tower_and_encodes_the_same(tiny_flux2_dev):
+    """FLUX.2 [dev]'s text encoder class has no lm_head and no vision tower/projector parameter (the
+    checkpoint's are left unread), its
     hidden states equal transformers' full model's bit for bit, the plan counts it without the head, and
     text generation (which needs the head) is refused."""
     from transformers import Mistral3ForConditionalGeneration
@@ -146,11 +147,13 @@ def test_mistral3_loads_without_its_output_head_and_encodes_the_same(tiny_flux2_
     full = Mistral3ForConditionalGeneration.from_pretrained(tiny_flux2_dev, subfolder="text_encoder", local_files_only=True)
     encoder, info = family.component_class("text_encoder").from_pretrained(
         tiny_flux2_dev, subfolder="text_encoder", local_files_only=True, output_loading_info=True)
-    head = full.lm_head.weight.numel()
-    assert not any("lm_head" in n for n, _ in encoder.named_parameters()), "the output head was loaded"
+    unused = ("lm_head", "vision_tower", "multi_modal_projector")
+    dropped = sum(p.numel() for n, p in full.named_parameters() if any(u in n for u in unused))
+    assert full.lm_head.weight.numel() < dropped
+    assert not any(u in n for n, _ in encoder.named_parameters() for u in unused), "the head or vision tower was loaded"
     assert not info["missing_keys"], info  # every other weight came from the checkpoint
     count = sum(p.numel() for p in encoder.parameters())
-    assert count == sum(p.numel() for p in full.parameters()) - head
+    assert count == sum(p.numel() for p in full.parameters()) - dropped
     assert read_architecture(tiny_flux2_dev).text_encoders[0]["params"] == count
     ids = torch.randint(0, full.config.text_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
