@@ -37,7 +37,7 @@ from ..shared.fsio import atomic_write, atomic_write_json, atomic_write_text, en
 from .args import Request, ScriptDefaults, apply_family_defaults, collect_prompts, parse_args
 from .parallel import (check_backend_for_grid, check_sequence_split, choose_attention_backend, distributed_state,
                              enable_context_parallel, launch_shortfall, plan_grid, world_size)
-from ..weights.lora import LORA_WEIGHT_NAME, attach_lora, read_lora_shapes, resolve_lora_file
+from ..weights.lora import LORA_WEIGHT_NAME, attach_lora, lora_components, resolve_lora_file
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "infer_summary.json"
@@ -337,8 +337,8 @@ def check_before_loading(args, defaults: ScriptDefaults):
         embeddings = os.path.realpath(embeddings)
         rewritten = pivotal.rewrite_inference_prompts([r.prompt for r in requests], embeddings)
         requests = [Request(p, r.image) for p, r in zip(rewritten, requests)]
-    if lora_file:
-        read_lora_shapes(lora_file)
+    if lora_file:  # its header only: a file that is no LoRA, or text-encoder layers a quantized encoder cannot take
+        quant.refuse_text_encoder_lora(args.text_encoder_quantization, lora_file, lora_components(lora_file))
     check_model_path(args.model_path, args.local_files_only)
     family = inference_family(args)
     apply_family_defaults(args, family)

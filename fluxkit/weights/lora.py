@@ -239,6 +239,11 @@ def _expected_lora_layers(shapes: dict) -> dict:
     return layers
 
 
+def lora_components(path: str) -> set[str]:
+    """The pipeline components (transformer, text_encoder) a LoRA file has layers for."""
+    return set(_expected_lora_layers(read_lora_shapes(path)))
+
+
 def _check_lora_fits(pipe, path: str, expected: dict) -> None:
     """Every LoRA layer on an existing Linear must match its size: diffusers would otherwise widen
     the model's layers to fit a LoRA made for a bigger model. Unknown layers are caught by the

@@ -89,6 +89,15 @@ def refuse_trained_text_encoder(quantization: str, trains_text: bool) -> None:
                         "--train_text_encoder / --train_text_encoder_ti train one: drop one of the two")
 
 
+def refuse_text_encoder_lora(quantization: str, lora_file: str, components) -> None:
+    """diffusers loads a LoRA's text-encoder layers by casting the encoder (text_encoder.to(dtype=...)),
+    which transformers refuses for a bitsandbytes model: refuse the pair before anything loads."""
+    if quantization not in (None, "none") and "text_encoder" in components:
+        raise UserError(f"--text_encoder_quantization {quantization} loads the text encoders quantized, and --lora_weights "
+                        f"{lora_file!r} holds text-encoder layers (trained with --train_text_encoder), which diffusers "
+                        "cannot load into a bitsandbytes-quantized encoder: drop --text_encoder_quantization")
+
+
 def check_text_encoder(quantization: str, device_type: str) -> None:
     """Refuse, before anything loads or is written, a text-encoder quantization this host cannot run:
     bitsandbytes missing, or a device bitsandbytes has no backend for."""

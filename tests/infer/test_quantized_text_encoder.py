@@ -110,14 +110,26 @@ def test_two_data_parallel_processes_render_the_same_4bit_images(tiny_flux2_dev,
 
 
 @pytest.mark.tiny
-@pytest.mark.parametrize("mistake", ["bitsandbytes missing", "npu"])
-def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux2_dev, tmp_path, capfd, monkeypatch):
+@pytest.mark.parametrize("mistake", ["bitsandbytes missing", "npu", "text-encoder LoRA"])
+def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux2_dev, tiny_flux, tmp_path, capfd, monkeypatch):
+    """bitsandbytes missing; an NPU (bitsandbytes has no backend there); a LoRA with text-encoder layers
+    (FLUX.1's --train_text_encoder), which diffusers loads by casting the encoder, refused by transformers
+    for a bitsandbytes model (seen: "You cannot cast a bitsandbytes model in a new `dtype`")."""
     import sys
     from dataclasses import replace
 
     from fluxkit.shared import device
 
-    if mistake == "npu":
+    model, extra = tiny_flux2_dev, []
+    if mistake == "text-encoder LoRA":  # FLUX.1's CLIP  # only its header is read before the refusal
+        from safetensors.torch import save_file
+
+        layer = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+        save_file({f"{layer}.lora_A.weight": torch.zeros(4, 32), f"{layer}.lora_B.weight": torch.zeros(32, 4)},
+                  str(tmp_path / "clip_lora.safetensors"))
+        model, extra = tiny_flux, ["--lora_weights", tmp_path / "clip_lora.safetensors"]
+        needle = "holds text-encoder layers"
+    elif mistake == "npu":
         detect = device.detect
         monkeypatch.setattr(device, "detect", lambda name: replace(detect("cpu"), type="npu"))
         needle = "bitsandbytes has no Ascend NPU backend"
@@ -125,8 +137,8 @@ def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux2_dev
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as Python blocks an import
         needle = "needs bitsandbytes, which is not installed"
     out = tmp_path / "out"
-    assert infer("BASE", ["--model_path", tiny_flux2_dev, *ARGV, "--text_encoder_quantization", "nf4",
-                          "--output_dir", out]) == 2
+    assert infer("BASE", ["--model_path", model, *ARGV, "--text_encoder_quantization", "nf4", "--output_dir", out,
+                          *extra]) == 2
     lines = [line for line in capfd.readouterr().err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "--text_encoder_quantization nf4" in lines[0] and needle in lines[0], lines
     assert not out.exists()
