@@ -156,11 +156,21 @@ def family_archs():
 
 
 def test_each_family_reads_its_own_components(family_archs, dev):
-    """The published sizes, counted by the libraries' own classes on the meta device: klein 4B and 9B with
-    Qwen3-4B / Qwen3-8B, FLUX.2 [dev] with a 24B Mistral3 (its vision tower included: the pipeline loads
-    it); Kontext is FLUX.1-dev's architecture."""
+    """The published sizes, counted by the families' classes on the meta device: klein 4B and 9B with
+    Qwen3-4B / Qwen3-8B, FLUX.2 [dev] with a 24B Mistral3 (transformers' class: 24.01B) of which 22.90B
+    load (fluxkit.families.mistral3_text: no output head, no vision tower); Kontext is FLUX.1-dev's."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    from fluxkit.plan.architecture import _on_meta
+    from fluxkit.tiny.build import resolve_preset
+
+    full = _on_meta(Mistral3ForConditionalGeneration, resolve_preset("dev", "flux2").configs()["text_encoder"])
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(full) == pytest.approx(24.01e9, rel=2e-3)
+    unused = count(full.lm_head) + count(full.model.vision_tower) + count(full.model.multi_modal_projector)
+    assert family_archs[FLUX2].params["text_encoder"] == count(full) - unused
     expect = {KLEIN4: ("flux2-klein", "Qwen3", 3.88e9, 4.02e9), KLEIN9: ("flux2-klein", "Qwen3", 9.08e9, 8.19e9),
-              FLUX2: ("flux2", "Mistral3", 32.22e9, 24.01e9)}
+              FLUX2: ("flux2", "Mistral3", 32.22e9, 22.90e9)}
     for model, (family, label, transformer, text) in expect.items():
         arch = family_archs[model]
         (t,) = arch.text_encoders
@@ -192,9 +202,10 @@ def test_encoders_read_every_layer_for_flux2(family_archs):
     config = KLEIN_PRESETS["tiny"].text_encoder
     out = Qwen3ForCausalLM(Qwen3Config(**config))(torch.zeros(1, 8, dtype=torch.long), output_hidden_states=True)
     assert len(out.hidden_states) == config["num_hidden_layers"] + 1
-    # the host holds every encoder while they load (all are read before the first moves to the device)
+    # the host holds every encoder while they load (all are read before the first moves to the device);
+    # FLUX.2 [dev]'s Mistral3 without its unread output head and vision tower (22.9B of its 24.0B)
     tight = plan_shape(shape(quant="nf4", resolution=1024), family_archs[FLUX2], 24 * GiB)
-    assert tight.shape.text_on_host and tight.phase("encode").host_bytes > 24.0e9 * 2
+    assert tight.shape.text_on_host and tight.phase("encode").host_bytes > 22.9e9 * 2
     assert "Mistral3 text encoder (frozen)" not in {i.name for i in tight.phase("encode").items}
 
 
