@@ -245,7 +245,8 @@ def zero2_lora_run(tiny_flux, sample_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero3_runs(tiny_flux, sample_data, tmp_path_factory):
     """script -> (output folder, CompletedProcess) of its 2-process ZeRO-3 run (every parameter sharded), made on
-    first use: 2 steps at --learning_rate 1e-2, checkpoint-1 and checkpoint-2, a validation image at the end.
+    first use: 2 steps of accumulation 2 at --learning_rate 1e-2, checkpoint-1 and checkpoint-2, a validation image
+    at the end.
     test_zero3 compares each with ZeRO-2 and resumes from it; test_checkpoint_verify damages copies of the full
     fine-tune's checkpoint-2."""
     made = {}
@@ -254,7 +255,8 @@ def zero3_runs(tiny_flux, sample_data, tmp_path_factory):
         if script not in made:
             out = tmp_path_factory.mktemp("zero3") / "out"
             args = trainer_args(tiny_flux, sample_data, out, 2, checkpointing_steps=1, learning_rate="1e-2",
-                                validation_prompt="a photo of sks dog", num_validation_images=1, num_validation_steps=2)
+                                gradient_accumulation_steps=2, validation_prompt="a photo of sks dog",
+                                num_validation_images=1, num_validation_steps=2)
             proc = accelerate_launch([script] + args, num_processes=2, config=SHARD_ALL, timeout=420)
             assert proc.returncode == 0, proc.stderr[-4000:]
             made[script] = out, proc

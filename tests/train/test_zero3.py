@@ -32,16 +32,19 @@ ATOL, RTOL = 1e-3, 2 ** -7  # a tenth of a step at lr 1e-2; bf16's relative spac
 MIN_CLOSE, MIN_MOVED = 0.98, 0.5
 
 
-def _launch(config, script, model, data, out, **extra):
-    """A 2-process run with the flags of conftest.zero3_runs' runs (2 steps at lr 1e-2, a checkpoint each step)."""
-    args = base_args(model, data, out, steps=2, checkpointing_steps=1, learning_rate="1e-2", **extra)
-    return _log(accelerate_launch([script] + args, num_processes=2, config=config, timeout=420), out)
+def _launch(config, script, model, data, out, steps=2, **extra):
+    """A 2-process run with the flags of conftest.zero3_runs' runs (2 steps of accumulation 2 at lr 1e-2, a checkpoint
+    each step): its log."""
+    args = base_args(model, data, out, steps=steps, checkpointing_steps=1, learning_rate="1e-2",
+                     gradient_accumulation_steps=2, **extra)
+    return _log(accelerate_launch([script] + args, num_processes=2, config=config, timeout=420), out, steps)
 
 
-def _log(proc, out):
+def _log(proc, out, steps=2):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    assert summary["world_size"] == 2 and summary["global_step"] == steps
+    assert summary["mixed_precision"] == "bf16" and summary["grad_accum"] == 2
     return [json.loads(l) for l in open(os.path.join(out, "train_log.jsonl"))]
 
 
@@ -91,6 +94,22 @@ def test_zero3_checkpoints_resume_and_matches_zero2(tiny_flux, sample_data, tmp_
     moved = ((z2_s - start_s).abs() > ATOL + RTOL * z2_s.abs()).float().mean().item()
     print(f"ZeRO-3 vs ZeRO-2 ({os.path.basename(script)}): {close:.4f} of weights close, {moved:.4f} moved")
     assert close >= MIN_CLOSE and moved >= MIN_MOVED, f"{close:.4f} of ZeRO-3's weights close to ZeRO-2's, {moved:.4f} moved"
+
+    if script == FULL:  # the full fine-tune under ZeRO-2 resumes from its latest checkpoint and saves a pipeline
+        _zero2_full_resumes_from_latest(tiny_flux, sample_data, z2)
+
+
+def _zero2_full_resumes_from_latest(model, data, z2):
+    from diffusers import FluxPipeline
+
+    assert sorted(p.name for p in z2.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    _launch(ACCELERATE_CONFIG, FULL, model, data, z2, steps=3, resume_from_checkpoint="latest")
+    assert (z2 / "checkpoint-3").is_dir()
+    assert [json.loads(l)["step"] for l in open(z2 / "train_log.jsonl")] == [1, 2, 3]
+    pipe = FluxPipeline.from_pretrained(str(z2), local_files_only=True)
+    image = pipe("a photo of sks dog", height=32, width=32, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(image).all()
 
 
 @pytest.mark.multiproc
