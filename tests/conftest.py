@@ -102,12 +102,19 @@ def pytest_runtest_teardown(item, nextitem):
     gc.freeze()
 
 
-# The README's test command runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`): every test that
-# starts several processes, and every test that reads a multi-process run made once per session (below), is in
-# one group, "serial", that one worker runs in order (each shared run made once, never two 2-process launches at
-# once), while the other worker takes the in-process and single-command tests one by one.
+# The README's test command runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`), which share out
+# groups of tests: every test that reads a multi-process run made once per session (below) is in one group, "serial",
+# that one worker runs in order (a session fixture is made once per worker); the other multi-process tests are
+# grouped by module (their module fixtures, e.g. a killed-and-resumed chain, made once); the rest go one by one.
 SERIAL_GROUP = "serial"
 SHARED_RUNS = {"zero2_lora_run", "zero3_runs", "lora_demo", "deepspeed_run"}  # deepspeed_run: test_checkpoint_verify's copies
+
+
+def xdist_group(item, cost):
+    """The xdist group of a test (None: a group of its own)."""
+    if SHARED_RUNS & set(getattr(item, "fixturenames", ())):
+        return SERIAL_GROUP
+    return f"multiproc:{item.nodeid.split('::')[0]}" if cost == "multiproc" else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
@@ -117,8 +124,9 @@ def pytest_collection_modifyitems(config, items):
         item.stash[_COST] = cost
         if item.get_closest_marker(cost) is None:
             item.add_marker(cost)
-        if cost == "multiproc" or SHARED_RUNS & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+        group = xdist_group(item, cost)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_configure(config):
