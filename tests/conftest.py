@@ -132,7 +132,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     """xdist groups a test by the "@group" its hook appends to the test's id, which pytest 9.2 no longer lets it do
     (pytest-xdist#1386, open in xdist 3.8.0): the groups would be dropped without a word (each worker making the
-    shared runs, two 2-process launches at once), so that pair refuses to run (requirements_test.txt pins pytest)."""
+    shared runs and a module's chains), so that pair refuses to run (requirements_test.txt pins pytest)."""
     from importlib.metadata import version
 
     release = lambda name: tuple(int(p) for p in version(name).split(".")[:3] if p.isdigit())  # noqa: E731
