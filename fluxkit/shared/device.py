@@ -191,9 +191,25 @@ def process_group_handlers(info: DeviceInfo, handlers=None) -> list:
     return handlers
 
 
+def end_training(accelerator) -> None:
+    """accelerate's end_training (trackers finished, process group destroyed), except that a gloo
+    group this module closes at exit is left to that: destroyed right after the run's last barrier,
+    with the DDP model still alive, gloo's group was freed later by DDP's Reducer at a frame's end,
+    and its destructor (holding the GIL) joined a gloo thread that was waiting for the GIL to free
+    the tensors of that barrier's works: a rank hung at the end of a finished 2-process run (seen
+    once in ~10 runs of a 2-process cache test; gdb: ~ProcessGroupGloo joining pt_gloo_runloop in
+    take_gil, under ~Reducer)."""
+    if getattr(_destroy_process_group_at_exit, "registered", False):
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
+
+
 def _destroy_process_group_at_exit() -> None:
     """Tear gloo down while Python still runs: left to interpreter exit, its threads can abort a
-    process that finished all its work ("terminate called without an active exception")."""
+    process that finished all its work ("terminate called without an active exception"). By then
+    the run's frames, DDP's Reducer with them, are gone, and its last collectives long finished."""
     import atexit
 
     def destroy():

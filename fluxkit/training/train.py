@@ -34,8 +34,8 @@ from .. import families
 from ..data.buckets import BucketSampler
 from ..cache import Cache
 from ..data.dataset import DreamBoothDataset, EpochShuffleSampler, collate, stop_workers
-from ..shared.device import (allow_fast_fp32_matmul, build_accelerator, detect, empty_cache, is_deepspeed, synchronize,
-                             torch_dtype, using_deepspeed, zero_stage)
+from ..shared.device import (allow_fast_fp32_matmul, build_accelerator, detect, empty_cache, end_training, is_deepspeed,
+                             synchronize, torch_dtype, using_deepspeed, zero_stage)
 from .encode import encode_batch
 from .loss import flow_matching_loss
 from .preflight import check_host, require
@@ -567,7 +567,7 @@ def finish(run: Run) -> dict:
         if args.push_to_hub:
             outputs.push_to_hub(args)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)  # trackers finished; the process group closed now or at exit (fluxkit.shared.device)
     startup.mark("save")
 
     summary = run.meter.summary()
