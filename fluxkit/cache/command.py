@@ -98,7 +98,7 @@ def _fill_command(argv=None) -> int:
     from ..shared.device import check_mixed_precision, detect, torch_dtype
     from ..training.encode import encode_prompts, latent_moments
     from ..weights import quant
-    from ..training.models import load_models, place, resolve_model_dir
+    from ..training.models import load_models, resolve_model_dir
     from ..data.scan import list_images, scan_dataset
     from ..training.train_args import parse
 
@@ -133,7 +133,7 @@ def _fill_command(argv=None) -> int:
         for module in (m.vae, m.text_encoder, m.text_encoder_2):
             if module is not None:  # a family with one text encoder has no second
                 module.requires_grad_(False)
-                place(module, device, dtype)
+                quant.place(module, device, dtype)
         from ..data.dataset import default_num_workers
 
         workers = args.dataloader_num_workers or default_num_workers(1)  # decoding in parallel is the point here

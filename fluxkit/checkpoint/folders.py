@@ -271,7 +271,8 @@ def run_settings(args, world_size: int) -> dict:
     return {"run_type": "lora" if args.lora else "full", "world_size": world_size,
             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "learning_rate": args.learning_rate, "rank": args.rank, "base_quantization": args.base_quantization,
-            "text_encoder_quantization": args.text_encoder_quantization, "model": os.path.abspath(model) if os.path.exists(model) else model, "pivotal": pivotal_settings(args)}
+            "text_encoder_quantization": args.text_encoder_quantization,
+            "model": os.path.abspath(model) if os.path.exists(model) else model, "pivotal": pivotal_settings(args)}
 
 
 def changed_settings(recorded: dict, now: dict) -> list[str]:

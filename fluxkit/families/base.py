@@ -69,10 +69,10 @@ class Family:
         """The folder's component `name` (from_pretrained's arguments besides subfolder in from_pretrained).
         A text encoder with text_quantization nf4/int8 (--text_encoder_quantization) loads frozen, its
         nn.Linear weights quantized by bitsandbytes as they load, onto text_device, the rest in dtype."""
-        cls = self.component_class(name)
-        if name in self.text_encoders and text_quantization not in (None, "none"):
-            from ..weights import quant
+        from ..weights import quant
 
+        cls = self.component_class(name)
+        if name in self.text_encoders and quant.quantizes(text_quantization):
             return quant.load_text_encoder(cls, model_dir, text_quantization, dtype, text_device, subfolder=name,
                                            **from_pretrained)
         return cls.from_pretrained(model_dir, subfolder=name, **from_pretrained)
@@ -102,8 +102,10 @@ class Family:
     def text_settings(self, args) -> tuple:
         """Settings besides the prompt and max_sequence_length that change its embedding (part of
         the text cache's identity): a quantized text encoder's, and the family's own."""
+        from ..weights.quant import quantizes
+
         q = args.text_encoder_quantization
-        return () if q in (None, "none") else ("text_encoder_quantization", q)
+        return ("text_encoder_quantization", q) if quantizes(q) else ()
 
     def encode_prompts(self, m, prompts: list[str], args, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence embeddings (B, L, D), pooled embeddings (B, P); P is 0 where the family has none)."""

@@ -215,7 +215,8 @@ def load_text_encoders(family, model_path: str, quantization: str, dtype, device
     onto `device` as --text_encoder_quantization asks (the host never holds them whole), else in `dtype`."""
     def load(name):
         encoder = family.load_component(name, model_path, quantization, dtype, device, local_files_only=local_files_only)
-        return encoder if quant.is_quantized(encoder) else encoder.to(dtype)  # as stored (transformers' "auto"), then cast
+        quant.place(encoder, dtype=dtype)  # as stored (transformers' "auto"), then cast, unless quantized
+        return encoder
 
     return {name: load(name) for name in family.text_encoders}
 

@@ -69,7 +69,7 @@ def extensions_dir() -> str:
 def env_defaults(environ=None) -> dict[str, str]:
     """The variables above that `environ` (default: this process's) does not set yet."""
     environ = os.environ if environ is None else environ
-    wanted = {**openmp_wait(environ)}
+    wanted = openmp_wait(environ)
     if not environ.get("TORCH_EXTENSIONS_DIR"):
         wanted["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     return wanted

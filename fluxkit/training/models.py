@@ -111,18 +111,7 @@ def freeze_encoders(args, m: Models, weight_dtype: torch.dtype) -> None:
         if module is not None:
             module.requires_grad_(False)
     for module in (m.vae, m.text_encoder_2, None if args.train_text_encoder else m.text_encoder):
-        place(module, dtype=weight_dtype)
-
-
-def place(module, device=None, dtype=None) -> None:
-    """Move a frozen encoder (None: nothing) to `device` and cast it to `dtype`; a quantized one keeps
-    its dtypes (transformers refuses to cast a bitsandbytes model)."""
-    if module is None:
-        return
-    if quant.is_quantized(module):
-        dtype = None
-    if device is not None or dtype is not None:
-        module.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+        quant.place(module, dtype=weight_dtype)
 
 
 @dataclass

@@ -36,6 +36,11 @@ TEXT_ENCODER_QUANTIZATIONS = ("none", "nf4", "int8")  # bitsandbytes, through tr
 FP8_MIN_CAPABILITY = (8, 9)  # float8 matmul units: Ada (8.9) and Hopper (9.0) onwards
 
 
+def quantizes(quantization: str | None) -> bool:
+    """Whether a --base_quantization / --text_encoder_quantization value asks for quantized weights."""
+    return quantization not in (None, "none")
+
+
 def add_flag(group, what: str) -> None:
     """--base_quantization on a parser group; `what` says what it quantizes in that script."""
     group.add_argument("--base_quantization", default="none", choices=QUANTIZATIONS,
@@ -56,14 +61,14 @@ def add_text_encoder_flag(group, note: str = "") -> None:
 
 def refuse_for_full_finetune(quantization: str) -> None:
     """A full fine-tune trains every weight: there is no frozen base to quantize."""
-    if quantization not in (None, "none"):
+    if quantizes(quantization):
         raise UserError(f"--base_quantization {quantization} quantizes the frozen base of a LoRA run; a full fine-tune "
                         "trains every weight, so drop the flag or train LoRA")
 
 
 def check(quantization: str, device_type: str, deepspeed: bool = False) -> None:
     """Refuse, before anything loads or is written, a quantization this host or launch cannot run."""
-    if quantization in (None, "none"):
+    if not quantizes(quantization):
         return
     if deepspeed and quantization in ("int8", "fp8"):
         # Tried with DeepSpeed 0.19 and torchao 0.18: the engine keeps weak references to every parameter
@@ -84,7 +89,7 @@ def check(quantization: str, device_type: str, deepspeed: bool = False) -> None:
 
 def refuse_trained_text_encoder(quantization: str, trains_text: bool) -> None:
     """A quantized text encoder is frozen: it cannot be the one --train_text_encoder(_ti) trains."""
-    if quantization not in (None, "none") and trains_text:
+    if quantizes(quantization) and trains_text:
         raise UserError(f"--text_encoder_quantization {quantization} loads the text encoders frozen and quantized, and "
                         "--train_text_encoder / --train_text_encoder_ti train one: drop one of the two")
 
@@ -92,7 +97,7 @@ def refuse_trained_text_encoder(quantization: str, trains_text: bool) -> None:
 def refuse_text_encoder_lora(quantization: str, lora_file: str, components) -> None:
     """diffusers loads a LoRA's text-encoder layers by casting the encoder (text_encoder.to(dtype=...)),
     which transformers refuses for a bitsandbytes model: refuse the pair before anything loads."""
-    if quantization not in (None, "none") and "text_encoder" in components:
+    if quantizes(quantization) and "text_encoder" in components:
         raise UserError(f"--text_encoder_quantization {quantization} loads the text encoders quantized, and --lora_weights "
                         f"{lora_file!r} holds text-encoder layers (trained with --train_text_encoder), which diffusers "
                         "cannot load into a bitsandbytes-quantized encoder: drop --text_encoder_quantization")
@@ -101,7 +106,7 @@ def refuse_text_encoder_lora(quantization: str, lora_file: str, components) -> N
 def check_text_encoder(quantization: str, device_type: str) -> None:
     """Refuse, before anything loads or is written, a text-encoder quantization this host cannot run:
     bitsandbytes missing, or a device bitsandbytes has no backend for."""
-    if quantization in (None, "none"):
+    if not quantizes(quantization):
         return
     flag = f"--text_encoder_quantization {quantization}"
     if importlib.util.find_spec("bitsandbytes") is None:  # also None where sys.modules blocks the import
@@ -123,7 +128,7 @@ def libraries_not_needed(quantization: str, eight_bit_adam: bool, model_path: st
     quantization_config: loading it needs its library)."""
     if not os.path.isdir(model_path) or _saved_quantized(model_path):
         return ()
-    needed = {_LIBRARY.get(quantization)} | ({"bitsandbytes"} if eight_bit_adam or text_quantization not in (None, "none")
+    needed = {_LIBRARY.get(quantization)} | ({"bitsandbytes"} if eight_bit_adam or quantizes(text_quantization)
                                             else set())
     return tuple(library for library in ("bitsandbytes", "torchao") if library not in needed)
 
@@ -155,6 +160,17 @@ def is_quantized(module) -> bool:
     return bool(getattr(module, "is_quantized", False))
 
 
+def place(module, device=None, dtype=None) -> None:
+    """Move a frozen encoder (None: nothing) to `device` and cast it to `dtype`; a quantized one keeps
+    its dtypes (transformers refuses to cast a bitsandbytes model)."""
+    if module is None:
+        return
+    if is_quantized(module):
+        dtype = None
+    if device is not None or dtype is not None:
+        module.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+
+
 def dtype_kwarg(dtype) -> dict:
     """from_pretrained's dtype argument: diffusers renamed torch_dtype to dtype (the old name warns);
     older releases only know torch_dtype."""
@@ -171,7 +187,7 @@ def load_transformer(path: str, quantization: str, dtype: torch.dtype, device_ty
     if model_class is None:
         from diffusers import FluxTransformer2DModel as model_class
     kwargs = dict(from_pretrained, **dtype_kwarg(dtype))
-    if quantization in (None, "none"):
+    if not quantizes(quantization):
         return model_class.from_pretrained(path, **kwargs)
     if quantization == "nf4" and device_type != "cuda":
         transformer = swap_in_nf4(model_class.from_pretrained(path, **kwargs), dtype)
