@@ -198,9 +198,10 @@ def exit_without_teardown(rc: int, entry: str) -> None:
     if not _started_as(entry):
         sys.exit(rc)
     try:
-        for thread in threading.enumerate():  # as the interpreter would: wait for non-daemon threads
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        # as the interpreter would: threading's own exit calls (they stop the worker threads of thread
+        # pools never shut down: a joined worker would wait on its queue forever), then wait for the
+        # non-daemon threads, then the exit handlers
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

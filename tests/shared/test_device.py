@@ -184,3 +184,23 @@ def test_one_set_of_progress_bars_per_machine(monkeypatch):
     finally:
         tlog.enable_progress_bar()
         dlog.enable_progress_bar()
+
+
+@pytest.mark.cli
+def test_a_fast_exit_stops_thread_pools_left_running(tmp_path):
+    """An entry script's exit skips the interpreter's teardown but not its order: threading's exit calls
+    (which stop the workers of a thread pool nobody shut down, as a library loading weights may leave)
+    come before the wait for non-daemon threads; joined first, the run hung after its last line."""
+    import subprocess
+
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from fluxkit.shared.host_runtime import exit_without_teardown\n"
+        "pool = ThreadPoolExecutor(2)\n"
+        "pool.submit(print, 'work done', flush=True).result()\n"
+        "exit_without_teardown(4, __file__)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (4, "work done\n"), proc.stderr[-2000:]
