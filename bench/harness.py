@@ -333,6 +333,22 @@ class Context:
         return model
 
 
+def timed_steps(device_info, step, warmup: int, steps: int) -> list[float]:
+    """Wall seconds of each of `steps` calls of step() after `warmup` untimed ones; the device is
+    synchronized before and after each call, so queued work is counted where it was launched."""
+    from fluxkit.shared.device import synchronize
+
+    times = []
+    for i in range(warmup + steps):
+        synchronize(device_info)
+        start = time.perf_counter()
+        step()
+        synchronize(device_info)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def model_geometry(model_path: str) -> dict:
     """The transformer config and the VAE's downsampling factor of a saved FLUX pipeline."""
     with open(os.path.join(model_path, "transformer", "config.json")) as f:

@@ -109,14 +109,7 @@ def _lora_step(ctx, transformer, res: int, vae_scale: int, checkpointing: bool) 
         opt.zero_grad(set_to_none=True)
 
     reset_peak_memory(ctx.device)
-    times = []
-    for i in range(TRAIN_WARMUP + TRAIN_STEPS):
-        synchronize(ctx.device)
-        start = time.perf_counter()
-        step()
-        synchronize(ctx.device)
-        if i >= TRAIN_WARMUP:
-            times.append(time.perf_counter() - start)
+    times = harness.timed_steps(ctx.device, step, TRAIN_WARMUP, TRAIN_STEPS)
     measured = peak_memory_bytes(ctx.device)
     planned = _planned_peak(ctx, res, checkpointing)
     metrics = {"s/step": harness.summarize(times), "peak mem GB": measured / 2**30, "planned GB": planned / 2**30}

@@ -27,12 +27,11 @@ same code at its sample resolution, without a verdict.
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 
 from fluxkit.shared import flops
-from fluxkit.shared.device import empty_cache, peak_memory_bytes, reset_peak_memory, synchronize, total_memory_bytes
+from fluxkit.shared.device import empty_cache, peak_memory_bytes, reset_peak_memory, total_memory_bytes
 
 from .. import harness
 from .gpu_memory import _allocated
@@ -119,19 +118,16 @@ def _steps(ctx, models, args, resolution: int, edit: bool) -> tuple[list, int, s
     gc.collect()
     empty_cache(device.type)
     reset_peak_memory(ctx.device)
-    times = []
-    for i in range(WARMUP + STEPS):
-        synchronize(ctx.device)
-        start = time.perf_counter()
+
+    def step():
         with torch.autocast(device.type, dtype=dtype):
             loss = flow_matching_loss(models.transformer, models.scheduler, x0, text, pooled, args,
                                       predict=family.predictor(refs))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(ctx.device)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
+
+    times = harness.timed_steps(ctx.device, step, WARMUP, STEPS)
     return times, peak_memory_bytes(ctx.device), seen
 
 

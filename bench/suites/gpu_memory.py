@@ -18,13 +18,12 @@ replaced by AdamW).
 from __future__ import annotations
 
 import gc
-import time
 from argparse import Namespace
 
 import torch
 
 from fluxkit.shared import flops
-from fluxkit.shared.device import device_module, empty_cache, peak_memory_bytes, reset_peak_memory, synchronize
+from fluxkit.shared.device import device_module, empty_cache, peak_memory_bytes, reset_peak_memory
 
 from .. import harness
 
@@ -108,10 +107,9 @@ def _steps(ctx, t, res: int, vae_scale: int, rank: int, eight_bit: bool, swap: i
     gc.collect()
     empty_cache(device.type)
     reset_peak_memory(ctx.device)
-    times, resident = [], 0
-    for i in range(WARMUP + STEPS):
-        synchronize(ctx.device)
-        start = time.perf_counter()
+    resident = []
+
+    def step():
         sigma = torch.rand(1, generator=gen).to(device, torch.bfloat16)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             pred = t(hidden_states=(1 - sigma) * x0 + sigma * noise, encoder_hidden_states=text, pooled_projections=pooled,
@@ -119,11 +117,10 @@ def _steps(ctx, t, res: int, vae_scale: int, rank: int, eight_bit: bool, swap: i
         torch.nn.functional.mse_loss(pred.float(), (noise - x0).float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        synchronize(ctx.device)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-        resident = max(resident, swapper.resident_blocks() if swapper else len(blockswap.blocks_of(t)))
-    return times, peak_memory_bytes(ctx.device), resident
+        resident.append(swapper.resident_blocks() if swapper else len(blockswap.blocks_of(t)))
+
+    times = harness.timed_steps(ctx.device, step, WARMUP, STEPS)
+    return times, peak_memory_bytes(ctx.device), max(resident)
 
 
 def encode_phase(ctx, preset, res: int) -> tuple[int, int]:

@@ -5,7 +5,15 @@ Same model (the `small` preset), same flags (`--vs_upstream_flags` adds more to 
 output folder and (ours) a fresh latent cache. LoRA passes upstream's `--cache_latents` to both; the
 full fine-tune has no such flag upstream (its script encodes every batch), ours caches by default.
 `cpu s` is the user + system CPU time of each run's processes: on a shared host it moves far less
-than the wall time.
+than the wall time. Both run with the cores as OpenMP threads and the OpenMP wait the bench chose
+for itself when it started (fluxkit.shared.host_runtime: by the host's load then) or found set, so
+a host's load at one run's start (the previous run's, too) never gives the two different waits.
+
+MFU % (without --vs_upstream_flags, which may change the arithmetic) is each step's model FLOPs
+(fluxkit.shared.flops: LoRA counts no base weight gradients; LoRA's 512 T5 tokens, the full
+fine-tune's 77, both scripts' defaults) over this host's measured fp32 matmul peak. The "fp32 peak"
+row is the s/step of a step run at that peak: upstream's s/step over it is the most any trainer
+doing the same transformer arithmetic in fp32 could gain per step on this host.
 Cases alternate within each repeat (ours, upstream, ours, upstream) so a change in the host's load
 hits both alike.
 
@@ -23,6 +31,10 @@ import re
 import shlex
 import time
 
+import torch
+
+from fluxkit.shared import flops
+
 from .. import harness
 from .startup import RUNNER, launch_command
 
@@ -31,6 +43,7 @@ SCRIPTS = {"full": ("train_flux_dreambooth.py", "train_dreambooth_flux.py"),
 RESOLUTION = 256
 BATCH = 2
 WARMUP = 2  # steps left out of s/step
+T5_TOKENS = {"full": 77, "lora": 512}  # both scripts' --max_sequence_length defaults
 # the step bar of either script (ours "steps:", upstream's "Steps:"): "... n/total [[h:]mm:ss<"
 _BAR = re.compile(r"(?i)\bsteps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
 
@@ -71,7 +84,13 @@ def run(ctx) -> dict:
     if not ctx.args.upstream_dir or missing:
         return {"status": "skipped", "reason": f"pass --upstream_dir DIR holding diffusers' examples/dreambooth/{missing[0]}"}
     assets = ctx.small_assets()
-    env = {**harness.threads_env(1), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = harness.threads_env(1)
+    # measured (or read from its cache) before any run, so the runs never share the CPU with it; not
+    # with --vs_upstream_flags, which may change the arithmetic (--allow_tf32, --mixed_precision bf16)
+    peak = None if ctx.args.vs_upstream_flags else harness.process_peak_flops(ctx.device, torch.float32, 1)
+    transformer = harness.model_geometry(assets["model_path"])["transformer"]
+    step_flops = {mode: flops.training_step_flops(transformer, flops.image_tokens(RESOLUTION, RESOLUTION), T5_TOKENS[mode],
+                                                  batch=BATCH, frozen_base=mode == "lora") for mode in SCRIPTS}
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     loads, failures = [], []
     for repeat in range(ctx.args.startup_repeats):
@@ -91,16 +110,29 @@ def run(ctx) -> dict:
                 cell["e2e s"].append(time.time() - began)
                 cell["cpu s"].append(harness.children_cpu_seconds() - cpu)
                 cell["s/step"].append(per_step)
+    for (mode, _), cell in results.items():
+        cell["MFU %"] = [100 * flops.mfu(step_flops[mode], t, peak) if t and peak else None for t in cell["s/step"]]
     rows = [{"case": f"{mode}: {who}", "params": {"runs": len(cell["e2e s"]), "steps": ctx.args.speed_steps},
              "metrics": {k: harness.summarize(v) for k, v in cell.items()}} for (mode, who), cell in results.items()]
+    ideal = {mode: step_flops[mode] / peak for mode in SCRIPTS} if peak else {}
+    rows += [{"case": f"{mode}: fp32 peak", "params": {"GFLOP/step": round(step_flops[mode] / 1e9, 2)},
+              "metrics": {"s/step": harness.summarize([seconds]), "MFU %": harness.summarize([100.0])}}
+             for mode, seconds in ideal.items()]
     comparisons = [{"name": f"{mode}: ours / upstream ({metric}; speed-up = 1 / ratio)", "metric": metric,
                     **harness.compare(harness.summarize(results[(mode, "upstream")][metric]),
                                       harness.summarize(results[(mode, "ours")][metric]))}
                    for mode in SCRIPTS for metric in ("e2e s", "cpu s", "s/step")
                    if (mode, "ours") in results and (mode, "upstream") in results]
+    comparisons += [{"name": f"{mode}: fp32 peak / upstream (s/step; 1 / ratio = the most any trainer could gain per step "
+                             "doing the same transformer arithmetic in fp32)", "metric": "s/step",
+                     **harness.compare(harness.summarize(results[(mode, "upstream")]["s/step"]), harness.summarize([ideal[mode]]))}
+                    for mode in ideal if (mode, "upstream") in results]
     extra = f", both with {ctx.args.vs_upstream_flags}" if ctx.args.vs_upstream_flags else ""
     notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {ctx.args.speed_steps} steps, fp32{extra}, accelerate launch "
-             f"--num_processes 1, OMP_WAIT_POLICY=PASSIVE, {env['OMP_NUM_THREADS']} OpenMP threads; s/step after {WARMUP} "
+             f"--num_processes 1, {env['OMP_NUM_THREADS']} OpenMP threads, OMP_WAIT_POLICY="
+             f"{os.environ.get('OMP_WAIT_POLICY') or 'unset'} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT') or 'unset'}; s/step after {WARMUP} "
              f"warm-up steps from each script's tqdm bar; {ctx.args.startup_repeats} alternating repeat(s); 1-minute load "
-             "average at each start: " + ", ".join(f"{x:.1f}" for x in loads)]
+             "average at each start: " + ", ".join(f"{x:.1f}" for x in loads),
+             f"MFU against this host's fp32 matmul peak, {peak / 1e9:.0f} GFLOP/s" if peak else
+             "no MFU: --vs_upstream_flags may change the arithmetic" if ctx.args.vs_upstream_flags else "no MFU: no fp32 peak for this device"]
     return harness.suite_result(rows, comparisons, notes, failures)

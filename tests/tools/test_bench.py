@@ -334,3 +334,12 @@ def test_bench_run_writes_a_valid_result_and_prints_the_table_last(tmp_path):
     out = proc.stdout.strip().splitlines()
     assert out[-1].startswith("full results:") and str(path.name) in out[-1]
     assert any(line.startswith("| LoRA r16") for line in out)
+
+
+def test_vs_upstream_counts_the_prompt_length_each_trainer_runs_at():
+    """vs-upstream passes no --max_sequence_length, so its FLOPs per step (and the fp32-peak row) must
+    use the trainers' own defaults: 77 T5 tokens for the full fine-tune, 512 for LoRA."""
+    from bench.suites.upstream import T5_TOKENS
+    from fluxkit.training.train_args import build_parser
+
+    assert {mode: build_parser(lora=mode == "lora").get_default("max_sequence_length") for mode in T5_TOKENS} == T5_TOKENS
