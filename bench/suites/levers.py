@@ -7,7 +7,8 @@ One process builds the `small` preset's transformer once per variant (same seed,
 so a change in the host's load hits them alike. Per variant: CPU seconds per step
 (time.process_time: every thread of this process; on a shared host it moves far less than the wall
 time), wall seconds per step, the warm-up's wall time, and whether the trained weights are
-bit-identical to the default's after the same steps (else the largest difference).
+bit-identical to the default's after the same steps (else the largest difference), and the wall
+time's MFU against this host's fp32 matmul peak (fluxkit.shared.flops; `--allow_tf32` may pass 100).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import time
 import torch
 
 from fluxkit.plan.architecture import default_lora_targets
+from fluxkit.shared import flops
 
 from .. import harness
+from .upstream import BATCH, RESOLUTION, T5_TOKENS
 
 # name: (modes it applies to, what it changes)
 VARIANTS = {
@@ -50,9 +53,9 @@ def _model(model_path: str, mode: str, variant: str):
     return model, call, torch.optim.AdamW(params, lr=1e-4, **adam)
 
 
-def _inputs(mode: str, batch: int = 2, side: int = 16) -> tuple[dict, torch.Tensor]:
+def _inputs(mode: str, batch: int = BATCH, side: int = RESOLUTION // 16) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    text = 512 if mode == "lora" else 77
+    text = T5_TOKENS[mode]
     ids = torch.arange(side, dtype=torch.float32)
     img_ids = torch.stack([torch.zeros(side * side), ids.repeat_interleave(side), ids.repeat(side)], 1)
     return (dict(hidden_states=torch.randn(batch, side * side, 64, generator=g),
@@ -96,6 +99,9 @@ def _measure(ctx, mode: str, names: list[str]) -> list[dict]:
             walls[name].append(wall)
             cpus[name].append(cpu)
     reference = [p for p in setups["default"][0].parameters() if p.requires_grad]
+    step_flops = flops.training_step_flops(setups["default"][0].config, flops.image_tokens(RESOLUTION, RESOLUTION), T5_TOKENS[mode],
+                                           batch=BATCH, frozen_base=mode == "lora")
+    peak = harness.process_peak_flops(ctx.device, torch.float32, 1)
     rows = []
     for name in names:
         trained = [p for p in setups[name][0].parameters() if p.requires_grad]
@@ -103,6 +109,8 @@ def _measure(ctx, mode: str, names: list[str]) -> list[dict]:
         rows.append({"case": f"{mode}: {name}", "params": {"what": VARIANTS[name][1], "rounds": ctx.args.lever_rounds},
                      "metrics": {"cpu s/step": harness.summarize(cpus[name]), "wall s/step": harness.summarize(walls[name]),
                                  "warm-up wall s": harness.summarize([warmup[name]]),
+                                 "MFU % (wall)": harness.summarize(100 * flops.mfu(step_flops, t, peak) for t in walls[name])
+                                 if peak else None,
                                  "max weight diff vs default": harness.summarize([difference])}})
     return rows
 
@@ -118,5 +126,6 @@ def run(ctx) -> dict:
                          **harness.compare(base, row["metrics"]["cpu s/step"])} for row in mode_rows[1:]]
     notes = ["small preset, 256x256, batch 2, fp32, AdamW; LoRA r4 with 512 T5 tokens, full with 77; one process, "
              f"{torch.get_num_threads()} threads; {ctx.args.lever_rounds} alternating rounds after one warm-up step each",
-             "max weight diff vs default 0 = bit-identical trained weights"]
+             "max weight diff vs default 0 = bit-identical trained weights",
+             "MFU: model FLOPs of the step (fluxkit.shared.flops) / wall s/step / this host's fp32 matmul peak"]
     return harness.suite_result(rows, comparisons, notes, [])
