@@ -127,8 +127,8 @@ def run(ctx) -> dict:
                              "doing the same transformer arithmetic in fp32)", "metric": "s/step",
                      **harness.compare(harness.summarize(results[(mode, "upstream")]["s/step"]), harness.summarize([ideal[mode]]))}
                     for mode in ideal if (mode, "upstream") in results]
-    extra = f", both with {ctx.args.vs_upstream_flags}" if ctx.args.vs_upstream_flags else ""
-    notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {ctx.args.speed_steps} steps, fp32{extra}, accelerate launch "
+    extra = f", then both with {ctx.args.vs_upstream_flags} (the later flag wins)" if ctx.args.vs_upstream_flags else ""
+    notes = [f"small preset, {RESOLUTION}x{RESOLUTION}, batch {BATCH}, {ctx.args.speed_steps} steps, --mixed_precision no{extra}, accelerate launch "
              f"--num_processes 1, {env['OMP_NUM_THREADS']} OpenMP threads, OMP_WAIT_POLICY="
              f"{os.environ.get('OMP_WAIT_POLICY') or 'unset'} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT') or 'unset'}; s/step after {WARMUP} "
              f"warm-up steps from each script's tqdm bar; {ctx.args.startup_repeats} alternating repeat(s); 1-minute load "
