@@ -30,6 +30,7 @@ class Family:
     text_encoder_labels: dict[str, tuple[str, str]] = {}
     trained_text_encoder: str | None = None
     encoding_keeps_hidden_states = False  # prompts are read at several layers: every layer's output is kept
+    out_layers: tuple[int, ...] = ()  # the text encoder's hidden states prompts read (none: its last output)
     hub_presets: dict[str, str] = {}  # hub ids whose architecture the plan knows without files -> preset
     # On a CPU device a run's first steps leave lasting allocations of the runtime itself (oneDNN's
     # kernel cache per op and shape, heap fragmentation) that do not grow with batch or resolution:
@@ -65,17 +66,37 @@ class Family:
         return getattr(importlib.import_module(module), cls)
 
     def load_component(self, name: str, model_dir: str, text_quantization: str = "none", dtype=None,
-                       text_device="cpu", **from_pretrained):
+                       text_device="cpu", text_layers=None, **from_pretrained):
         """The folder's component `name` (from_pretrained's arguments besides subfolder in from_pretrained).
-        A text encoder with text_quantization nf4/int8 (--text_encoder_quantization) loads frozen, its
-        nn.Linear weights quantized by bitsandbytes as they load, onto text_device, the rest in dtype."""
+        A text encoder is built as text_encoder_config says for the hidden states prompts read
+        (text_layers: --text_encoder_out_layers; None: the family's); with text_quantization nf4/int8
+        (--text_encoder_quantization) it loads frozen, its nn.Linear weights quantized by bitsandbytes as
+        they load, onto text_device, the rest in dtype."""
         from ..weights import quant
 
         cls = self.component_class(name)
-        if name in self.text_encoders and quant.quantizes(text_quantization):
+        if name not in self.text_encoders:
+            return cls.from_pretrained(model_dir, subfolder=name, **from_pretrained)
+        if self.out_layers:
+            hub = {k: v for k, v in from_pretrained.items() if k in ("revision", "local_files_only", "cache_dir", "token")}
+            shorter = self.text_encoder_config(cls.config_class.from_pretrained(model_dir, subfolder=name, **hub).to_dict(),
+                                               text_layers)
+            if shorter is not None:
+                from_pretrained["config"] = cls.config_class.from_dict(shorter)
+        if quant.quantizes(text_quantization):
             return quant.load_text_encoder(cls, model_dir, text_quantization, dtype, text_device, subfolder=name,
                                            **from_pretrained)
         return cls.from_pretrained(model_dir, subfolder=name, **from_pretrained)
+
+    def text_encoder_config(self, config: dict, text_layers=None) -> dict | None:
+        """The config (a dict) a text encoder stored with `config` is built from, or None: as stored.
+        Where prompts read hidden states (out_layers, or text_layers), the layers past the deepest read
+        but one are left out (fluxkit.families.prompt_encoders)."""
+        if not self.out_layers:
+            return None
+        from .prompt_encoders import keep_layers
+
+        return keep_layers(config, max(text_layers or self.out_layers) + 1)
 
     def default_lora_targets(self, config) -> list[str]:
         """The modules diffusers' LoRA script for this family adapts when --lora_layers is not given."""

@@ -24,7 +24,8 @@ class Flux2(Family):
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
         "vae": ("diffusers", "AutoencoderKLFlux2"),
         "tokenizer": ("fluxkit.families.pixtral_text", "PromptProcessor"),  # PixtralProcessor, or its text half
-        "text_encoder": ("fluxkit.families.mistral3_text", "Mistral3PromptEncoder"),  # without its unused output head
+        # without its output head, vision tower and the layers past those prompts read
+        "text_encoder": ("fluxkit.families.prompt_encoders", "Mistral3PromptEncoder"),
     }
     editing = True
     text_encoder_labels = {"text_encoder": ("Mistral3", "sequence")}

@@ -15,7 +15,7 @@ class Flux2Klein(Flux2):
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
         "vae": ("diffusers", "AutoencoderKLFlux2"),
         "tokenizer": ("transformers", "AutoTokenizer"),
-        "text_encoder": ("transformers", "Qwen3ForCausalLM"),
+        "text_encoder": ("fluxkit.families.prompt_encoders", "Qwen3PromptEncoder"),  # without its output head, ...
     }
     text_encoder_labels = {"text_encoder": ("Qwen3", "sequence")}
     hub_presets = {f"black-forest-labs/FLUX.2-klein-{v}{b}": b.lower() for v in ("", "base-") for b in ("4B", "9B")}

@@ -17,7 +17,7 @@ from ..shared.errors import UserError
 
 # read_architecture's memo of parameter counts: a folder (default ~/.cache/fluxkit/plan), or "off"
 ARCHITECTURE_MEMO_ENV = "FLUXKIT_PLAN_MEMO"
-MEMO_SCHEMA = 8  # bump when Architecture's fields or what they count change (8: FLUX.2 [dev] without lm_head, vision tower)
+MEMO_SCHEMA = 9  # bump when Architecture's fields or what they count change (9: FLUX.2 text encoders' unread layers, klein's lm_head)
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per 64 weights
 NF4_CODE_BYTES = 16 * 4  # each 4-bit layer's quantization state keeps its 16-value fp32 code table
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the transformer's blocks, in forward order
@@ -95,14 +95,22 @@ def component_configs(model: str, architecture: str | None = None, family: str |
                     "another family's presets)")
 
 
-def read_architecture(model: str, architecture: str | None = None, family: str | None = None) -> Architecture:
-    """Count every component's parameters on the meta device (nothing is allocated).
+def read_architecture(model: str, architecture: str | None = None, family: str | None = None,
+                      text_layers=None) -> Architecture:
+    """Count every component's parameters on the meta device (nothing is allocated), each text
+    encoder as its family builds it for the hidden states prompts read (text_layers:
+    --text_encoder_out_layers; None: the family's; Family.text_encoder_config).
 
     Importing diffusers and transformers takes seconds, longer than the count itself, and the
     launchers plan every run (--dry_run too) before they start anything: the counts are kept in
     a small memo file per set of configs and library versions (ARCHITECTURE_MEMO), so only the
     first plan of a model pays for the imports."""
+    from ..families import get as get_family
+
     configs, source, family = component_configs(model, architecture, family)
+    fam = get_family(family)
+    configs = {name: (fam.text_encoder_config(config, text_layers) if name in fam.text_encoders else None) or config
+               for name, config in configs.items()}
     memo = _memo_path(configs, family)
     if memo:
         try:

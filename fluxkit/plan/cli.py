@@ -67,7 +67,8 @@ class PlanRequest:
         return self.zero_stage if self.zero_stage is not None else (2 if self.num_processes > 1 else 0)
 
     def plan(self, device: str, device_memory_bytes: int | None = None) -> Plan:
-        arch = read_architecture(self.config.pretrained_model_name_or_path, self.architecture, self.config.model_family)
+        arch = read_architecture(self.config.pretrained_model_name_or_path, self.architecture, self.config.model_family,
+                                 self.config.text_encoder_out_layers)
         return plan_memory(self.config, self.num_processes, self.zero, device, device_memory_bytes, arch,
                            offload=(self.zero_offload, self.zero_offload), warm_cache=self.warm_cache)
 

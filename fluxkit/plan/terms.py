@@ -395,7 +395,7 @@ def transformer_arriving(s: RunShape, arch: Architecture, trained: int) -> Item:
 def host_encoders_read(s: RunShape, arch: Architecture) -> int:
     """Host memory one process uses while the encoders load: all of them are read
     (fluxkit.training.models.load_models) before the first moves to the device, so their sum
-    (FLUX.2 [dev]'s 24B Mistral3 alone is 42.7 GiB in bf16, its output head and vision tower left out). A quantized text encoder
+    (FLUX.2 [dev]'s 24B Mistral3 alone is 33.3 GiB in bf16, what prompts never reach left out). A quantized text encoder
     (--text_encoder_quantization) is quantized onto the device that encodes as it loads: the host
     holds its largest tensor at a time in the compute dtype (the packed encoder only where it
     encodes on the host: text_on_host, --offload_encoders). Text encoders that encode on the host

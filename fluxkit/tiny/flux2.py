@@ -63,13 +63,14 @@ def _flux2_vae(block_out_channels, latent_channels, groups, layers_per_block=1):
     return dict(vae, batch_norm_eps=1e-4, batch_norm_momentum=0.1, patch_size=[2, 2])
 
 
-# The text encoder keeps 28 layers even when tiny: the pipeline reads hidden states 9, 18 and 27.
+# The text encoder has 30 layers even when tiny: the pipeline reads hidden states 9, 18 and 27, and
+# the family builds it with 28 (fluxkit.families.prompt_encoders), so every tiny run leaves two unread.
 KLEIN_PRESETS = {
     "tiny": Flux2Preset(
-        name="tiny", description="for tests: seconds to build; VAE downsamples 2x, 4 latent channels; 28-layer 16-wide Qwen3",
+        name="tiny", description="for tests: seconds to build; VAE downsamples 2x, 4 latent channels; 30-layer 16-wide Qwen3",
         transformer=_transformer(4, 1, 1, 16, 2, 16, (4, 4, 4, 4)),
         vae=_flux2_vae((8, 16), latent_channels=4, groups=8),
-        text_encoder=_qwen3(16, 28, 2, 1, 8, 32, 1000), sample_resolution=32),
+        text_encoder=_qwen3(16, 30, 2, 1, 8, 32, 1000), sample_resolution=32),
     "small": Flux2Preset(
         name="small", description="for CPU benchmarks: VAE downsamples 8x with 32 latent channels like FLUX.2's",
         transformer=_transformer(32, 2, 4, 64, 4, 64, (16, 16, 16, 16)),
@@ -137,14 +138,15 @@ def _mistral3(hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, vi
                 spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False, tie_word_embeddings=tied)
 
 
-# The text model keeps 31 layers even when tiny: the pipeline reads hidden states 10, 20 and 30, and
-# 30 stays an intermediate layer's output (the last hidden state is normalised).
+# The text model has 33 layers even when tiny: the pipeline reads hidden states 10, 20 and 30, and the
+# family builds it with 31 so that 30 stays an intermediate layer's output (the last hidden state is
+# normalised; fluxkit.families.prompt_encoders): every tiny run leaves two layers unread.
 DEV_PRESETS = {
     "tiny": Flux2Preset(
-        name="tiny", description="for tests: seconds to build; VAE downsamples 2x, 4 latent channels; 31-layer 16-wide Mistral3",
+        name="tiny", description="for tests: seconds to build; VAE downsamples 2x, 4 latent channels; 33-layer 16-wide Mistral3",
         transformer=_transformer(4, 1, 1, 16, 2, 16, (4, 4, 4, 4), guidance=True),
         vae=_flux2_vae((8, 16), latent_channels=4, groups=8),
-        text_encoder=_mistral3(16, 31, 2, 1, 8, 32, 1000, _pixtral(16, 1, 2, 32, 4, 64)), sample_resolution=32, family="flux2"),
+        text_encoder=_mistral3(16, 33, 2, 1, 8, 32, 1000, _pixtral(16, 1, 2, 32, 4, 64)), sample_resolution=32, family="flux2"),
     "small": Flux2Preset(
         name="small", description="for CPU benchmarks: VAE downsamples 8x with 32 latent channels like FLUX.2's",
         transformer=_transformer(32, 2, 4, 64, 4, 64, (16, 16, 16, 16), guidance=True),

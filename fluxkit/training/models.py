@@ -67,7 +67,8 @@ def load_models(args, model_dir: str, without: tuple[str, ...] = (), weight_dtyp
             return None
         kw = {} if name.startswith(("tokenizer", "scheduler")) else dict(variant=args.variant)
         return family.load_component(name, model_dir, args.text_encoder_quantization, weight_dtype, text_device,
-                                     revision=args.revision, local_files_only=True, **kw)
+                                     text_layers=args.text_encoder_out_layers, revision=args.revision, local_files_only=True,
+                                     **kw)
 
     try:
         models = Models(**{n: load(n) for n in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")},

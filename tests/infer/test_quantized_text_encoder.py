@@ -2,7 +2,7 @@
 each family's load_component as the trainers load them) on the tiny FLUX.2 [dev]: an NF4 Mistral3 renders,
 the metadata and the file name say so, and the image differs from the unquantized one only through the
 prompt embeddings; the same image from two data-parallel processes; the bad combinations as one error
-line; and FLUX.2 [dev]'s Mistral3 without its output head and vision tower (fluxkit.families.mistral3_text)."""
+line."""
 
 import os
 
@@ -142,34 +142,3 @@ def test_bad_combinations_are_one_line_and_write_nothing(mistake, tiny_flux2_dev
     lines = [line for line in capfd.readouterr().err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "--text_encoder_quantization nf4" in lines[0] and needle in lines[0], lines
     assert not out.exists()
-
-
-@pytest.mark.tiny
-def test_mistral3_loads_without_its_output_head_and_vision_tower_and_encodes_the_same(tiny_flux2_dev):
-    """FLUX.2 [dev]'s text encoder class has no lm_head and no vision tower/projector parameter (the
-    checkpoint's are left unread), its
-    hidden states equal transformers' full model's bit for bit, the plan counts it without the head, and
-    text generation (which needs the head) is refused."""
-    from transformers import Mistral3ForConditionalGeneration
-
-    from fluxkit import families
-    from fluxkit.plan.architecture import read_architecture
-
-    family = families.get("flux2")
-    full = Mistral3ForConditionalGeneration.from_pretrained(tiny_flux2_dev, subfolder="text_encoder", local_files_only=True)
-    encoder, info = family.component_class("text_encoder").from_pretrained(
-        tiny_flux2_dev, subfolder="text_encoder", local_files_only=True, output_loading_info=True)
-    unused = ("lm_head", "vision_tower", "multi_modal_projector")
-    dropped = sum(p.numel() for n, p in full.named_parameters() if any(u in n for u in unused))
-    assert full.lm_head.weight.numel() < dropped
-    assert not any(u in n for n, _ in encoder.named_parameters() for u in unused), "the head or vision tower was loaded"
-    assert not info["missing_keys"], info  # every other weight came from the checkpoint
-    count = sum(p.numel() for p in encoder.parameters())
-    assert count == sum(p.numel() for p in full.parameters()) - dropped
-    assert read_architecture(tiny_flux2_dev).text_encoders[0]["params"] == count
-    ids = torch.randint(0, full.config.text_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = (m(input_ids=ids, output_hidden_states=True, use_cache=False) for m in (full, encoder))
-    assert all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states)) and b.logits is None
-    with pytest.raises(NotImplementedError, match="encodes prompts only"):
-        encoder.generate(input_ids=ids)

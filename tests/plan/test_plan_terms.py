@@ -157,20 +157,27 @@ def family_archs():
 
 def test_each_family_reads_its_own_components(family_archs, dev):
     """The published sizes, counted by the families' classes on the meta device: klein 4B and 9B with
-    Qwen3-4B / Qwen3-8B, FLUX.2 [dev] with a 24B Mistral3 (transformers' class: 24.01B) of which 22.90B
-    load (fluxkit.families.mistral3_text: no output head, no vision tower); Kontext is FLUX.1-dev's."""
-    from transformers import Mistral3ForConditionalGeneration
+    Qwen3-4B / Qwen3-8B (4.02B / 8.19B in transformers' class), FLUX.2 [dev] with a 24B Mistral3 (24.01B);
+    of each, what prompts reach loads (fluxkit.families.prompt_encoders: no output head, no vision
+    tower, 28 of Qwen3's 36 layers, 31 of Mistral3's 40); Kontext is FLUX.1-dev's."""
+    from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
     from fluxkit.plan.architecture import _on_meta
     from fluxkit.tiny.build import resolve_preset
 
-    full = _on_meta(Mistral3ForConditionalGeneration, resolve_preset("dev", "flux2").configs()["text_encoder"])
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    full = _on_meta(Mistral3ForConditionalGeneration, resolve_preset("dev", "flux2").configs()["text_encoder"])
     assert count(full) == pytest.approx(24.01e9, rel=2e-3)
     unused = count(full.lm_head) + count(full.model.vision_tower) + count(full.model.multi_modal_projector)
-    assert family_archs[FLUX2].params["text_encoder"] == count(full) - unused
-    expect = {KLEIN4: ("flux2-klein", "Qwen3", 3.88e9, 4.02e9), KLEIN9: ("flux2-klein", "Qwen3", 9.08e9, 8.19e9),
-              FLUX2: ("flux2", "Mistral3", 32.22e9, 22.90e9)}
+    unread = sum(count(layer) for layer in full.model.language_model.layers[31:])
+    assert family_archs[FLUX2].params["text_encoder"] == count(full) - unused - unread
+    for model, preset, published in ((KLEIN4, "4b", 4.02e9), (KLEIN9, "9b", 8.19e9)):
+        qwen = _on_meta(Qwen3ForCausalLM, resolve_preset(preset, "flux2-klein").configs()["text_encoder"])
+        assert count(qwen) == pytest.approx(published, rel=2e-3)
+        head = 0 if qwen.config.tie_word_embeddings else count(qwen.lm_head)  # 4B's is the embedding
+        assert family_archs[model].params["text_encoder"] == count(qwen) - head - sum(count(b) for b in qwen.model.layers[28:])
+    expect = {KLEIN4: ("flux2-klein", "Qwen3", 3.88e9, 3.22e9), KLEIN9: ("flux2-klein", "Qwen3", 9.08e9, 6.02e9),
+              FLUX2: ("flux2", "Mistral3", 32.22e9, 17.90e9)}
     for model, (family, label, transformer, text) in expect.items():
         arch = family_archs[model]
         (t,) = arch.text_encoders
@@ -188,8 +195,9 @@ def test_each_family_reads_its_own_components(family_archs, dev):
 
 
 def test_encoders_read_every_layer_for_flux2(family_archs):
-    """FLUX.2's encoders return every layer's hidden states (the pipelines read three of them): the
-    working set adds (layers + 1) x tokens x width; Qwen3 really returns layers + 1 of them."""
+    """FLUX.2's encoders return every built layer's hidden states (the pipelines read three of them): the
+    working set adds (layers + 1) x tokens x width, of the 28 layers klein builds; Qwen3 really returns
+    layers + 1 of them."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -198,14 +206,14 @@ def test_encoders_read_every_layer_for_flux2(family_archs):
     s, (t,) = shape(), family_archs[KLEIN4].text_encoders
     plain = dict(t, keeps_hidden_states=False)
     extra = terms.text_encoder_working_set(s, t) - terms.text_encoder_working_set(s, plain)
-    assert extra == (36 + 1) * 512 * 2560 * 2
+    assert t["layers"] == 28 and extra == (28 + 1) * 512 * 2560 * 2
     config = KLEIN_PRESETS["tiny"].text_encoder
     out = Qwen3ForCausalLM(Qwen3Config(**config))(torch.zeros(1, 8, dtype=torch.long), output_hidden_states=True)
     assert len(out.hidden_states) == config["num_hidden_layers"] + 1
     # the host holds every encoder while they load (all are read before the first moves to the device);
-    # FLUX.2 [dev]'s Mistral3 without its unread output head and vision tower (22.9B of its 24.0B)
+    # FLUX.2 [dev]'s Mistral3 without its unread output head, vision tower and layers (17.9B of its 24.0B)
     tight = plan_shape(shape(quant="nf4", resolution=1024), family_archs[FLUX2], 24 * GiB)
-    assert tight.shape.text_on_host and tight.phase("encode").host_bytes > 22.9e9 * 2
+    assert tight.shape.text_on_host and tight.phase("encode").host_bytes > 17.9e9 * 2
     assert "Mistral3 text encoder (frozen)" not in {i.name for i in tight.phase("encode").items}
 
 
