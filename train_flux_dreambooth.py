@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Full DreamBooth fine-tuning of FLUX.1; accepts diffusers' train_dreambooth_flux.py flags.
+"""Full DreamBooth fine-tuning of any FLUX family (FLUX.1, Kontext, FLUX.2); accepts diffusers' train_dreambooth_flux.py flags.
 
     accelerate launch --config_file pretrain_bf16_accelerate_config.yaml train_flux_dreambooth.py \\
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --instance_data_dir dog \\

@@ -43,7 +43,8 @@ COMMON_DEFAULTS = {"config_file": ACCELERATE_CONFIG, "validation": "auto", "num_
 LAUNCHERS = {
     "full": Launcher(
         kind="full", network="FluxDreambooth", trainer="train_flux_dreambooth.py",
-        description="Full DreamBooth fine-tuning of FLUX.1 (every transformer weight trains; output: a complete pipeline folder).",
+        description="Full DreamBooth fine-tuning of a FLUX model (FLUX.1, Kontext, FLUX.2 [klein] or [dev]: the family "
+                    "read from the folder); every transformer weight trains; output: a complete pipeline folder.",
         keys=("model_name", "instance_dir", "dataset_name", "instance_prompt", "batch_size", "resolution",
               "gradient_accumulation_steps", "learning_rate", "max_train_steps", "mixed_precision", "checkpointing_steps",
               "seed", "output_dir"),
@@ -59,7 +60,9 @@ LAUNCHERS = {
         data_defaults=("instance_prompt",)),
     "lora": Launcher(
         kind="lora", network="FluxLora", trainer="train_flux_dreambooth_lora.py",
-        description="DreamBooth-LoRA fine-tuning of FLUX.1 (output: pytorch_lora_weights.safetensors for FluxPipeline.load_lora_weights).",
+        description="DreamBooth-LoRA fine-tuning of a FLUX model (FLUX.1, Kontext, FLUX.2 [klein] or [dev]: the family "
+                    "read from the folder); output: pytorch_lora_weights.safetensors for the family pipeline's "
+                    "load_lora_weights.",
         keys=("model_name", "dataset_name", "instance_dir", "caption_column", "instance_prompt", "validation_prompt",
               "batch_size", "resolution", "gradient_accumulation_steps", "learning_rate", "rank", "lora_alpha",
               "max_train_steps", "mixed_precision", "checkpointing_steps", "seed", "output_dir"),

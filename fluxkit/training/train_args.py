@@ -28,7 +28,8 @@ def build_parser(lora: bool, need_data: bool = True) -> argparse.ArgumentParser:
     the launcher and the plan and cache commands read a trainer's flags (need_data: see parse)."""
     kind = "DreamBooth-LoRA" if lora else "full DreamBooth"
     p = FlagParser(
-        description=f"{kind} fine-tuning of FLUX.1. Accepts the flags of diffusers' "
+        description=f"{kind} fine-tuning of a FLUX model (FLUX.1, Kontext, FLUX.2 [klein] or [dev]: the family read "
+                    "from the folder). Accepts the flags of diffusers' "
                     f"{'train_dreambooth_lora_flux.py' if lora else 'train_dreambooth_flux.py'}; run it with "
                     "`accelerate launch` (DeepSpeed ZeRO-2 bf16 via pretrain_bf16_accelerate_config.yaml) or plain python.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
