@@ -91,12 +91,13 @@ class Family:
     def text_encoder_config(self, config: dict, text_layers=None) -> dict | None:
         """The config (a dict) a text encoder stored with `config` is built from, or None: as stored.
         Where prompts read hidden states (out_layers, or text_layers), the layers past the deepest read
-        but one are left out (fluxkit.families.prompt_encoders)."""
-        if not self.out_layers:
+        but one are left out (fluxkit.families.prompt_encoders); not where one is counted from the end."""
+        layers = text_layers or self.out_layers
+        if not layers or min(layers) < 0:
             return None
         from .prompt_encoders import keep_layers
 
-        return keep_layers(config, max(text_layers or self.out_layers) + 1)
+        return keep_layers(config, max(layers) + 1)
 
     def default_lora_targets(self, config) -> list[str]:
         """The modules diffusers' LoRA script for this family adapts when --lora_layers is not given."""

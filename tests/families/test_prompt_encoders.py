@@ -74,8 +74,9 @@ def test_the_checkpoint_layers_left_out_are_neither_loaded_nor_reported(folder):
                                         local_files_only=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert len(encoder.get_decoder().layers) == 5
-    # asking for the last layer (or past it) keeps every layer: the stored config, unchanged
+    # asking for the last layer (or past it), or for one counted from the end, keeps every layer: as stored
     assert family.text_encoder_config(stored, (1, _layers(cls.config_class.from_dict(stored)))) is None
+    assert family.text_encoder_config(stored, (2, -1)) is None
 
 
 def test_flux1_text_encoders_are_built_as_stored(tiny_flux):
