@@ -5,7 +5,7 @@ built without what those reads never reach.
 - The output head (lm_head: vocabulary x width): prompts never read the next-token logits. FLUX.2
   [dev]'s is untied from the input embedding (0.67B parameters, 1.25 GiB in bf16), klein 9B's too
   (0.62B); klein 4B's is tied to the embedding, so leaving it out saves its matmul and its logits
-  (0.2 TFLOP and 155 MiB in bf16 per 512-token prompt) but no weights.
+  (0.4 TFLOP and 148 MiB in bf16 per 512-token prompt) but no weights.
 - The layers after the deepest one read, but one: a model's last hidden state is its final norm's
   output, so hidden state k is a layer's own output only while a layer follows it; the encoder keeps
   layers 1..k+1 for the deepest read k and stops there. FLUX.2 [dev] keeps 31 of 40 layers (5.0B
