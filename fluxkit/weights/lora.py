@@ -17,9 +17,12 @@ refusing pickles, checking that it was made for this model and attaching it to a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
+import warnings
 
 import torch
 
@@ -273,15 +276,40 @@ def count_attached_layers(model) -> int:
     return sum(1 for m in model.modules() if ADAPTER in (getattr(m, "lora_A", None) or {}))
 
 
-def attach_lora(pipe, path: str, scale: float, fuse: bool) -> dict:
-    """Load the LoRA file into the pipeline, check it attached where it should, apply the scale.
+# where diffusers and peft report LoRA keys that found no layer (and call it ignorable)
+_KEY_WARNING_LOGGERS = ("diffusers.utils.peft_utils",)  # peft says it with warnings.warn
 
-    Returns {component: layers attached}. Fails with a UserError rather than run the base model
-    when the adapter did not attach ("loaded nothing").
-    """
-    shapes = read_lora_shapes(path)
-    expected = _expected_lora_layers(shapes)
-    _check_lora_fits(pipe, path, expected)
+
+@contextlib.contextmanager
+def _held_key_warnings():
+    """Hold back what diffusers and peft say about unmatched LoRA keys while a LoRA loads: shown
+    after a load that passes our checks, dropped when a check refuses the file (the one error line
+    says it better, and they call the mismatch ignorable)."""
+    records: list[logging.LogRecord] = []
+
+    class Hold(logging.Filter):
+        def filter(self, record):
+            records.append(record)
+            return False
+
+    hold = Hold()
+    loggers = [logging.getLogger(name) for name in _KEY_WARNING_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+    for record in records:
+        logging.getLogger(record.name).handle(record)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _load_checked(pipe, path: str, shapes: dict, expected: dict) -> dict:
+    """Load the file as the ADAPTER and count where it attached; a UserError unless all of it did."""
     try:
         pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
                                adapter_name=ADAPTER, use_safetensors=True, local_files_only=True)
@@ -296,6 +324,20 @@ def attach_lora(pipe, path: str, scale: float, fuse: bool) -> dict:
         if attached[component] != len(layers):
             raise UserError(f"--lora_weights {path!r}: only {attached[component]} of its {len(layers)} {component} layers "
                             f"attached; it was made for another model")
+    return attached
+
+
+def attach_lora(pipe, path: str, scale: float, fuse: bool) -> dict:
+    """Load the LoRA file into the pipeline, check it attached where it should, apply the scale.
+
+    Returns {component: layers attached}. Fails with a UserError rather than run the base model
+    when the adapter did not attach ("loaded nothing").
+    """
+    shapes = read_lora_shapes(path)
+    expected = _expected_lora_layers(shapes)
+    _check_lora_fits(pipe, path, expected)
+    with _held_key_warnings():
+        attached = _load_checked(pipe, path, shapes, expected)
     components = [c for c, n in attached.items() if n]
     if fuse:
         pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=[ADAPTER])

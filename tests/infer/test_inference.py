@@ -344,6 +344,19 @@ def _bad_lora_files(tiny_flux, peft_lora, tmp_path):
     extra["transformer.transformer_blocks.7.attn.to_q.lora_B.weight"] = torch.ones(32, 4)
     save_file(extra, str(tmp_path / "extra.safetensors"))
     cases["unknown layers"] = (tmp_path / "extra.safetensors", "layers attached")
+    # FLUX.2's single blocks have attn.to_out, FLUX.1's do not: a LoRA of the other family, whose unmatched keys
+    # diffusers and peft warn about (as ignorable) before the count refuses it
+    other_family = dict(state)
+    a, b = (state[f"transformer.transformer_blocks.0.attn.to_q.lora_{x}.weight"] for x in "AB")
+    other_family["transformer.single_transformer_blocks.0.attn.to_out.lora_A.weight"] = torch.ones_like(a)
+    other_family["transformer.single_transformer_blocks.0.attn.to_out.lora_B.weight"] = torch.ones_like(b)
+    config = {"transformer.r": 4, "transformer.lora_alpha": 4,
+              "transformer.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"],
+              "text_encoder.r": 4, "text_encoder.lora_alpha": 4,
+              "text_encoder.target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+    save_file(other_family, str(tmp_path / "flux2_layers.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    cases["another family's layers"] = (tmp_path / "flux2_layers.safetensors", "layers attached")
     return cases, marker
 
 
@@ -357,6 +370,29 @@ def test_bad_lora_inputs(tiny_flux, peft_lora, tmp_path, capfd):
         assert rc == 2 and needle in line and "--lora_weights" in line, (what, line)
         assert not (out.exists() and pngs(out)), what
     assert not marker.exists(), "a pickle was unpickled"
+
+
+def test_a_refused_lora_is_one_line_without_the_libraries_ignorable_warnings(tiny_flux, peft_lora, tmp_path):
+    """diffusers (its own logger, which does not propagate: caught at its root) and peft (warnings.warn) call
+    unmatched LoRA keys ignorable; before a refusal they would contradict the error line, so none is shown."""
+    import logging
+    import warnings
+
+    cases, _ = _bad_lora_files(tiny_flux, peft_lora, tmp_path / "bad")
+    shown = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = shown.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        for what in ("unknown layers", "another family's layers"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rc = infer("LORA", ["--model_path", tiny_flux, "--lora_weights", cases[what][0], "--prompt", "x",
+                                    "--seeds", "1", "--output_dir", tmp_path / "out", *FAST])
+            said = [r.getMessage() for r in shown] + [str(w.message) for w in caught]
+            assert rc == 2 and not [m for m in said if "lora_" in m or "PEFT" in m], (what, said)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
 
 
 # ---------------------------------------------------------------- bad input
