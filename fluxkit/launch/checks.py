@@ -192,7 +192,8 @@ def validate_trainer_args(argv: list[str], lora: bool):
 def in_launcher_words(req: Request):
     """The trainer's own checks, run by the launcher (its parser, the data scan, the run folder, the
     memory plan): their one line names a flag as the user named it, the launcher's key (--batch_size)
-    for the trainer's flag (--train_batch_size) unless the user typed the trainer's name."""
+    for the trainer's flag (--train_batch_size) unless the user typed the trainer's name; a key left at
+    the launcher's default is named as the launcher's key too (that is the name that changes it)."""
     try:
         yield
     except UserError as err:
@@ -201,7 +202,7 @@ def in_launcher_words(req: Request):
 
 def launcher_words(text: str, req: Request) -> str:
     for flag, key in KEY_OF_FLAG.items():
-        if key in req.given and key not in req.trainer_spelling:
+        if key not in req.trainer_spelling:
             text = re.sub(rf"--{flag}\b", f"--{key}", text)
     return text
 

@@ -86,6 +86,8 @@ LAUNCHER_WORDS = {
     # name: (keys as a function of (sample_data, tmp_path), needles in the one line, words it must not hold)
     "data scan, launcher key": (lambda d, t: [f"--instance_dir={d['instance_dir']}", "--batch_size=64"],
                                 ["--batch_size 64 is larger than"], ["--train_batch_size"]),
+    "data scan, launcher default": (lambda d, t: [f"--instance_dir={d['instance_dir']}"],  # batch_size 8, 4 images
+                                    ["--batch_size 8 is larger than"], ["--train_batch_size"]),
     "data scan, trainer's name typed": (lambda d, t: [f"--instance_dir={d['instance_dir']}", "--train_batch_size=64"],
                                         ["--train_batch_size 64 is larger than"], ["--batch_size"]),
     "data scan, folder key": (lambda d, t: [f"--instance_dir={_only_broken_images(t)}", "--skip_bad_images"],
