@@ -183,12 +183,12 @@ def check_model_path(model_path: str, local_files_only: bool) -> None:
         if not isinstance(cached, str):
             raise UserError(f"--model_path {model_path!r} is not a local folder and is not in the Hugging Face cache; "
                             f"pass --model_path DIR (a FLUX pipeline folder) or download it first "
-                            f"(huggingface-cli download {model_path}), or allow downloads with "
+                            f"(hf download {model_path}), or allow downloads with "
                             + ("--no-local_files_only" if local_files_only else "HF_HUB_OFFLINE=0"))
         problem = pipeline_folder_problem(os.path.dirname(cached))  # the cached snapshot: name what is missing
         if problem:
             raise UserError(f"--model_path {model_path!r}: its copy in the Hugging Face cache {problem}; complete the "
-                            f"download (huggingface-cli download {model_path})")
+                            f"download (hf download {model_path})")
 
 
 def load_pipeline(model_path: str, dtype, local_files_only: bool, quantization: str = "none", device_type: str = "cpu",

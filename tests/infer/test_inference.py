@@ -436,6 +436,22 @@ def test_bad_inputs_one_line_each(tiny_flux, sample_data, tmp_path, capfd):
     assert exc.value.code == 2 and "seeds must be integers, got 'abc'" in one_error_line(capfd)
 
 
+def test_a_hub_id_not_in_the_cache_names_a_download_command_that_exists(tmp_path, capfd, monkeypatch):
+    """Offline, a hub id that is not in the cache is one line naming how to download it; the command it
+    names must be one the installed huggingface_hub provides (1.0 dropped `huggingface-cli` for `hf`)."""
+    from importlib.metadata import entry_points
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    out = tmp_path / "never"
+    rc = infer("BASE", ["--model_path", "nobody-here/not-a-flux", "--prompt", "x", "--seeds", "1", "--output_dir", out, *FAST])
+    line = one_error_line(capfd)
+    assert rc == 2 and not out.exists(), line
+    command = line.split("download it first (", 1)[1].split(" download nobody-here/not-a-flux)", 1)[0]
+    installed = {ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("huggingface_hub")}
+    assert command in installed, (command, installed, line)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
 def test_unwritable_output_dir(tiny_flux, tmp_path, capfd):
     locked = tmp_path / "locked"
