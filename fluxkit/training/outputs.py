@@ -5,6 +5,7 @@ pipeline folder published component by component), the LoRA model card and the h
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -157,8 +158,11 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -
             fsio.publish_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    if main:
-        shutil.copy2(os.path.join(m.model_dir, "model_index.json"), os.path.join(args.output_dir, "model_index.json"))
+    if main:  # the base's index naming the family trained: a FLUX.1 folder trained as Kontext is a Kontext pipeline
+        with open(os.path.join(m.model_dir, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        index["_class_name"] = m.family.pipeline_name
+        fsio.atomic_write_json(os.path.join(args.output_dir, "model_index.json"), index)
 
 
 # ------------------------------------------------------------------------------ model card and hub

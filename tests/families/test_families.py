@@ -240,6 +240,33 @@ def test_klein_full_fine_tune_writes_a_klein_pipeline_folder(tiny_klein, sample_
     assert moved and all(torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(), base.text_encoder.parameters()))
 
 
+@pytest.mark.parametrize("model,family,pipeline", [("tiny_flux", "kontext", "FluxKontextPipeline"),
+                                                     ("tiny_flux2_dev", None, "Flux2Pipeline")])
+def test_full_fine_tune_of_an_editing_family_writes_its_pipeline_and_edits(model, family, pipeline, sample_data,
+                                                                          tmp_path, request):
+    """Kontext (a FLUX.1 folder trained with --model_family kontext) and FLUX.2 [dev] full fine-tunes on editing
+    pairs: the folder is the family trained (FLUX.1's index said FluxPipeline, so --image was refused on it), and
+    infer_flux_text2img_dreambooth_bf16.py edits with it as the user types it."""
+    from PIL import Image
+
+    from conftest import run_entry_inprocess
+    from test_inference import infer
+
+    model_dir = request.getfixturevalue(model)
+    full = os.path.join(os.path.dirname(LORA), "train_flux_dreambooth.py")
+    out = tmp_path / "full"
+    extra = {"model_family": family} if family else {}
+    args = _edit_args(model_dir, sample_data, out, cond_image_dir=sample_data["edit_references"], **extra)
+    args[args.index("--max_sequence_length") + 1] = "48"  # FLUX.2 [dev]'s tiny system message takes 33 tokens
+    assert run_entry_inprocess(full, args) == 0
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == pipeline
+    reference = tmp_path / "reference.png"  # FLUX.2 takes references of 64 px and more
+    Image.open(os.path.join(sample_data["edit_references"], "pair_000.png")).resize((64, 64)).save(reference)
+    assert infer("DREAMBOOTH", ["--model_path", out, "--image", reference, "--prompt", "make it blue", "--seeds", "1",
+                                "--height", "32", "--width", "32", "--num_inference_steps", "2",
+                                "--max_sequence_length", "48", "--dtype", "fp32", "--output_dir", tmp_path / "edits"]) == 0
+
+
 @pytest.mark.cli
 def test_klein_editing_run_sigkilled_at_step_3_resumes_bit_identical(tiny_klein, sample_data, tmp_path):
     from conftest import run_entry_inprocess
