@@ -513,12 +513,18 @@ def attach_references(scan, args, skipped: list) -> None:
 
 
 def _reference(scan, args, folder: str | None, sample, skipped: list):
-    """The reference ImageInfo of one target, or None when it is unreadable and --skip_bad_images."""
+    """The reference ImageInfo of one target, or None when it is missing or unreadable and --skip_bad_images."""
     if scan.table is not None:
         ref, name = int(sample.ref), f"{args.dataset_name}[{sample.ref}].{args.cond_image_column}"
         source = _row_image(scan.table[ref][args.cond_image_column])
     else:
-        ref = name = source = _reference_in_folder(folder, sample.ref, args.instance_data_dir)
+        try:
+            ref = name = source = _reference_in_folder(folder, sample.ref, args.instance_data_dir)
+        except UserError:
+            if not args.skip_bad_images:
+                raise
+            skipped.append(f"{sample.ref} (no reference image of its name in --cond_image_dir {folder})")
+            return None
     try:
         if source is None:
             raise OSError("the row has no reference image")

@@ -175,6 +175,21 @@ def test_pairs_from_a_parquet_column_train_klein_with_reference_tokens_cached_as
     assert train(tmp_path / "uncached", no_cache=True) == cached
 
 
+def test_a_missing_reference_with_skip_bad_images_skips_its_pair(tiny_flux, sample_data, tmp_path, capsys):
+    """families.md: a missing or unreadable reference is one error line; with --skip_bad_images the pair is skipped
+    (a missing one stopped the run even with the flag)."""
+    from conftest import run_entry_inprocess
+
+    refs = tmp_path / "refs"
+    shutil.copytree(sample_data["edit_references"], refs)
+    os.remove(refs / "pair_002.png")
+    args = _edit_args(tiny_flux, sample_data, tmp_path / "o", cond_image_dir=refs, model_family="kontext",
+                      skip_bad_images=True)
+    assert run_entry_inprocess(LORA, args) == 0
+    err = capsys.readouterr().err
+    assert "data: 3 editing pair(s)" in err and "pair_002.png (no reference image" in err, err[-2000:]
+
+
 @pytest.mark.parametrize("case", ["missing reference", "text-to-image family"])
 def test_a_bad_pair_is_one_error_line_and_nothing_is_written(tiny_flux, sample_data, tmp_path, capsys, case):
     from conftest import run_entry_inprocess
