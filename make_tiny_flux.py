@@ -40,8 +40,10 @@ def parse_args(argv=None):
 
 @cli
 def main(argv=None):
+    from fluxkit.shared import quiet
     from fluxkit.tiny import build as tiny
 
+    quiet.install()  # the libraries' import-time notes (torchao, bitsandbytes kernels) before any line of ours
     args = parse_args(argv)
     preset = tiny.resolve_preset(args.preset, args.family)
     if args.dataset_dir:  # check both destinations before writing either

@@ -96,8 +96,17 @@ def test_sample_data_loads_with_datasets(sample_data):
     assert len(prompts) >= 2
 
 
+@pytest.mark.cli
 def test_dev_preset_refuses_without_allow_large(tmp_path):
-    proc = run_inprocess([sys.executable, "make_tiny_flux.py", "--preset", "dev", "--output_dir", str(tmp_path / "dev")], timeout=120)
+    """In a fresh interpreter, as typed: the refusal is the only line (the libraries' import-time notes about
+    torchao and bitsandbytes kernels came first until make_tiny_flux silenced them as the trainers do)."""
+    proc = run_script([sys.executable, "make_tiny_flux.py", "--family", "flux2-klein", "--preset", "4b",
+                       "--output_dir", str(tmp_path / "dev")], timeout=120)
+    line = assert_user_error(proc, "--allow_large", "B random parameters")
+    assert proc.returncode == 2 and [l for l in proc.stderr.splitlines() if l.strip()] == [line], proc.stderr
+    assert not (tmp_path / "dev").exists()
+    proc = run_inprocess([sys.executable, "make_tiny_flux.py", "--preset", "dev", "--output_dir", str(tmp_path / "dev")],
+                         timeout=120)
     assert_user_error(proc, "--allow_large", "B random parameters")
     assert not (tmp_path / "dev").exists()
 
