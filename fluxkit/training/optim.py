@@ -27,7 +27,7 @@ def add_flags(g) -> None:
     g.add_argument("--lr_num_cycles", type=int, default=1, help="restarts for cosine_with_restarts")
     g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
     g.add_argument("--optimizer", default="AdamW", help="AdamW or prodigy")
-    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (CUDA only)")
+    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--prodigy_beta3", type=float, default=None, help="prodigy's beta3 (default sqrt(beta2))")

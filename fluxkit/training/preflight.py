@@ -19,7 +19,7 @@ def check_host(cfg, info, deepspeed: bool) -> None:
     quant.check(cfg.base_quantization, info.type, deepspeed=deepspeed)
     quant.check_text_encoder(cfg.text_encoder_quantization, info.type)
     if cfg.use_8bit_adam:
-        require("bitsandbytes", "--use_8bit_adam needs bitsandbytes (CUDA only); drop the flag or pip install bitsandbytes")
+        require("bitsandbytes", "--use_8bit_adam needs bitsandbytes; drop the flag or pip install bitsandbytes")
     if cfg.optimizer.lower() == "prodigy":
         require("prodigyopt", "--optimizer prodigy needs prodigyopt; pip install prodigyopt")
     if cfg.enable_npu_flash_attention and info.type != "npu":

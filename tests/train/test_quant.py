@@ -123,6 +123,19 @@ def test_lora_on_a_quantized_base_learns_and_loads_into_an_unquantized_pipeline(
     assert effect > 5 and np.abs(images["fused"] - images["lora"]).mean() < 0.4 * effect
 
 
+def test_use_8bit_adam_trains_on_a_cpu_with_8_bit_states(tiny_flux, sample_data, tmp_path):
+    """training.md said --use_8bit_adam is CUDA only; bitsandbytes' AdamW8bit runs on this CPU: the run trains
+    and its checkpoint holds the optimizer's 8-bit (uint8) states, not AdamW's fp32 ones."""
+    import torch
+
+    out = tmp_path / "adam8"
+    assert train_inprocess(LORA, train_args(tiny_flux, sample_data, out, 2, use_8bit_adam=True, checkpointing_steps=2,
+                                            learning_rate=1e-2)) == 0
+    state = torch.load(str(out / "checkpoint-2" / "optimizer.bin"), weights_only=True)["state"]
+    assert state and all("__bnb_optimizer_quant_state__" in s for s in state.values())
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(out))
+
+
 @pytest.mark.cli
 def test_killed_run_on_a_quantized_base_resumes_bit_identical(tiny_flux, sample_data, tmp_path, capsys):
     """Killed after step 3 (checkpoint-2 on disk), resumed: the uninterrupted run's losses and LoRA.
