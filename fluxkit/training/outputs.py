@@ -179,16 +179,26 @@ def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: 
         f"trained with fluxkit's train_flux_dreambooth_lora.py.", "",
         f"Trigger prompt: `{args.instance_prompt}`", "",
     ]
-    lines += model_card_usage(args, pivot) if pivot is not None else [
-        "```python", "import torch", f"from diffusers import {pipeline_name}",
-        f"pipe = {pipeline_name}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
-        "pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')",
-        f"image = pipe({args.instance_prompt!r}).images[0]", "```"]
+    lines += model_card_usage(args, pivot) if pivot is not None else _lora_usage(args, pipeline_name)
     lines += ["", "## Training flags", ""]
     lines += [f"- `{k}`: `{v}`" for k, v in sorted(flags.items())]
     if sample_images:
         lines += ["", "## Samples", ""] + [f"![sample]({os.path.relpath(p, args.output_dir)})" for p in sample_images]
     fsio.atomic_write_text(os.path.join(args.output_dir, "README.md"), "\n".join(lines) + "\n")
+
+
+def _lora_usage(args, pipeline_name: str) -> list[str]:
+    """The card's code: the family's pipeline with the LoRA renders one image. The prompt goes by keyword
+    (Kontext's and FLUX.2's pipelines take the reference image first), with the reference of an editing run."""
+    from ..data.pairs import editing_requested
+
+    edit = editing_requested(args)
+    call = (["image=load_image('reference.png')"] if edit else []) + [f"prompt={args.instance_prompt!r}"]
+    return ["```python", "import torch", f"from diffusers import {pipeline_name}",
+            *(["from diffusers.utils import load_image"] if edit else []),
+            f"pipe = {pipeline_name}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
+            "pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')",
+            f"image = pipe({', '.join(call)}).images[0]", "```"]
 
 
 def check_hub_reachable() -> None:

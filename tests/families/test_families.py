@@ -173,6 +173,7 @@ def test_pairs_from_a_parquet_column_train_klein_with_reference_tokens_cached_as
     assert (ids[:64, 0] == 0).all() and (ids[64:, 0] == 10).all() and ids.shape[-1] == 4
     # both latents of each pair from the cache give the losses of encoding them every step
     assert train(tmp_path / "uncached", no_cache=True) == cached
+    _run_model_card_code(tmp_path / "cached", os.path.join(sample_data["edit_references"], "pair_000.png"), tmp_path)
 
 
 def test_a_missing_reference_with_skip_bad_images_skips_its_pair(tiny_flux, sample_data, tmp_path, capsys):
@@ -253,6 +254,23 @@ def test_klein_full_fine_tune_writes_a_klein_pipeline_folder(tiny_klein, sample_
     moved = [n for n, p in trained.transformer.named_parameters()
              if not torch.equal(p, dict(base.transformer.named_parameters())[n])]
     assert moved and all(torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(), base.text_encoder.parameters()))
+
+
+def _run_model_card_code(out, reference, tmp_path):
+    """The LoRA's README.md code as a user runs it in the output folder, at tiny size: it renders an edit
+    (it called pipe(prompt) positionally, which Kontext's and FLUX.2's pipelines take as the image)."""
+    from PIL import Image
+
+    Image.open(reference).resize((64, 64)).save(tmp_path / "reference.png")  # FLUX.2 takes 64 px and more
+    reference = str(tmp_path / "reference.png")
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "image=load_image('reference.png')" in code, code
+    code = (code.replace("'.'", repr(str(out))).replace("reference.png", reference).replace("torch.bfloat16", "torch.float32")
+            .replace(").images[0]", ", height=32, width=32, num_inference_steps=1, max_sequence_length=16).images[0]"))
+    scope = {}
+    exec(code, scope)
+    assert scope["image"].size == (32, 32)
 
 
 @pytest.mark.parametrize("model,family,pipeline", [("tiny_flux", "kontext", "FluxKontextPipeline"),
