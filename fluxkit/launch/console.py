@@ -56,7 +56,7 @@ class ConsoleFilter:
                     if "ChildFailedError" in line:
                         self.report_rules = 2
                     return []
-                return [self._show(b) for b in block if self._show(b) is not None]
+                return self._show_all(block)
             return []
         if line.startswith("Traceback (most recent call last)") or line.startswith(("During handling of the above",
                                                                                     "The above exception was")):
@@ -84,9 +84,14 @@ class ConsoleFilter:
         self.seen.add(text)
         return line
 
+    def _show_all(self, lines: list[str]) -> list[str]:
+        # _show once per line: it records what it shows, so a second call would hide the line it just passed
+        shown = [self._show(line) for line in lines]
+        return [line for line in shown if line is not None]
+
     def flush(self) -> list[str]:
         block, self.block = self.block or [], None
-        return [b for b in block if self._show(b) is not None]
+        return self._show_all(block)
 
 
 class Supervisor:

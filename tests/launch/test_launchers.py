@@ -483,6 +483,23 @@ def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample
 
 
 @pytest.mark.cli
+def test_a_trainers_traceback_reaches_the_console(tmp_path, tiny_flux, sample_data):
+    """A trainer that dies with a real traceback (not one line of ours): the console shows it whole and the
+    launcher's line naming the log, exit status the trainer's (the console filter once crashed on it)."""
+    fixture = os.path.join(ROOT, "tests", "fixtures", "train_raises.py")
+    out = tmp_path / "out"
+    proc = launch(LORA, f"--train_script={fixture}", f"--model_name={tiny_flux}", "--resolution=32", "--batch_size=1",
+                  f"--instance_dir={sample_data['instance_dir']}", "--instance_prompt=a photo of sks dog",
+                  f"--output_dir={out}")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    said = proc.stderr.splitlines()
+    traceback = said.index("Traceback (most recent call last):")
+    assert any('train_raises.py", line' in line for line in said[traceback:]), said
+    assert "ModuleNotFoundError: No module named 'fluxkit_walk_not_installed'" in said[traceback:], said
+    assert "TypeError" not in proc.stderr and "training failed with exit status 1" in said[-1], said[-3:]
+
+
+@pytest.mark.cli
 def test_failed_run_exits_with_the_trainers_status(tmp_path, tiny_flux, sample_data):
     # our trainer rejects a value only it can judge once the model is loaded: the launcher's status is the
     # trainer's 2, not accelerate's 1, and the console shows the trainer's one error line, no elastic traceback
