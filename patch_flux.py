@@ -153,6 +153,7 @@ def main(argv=None) -> int:
 
             print(ast.unparse(tree))
         return 0
+    script_fixes.check_imports(tree, args.script)
     check_processes()
     applied = patches.apply(skip=args.skip)
     if is_rank0():

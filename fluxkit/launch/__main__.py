@@ -73,6 +73,11 @@ def read_keys(launch: Launch) -> None:
         launch.script = o["train_script"]
         if not os.path.isfile(launch.script):
             raise UserError(f"train_script {launch.script!r}: no such file; pass --train_script=PATH to a training script")
+        from ..upstream import script_fixes  # what patch_flux.py's runner refuses, refused before anything starts
+
+        tree = script_fixes.parse_script(launch.script)
+        script_fixes.fix_script(tree, launch.script)
+        script_fixes.check_imports(tree, launch.script)
     else:
         launch.script = os.path.join(ROOT, req.spec.trainer)
     launch.accelerate_config = check_accelerate_config(o["config_file"], int(o["gradient_accumulation_steps"]),

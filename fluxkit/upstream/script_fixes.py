@@ -461,6 +461,30 @@ def parse_script(path: str) -> ast.Module:
         raise UserError(f"SCRIPT {path!r} cannot be read ({err.strerror}); check its permissions") from err
 
 
+def check_imports(tree: ast.Module, path: str) -> None:
+    """UserError naming the first module the script imports at its top level that is not installed, before
+    anything runs: diffusers' FLUX scripts import torchvision, which this toolkit neither needs nor installs.
+    Imports under an `if`/`try` (optional ones) are the script's own business."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(path))  # the script's folder comes first, as for `python SCRIPT`
+    sys.path.insert(0, here)
+    try:
+        for node in tree.body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if importlib.util.find_spec(top) is None:
+                    build = " (the build made for your torch, as torch's install page pairs them)" if top == "torchvision" else ""
+                    raise UserError(f"{path!r} imports {top} (line {node.lineno}), which is not installed in this "
+                                    f"Python; install it{build}: pip install {top}")
+    finally:
+        sys.path.remove(here)
+
+
 def fix_script(tree: ast.Module, path: str, skip=()) -> list[FixResult]:
     """Apply every transform (except `skip`) to tree in place; one FixResult per transform. Names in skip
     are checked by the caller (patches.check_skip: a runtime patch's name is fine there).
@@ -483,8 +507,9 @@ def fix_script(tree: ast.Module, path: str, skip=()) -> list[FixResult]:
     if missing:
         required = [n for n in FIXES if n not in skip and n not in OPTIONAL and (lora or n not in LORA_ONLY)]
         if len(missing) == len(required):
+            lacks = dict.fromkeys(m for _, m in missing)  # two fixes look for the checkpoint block: named once
             raise UserError(f"{path!r} has none of the constructs of diffusers' FLUX DreamBooth scripts "
-                            f"({'; '.join(m for _, m in missing)}); is it one of them?")
+                            f"({'; '.join(lacks)}); is it one of them?")
         name, why = missing[0]
         others = f" (also: {', '.join(n for n, _ in missing[1:])})" if missing[1:] else ""
         raise UserError(f"transform {name!r} cannot fix {path!r}: {why}{others}; "

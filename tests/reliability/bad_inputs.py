@@ -52,6 +52,22 @@ def case(name, entry, args, needles, base=None, files=None, env=None):
             "files": dict(files or {}), "env": dict(env or {})}
 
 
+# diffusers' script shape as far as patch_flux.py's runner looks (the checkpoint block, log_validation),
+# importing a module that is not installed, as their `from torchvision import transforms` does without torchvision
+NEEDS_MISSING_MODULE = """import os
+from fluxkit_walk_not_installed import transforms
+
+
+def log_validation(pipeline, args, accelerator, pipeline_args, epoch, torch_dtype, is_final_validation=False):
+    pipeline = pipeline.to(accelerator.device, dtype=torch_dtype)
+
+
+def checkpoint(accelerator, args, global_step):
+    if accelerator.is_main_process:
+        if global_step % args.checkpointing_steps == 0:
+            accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+"""
+
 CASES = [
     # ------------------------------------------------------------------ trainers
     case("trainer: model path is a file", "train", ["--pretrained_model_name_or_path", "{tmp}/model.txt"],
@@ -120,6 +136,9 @@ CASES = [
          LAUNCH_BASE, files={"taken": ""}),
     case("launcher: python not found", "launch_lora", [], ["PYTHON", "not found"], LAUNCH_BASE,
          env={"PYTHON": "{tmp}/no/python"}),
+    case("launcher: train_script imports a module that is not installed", "launch_lora",
+         ["--train_script={tmp}/upstream.py"], ["upstream.py", "imports fluxkit_walk_not_installed", "pip install"],
+         LAUNCH_BASE, files={"upstream.py": NEEDS_MISSING_MODULE}),
     case("launcher: seed not a whole number", "launch", ["--seed=x1"], ["--seed='x1'", "whole number"], LAUNCH_BASE),
     # ------------------------------------------------------------------ inference
     case("infer: zero denoising steps", "infer", ["--num_inference_steps", "0"], ["--num_inference_steps 0"], INFER_BASE),
@@ -141,6 +160,9 @@ CASES = [
          files={"scripts/.keep": ""}),
     case("patch_flux: SCRIPT has a syntax error", "patch_flux", ["{tmp}/broken.py"], ["broken.py"],
          files={"broken.py": "def train(:\n"}),
+    case("patch_flux: SCRIPT imports a module that is not installed", "patch_flux", ["{tmp}/upstream.py", "--seed", "1"],
+         ["upstream.py", "imports fluxkit_walk_not_installed (line 2)", "pip install fluxkit_walk_not_installed"],
+         files={"upstream.py": NEEDS_MISSING_MODULE}),
     # ------------------------------------------------------------------ make_tiny_flux
     case("make_tiny_flux: no destination", "make_tiny_flux", ["--preset", "tiny"], ["--output_dir", "--dataset_dir"]),
     case("make_tiny_flux: dataset dir not empty", "make_tiny_flux", ["--dataset_dir", "{tmp}/data"],

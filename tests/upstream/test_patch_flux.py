@@ -393,7 +393,8 @@ def test_runner_bad_input_is_one_line(tmp_path):
     assert_user_error(run_inprocess([sys.executable, RUNNER, str(tmp_path / "image.py")]), "not a Python script")
     (tmp_path / "hello.py").write_text("print('hello')\n")
     proc = run_inprocess([sys.executable, RUNNER, str(tmp_path / "hello.py")])
-    assert_user_error(proc, "none of the constructs", "hello.py")
+    line = assert_user_error(proc, "none of the constructs", "hello.py")
+    assert line.count("save_state") == 1, line  # each missing construct named once
     assert "hello" not in proc.stdout, "nothing may run when the script cannot be fixed"
 
 
