@@ -264,7 +264,7 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
 
     Left out on purpose, because they change only kernel rounding and a run resumed elsewhere must
     not start over: the device, the process grid (context-parallel images match single-process ones
-    within 1e-5 in fp32, about 3/255 in bf16), and the batch size in fp32 (at most 1/255). In bf16 and fp16
+    within 1e-5 in fp32, a few levels (up to 4/255 measured) in bf16), and the batch size in fp32 (at most 1/255). In bf16 and fp16
     the batch size moves pixels by up to 2/255, so there it is part of the recipe."""
     settings = {
         "model": model_id,
