@@ -16,12 +16,12 @@ The folder loads with its family's pipeline class: <Pipeline>.from_pretrained(DI
 import argparse
 import sys
 
-from fluxkit.shared.errors import cli
+from fluxkit.shared.errors import FlagParser, cli
 from fluxkit.tiny.build import FAMILIES, PRESETS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="flux1", choices=FAMILIES,
                    help="the FLUX family to build (its pipeline class and components)")
     p.add_argument("--preset", default="tiny", help="model size: " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))

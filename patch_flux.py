@@ -29,7 +29,7 @@ from fluxkit.shared.host_runtime import apply_defaults  # noqa: E402
 apply_defaults()  # before torch loads, when run as the runner (fluxkit/shared/host_runtime.py)
 from fluxkit.upstream import patches, script_fixes  # noqa: E402
 from fluxkit.shared.environment import is_rank0  # noqa: E402
-from fluxkit.shared.errors import UserError, cli  # noqa: E402
+from fluxkit.shared.errors import FlagParser, UserError, cli  # noqa: E402
 
 PROG = "patch_flux.py"
 
@@ -122,7 +122,7 @@ def run_fixed(tree, path: str, args: list[str]) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="print every runtime patch, whether it applies here and why, then exit")
     p.add_argument("--check", action="store_true", help="fix SCRIPT in memory and report what changed; do not run it")
     p.add_argument("--show_source", action="store_true", help="with --check: also print the fixed source")

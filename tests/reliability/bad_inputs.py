@@ -163,7 +163,10 @@ CASES = [
     case("patch_flux: SCRIPT imports a module that is not installed", "patch_flux", ["{tmp}/upstream.py", "--seed", "1"],
          ["upstream.py", "imports fluxkit_walk_not_installed (line 2)", "pip install fluxkit_walk_not_installed"],
          files={"upstream.py": NEEDS_MISSING_MODULE}),
+    case("patch_flux: misspelt flag", "patch_flux", ["--chek", "train.py"], ["--chek", "did you mean --check?"]),
     # ------------------------------------------------------------------ make_tiny_flux
+    case("make_tiny_flux: misspelt flag", "make_tiny_flux", ["--presett", "tiny", "--output_dir", "{out}"],
+         ["--presett", "did you mean --preset?"]),
     case("make_tiny_flux: no destination", "make_tiny_flux", ["--preset", "tiny"], ["--output_dir", "--dataset_dir"]),
     case("make_tiny_flux: dataset dir not empty", "make_tiny_flux", ["--dataset_dir", "{tmp}/data"],
          ["--dataset_dir", "--overwrite"], files={"data/mine.txt": "keep me"}),

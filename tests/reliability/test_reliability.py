@@ -550,5 +550,6 @@ def test_bad_input_is_one_clear_line(tiny_flux, sample_data, tmp_path, case):
     prog = os.path.basename(script)
     line = assert_user_error(proc, *[fill(n) for n in case["needles"]])
     assert line.startswith(f"{prog}: error: "), line
+    assert "usage:" not in proc.stderr, proc.stderr  # the one line alone, not argparse's usage block above it
     out = tmp / "out"
     assert not out.exists() or not [f for _, _, fs in os.walk(out) for f in fs], os.listdir(out)
