@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import os
 
 import torch
 
@@ -39,11 +41,14 @@ class Family:
     # kernels of their own shapes).
     cpu_runtime_bytes = {"full": 40 * 2**20, "lora": 64 * 2**20}
 
-    def check(self, args) -> None:
-        """Refuse flags this family cannot honour, before anything loads."""
+    def check(self, args, model_dir: str | None = None) -> None:
+        """Refuse flags this family cannot honour, before anything loads (model_dir: the local folder,
+        whose config files the checks may read)."""
         from ..shared.errors import UserError
 
         from ..data.pairs import editing_requested
+
+        self._check_out_layers(args.text_encoder_out_layers, model_dir)
 
         if editing_requested(args) and not self.editing:
             raise UserError(f"--cond_image_dir/--cond_image_column give editing pairs, but {self.name} trains "
@@ -53,6 +58,26 @@ class Family:
             if getattr(args, flag) and not self.trains_text_encoder:
                 raise UserError(f"--{flag} trains FLUX.1's CLIP; {self.name} has no text encoder this toolkit "
                                 "trains: drop the flag")
+
+    def _check_out_layers(self, layers, model_dir: str | None) -> None:
+        """--text_encoder_out_layers: only where prompts are read at hidden-state layers, and each one
+        the stored text encoder has (hidden states 0..N of N layers; -N-1..-1 from the end)."""
+        from ..shared.errors import UserError
+
+        if not layers:
+            return
+        if not self.out_layers:
+            raise UserError(f"--text_encoder_out_layers picks the hidden states FLUX.2's text encoder is read at; "
+                            f"{self.name} reads its text encoders' final outputs: drop the flag")
+        if model_dir is None:
+            return
+        with open(os.path.join(model_dir, self.text_encoders[0], "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        depth = config.get("text_config", config)["num_hidden_layers"]
+        if not all(-depth - 1 <= k <= depth for k in layers):
+            raise UserError(f"--text_encoder_out_layers {' '.join(map(str, layers))}: the text encoder has {depth} layers "
+                            f"(hidden states 0..{depth}); give layers in that range ({self.name} reads "
+                            f"{' '.join(map(str, self.out_layers))} by default)")
 
     # ------------------------------------------------------------------ components
 

@@ -65,14 +65,8 @@ class Flux2(Family):
         inputs = self._token_batch(m, prompts, args.max_sequence_length)
         out = m.text_encoder(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
                              output_hidden_states=True, use_cache=False)
-        layers = self.layers(args)
-        try:
-            hidden = torch.stack([out.hidden_states[k] for k in layers], dim=1)  # (B, layers, L, D)
-        except IndexError:
-            from ..shared.errors import UserError
-
-            raise UserError(f"--text_encoder_out_layers {' '.join(map(str, layers))}: the text encoder has "
-                            f"{len(out.hidden_states) - 1} layers (hidden states 0..{len(out.hidden_states) - 1})") from None
+        # (B, layers, L, D); Family.check refused layers the text encoder does not have
+        hidden = torch.stack([out.hidden_states[k] for k in self.layers(args)], dim=1)
         b, n, length, d = hidden.shape
         seq = hidden.permute(0, 2, 1, 3).reshape(b, length, n * d)
         return seq, seq.new_zeros(b, 0)  # no pooled embedding: an empty one keeps the cache's pairs

@@ -126,7 +126,7 @@ def check_inputs(launch: Launch) -> None:
     if trainer_args is not None and os.path.isfile(os.path.join(req.opts["model_name"] or "", "model_index.json")):
         from .. import families
 
-        families.of_args(trainer_args, req.opts["model_name"]).check(trainer_args)
+        families.of_args(trainer_args, req.opts["model_name"]).check(trainer_args, req.opts["model_name"])
     check_data(req.opts)
     if trainer_args is None:  # an upstream script judges the rest itself
         return

@@ -184,7 +184,7 @@ def preflight(args):
     if args.push_to_hub:
         outputs.check_hub_reachable()
     model_dir = resolve_model_dir(args)
-    families.of_args(args, model_dir).check(args)  # the family's own refusals (e.g. no CLIP to train)
+    families.of_args(args, model_dir).check(args, model_dir)  # the family's own refusals (e.g. no CLIP to train)
     blockswap.check_launch(args, using_deepspeed(), model_dir)
     # the processes accelerate started (WORLD_SIZE), before the Accelerator exists
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -211,6 +211,28 @@ def test_a_bad_pair_is_one_error_line_and_nothing_is_written(tiny_flux, sample_d
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("case", ["layer past the encoder", "a family read at its final outputs"])
+def test_text_encoder_out_layers_are_judged_before_anything_loads(tiny_flux, tiny_klein, sample_data, tmp_path,
+                                                                   capsys, monkeypatch, case):
+    """A layer the stored text encoder lacks stopped the run only while the cache was being filled, after the
+    models loaded and with the output folder made; FLUX.1 ignored the flag. Now one line, before anything loads."""
+    import diffusers
+
+    from conftest import run_entry_inprocess, trainer_args
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model loaded before the refusal")
+
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", no_loading)
+    model, layers, needles = ((tiny_klein, "9 18 99", ["9 18 99", "30 layers", "hidden states 0..30"])
+                              if case == "layer past the encoder" else (tiny_flux, "1 2", ["flux1", "drop the flag"]))
+    args = trainer_args(model, sample_data, tmp_path / "o", steps=2, max_sequence_length=16)
+    status = run_entry_inprocess(LORA, args + ["--text_encoder_out_layers", *layers.split()])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1 and all(n in errors[0] for n in needles), errors
+    assert not (tmp_path / "o").exists()
+
+
 # ----------------------------------------------------------------------------- inference
 
 def test_inference_scripts_take_any_family_and_an_image_for_editing(tiny_flux, tiny_klein, sample_data, tmp_path, capsys):
@@ -346,6 +368,8 @@ def test_launcher_names_the_family_and_applies_its_refusals(tiny_klein, sample_d
     assert shares[1] < shares[0], shares
     proc = run_inprocess([launcher, *keys, "--train_text_encoder"])
     assert_user_error(proc, "--train_text_encoder", "flux2-klein")
+    proc = run_inprocess([launcher, *keys, "--dry_run", "--", "--text_encoder_out_layers", "9", "18", "99"])
+    assert_user_error(proc, "--text_encoder_out_layers 9 18 99", "hidden states 0..30")  # the folder's encoder judged
     assert not (tmp_path / "o").exists()
 
 
