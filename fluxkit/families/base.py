@@ -59,6 +59,10 @@ class Family:
                 raise UserError(f"--{flag} trains FLUX.1's CLIP; {self.name} has no text encoder this toolkit "
                                 "trains: drop the flag")
 
+    def check_prompt_room(self, tokenizer, max_sequence_length: int) -> None:
+        """Refuse a --max_sequence_length that leaves none of the prompt (FLUX.2's chat template); FLUX.1's T5
+        reads the prompt from its first token: nothing to refuse."""
+
     def _check_out_layers(self, layers, model_dir: str | None) -> None:
         """--text_encoder_out_layers: only where prompts are read at hidden-state layers, and each one
         the stored text encoder has (hidden states 0..N of N layers; -N-1..-1 from the end)."""

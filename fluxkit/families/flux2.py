@@ -48,6 +48,30 @@ class Flux2(Family):
 
     # ------------------------------------------------------------------ text
 
+    def check(self, args, model_dir: str | None = None) -> None:
+        super().check(args, model_dir)
+        if model_dir is not None:
+            tokenizer = self.component_class("tokenizer").from_pretrained(model_dir, subfolder="tokenizer")
+            self.check_prompt_room(tokenizer, args.max_sequence_length)
+
+    def check_prompt_room(self, tokenizer, max_sequence_length: int) -> None:
+        """The chat template puts tokens before the prompt (FLUX.2 [dev]'s system message among them) and the
+        sequence is cut from the end, so a length at or below them silently keeps none of the prompt."""
+        from types import SimpleNamespace
+
+        from ..shared.errors import UserError
+
+        def tokens(prompt):
+            batch = self._token_batch(SimpleNamespace(tokenizer=tokenizer), [prompt], 512)
+            return batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+
+        empty, marked = tokens(""), tokens("x")
+        before = next((i for i, (a, b) in enumerate(zip(empty, marked)) if a != b), len(empty))
+        if max_sequence_length <= before:
+            raise UserError(f"--max_sequence_length {max_sequence_length} keeps none of the prompt: {self.name}'s chat "
+                            f"template puts {before} tokens before it and the sequence is cut from the end; give more "
+                            f"than {before}, e.g. 512")
+
     def layers(self, args) -> tuple[int, ...]:
         return tuple(args.text_encoder_out_layers or self.out_layers)
 

@@ -436,6 +436,7 @@ def prepare_pipeline(args, info, state, lora_file: str | None, grid, backend: st
         report(apply_npu_patches(args.npu_flash_attention))
     pipe = load_pipeline(args.model_path, torch_dtype(args.dtype), args.local_files_only, args.base_quantization, info.type,
                          family, args.text_encoder_quantization, state.device)
+    family.check_prompt_room(pipe.tokenizer, args.max_sequence_length)
     if lora_file:
         attach_lora(pipe, lora_file, args.lora_scale, args.fuse_lora)
     if embeddings:

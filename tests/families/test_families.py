@@ -233,6 +233,29 @@ def test_text_encoder_out_layers_are_judged_before_anything_loads(tiny_flux, tin
     assert not (tmp_path / "o").exists()
 
 
+def test_a_max_sequence_length_that_keeps_none_of_the_prompt_is_refused(tiny_flux2_dev, tiny_klein, sample_data,
+                                                                         tmp_path, capsys):
+    """FLUX.2's chat template puts tokens before the prompt (the tiny [dev]'s system message: 31) and the sequence
+    is cut from the end: --max_sequence_length 16 trained and rendered on the template alone, silently. Now the
+    trainer refuses it before anything loads, inference before rendering; klein's 16 keeps its prompt."""
+    from conftest import run_entry_inprocess, trainer_args
+    from test_inference import infer
+
+    out = tmp_path / "o"
+    assert run_entry_inprocess(LORA, trainer_args(tiny_flux2_dev, sample_data, out, steps=1, max_sequence_length=16)) == 2
+    assert infer("BASE", ["--model_path", tiny_flux2_dev, "--prompt", "a red car", "--seeds", "1", "--height", "32",
+                          "--width", "32", "--num_inference_steps", "1", "--max_sequence_length", "16",
+                          "--output_dir", out]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 2 and all("--max_sequence_length 16 keeps none of the prompt" in e and "31 tokens" in e
+                                    for e in errors), errors
+    assert not out.exists()
+    from fluxkit import families
+
+    tokenizer = families.get("flux2-klein").component_class("tokenizer").from_pretrained(tiny_klein, subfolder="tokenizer")
+    families.get("flux2-klein").check_prompt_room(tokenizer, 16)  # the tests' length: 5 template tokens before
+
+
 # ----------------------------------------------------------------------------- inference
 
 def test_inference_scripts_take_any_family_and_an_image_for_editing(tiny_flux, tiny_klein, sample_data, tmp_path, capsys):
