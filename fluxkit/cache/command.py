@@ -94,6 +94,9 @@ def _named(row: dict) -> str:
 def _fill_command(argv=None) -> int:
     import json
 
+    from ..shared import quiet
+
+    quiet.install()  # the trainer's filter for known library noise (torchao's kernels, empty fp32 lists): same loads here
     from ..training import pivotal
     from ..shared.device import check_mixed_precision, detect, torch_dtype
     from ..training.encode import encode_prompts, latent_moments
