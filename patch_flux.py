@@ -136,6 +136,10 @@ def parse_args(argv):
 @cli
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list or args.check:  # the toolkit's own report: without the libraries' known noise (torchao's kernels, ...)
+        from fluxkit.shared import quiet
+
+        quiet.install()
     if args.list:
         _print_list()
         return 0
