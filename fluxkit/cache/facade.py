@@ -181,8 +181,8 @@ def build(args, dataset, model_dir: str, weight_dtype: torch.dtype, device="cpu"
         precision = str(weight_dtype).replace("torch.", "")
         write_about(cache.latents.folder, f"VAE latents of {os.path.abspath(model_dir)} ({precision})")
         encoders = [p for p in family.text_parts() if not p.startswith("tokenizer")]
-        write_about(cache.text.folder, f"{' + '.join(encoders)} embeddings of {os.path.abspath(model_dir)} "
-                                       f"({precision}, {args.max_sequence_length} tokens)")
+        # no sequence length in the name: it is part of each entry's key, so one folder holds every length's
+        write_about(cache.text.folder, f"{' + '.join(encoders)} embeddings of {os.path.abspath(model_dir)} ({precision})")
     return cache
 
 

@@ -388,7 +388,7 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     named = {line.split()[0]: line for line in listing.splitlines()[1:]}
     # namespaces are named in words (the model folder, the encoders, the precision), not by their hash alone
     assert f"VAE latents of {tiny_flux} (float32)" in named["4"], listing
-    assert f"text_encoder + text_encoder_2 embeddings of {tiny_flux} (float32, 16 tokens)" in named["2"], listing
+    assert f"text_encoder + text_encoder_2 embeddings of {tiny_flux} (float32) [text/" in named["2"], listing
     # with no flag: the default folder of runs started here (OUTPUT/../.fluxkit-cache), as a user types it
     (tmp_path / ".fluxkit-cache").symlink_to(cache_dir)
     typed = run_inprocess([sys.executable, "-m", "fluxkit.cache", "--list"], cwd=str(tmp_path))
@@ -416,6 +416,15 @@ def test_cache_list_prune_and_size_limit_beside_a_run_using_it(tiny_flux, tmp_pa
     assert train(a, "a3") == {}  # A's entries were kept
     latents = [r for r in fcache.usage(str(cache_dir / fcache.FORMAT)) if r["namespace"].startswith("latents/")]
     assert [r["entries"] for r in latents] == [3]
+
+    # prompts of another --max_sequence_length go to the same text folder (the length is in each entry's key),
+    # so its name, written by the first run, claims no length (it said "16 tokens" of 8-token entries too)
+    before = os.listdir(cache_dir / fcache.FORMAT / "text")
+    assert fcache.main(args_for(tiny_flux, a, tmp_path / "fill", steps=2, max_sequence_length=8,
+                                latent_cache_dir=str(cache_dir))) == 0
+    assert os.listdir(cache_dir / fcache.FORMAT / "text") == before
+    text = next(line for line in command("--list", "--latent_cache_dir", str(cache_dir)).splitlines() if "embeddings of" in line)
+    assert "tokens" not in text and text.split()[0] == "4", text
 
 
 # ----------------------------------------------------------------------------- machines that share no cache folder
