@@ -422,9 +422,19 @@ def test_checkpoint_with_pickled_files_is_refused_never_unpickled(tiny_flux, sam
 
 
 def _entry_files():
-    """Our code: the package, the entry scripts, the launchers, bench."""
+    """Our code: the package, the entry scripts, the launchers, bench. Not what runs left in the checkout
+    (the README's commands write output_*/ and infer_result*/ there; DeepSpeed puts its zero_to_fp32.py,
+    which calls torch.load, into every checkpoint): in a git checkout the files git does not ignore
+    (tracked or new), else a walk that skips those folders."""
+    tracked = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
+                              "*.py", "*.sh"], capture_output=True)
+    if tracked.returncode == 0 and tracked.stdout:
+        names = [n for n in tracked.stdout.decode().split("\0") if n and not n.startswith("tests/")]
+        yield from (os.path.join(ROOT, n) for n in names if os.path.exists(os.path.join(ROOT, n)))
+        return
     for d, dirs, files in os.walk(ROOT):
-        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("tests", "__pycache__", "demo") and "venv" not in x]
+        dirs[:] = [x for x in dirs if not x.startswith((".", "output", "infer_result"))
+                   and x not in ("tests", "__pycache__", "demo") and "venv" not in x]
         for f in files:
             if f.endswith((".py", ".sh")):
                 yield os.path.join(d, f)
