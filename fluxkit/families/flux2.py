@@ -36,6 +36,9 @@ class Flux2(Family):
     cpu_runtime_bytes = {"full": 40 * 2**20, "lora": 41 * 2**20}
     min_reference_side = 64  # Flux2Pipeline/Flux2KleinPipeline: "Both dimensions must be at least 64px"
     out_layers = (10, 20, 30)  # Flux2Pipeline's hidden_states_layers
+    # diffusers 0.42's FirstBlockCache hook subtracts its head block's output from the next one's, and
+    # Flux2Transformer2DModel's blocks return lists: TypeError at the first step
+    first_block_cache = False
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
     # Flux2Pipeline/Flux2KleinPipeline default to 4.0 (classifier-free guidance for klein)
     inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512}

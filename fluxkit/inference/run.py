@@ -17,6 +17,7 @@ skipped (unless --overwrite). Files are written under a temporary name and renam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -352,6 +353,9 @@ def check_before_loading(args, defaults: ScriptDefaults):
     grid = plan_grid(world_size(), args.ulysses_degree, args.ring_degree)
     backend = choose_attention_backend(args.attention_backend, info.type, args.npu_flash_attention, grid)
     check_backend_for_grid(backend, grid)
+    if args.first_block_cache is not None and not family.first_block_cache:
+        raise UserError(f"--first_block_cache cannot run on {family.name}: diffusers' first-block cache cannot take "
+                        "FLUX.2's transformer blocks (their outputs are lists); drop the flag")
     if grid.group_size > 1 and args.first_block_cache is not None:
         raise UserError("--first_block_cache cannot be combined with --ulysses_degree/--ring_degree: each process "
                         "would decide on its own share of the tokens whether to skip blocks; drop one of them")
@@ -487,12 +491,15 @@ def render(pipe, jobs: list[Job], args, output_dir: str, write: bool, show: bool
         t_batch = time.perf_counter()
         # one reference for the batch, as its family's pipeline takes it (or none)
         edit = family.render_call(batch[0].image and _reference_image(batch[0].image), args.height, args.width)
-        images = pipe(
-            **edit, prompt=[j.prompt for j in call],
-            generator=[torch.Generator("cpu").manual_seed(j.seed) for j in call],
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-            height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
-        ).images
+        # the first-block cache keeps its state in the transformer's cache context: FluxPipeline opens one around
+        # each transformer call, Kontext's pipeline none (diffusers 0.42), so one spans the whole call
+        with pipe.transformer.cache_context("cond") if args.first_block_cache is not None else contextlib.nullcontext():
+            images = pipe(
+                **edit, prompt=[j.prompt for j in call],
+                generator=[torch.Generator("cpu").manual_seed(j.seed) for j in call],
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+            ).images
         if write:
             for job, image in zip(batch, images):
                 save_png(image, os.path.join(output_dir, job.file), job.record)

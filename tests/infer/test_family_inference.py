@@ -116,13 +116,17 @@ def test_a_jsonl_prompts_file_gives_each_prompt_its_own_reference(tiny_klein, re
     assert np.abs(pixels(tmp_path / "one" / one["file"]) - pixels(tmp_path / "file" / one["file"])).max() <= 1
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "text-to-image", "bad line", "too small"])
+@pytest.mark.parametrize("case", ["missing", "unreadable", "text-to-image", "bad line", "too small", "first-block cache"])
 def test_reference_image_errors_are_one_line_and_write_nothing(case, tiny_flux, tiny_klein, references, tmp_path, capfd):
     out = tmp_path / "out"
     argv = ["--model_path", tiny_flux, "--prompt", "edit", *EDIT, "--output_dir", out, "--model_family", "kontext"]
     if case == "too small":
         argv = ["--model_path", tiny_klein, "--prompt", "edit", *EDIT, "--output_dir", out, "--image", references / "small.png"]
         needles = ["small.png", "32x32", "at least 64"]
+    elif case == "first-block cache":  # diffusers' hook cannot take FLUX.2's blocks: it was a TypeError traceback
+        argv = ["--model_path", tiny_klein, "--prompt", "edit", *EDIT, "--output_dir", out, "--image", references / "red.png",
+                "--first_block_cache", "0.08"]
+        needles = ["--first_block_cache", "flux2-klein", "drop the flag"]
     elif case == "missing":
         bad = references / "missing.jsonl"
         bad.write_text(json.dumps({"prompt": "edit", "image": "nowhere.png"}) + "\n")
@@ -146,6 +150,17 @@ def test_reference_image_errors_are_one_line_and_write_nothing(case, tiny_flux, 
 
 
 @pytest.mark.multiproc
+def test_kontext_edits_with_the_first_block_cache(tiny_flux, references, tmp_path):
+    """Kontext's pipeline opens no cache context (diffusers 0.42): --first_block_cache was a ValueError traceback.
+    A threshold every step passes reuses residuals (other pixels), one no step passes gives the uncached image."""
+    common = ["--model_path", tiny_flux, "--model_family", "kontext", "--image", references / "red.png", "--prompt",
+              "make it blue", *FAST, "--num_inference_steps", "3"]
+    for name, extra in (("off", []), ("always", ["--first_block_cache", "1e6"]), ("never", ["--first_block_cache", "1e-12"])):
+        assert infer("BASE", common + ["--output_dir", tmp_path / name, *extra]) == 0, name
+    off, always, never = (pixels(tmp_path / n / pngs(tmp_path / n)[0]) for n in ("off", "always", "never"))
+    assert np.abs(off - always).max() >= 1 and np.array_equal(off, never)
+
+
 def test_klein_edit_split_over_two_processes_matches_one(tiny_klein, references, tmp_path):
     """Ulysses over 2 gloo processes on FLUX.2 [klein] with a reference image (target + reference
     tokens are split together): the same files as one process, within one level."""
