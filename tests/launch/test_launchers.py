@@ -470,33 +470,24 @@ def test_config_leaves_accumulation_to_the_trainer():
 
 
 @pytest.mark.cli
-def test_failed_run_exits_non_zero_without_a_summary(tmp_path, tiny_flux, sample_data):
-    # a trainer that rejects the launcher's flags: patch_flux's upstream-shaped fixture lacks some
-    fixture = os.path.join(ROOT, "tests", "fixtures", "train_lora_flux_2024_shape.py")
-    out = tmp_path / "out"
-    proc = launch_inprocess(LORA, f"--train_script={fixture}", f"--model_name={tiny_flux}",  # the launcher in process
-                            f"--dataset_name={sample_data['dataset_name']}", f"--output_dir={out}", "--num_processes=1")
-    assert proc.returncode != 0
-    assert "Final Performance" not in proc.stdout and "training failed with exit status" in proc.stderr
-    logs = list((out / "logs").glob("train_*.log"))
-    assert len(logs) == 1 and "train_lora_flux_2024_shape.py: error:" in logs[0].read_text()  # its argparse said why
-
-
-@pytest.mark.cli
-def test_a_trainers_traceback_reaches_the_console(tmp_path, tiny_flux, sample_data):
-    """A trainer that dies with a real traceback (not one line of ours): the console shows it and the
-    launcher's line naming the log, exit status the trainer's (the console filter once crashed on it)."""
+def test_failed_run_exits_non_zero_without_a_summary_and_shows_the_traceback(tmp_path, tiny_flux, sample_data):
+    """A trainer that dies with a real traceback (not one line of ours): the launcher exits with its status,
+    prints no summary, shows the traceback and its line naming the log (the console filter once crashed
+    on a traceback: TypeError, exit 1, no such line)."""
     fixture = os.path.join(ROOT, "tests", "fixtures", "train_raises.py")
     out = tmp_path / "out"
-    proc = launch(LORA, f"--train_script={fixture}", f"--model_name={tiny_flux}", "--resolution=32", "--batch_size=1",
-                  f"--instance_dir={sample_data['instance_dir']}", "--instance_prompt=a photo of sks dog",
-                  f"--output_dir={out}")
+    proc = launch_inprocess(LORA, f"--train_script={fixture}", f"--model_name={tiny_flux}",  # the launcher in process
+                            f"--dataset_name={sample_data['dataset_name']}", f"--output_dir={out}", "--num_processes=1",
+                            "--resolution=32", "--batch_size=1")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Final Performance" not in proc.stdout
     said = proc.stderr.splitlines()
     traceback = said.index("Traceback (most recent call last):")
     assert any('train_raises.py", line' in line for line in said[traceback:]), said
     assert "RuntimeError: an unexpected failure inside the trainer" in said[traceback:], said
     assert "TypeError" not in proc.stderr and "training failed with exit status 1" in said[-1], said[-3:]
+    (log,) = (out / "logs").glob("train_*.log")
+    assert "RuntimeError: an unexpected failure inside the trainer" in log.read_text()
 
 
 @pytest.mark.cli
