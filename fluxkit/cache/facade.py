@@ -205,12 +205,12 @@ def _check_known_unreadable(cache: Cache, dataset) -> None:
 
 def _say_if_other_models(cache: Cache) -> None:
     """One line when the folder only holds entries of other encoders (another model, or another dtype)."""
-    for store, what in ((cache.latents, "VAE"), (cache.text, "text encoders")):
+    for store, what in ((cache.latents, "VAE"), (cache.text, "text-encoder")):
         parent = os.path.dirname(store.folder)
         others = [n for n in os.listdir(parent) if n != os.path.basename(store.folder)] if os.path.isdir(parent) else []
         if others and not store.index:
-            logger.info("latent cache %s holds entries of %d other %s (another model or dtype): this model's are built anew",
-                        parent, len(others), what)
+            logger.info("latent cache %s holds %s entries of other models or dtypes only (%d set(s)): this model's are "
+                        "built anew", parent, what, len(others))
 
 
 def mark_used(cache: Cache, prompts: list[str]) -> None:

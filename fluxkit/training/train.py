@@ -306,7 +306,7 @@ def encode_phase(args, accelerator, models, dataset, cache, prompts, covered: bo
         with offload.encoders_visiting(args, models, accelerator.device, text=not host):
             stats = fill_cache(args, accelerator, models, dataset, cache, prompts, torch.device("cpu") if host else None)
         if accelerator.is_main_process:
-            logger.info("cache %s: encoded %d latents and %d prompts in %.1f s", cache.root, stats["latents"],
+            logger.info("cache %s: encoded %d latent(s) and %d prompt(s) in %.1f s", cache.root, stats["latents"],
                         stats["text"], stats["seconds"])
     elif accelerator.is_main_process:
         logger.info("cache %s covers this run: nothing to encode, text encoders not loaded", cache.root)
