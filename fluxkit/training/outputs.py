@@ -179,7 +179,8 @@ def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: 
         f"trained with fluxkit's train_flux_dreambooth_lora.py.", "",
         f"Trigger prompt: `{args.instance_prompt}`", "",
     ]
-    lines += model_card_usage(args, pivot) if pivot is not None else _lora_usage(args, pipeline_name)
+    lines += model_card_usage(args, pivot, pipeline_name) if pivot is not None else card_code(
+        args, pipeline_name, args.instance_prompt, after_load=["pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')"])
     lines += ["", "## Training flags", ""]
     lines += [f"- `{k}`: `{v}`" for k, v in sorted(flags.items())]
     if sample_images:
@@ -187,18 +188,18 @@ def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: 
     fsio.atomic_write_text(os.path.join(args.output_dir, "README.md"), "\n".join(lines) + "\n")
 
 
-def _lora_usage(args, pipeline_name: str) -> list[str]:
-    """The card's code: the family's pipeline with the LoRA renders one image. The prompt goes by keyword
-    (Kontext's and FLUX.2's pipelines take the reference image first), with the reference of an editing run."""
+def card_code(args, pipeline_name: str, prompt: str, imports=(), after_load=()) -> list[str]:
+    """The model card's code: the family's pipeline, `after_load` (the LoRA, new tokens), one image. The prompt
+    goes by keyword (Kontext's and FLUX.2's pipelines take the reference image first), with the reference of an
+    editing run."""
     from ..data.pairs import editing_requested
 
     edit = editing_requested(args)
-    call = (["image=load_image('reference.png')"] if edit else []) + [f"prompt={args.instance_prompt!r}"]
+    call = (["image=load_image('reference.png')"] if edit else []) + [f"prompt={prompt!r}"]
     return ["```python", "import torch", f"from diffusers import {pipeline_name}",
-            *(["from diffusers.utils import load_image"] if edit else []),
+            *(["from diffusers.utils import load_image"] if edit else []), *imports,
             f"pipe = {pipeline_name}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
-            "pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')",
-            f"image = pipe({', '.join(call)}).images[0]", "```"]
+            *after_load, f"image = pipe({', '.join(call)}).images[0]", "```"]
 
 
 def check_hub_reachable() -> None:

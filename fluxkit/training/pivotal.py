@@ -457,25 +457,25 @@ def writes_lora(args) -> bool:
     return not (enabled(args) and args.train_transformer_frac == 0)
 
 
-def model_card_usage(args, pivot: Pivot) -> list[str]:
+def model_card_usage(args, pivot: Pivot, pipeline_name: str) -> list[str]:
     """The model card's lines on which tokens to use and how to load them."""
+    from .outputs import card_code
+
     emb = os.path.basename(emb_path(".", args.output_dir))
     lines = ["## Trigger words", "",
              "Pivotal tuning trained new tokens; write them where the identifier would go:", ""]
     lines += [f"- `{ident}` -> `{''.join(toks)}`" for ident, toks in pivot.tokens.by_abstraction.items()]
-    lines += ["", f"The new tokens' embeddings are in `{emb}` (`clip_l`" + (", `t5`" if pivot.t5 else "") + ").", "",
-              "```python", "import torch", "from diffusers import FluxPipeline", "from safetensors.torch import load_file",
-              f"pipe = FluxPipeline.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)"]
-    if writes_lora(args):
-        lines.append("pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')")
+    lines += ["", f"The new tokens' embeddings are in `{emb}` (`clip_l`" + (", `t5`" if pivot.t5 else "") + ").", ""]
+    load = ["pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')"] if writes_lora(args) else []
     tokens = pivot.tokens.new
-    lines += [f"emb = load_file({emb!r})",
-              f"pipe.load_textual_inversion(emb['clip_l'], token={tokens!r}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)"]
+    load += [f"emb = load_file({emb!r})",
+             f"pipe.load_textual_inversion(emb['clip_l'], token={tokens!r}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)"]
     if pivot.t5:
-        lines.append(f"pipe.load_textual_inversion(emb['t5'], token={tokens!r}, text_encoder=pipe.text_encoder_2, "
-                     "tokenizer=pipe.tokenizer_2)")
-    lines += [f"image = pipe({(args.validation_prompt or args.instance_prompt)!r}).images[0]", "```", "",
-              "fluxkit's infer_flux_text2img_lora_bf16.py loads the embeddings file beside the LoRA by itself and "
+        load.append(f"pipe.load_textual_inversion(emb['t5'], token={tokens!r}, text_encoder=pipe.text_encoder_2, "
+                    "tokenizer=pipe.tokenizer_2)")
+    lines += card_code(args, pipeline_name, args.validation_prompt or args.instance_prompt,
+                       imports=["from safetensors.torch import load_file"], after_load=load)
+    lines += ["", "fluxkit's infer_flux_text2img_lora_bf16.py loads the embeddings file beside the LoRA by itself and "
               "also accepts the identifiers in prompts."]
     return lines
 

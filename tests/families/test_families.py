@@ -301,21 +301,40 @@ def test_klein_full_fine_tune_writes_a_klein_pipeline_folder(tiny_klein, sample_
     assert moved and all(torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(), base.text_encoder.parameters()))
 
 
-def _run_model_card_code(out, reference, tmp_path):
-    """The LoRA's README.md code as a user runs it in the output folder, at tiny size: it renders an edit
-    (it called pipe(prompt) positionally, which Kontext's and FLUX.2's pipelines take as the image)."""
+def _run_model_card_code(out, reference, tmp_path, **call):
+    """The LoRA's README.md code as a user runs it in the output folder, at tiny size (`call`: more keywords for
+    the pipeline): it renders an edit (it called pipe(prompt) positionally, which Kontext's and FLUX.2's pipelines
+    take as the image, and the pivotal card named FluxPipeline for every family)."""
     from PIL import Image
 
     Image.open(reference).resize((64, 64)).save(tmp_path / "reference.png")  # FLUX.2 takes 64 px and more
-    reference = str(tmp_path / "reference.png")
     card = (out / "README.md").read_text()
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert "image=load_image('reference.png')" in code, code
-    code = (code.replace("'.'", repr(str(out))).replace("reference.png", reference).replace("torch.bfloat16", "torch.float32")
-            .replace(").images[0]", ", height=32, width=32, num_inference_steps=1, max_sequence_length=16).images[0]"))
-    scope = {}
-    exec(code, scope)
+    call = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=16, **call)
+    code = (code.replace("reference.png", str(tmp_path / "reference.png")).replace("torch.bfloat16", "torch.float32")
+            .replace(").images[0]", "".join(f", {k}={v!r}" for k, v in call.items()) + ").images[0]"))
+    scope, cwd = {}, os.getcwd()
+    os.chdir(out)
+    try:
+        exec(code, scope)
+    finally:
+        os.chdir(cwd)
     assert scope["image"].size == (32, 32)
+    return code
+
+
+def test_a_kontext_pivotal_editing_run_s_model_card_code_edits(tiny_flux, sample_data, tmp_path):
+    from conftest import run_entry_inprocess
+
+    out = tmp_path / "tok"
+    args = _edit_args(tiny_flux, sample_data, out, model_family="kontext", cond_image_dir=sample_data["edit_references"],
+                      train_text_encoder_ti=True)
+    args[args.index("--instance_prompt") + 1] = "make TOK blue"
+    assert run_entry_inprocess(LORA, args) == 0
+    code = _run_model_card_code(out, os.path.join(sample_data["edit_references"], "pair_000.png"), tmp_path,
+                                _auto_resize=False, max_area=32 * 32)  # at the tiny size, not Kontext's 1 MP
+    assert "FluxKontextPipeline.from_pretrained" in code and "load_textual_inversion" in code
 
 
 @pytest.mark.parametrize("model,family,pipeline", [("tiny_flux", "kontext", "FluxKontextPipeline"),
