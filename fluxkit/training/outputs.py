@@ -23,6 +23,7 @@ from ..families import of_args
 from .models import resolve_model_dir
 from .offload import encoders_visiting
 from ..weights.zero3 import save_pretrained_gathered
+from .card_code import card_code
 
 # A storage error's cause is judged by a probe write of this size (room for a safetensors header is not enough).
 _PROBE_BYTES = 1 << 20
@@ -186,20 +187,6 @@ def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: 
     if sample_images:
         lines += ["", "## Samples", ""] + [f"![sample]({os.path.relpath(p, args.output_dir)})" for p in sample_images]
     fsio.atomic_write_text(os.path.join(args.output_dir, "README.md"), "\n".join(lines) + "\n")
-
-
-def card_code(args, pipeline_name: str, prompt: str, imports=(), after_load=()) -> list[str]:
-    """The model card's code: the family's pipeline, `after_load` (the LoRA, new tokens), one image. The prompt
-    goes by keyword (Kontext's and FLUX.2's pipelines take the reference image first), with the reference of an
-    editing run."""
-    from ..data.pairs import editing_requested
-
-    edit = editing_requested(args)
-    call = (["image=load_image('reference.png')"] if edit else []) + [f"prompt={prompt!r}"]
-    return ["```python", "import torch", f"from diffusers import {pipeline_name}",
-            *(["from diffusers.utils import load_image"] if edit else []), *imports,
-            f"pipe = {pipeline_name}.from_pretrained({args.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
-            *after_load, f"image = pipe({', '.join(call)}).images[0]", "```"]
 
 
 def check_hub_reachable() -> None:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from ..shared.errors import UserError
+from .card_code import card_code
 
 logger = logging.getLogger("fluxkit.training.pivotal")
 ENCODERS = ("clip_l", "t5")  # the emb file's keys, as the advanced script names them
@@ -459,8 +460,6 @@ def writes_lora(args) -> bool:
 
 def model_card_usage(args, pivot: Pivot, pipeline_name: str) -> list[str]:
     """The model card's lines on which tokens to use and how to load them."""
-    from .outputs import card_code
-
     emb = os.path.basename(emb_path(".", args.output_dir))
     lines = ["## Trigger words", "",
              "Pivotal tuning trained new tokens; write them where the identifier would go:", ""]
