@@ -343,6 +343,9 @@ def check_before_loading(args, defaults: ScriptDefaults):
         quant.refuse_text_encoder_lora(args.text_encoder_quantization, lora_file, lora_components(lora_file))
     check_model_path(args.model_path, args.local_files_only)
     family = inference_family(args)
+    if embeddings and not family.trains_text_encoder:
+        raise UserError(f"--embeddings {embeddings!r} holds pivotal tuning's tokens for FLUX.1's CLIP and T5, which "
+                        f"{family.name} does not have; drop it (or give a FLUX.1 or Kontext model)")
     apply_family_defaults(args, family)
     check_reference_images(requests, family, args)
     info = detect(args.device)

@@ -116,7 +116,8 @@ def test_a_jsonl_prompts_file_gives_each_prompt_its_own_reference(tiny_klein, re
     assert np.abs(pixels(tmp_path / "one" / one["file"]) - pixels(tmp_path / "file" / one["file"])).max() <= 1
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "text-to-image", "bad line", "too small", "first-block cache"])
+@pytest.mark.parametrize("case", ["missing", "unreadable", "text-to-image", "bad line", "too small", "first-block cache",
+                                  "embeddings"])
 def test_reference_image_errors_are_one_line_and_write_nothing(case, tiny_flux, tiny_klein, references, tmp_path, capfd):
     out = tmp_path / "out"
     argv = ["--model_path", tiny_flux, "--prompt", "edit", *EDIT, "--output_dir", out, "--model_family", "kontext"]
@@ -127,6 +128,14 @@ def test_reference_image_errors_are_one_line_and_write_nothing(case, tiny_flux, 
         argv = ["--model_path", tiny_klein, "--prompt", "edit", *EDIT, "--output_dir", out, "--image", references / "red.png",
                 "--first_block_cache", "0.08"]
         needles = ["--first_block_cache", "flux2-klein", "drop the flag"]
+    elif case == "embeddings":  # pivotal tuning's CLIP/T5 tokens on klein: an AttributeError traceback (text_encoder_2)
+        import torch
+        from safetensors.torch import save_file
+
+        emb = tmp_path / "tok_emb.safetensors"
+        save_file({"clip_l": torch.zeros(2, 32)}, str(emb), metadata={"fluxkit_tokens": json.dumps({"TOK": ["<s0>", "<s1>"]})})
+        argv = ["--model_path", tiny_klein, "--prompt", "TOK", *EDIT, "--output_dir", out, "--embeddings", emb]
+        needles = ["--embeddings", "tok_emb.safetensors", "flux2-klein does not have"]
     elif case == "missing":
         bad = references / "missing.jsonl"
         bad.write_text(json.dumps({"prompt": "edit", "image": "nowhere.png"}) + "\n")
