@@ -16,6 +16,7 @@ their save/load hooks (checkpoint/), outputs (outputs.py), signals and throughpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from .. import cache as latent_cache
 from . import blockswap, offload, outputs, pivotal, startup
 from .. import checkpoint, plan
 from ..shared import fsio, host_runtime, quiet
+from ..shared.errors import UserError
 from ..weights import quant, zero3
 from .. import families
 from ..data.buckets import BucketSampler
@@ -108,7 +110,14 @@ def train(args) -> dict:
     host_runtime.leave_out(quant.libraries_not_needed(args.base_quantization, args.use_8bit_adam,
                                                       args.pretrained_model_name_or_path, args.text_encoder_quantization))
     quiet.install()
-    run = setup(args)
+    fresh = not os.path.exists(args.output_dir)
+    try:
+        run = setup(args)
+    except UserError:
+        if fresh:  # a refusal after the output folder was made (e.g. --lora_layers, judged on the loaded model)
+            with contextlib.suppress(OSError):  # leaves nothing behind; a folder that holds anything stays
+                os.rmdir(args.output_dir)
+        raise
     try:
         resume(run)
         loop(run)
