@@ -34,6 +34,7 @@ class Family:
     encoding_keeps_hidden_states = False  # prompts are read at several layers: every layer's output is kept
     out_layers: tuple[int, ...] = ()  # the text encoder's hidden states prompts read (none: its last output)
     first_block_cache = True  # diffusers' FirstBlockCache hook runs on this family's transformer (inference)
+    card_notes: tuple[str, ...] = ()  # comment lines after the model card's load line ({model}: the base model)
     hub_presets: dict[str, str] = {}  # hub ids whose architecture the plan knows without files -> preset
     # On a CPU device a run's first steps leave lasting allocations of the runtime itself (oneDNN's
     # kernel cache per op and shape, heap fragmentation) that do not grow with batch or resolution:

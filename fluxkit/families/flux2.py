@@ -39,6 +39,8 @@ class Flux2(Family):
     # diffusers 0.42's FirstBlockCache hook subtracts its head block's output from the next one's, and
     # Flux2Transformer2DModel's blocks return lists: TypeError at the first step
     first_block_cache = False
+    card_notes = ("# where torchvision is missing, transformers cannot build the tokenizer folder's PixtralProcessor:",
+                  "# pipe = fluxkit.families.get('flux2').load_pipeline({model!r}, torch_dtype=torch.bfloat16)")
     defaults = {"resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}
     # Flux2Pipeline/Flux2KleinPipeline default to 4.0 (classifier-free guidance for klein)
     inference_defaults = {"height": 1024, "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512}

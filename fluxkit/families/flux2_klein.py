@@ -20,6 +20,7 @@ class Flux2Klein(Flux2):
     text_encoder_labels = {"text_encoder": ("Qwen3", "sequence")}
     hub_presets = {f"black-forest-labs/FLUX.2-klein-{v}{b}": b.lower() for v in ("", "base-") for b in ("4B", "9B")}
     out_layers = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers
+    card_notes = ()  # a plain Qwen tokenizer folder: from_pretrained loads it anywhere
 
     def validation_prompts(self, args):
         return [args.validation_prompt, ""]  # "": the negative prompt of classifier-free guidance

@@ -168,7 +168,7 @@ def _write_final(args, m, transformer, text_encoder, weight_dtype, main: bool) -
 
 # ------------------------------------------------------------------------------ model card and hub
 
-def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: str = "FluxPipeline") -> None:
+def write_model_card(args, sample_images: list[str], pivot, family) -> None:
     from .pivotal import model_card_usage
 
     flags = {k: v for k, v in vars(args).items() if k not in ("hub_token", "local_rank") and v not in (None, False)}
@@ -180,8 +180,8 @@ def write_model_card(args, sample_images: list[str], pivot=None, pipeline_name: 
         f"trained with fluxkit's train_flux_dreambooth_lora.py.", "",
         f"Trigger prompt: `{args.instance_prompt}`", "",
     ]
-    lines += model_card_usage(args, pivot, pipeline_name) if pivot is not None else card_code(
-        args, pipeline_name, args.instance_prompt, after_load=["pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')"])
+    lines += model_card_usage(args, pivot, family) if pivot is not None else card_code(
+        args, family, args.instance_prompt, after_load=["pipe.load_lora_weights('.', weight_name='pytorch_lora_weights.safetensors')"])
     lines += ["", "## Training flags", ""]
     lines += [f"- `{k}`: `{v}`" for k, v in sorted(flags.items())]
     if sample_images:

@@ -458,7 +458,7 @@ def writes_lora(args) -> bool:
     return not (enabled(args) and args.train_transformer_frac == 0)
 
 
-def model_card_usage(args, pivot: Pivot, pipeline_name: str) -> list[str]:
+def model_card_usage(args, pivot: Pivot, family) -> list[str]:
     """The model card's lines on which tokens to use and how to load them."""
     emb = os.path.basename(emb_path(".", args.output_dir))
     lines = ["## Trigger words", "",
@@ -472,7 +472,7 @@ def model_card_usage(args, pivot: Pivot, pipeline_name: str) -> list[str]:
     if pivot.t5:
         load.append(f"pipe.load_textual_inversion(emb['t5'], token={tokens!r}, text_encoder=pipe.text_encoder_2, "
                     "tokenizer=pipe.tokenizer_2)")
-    lines += card_code(args, pipeline_name, args.validation_prompt or args.instance_prompt,
+    lines += card_code(args, family, args.validation_prompt or args.instance_prompt,
                        imports=["from safetensors.torch import load_file"], after_load=load)
     lines += ["", "fluxkit's infer_flux_text2img_lora_bf16.py loads the embeddings file beside the LoRA by itself and "
               "also accepts the identifiers in prompts."]

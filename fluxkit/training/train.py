@@ -572,7 +572,7 @@ def finish(run: Run) -> dict:
                                          run.weight_dtype, "final", validation_embeddings(run))
     if run.main:
         if args.lora:
-            outputs.write_model_card(args, samples, run.pivot, run.models.family.pipeline_name)
+            outputs.write_model_card(args, samples, run.pivot, run.models.family)
         if args.push_to_hub:
             outputs.push_to_hub(args)
     accelerator.wait_for_everyone()

@@ -119,6 +119,30 @@ def dev_lora(tiny_flux2_dev, sample_data, tmp_path_factory):
     return root / "lr1e-3", runs
 
 
+def test_the_lora_card_code_runs_where_torchvision_is_missing(dev_lora):
+    """The card loads Flux2Pipeline.from_pretrained, which fails without torchvision (this host: the tokenizer
+    folder is a PixtralProcessor); its note gives the loader that works: with the note's line instead, the
+    card's code renders."""
+    from fluxkit.families.pixtral_text import torchvision_available
+
+    out = dev_lora[0]
+    code = (out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    lines = code.splitlines()
+    note = next(i for i, l in enumerate(lines) if l.startswith("# pipe = fluxkit.families.get('flux2').load_pipeline("))
+    if not torchvision_available():
+        lines = [l for l in lines if "Flux2Pipeline.from_pretrained" not in l]
+        lines[note - 1] = "import fluxkit.families; " + lines[note - 1][2:]
+    code = "\n".join(lines).replace("torch.bfloat16", "torch.float32").replace(
+        ").images[0]", f", height=32, width=32, num_inference_steps=1, max_sequence_length={TOKENS}).images[0]")
+    scope, cwd = {}, os.getcwd()
+    os.chdir(out)
+    try:
+        exec(code, scope)
+    finally:
+        os.chdir(cwd)
+    assert scope["image"].size == (32, 32)
+
+
 def test_lora_learns_and_its_file_changes_the_plain_flux2_pipeline(dev_lora, dev_pipe):
     from safetensors.torch import load_file
 
