@@ -158,7 +158,6 @@ def test_reference_image_errors_are_one_line_and_write_nothing(case, tiny_flux, 
     assert not out.exists()
 
 
-@pytest.mark.multiproc
 def test_kontext_edits_with_the_first_block_cache(tiny_flux, references, tmp_path):
     """Kontext's pipeline opens no cache context (diffusers 0.42): --first_block_cache was a ValueError traceback.
     A threshold every step passes reuses residuals (other pixels), one no step passes gives the uncached image."""
@@ -170,6 +169,7 @@ def test_kontext_edits_with_the_first_block_cache(tiny_flux, references, tmp_pat
     assert np.abs(off - always).max() >= 1 and np.array_equal(off, never)
 
 
+@pytest.mark.multiproc
 def test_klein_edit_split_over_two_processes_matches_one(tiny_klein, references, tmp_path):
     """Ulysses over 2 gloo processes on FLUX.2 [klein] with a reference image (target + reference
     tokens are split together): the same files as one process, within one level."""
