@@ -312,6 +312,17 @@ def lora_demo(tmp_path_factory):
     return launch(LORA, "--demo", f"--output_dir={out}", env={"FLUXKIT_DEMO_DIR": str(cache)}, timeout=900), out, cache
 
 
+def run_card_code(code: str, folder) -> dict:
+    """Run a model card's Python code as its reader would, from the output folder it describes; its globals."""
+    scope, cwd = {}, os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(code, scope)
+    finally:
+        os.chdir(cwd)
+    return scope
+
+
 def run_entry_inprocess(script, args):
     """An entry script's main() in this process (no interpreter start): its exit status."""
     import importlib.util

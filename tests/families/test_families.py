@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_card_code
 from fluxkit import families
 from fluxkit.shared.errors import UserError
 
@@ -314,13 +314,7 @@ def _run_model_card_code(out, reference, tmp_path, **call):
     call = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=16, **call)
     code = (code.replace("reference.png", str(tmp_path / "reference.png")).replace("torch.bfloat16", "torch.float32")
             .replace(").images[0]", "".join(f", {k}={v!r}" for k, v in call.items()) + ").images[0]"))
-    scope, cwd = {}, os.getcwd()
-    os.chdir(out)
-    try:
-        exec(code, scope)
-    finally:
-        os.chdir(cwd)
-    assert scope["image"].size == (32, 32)
+    assert run_card_code(code, out)["image"].size == (32, 32)
     return code
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_card_code
 from test_inference import _fresh_process_state  # noqa: F401 (autouse: in-process inference leaves no accelerate state)
 
 LORA = os.path.join(ROOT, "train_flux_dreambooth_lora.py")
@@ -134,13 +134,7 @@ def test_the_lora_card_code_runs_where_torchvision_is_missing(dev_lora):
         lines[note - 1] = "import fluxkit.families; " + lines[note - 1][2:]
     code = "\n".join(lines).replace("torch.bfloat16", "torch.float32").replace(
         ").images[0]", f", height=32, width=32, num_inference_steps=1, max_sequence_length={TOKENS}).images[0]")
-    scope, cwd = {}, os.getcwd()
-    os.chdir(out)
-    try:
-        exec(code, scope)
-    finally:
-        os.chdir(cwd)
-    assert scope["image"].size == (32, 32)
+    assert run_card_code(code, out)["image"].size == (32, 32)
 
 
 def test_lora_learns_and_its_file_changes_the_plain_flux2_pipeline(dev_lora, dev_pipe):
