@@ -260,7 +260,7 @@ def apply_npu_patches(fused_attention: bool) -> list:
 
 # ---------------------------------------------------------------- the run
 
-def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | None = None) -> dict:
+def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | None = None, family=None) -> dict:
     """Everything besides prompt and seed that changes an image's pixels (and so its file name).
 
     Left out on purpose, because they change only kernel rounding and a run resumed elsewhere must
@@ -288,7 +288,14 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
         settings["text_encoder_quantization"] = args.text_encoder_quantization
     if embeddings:  # likewise absent without pivotal tuning's new tokens
         settings["embeddings"] = embeddings
+    if family is not None and args.model_family and family.pipeline_name != _own_pipeline(args.model_path):
+        settings["model_family"] = family.name  # a folder run as another family (FLUX.1 as Kontext): another pipeline
     return settings
+
+
+def _own_pipeline(model_path: str) -> str:
+    """The pipeline class a model runs as without --model_family (a hub id: FLUX.1's, as inference_family)."""
+    return families.pipeline_class_name(model_path) if os.path.isdir(model_path) else families.get("flux1").pipeline_name
 
 
 def inference_family(args):
@@ -370,7 +377,7 @@ def run(args, defaults: ScriptDefaults) -> dict:
     requests, lora_file, embeddings, info, grid, backend, family = check_before_loading(args, defaults)
     output_dir = check_output_dir(args.output_dir)
     model_id = os.path.realpath(args.model_path) if os.path.isdir(args.model_path) else args.model_path
-    jobs = plan_jobs(requests, args.seeds, settings_of(args, model_id, lora_file, embeddings))
+    jobs = plan_jobs(requests, args.seeds, settings_of(args, model_id, lora_file, embeddings, family))
 
     state = distributed_state(info.type)
     shortfall = launch_shortfall(state.num_processes, info.type, info.count)

@@ -78,6 +78,14 @@ def test_edit_follows_the_reference_and_a_lora_changes_it(family, tiny_flux, tin
     seen = record_image_tokens(monkeypatch, family)
     assert infer("BASE", common + ["--output_dir", tmp_path / "text"]) == 0
     text_only = sorted(set(seen))
+    # a folder run as another family than its own is another recipe: the manifest says so, the file name differs
+    text = manifest(tmp_path / "text")[0]
+    if family == "kontext":
+        assert infer("BASE", common[:-2] + ["--output_dir", tmp_path / "flux1"]) == 0
+        own = manifest(tmp_path / "flux1")[0]
+        assert text["model_family"] == "kontext" and "model_family" not in own and text["file"] != own["file"]
+    else:
+        assert "model_family" not in text
     seen.clear()
     for ref in ("red", "noise"):
         assert infer("BASE", common + ["--image", references / f"{ref}.png", "--output_dir", tmp_path / ref]) == 0
