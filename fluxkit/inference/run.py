@@ -260,7 +260,7 @@ def apply_npu_patches(fused_attention: bool) -> list:
 
 # ---------------------------------------------------------------- the run
 
-def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | None = None, family=None) -> dict:
+def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | None, family) -> dict:
     """Everything besides prompt and seed that changes an image's pixels (and so its file name).
 
     Left out on purpose, because they change only kernel rounding and a run resumed elsewhere must
@@ -288,7 +288,7 @@ def settings_of(args, model_id: str, lora_file: str | None, embeddings: str | No
         settings["text_encoder_quantization"] = args.text_encoder_quantization
     if embeddings:  # likewise absent without pivotal tuning's new tokens
         settings["embeddings"] = embeddings
-    if family is not None and args.model_family and family.pipeline_name != _own_pipeline(args.model_path):
+    if args.model_family and family.pipeline_name != _own_pipeline(args.model_path):
         settings["model_family"] = family.name  # a folder run as another family (FLUX.1 as Kontext): another pipeline
     return settings
 
